@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import lapi_kv_sync as job
+from tests.standins import ACCOUNT, NAMESPACE, KvStandin, LapiStandin, PushgatewayStandin
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "lapi_kv_sync.py"
+LAPI_KEY = "lapi-test-key-0123456789"
+CF_TOKEN = "cf-test-token-abcdefghijklmnop"
+SECRETS = (LAPI_KEY, CF_TOKEN)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    sleeps: list[float] = field(default_factory=list)
+
+
+class FakeClock:
+    """Real wall time, but `sleep` only moves the run's monotonic clock: retries cost no time."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self.slept = 0.0
+
+    def monotonic(self) -> float:
+        import time
+
+        return time.monotonic() + self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.slept += seconds
+
+    def clock(self) -> job.Clock:
+        import time
+
+        return job.Clock(now=time.time, monotonic=self.monotonic, sleep=self.sleep)
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            # never print the secret itself in a failure message either
+            assert secret not in text, "a secret appeared in the job's output"
+
+
+class Stack:
+    """A LAPI, a KV and a Pushgateway stand-in, and the environment that points the job at them."""
+
+    def __init__(self, lapi: LapiStandin, kv: KvStandin, push: PushgatewayStandin) -> None:
+        self.lapi, self.kv, self.push = lapi, kv, push
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "LAPI_URL": self.lapi.url,
+            "LAPI_KEY": LAPI_KEY,
+            "CF_ACCOUNT_ID": ACCOUNT,
+            "CF_KV_NAMESPACE_ID": NAMESPACE,
+            "CF_API_TOKEN": CF_TOKEN,
+            "CF_API_URL": self.kv.api_url,
+            "PUSHGATEWAY_URL": self.push.url,
+            "HTTP_TIMEOUT": "2",
+            "RUN_DEADLINE": "120",
+        }
+        env.update(extra)
+        return {k: v for k, v in env.items() if v is not None}
+
+    def run(self, *args: str, **env: str) -> Result:
+        """main() in-process, with real sockets and a clock whose sleeps cost nothing."""
+        out, err, fake = io.StringIO(), io.StringIO(), FakeClock()
+        code = job.main(list(args), self.env(**env), out, err, fake.clock())
+        result = Result(code, out.getvalue(), err.getvalue(), fake.sleeps)
+        assert_no_secret(result.out, result.err)
+        return result
+
+    def run_process(self, *args: str, env: dict[str, str] | None = None, **extra: str) -> Result:
+        """The job as users run it: a separate Python process."""
+        environment = {"PATH": os.environ.get("PATH", ""), **(env if env is not None else self.env(**extra))}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), *args], env=environment, capture_output=True, text=True, timeout=120
+        )
+        assert_no_secret(done.stdout, done.stderr)
+        return Result(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def stack():
+    with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
+        yield Stack(lapi, kv, push)
+        assert kv.violations == [], "requests or answers outside Cloudflare's published schema"

@@ -1,0 +1,540 @@
+"""Local stand-ins for CrowdSec LAPI, Cloudflare Workers KV and the Pushgateway.
+
+Each is a real HTTP/1.1 server with keep-alive on 127.0.0.1, started in a daemon thread,
+counting the connections it accepts. They stop when their `with` block ends, and on their
+own after `LIFETIME` seconds in any case, so a stuck test never leaves a server behind.
+
+The KV stand-in is strict to Cloudflare's published limits and, where `../shared/reference`
+is present, checks every request it gets and every answer it gives against Cloudflare's own
+OpenAPI schema; what does not fit lands in `violations`, which the tests assert is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+LIFETIME = 900
+REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+KV_SCHEMA = REFERENCE / "cloudflare" / "workers-kv-openapi.json"
+KV_SCHEMA_2024 = REFERENCE / "cloudflare" / "workers-kv-openapi-2024-08-06.json"
+ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
+NAMESPACE = "0f2ac74b498b48028cb68387c421e279"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, owner: Standin, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.owner = owner
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.owner.lock:
+            self.server.owner.connections += 1
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return super().date_time_string(self.server.owner.now() if timestamp is None else timestamp)
+
+    def body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def send(
+        self, status: int, body: bytes | str | Any, content_type: str = "application/json", headers: dict | None = None
+    ) -> None:
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def drop(self) -> None:
+        """Close the connection with no answer at all, as a reset proxy does."""
+        self.close_connection = True
+        self.connection.shutdown(2)
+
+    def do_GET(self) -> None:
+        self.server.owner.handle(self, "GET")
+
+    def do_PUT(self) -> None:
+        self.server.owner.handle(self, "PUT")
+
+    def do_POST(self) -> None:
+        self.server.owner.handle(self, "POST")
+
+    def do_DELETE(self) -> None:
+        self.server.owner.handle(self, "DELETE")
+
+
+class Standin:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.connections = 0
+        self.clock_offset = 0.0
+        self.server = _Server(self, _Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._timer = threading.Timer(LIFETIME, self.stop)
+        self._timer.daemon = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    def start(self) -> Standin:
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def handle(self, request: _Handler, method: str) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- LAPI
+
+
+def go_duration(seconds: float) -> str:
+    """Render seconds as Go's time.Duration.String() does: `3h59m58.349167242s`, `-16.937648ms`."""
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    if s < 1:
+        return sign + (f"{s * 1000:.6f}".rstrip("0").rstrip(".") or "0") + "ms"
+    hours, rest = divmod(s, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{int(hours)}h" if hours else ""
+    text += f"{int(minutes)}m" if hours or minutes else ""
+    return sign + text + f"{secs:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def decision(value: str, seconds: float = 3600, type: str = "ban", scope: str = "Ip", **extra: Any) -> dict:
+    """A LAPI decision whose duration counts down from now, as LAPI's does."""
+    return {
+        "value": value,
+        "type": type,
+        "scope": scope,
+        "until": time.time() + seconds,
+        "origin": extra.pop("origin", "crowdsec"),
+        "scenario": extra.pop("scenario", "crowdsecurity/ssh-bf"),
+        **extra,
+    }
+
+
+class LapiStandin(Standin):
+    """GET /v1/decisions with X-Api-Key. `decisions` (None answers `null`), or `answer` to misbehave."""
+
+    def __init__(self, key: str = "lapi-test-key-0123456789") -> None:
+        super().__init__()
+        self.key = key
+        self.decisions: list[dict] | None = []
+        self.answer: tuple[int, bytes, str] | None = None  # status, body, content type
+        self.delay = 0.0
+        self.queries: list[dict[str, list[str]]] = []
+        self.user_agents: list[str] = []
+
+    def body(self) -> bytes:
+        if self.decisions is None:
+            return b"null"
+        rows = []
+        for i, d in enumerate(self.decisions, 1):
+            row = {"id": i, **{k: v for k, v in d.items() if k != "until"}}
+            if "until" in d:
+                row["duration"] = go_duration(d["until"] - time.time())
+            rows.append(row)
+        return json.dumps(rows).encode()
+
+    def handle(self, request: _Handler, method: str) -> None:
+        url = urllib.parse.urlsplit(request.path)
+        with self.lock:
+            self.queries.append(urllib.parse.parse_qs(url.query))
+            self.user_agents.append(request.headers.get("User-Agent", ""))
+        if self.delay:
+            time.sleep(self.delay)
+        if url.path == "/health":
+            return request.send(200, {"status": "up"})
+        if method != "GET" or url.path != "/v1/decisions":
+            return request.send(404, {"message": "Not Found"})
+        if self.key and request.headers.get("X-Api-Key") != self.key:
+            return request.send(403, {"message": "access forbidden"})
+        if self.answer:
+            status, body, content_type = self.answer
+            return request.send(status, body, content_type)
+        request.send(200, self.body())
+
+
+# --------------------------------------------------------------------------- Cloudflare KV
+
+
+@dataclass
+class Entry:
+    value: str
+    expiration: int | None = None
+    metadata: Any = None
+
+
+@dataclass
+class Fault:
+    kind: str  # "429", "5xx", "drop", "html"
+    operation: str | None = None  # list, bulk_put, bulk_delete; None: any
+    status: int = 500
+    retry_after: str | None = "1"
+    times: int = 1  # how many requests it hits; -1: every one
+
+
+def _error(code: int, message: str) -> dict:
+    return {"success": False, "errors": [{"code": code, "message": message}], "messages": [], "result": None}
+
+
+class SchemaCheck:
+    """Validates KV requests and answers against Cloudflare's published OpenAPI schema."""
+
+    def __init__(self, path: Path = KV_SCHEMA) -> None:
+        from openapi_schema_validator import OAS30Validator
+
+        self.validator = OAS30Validator
+        self.spec = json.loads(path.read_text())
+        self.legacy = json.loads(KV_SCHEMA_2024.read_text())
+
+    def operation(self, spec: dict, method: str, suffix: str) -> dict:
+        for path, ops in spec["paths"].items():
+            if path.endswith("/{namespace_id}" + suffix):
+                return ops[method.lower()]
+        raise KeyError(suffix)
+
+    def errors(self, schema: dict, instance: Any) -> list[str]:
+        return [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"[:300]
+            for e in self.validator(schema).iter_errors(instance)
+        ]
+
+    def request(self, method: str, suffix: str, query: dict[str, str], body: Any) -> list[str]:
+        op = self.operation(self.spec, method, suffix)
+        problems = []
+        for param in op.get("parameters", []):
+            if param["in"] == "query" and param["name"] in query:
+                raw = query[param["name"]]
+                value = (
+                    float(raw)
+                    if param["schema"].get("type") == "number" and re.fullmatch(r"-?\d+(\.\d+)?", raw)
+                    else raw
+                )
+                problems += [f"query {param['name']}: {e}" for e in self.errors(param["schema"], value)]
+        if "requestBody" in op:
+            problems += [
+                f"request: {e}" for e in self.errors(op["requestBody"]["content"]["application/json"]["schema"], body)
+            ]
+        return problems
+
+    def response(self, method: str, suffix: str, status: int, body: Any, legacy: bool = False) -> list[str]:
+        if status == 200:
+            op = self.operation(self.legacy if legacy else self.spec, method, suffix)
+            schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        else:
+            schema = self.spec["components"]["schemas"]["cloudflare_error_envelope"]
+        return [f"answer {status}: {e}" for e in self.errors(schema, body)]
+
+
+class KvStandin(Standin):
+    """Cloudflare's Workers KV API for one namespace, strict to its limits, with faults on demand."""
+
+    OPERATIONS = {("GET", "/keys"): "list", ("PUT", "/bulk"): "bulk_put", ("POST", "/bulk/delete"): "bulk_delete"}
+
+    def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool | None = None) -> None:
+        super().__init__()
+        self.token = token
+        self.store: dict[str, Entry] = {}
+        self.faults: list[Fault] = []
+        self.quirks: set[str] = set()  # empty_first_page, null_cursor, absent_cursor, null_result
+        self.unsuccessful_once: set[str] = set()
+        self.requests: Counter[str] = Counter()
+        self.bulk_sizes: dict[str, list[int]] = {"bulk_put": [], "bulk_delete": []}
+        self.writes = 0
+        self.deletes = 0
+        self.violations: list[str] = []
+        self.written_keys: list[str] = []
+        self.deleted_keys: list[str] = []
+        self._cursors: dict[str, tuple[str, str]] = {}
+        use_schema = KV_SCHEMA.exists() if schema is None else schema
+        self.schema = SchemaCheck() if use_schema else None
+        self.base = f"/client/v4/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/client/v4"
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.bulk_sizes = {"bulk_put": [], "bulk_delete": []}
+            self.writes = self.deletes = self.connections = 0
+            self.written_keys, self.deleted_keys = [], []
+
+    def live(self) -> dict[str, Entry]:
+        """The keys that have not expired, as Cloudflare would list them."""
+        with self.lock:
+            now = self.now()
+            for name in [n for n, e in self.store.items() if e.expiration is not None and e.expiration <= now]:
+                del self.store[name]
+            return dict(self.store)
+
+    def snapshot(self) -> dict[str, tuple]:
+        return {k: (e.value, e.expiration, json.dumps(e.metadata, sort_keys=True)) for k, e in self.live().items()}
+
+    def fault_for(self, operation: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.operation in (None, operation):
+                    if fault.times > 0:
+                        fault.times -= 1
+                        if fault.times == 0:
+                            self.faults.remove(fault)
+                    return fault
+        return None
+
+    def handle(self, request: _Handler, method: str) -> None:
+        url = urllib.parse.urlsplit(request.path)
+        raw = request.body()
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        suffix = url.path.removeprefix(self.base) if url.path.startswith(self.base) else None
+        operation = self.OPERATIONS.get((method, suffix or ""))
+        if operation is None:
+            return request.send(404, _error(7003, "No route for the URI"))
+        with self.lock:
+            self.requests[operation] += 1
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return self.answer(request, method, suffix, 403, _error(10000, "Authentication error"))
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            return self.answer(request, method, suffix, 400, _error(10002, "request body is not valid JSON"))
+        if self.schema:
+            self.violations += self.schema.request(method, suffix, query, body)
+        fault = self.fault_for(operation)
+        if fault:
+            if fault.kind == "drop":
+                return request.drop()
+            if fault.kind == "html":
+                return request.send(
+                    fault.status, "<html><body><h1>502 Bad Gateway</h1>cloudflare</body></html>", "text/html"
+                )
+            if fault.kind == "429":
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                return request.send(429, _error(10429, "Too many requests"), headers=headers)
+            return request.send(fault.status, _error(10500, "Internal server error"))
+        status, answer = getattr(self, operation)(query, body)
+        legacy = answer.get("result", 0) is None and status == 200 and operation != "list"
+        self.answer(request, method, suffix, status, answer, legacy)
+
+    def answer(
+        self, request: _Handler, method: str, suffix: str, status: int, body: dict, legacy: bool = False
+    ) -> None:
+        if self.schema:
+            checked = body
+            if (body.get("result_info") or {}).get("cursor", "") is None:
+                # The schema says string; a null last cursor is a quirk seen in the wild, so
+                # check the rest of the answer and send the null.
+                checked = {**body, "result_info": {k: v for k, v in body["result_info"].items() if k != "cursor"}}
+            self.violations += self.schema.response(method, suffix, status, checked, legacy)
+        request.send(status, body)
+
+    def list(self, query: dict[str, str], body: Any) -> tuple[int, dict]:
+        try:
+            limit = int(query.get("limit", "1000"))
+        except ValueError:
+            return 400, _error(10003, "invalid limit")
+        if not 10 <= limit <= 1000:
+            return 400, _error(10003, "limit must be between 10 and 1000")
+        prefix, after = query.get("prefix", ""), ""
+        if query.get("cursor"):
+            if query["cursor"] not in self._cursors:
+                return 400, _error(10004, "invalid cursor")
+            prefix, after = self._cursors[query["cursor"]]
+        names = sorted(n for n in self.live() if n.startswith(prefix) and n > after)
+        if "empty_first_page" in self.quirks and not query.get("cursor"):
+            page, more = [], True
+        else:
+            page, more = names[:limit], len(names) > limit
+        entries = self.live()
+        result = []
+        for name in page:
+            item: dict[str, Any] = {"name": name}
+            if entries[name].expiration is not None:
+                item["expiration"] = entries[name].expiration
+            if entries[name].metadata is not None:
+                item["metadata"] = entries[name].metadata
+            result.append(item)
+        info: dict[str, Any] = {"count": len(result)}
+        if more:
+            token = secrets.token_urlsafe(24)
+            self._cursors[token] = (prefix, page[-1] if page else after)
+            info["cursor"] = token
+        elif "null_cursor" in self.quirks:
+            info["cursor"] = None
+        elif "absent_cursor" not in self.quirks:
+            info["cursor"] = ""
+        return 200, {"success": True, "errors": [], "messages": [], "result": result, "result_info": info}
+
+    def bulk_put(self, query: dict[str, str], items: Any) -> tuple[int, dict]:
+        if not isinstance(items, list):
+            return 400, _error(10001, "request body must be an array")
+        if len(items) > 10_000:
+            return 413, _error(10005, f"too many items in bulk request: {len(items)} > 10000")
+        now = self.now()
+        for item in items:
+            key = item.get("key") if isinstance(item, dict) else None
+            if not isinstance(key, str) or not isinstance(item.get("value"), str):
+                return 400, _error(10001, "each item needs a string key and value")
+            if len(key.encode()) > 512:
+                return 414, _error(10033, f"key too long: {len(key.encode())} bytes > 512")
+            ttl = item.get("expiration_ttl")
+            if ttl is not None and (not isinstance(ttl, (int, float)) or ttl < 60):
+                return 400, _error(10019, f"invalid expiration_ttl of {ttl}: must be at least 60")
+            if "metadata" in item and len(json.dumps(item["metadata"]).encode()) > 1024:
+                return 413, _error(10024, "metadata too large: over 1024 bytes")
+        unsuccessful = []
+        with self.lock:
+            for item in items:
+                key = item["key"]
+                if key in self.unsuccessful_once:
+                    self.unsuccessful_once.discard(key)
+                    unsuccessful.append(key)
+                    continue
+                ttl = item.get("expiration_ttl")
+                expiration = int(now + ttl) if ttl is not None else item.get("expiration")
+                self.store[key] = Entry(item["value"], expiration, item.get("metadata"))
+                self.writes += 1
+                self.written_keys.append(key)
+            self.bulk_sizes["bulk_put"].append(len(items))
+        return 200, self.bulk_answer(len(items) - len(unsuccessful), unsuccessful)
+
+    def bulk_delete(self, query: dict[str, str], names: Any) -> tuple[int, dict]:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return 400, _error(10001, "request body must be an array of key names")
+        if len(names) > 10_000:
+            return 413, _error(10005, f"too many items in bulk request: {len(names)} > 10000")
+        unsuccessful = []
+        with self.lock:
+            for name in names:
+                if name in self.unsuccessful_once:
+                    self.unsuccessful_once.discard(name)
+                    unsuccessful.append(name)
+                    continue
+                self.store.pop(name, None)
+                self.deletes += 1
+                self.deleted_keys.append(name)
+            self.bulk_sizes["bulk_delete"].append(len(names))
+        return 200, self.bulk_answer(len(names) - len(unsuccessful), unsuccessful)
+
+    def bulk_answer(self, successful: int, unsuccessful: list[str]) -> dict:
+        result = (
+            None
+            if "null_result" in self.quirks and not unsuccessful
+            else {"successful_key_count": successful, "unsuccessful_keys": unsuccessful}
+        )
+        return {"success": True, "errors": [], "messages": [], "result": result}
+
+
+# --------------------------------------------------------------------------- Pushgateway
+
+
+@dataclass
+class Push:
+    method: str
+    path: str
+    body: str
+    status: int
+
+
+class PushgatewayStandin(Standin):
+    """Keeps groups as the real one does (PUT replaces the group, POST the families it names)
+    and answers 400 where the real one does: no final newline, a timestamp, a second TYPE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pushes: list[Push] = []
+        self.groups: dict[str, dict[str, list[str]]] = {}
+        self.fail_with: int | None = None
+
+    def handle(self, request: _Handler, method: str) -> None:
+        body = request.body().decode()
+        problem = self.problem(body)
+        status = self.fail_with or (400 if problem else 200)
+        with self.lock:
+            self.pushes.append(Push(method, request.path, body, status))
+            if status == 200:
+                families = self.families(body)
+                group = self.groups.setdefault(request.path, {})
+                if method == "PUT":
+                    group.clear()
+                group.update(families)
+        request.send(status, problem or "", "text/plain")
+
+    @staticmethod
+    def problem(body: str) -> str | None:
+        if not body.endswith("\n"):
+            return "text format parsing error: body does not end with a newline"
+        typed = set()
+        for line in body.splitlines():
+            if line.startswith("# TYPE "):
+                name = line.split()[2]
+                if name in typed:
+                    return f"second TYPE line for metric name {name}"
+                typed.add(name)
+            elif line and not line.startswith("#"):
+                rest = line.rsplit("}", 1)[1] if "}" in line else line.split(" ", 1)[-1]
+                if len(rest.split()) != 1:
+                    return f"pushed metrics are invalid or inconsistent: timestamp or junk in {line!r}"
+        return None
+
+    @staticmethod
+    def families(body: str) -> dict[str, list[str]]:
+        families: dict[str, list[str]] = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                families.setdefault(re.split(r"[{ ]", line, maxsplit=1)[0], []).append(line)
+        return families
+
+    def value(self, name: str, labels: str = "", job: str = "crowdsec-kv-sync") -> float | None:
+        group = self.groups.get(f"/metrics/job/{job}", {})
+        for line in group.get(name, []):
+            series, value = line.rsplit(" ", 1)
+            if series == (f"{name}{{{labels}}}" if labels else name):
+                return float(value)
+        return None
