@@ -98,7 +98,7 @@ class Standin:
         self.connections = 0
         self.clock_offset = 0.0
         self.server = _Server(self, _Handler)
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._timer = threading.Timer(LIFETIME, self.stop)
         self._timer.daemon = True
 

@@ -1,0 +1,85 @@
+"""Property: for any LAPI decisions and any starting KV, one run makes KV the projection of LAPI
+plus the untouched foreign keys, and a second run writes and deletes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lapi_kv_sync as job
+from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
+from tests.standins import Entry, KvStandin, LapiStandin, PushgatewayStandin, go_duration
+
+addresses = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=6).map(lambda a: a.exploded.upper()),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.sampled_from(["192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1", "2001:0DB8::0001", "junk", "fe80::1%eth0"]),
+)
+decisions = st.lists(
+    st.fixed_dictionaries(
+        {
+            "value": addresses,
+            "seconds": st.one_of(
+                st.integers(-120, 0), st.integers(1, 90), st.integers(91, 400_000), st.floats(0.001, 10**6)
+            ),
+            "type": st.sampled_from(["ban", "ban", "captcha", "throttle"]),
+            "scope": st.sampled_from(["Ip", "Ip", "Ip", "Range", "Country"]),
+        }
+    ),
+    max_size=60,
+)
+starting_kv = st.dictionaries(
+    st.one_of(addresses.map(lambda a: "ip:" + a), st.text("abcxyz:/-", min_size=1, max_size=12)),
+    st.tuples(
+        st.sampled_from(["ban", "captcha", "other"]),
+        st.one_of(st.none(), st.integers(120, 500_000)),
+        st.sampled_from([None, {"remediation": "ban"}, {"remediation": "captcha"}, {"x": 1}]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decisions, starting_kv)
+def test_one_run_converges_and_a_second_is_free(rows, start):
+    with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
+        stack = Stack(lapi, kv, push)
+        now = time.time()
+        lapi.decisions = [
+            # a fixed duration, so the test's projection sees exactly what the job read
+            {
+                "value": r["value"],
+                "type": r["type"],
+                "scope": r["scope"],
+                "duration": go_duration(r["seconds"]),
+                "origin": "o",
+                "scenario": "s",
+            }
+            for r in rows
+        ]
+        for key, (value, ttl, metadata) in start.items():
+            if key.strip() and len(key.encode()) <= 512:
+                kv.store[key] = Entry(value, None if ttl is None else int(now + ttl), metadata)
+        foreign = {k: v for k, v in kv.snapshot().items() if not k.startswith("ip:")}
+
+        first = stack.run(PUSHGATEWAY_URL="")
+        assert first.code == 0, first.err
+        projection = job.project(json.loads(lapi.body()), time.time(), "ip:")
+        live = kv.live()
+        ours = {k: e for k, e in live.items() if k.startswith("ip:")}
+        assert {k: e.value for k, e in ours.items()} == {k: w.remediation for k, w in projection.wanted.items()}
+        for key, entry in ours.items():
+            assert abs(entry.expiration - max(projection.wanted[key].end, time.time() + 60)) <= 65
+            assert entry.metadata["remediation"] == entry.value
+        assert {k: v for k, v in kv.snapshot().items() if not k.startswith("ip:")} == foreign
+
+        kv.reset_counts()
+        second = stack.run(PUSHGATEWAY_URL="")
+        assert second.code == 0, second.err
+        assert (kv.writes, kv.deletes) == (0, 0)
+        assert kv.violations == []

@@ -1,0 +1,89 @@
+"""The stand-ins are only worth what they refuse: check them against Cloudflare's limits."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from tests.conftest import CF_TOKEN
+from tests.standins import KV_SCHEMA, KvStandin, PushgatewayStandin
+
+
+@pytest.fixture
+def kv():
+    with KvStandin(CF_TOKEN) as server:
+        yield server
+
+
+def call(kv, method, suffix, body=None, token=CF_TOKEN):
+    conn = http.client.HTTPConnection("127.0.0.1", kv.server.server_address[1], timeout=5)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    conn.request(method, kv.base + suffix, body=None if body is None else json.dumps(body), headers=headers)
+    answer = conn.getresponse()
+    data = json.loads(answer.read())
+    conn.close()
+    return answer.status, data
+
+
+@pytest.mark.parametrize(
+    "items, status",
+    [
+        ([{"key": f"ip:{i}", "value": "ban"} for i in range(10_001)], 413),
+        ([{"key": "ip:a", "value": "ban", "expiration_ttl": 59}], 400),
+        ([{"key": "k" * 513, "value": "ban"}], 414),
+        ([{"key": "ip:a", "value": "ban", "metadata": {"s": "x" * 1020}}], 413),
+        ([{"key": "ip:a"}], 400),
+    ],
+)
+def test_bulk_write_refused_as_cloudflare_does(kv, items, status):
+    answer_status, answer = call(kv, "PUT", "/bulk", items)
+    assert answer_status == status and answer["success"] is False and answer["errors"][0]["code"] >= 1000
+    assert kv.store == {}
+
+
+def test_wrong_token_and_limits(kv):
+    assert call(kv, "GET", "/keys", token="nope")[0] == 403
+    assert call(kv, "GET", "/keys?limit=5")[0] == 400
+    assert call(kv, "GET", "/keys?limit=1001")[0] == 400
+    assert call(kv, "POST", "/bulk/delete", [f"k{i}" for i in range(10_001)])[0] == 413
+
+
+def test_pagination_with_opaque_cursor(kv):
+    status, _ = call(
+        kv, "PUT", "/bulk", [{"key": f"ip:{i:04}", "value": "ban", "expiration_ttl": 600} for i in range(25)]
+    )
+    assert status == 200
+    names, cursor, pages = [], "", 0
+    while True:
+        _, page = call(kv, "GET", "/keys?prefix=ip:&limit=10" + (f"&cursor={cursor}" if cursor else ""))
+        names += [k["name"] for k in page["result"]]
+        pages += 1
+        cursor = page["result_info"].get("cursor")
+        if not cursor:
+            break
+        assert not cursor.startswith("ip:")
+    assert names == [f"ip:{i:04}" for i in range(25)] and pages == 3
+
+
+def test_keys_expire(kv):
+    call(kv, "PUT", "/bulk", [{"key": "ip:a", "value": "ban", "expiration_ttl": 60}])
+    assert "ip:a" in kv.live()
+    kv.clock_offset = 61
+    assert kv.live() == {} and call(kv, "GET", "/keys")[1]["result"] == []
+
+
+@pytest.mark.skipif(not KV_SCHEMA.exists(), reason="../shared/reference is not here")
+def test_schema_check_catches_a_request_outside_the_schema(kv):
+    call(kv, "PUT", "/bulk", {"key": "ip:a", "value": "ban"})  # an object, not an array
+    assert any("request" in v for v in kv.violations)
+    kv.violations.clear()
+    call(kv, "PUT", "/bulk", [{"key": "ip:a", "value": "ban", "expiration_ttl": 120}])
+    assert kv.violations == []
+
+
+@pytest.mark.parametrize("body", ["m 1", "m 1 1700000000000\n", "# TYPE m gauge\n# TYPE m gauge\nm 1\n"])
+def test_pushgateway_refuses_what_the_real_one_refuses(body):
+    assert PushgatewayStandin.problem(body) is not None
+    assert PushgatewayStandin.problem('# TYPE m gauge\nm 1\nn{a="b"} 2.5\n') is None
