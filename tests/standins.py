@@ -102,9 +102,16 @@ class Standin:
         self._timer = threading.Timer(LIFETIME, self.stop)
         self._timer.daemon = True
 
+    scheme = "http"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
+
+    def serve_tls(self, context) -> None:
+        """Answer over TLS with this server-side ssl.SSLContext (before `start`)."""
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https"
 
     def now(self) -> float:
         return time.time() + self.clock_offset
@@ -191,7 +198,8 @@ class LapiStandin(Standin):
             return request.send(200, {"status": "up"})
         if method != "GET" or url.path != "/v1/decisions":
             return request.send(404, {"message": "Not Found"})
-        if self.key and request.headers.get("X-Api-Key") != self.key:
+        has_client_cert = hasattr(request.connection, "getpeercert") and bool(request.connection.getpeercert())
+        if self.key and request.headers.get("X-Api-Key") != self.key and not has_client_cert:
             return request.send(403, {"message": "access forbidden"})
         if self.answer:
             status, body, content_type = self.answer

@@ -142,3 +142,24 @@ def test_real_pushgateway_keeps_last_success_through_a_failure(real, pushgateway
     assert metrics[P + "last_success_timestamp_seconds"] == last_success
     assert metrics[P + "decisions"] == 2  # the last good figures survive
     assert metrics[P + "last_run_seconds"] >= last_success
+
+
+def test_filters_and_range_expansion_against_real_lapi(real, tmp_path):
+    real.lapi.add("-i", "192.0.2.1", "-d", "4h", "-R", "crowdsecurity/ssh-bf")
+    real.lapi.add("-i", "192.0.2.2", "-d", "4h", "-R", "crowdsecurity/http-probing")
+    real.lapi.add("-r", "198.51.100.0/30", "-d", "4h")
+    csv = tmp_path / "list.csv"
+    csv.write_text("duration,scope,type,value\n4h,ip,ban,192.0.2.9\n")
+    real.lapi.import_csv(csv)  # origin `cscli-import`, as a blocklist would be
+
+    def keys(**env):
+        result = real.run(PUSHGATEWAY_URL="", **env)
+        assert result.code == 0, result.err
+        return {k for k in real.kv.live() if k.startswith("ip:")}
+
+    assert keys() == {"ip:192.0.2.1", "ip:192.0.2.2", "ip:192.0.2.9"}
+    assert keys(LAPI_ORIGINS="cscli") == {"ip:192.0.2.1", "ip:192.0.2.2"}
+    assert keys(LAPI_SCENARIOS_CONTAINING="ssh") == {"ip:192.0.2.1"}
+    assert keys(LAPI_SCENARIOS_NOT_CONTAINING="probing") == {"ip:192.0.2.1", "ip:192.0.2.9"}
+    ranges = {f"ip:198.51.100.{i}" for i in range(4)}
+    assert keys(EXPAND_RANGES_MAX="4") == {"ip:192.0.2.1", "ip:192.0.2.2", "ip:192.0.2.9"} | ranges
