@@ -11,6 +11,7 @@ OpenAPI schema; what does not fit lands in `violations`, which the tests assert 
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import secrets
@@ -40,14 +41,45 @@ class _Server(ThreadingHTTPServer):
         self.owner = owner
 
 
+class _Counted:
+    """A socket stream that adds the HTTP bytes it carries to a counter of its server's owner."""
+
+    def __init__(self, stream: Any, owner: Standin, counter: str) -> None:
+        self.stream, self.owner, self.counter = stream, owner, counter
+
+    def _count(self, n: int) -> None:
+        with self.owner.lock:
+            setattr(self.owner, self.counter, getattr(self.owner, self.counter) + n)
+
+    def read(self, *args: Any) -> bytes:
+        data = self.stream.read(*args)
+        self._count(len(data))
+        return data
+
+    def readline(self, *args: Any) -> bytes:
+        data = self.stream.readline(*args)
+        self._count(len(data))
+        return data
+
+    def write(self, data: bytes) -> int:
+        self._count(len(data))
+        return self.stream.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
     def setup(self) -> None:
         super().setup()
-        with self.server.owner.lock:
-            self.server.owner.connections += 1
+        owner = self.server.owner
+        with owner.lock:
+            owner.connections += 1
+        self.rfile = _Counted(self.rfile, owner, "bytes_in")
+        self.wfile = _Counted(self.wfile, owner, "bytes_out")
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -96,6 +128,8 @@ class Standin:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.connections = 0
+        self.bytes_in = 0  # HTTP bytes the server received (the client sent)
+        self.bytes_out = 0
         self.clock_offset = 0.0
         self.server = _Server(self, _Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -299,6 +333,7 @@ class KvStandin(Standin):
         self.written_keys: list[str] = []
         self.deleted_keys: list[str] = []
         self._cursors: dict[str, tuple[str, str]] = {}
+        self._names: list[str] = []
         use_schema = KV_SCHEMA.exists() if schema is None else schema
         self.schema = SchemaCheck() if use_schema else None
         self.base = f"/client/v4/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}"
@@ -311,7 +346,7 @@ class KvStandin(Standin):
         with self.lock:
             self.requests.clear()
             self.bulk_sizes = {"bulk_put": [], "bulk_delete": []}
-            self.writes = self.deletes = self.connections = 0
+            self.writes = self.deletes = self.connections = self.bytes_in = self.bytes_out = 0
             self.written_keys, self.deleted_keys = [], []
 
     def live(self) -> dict[str, Entry]:
@@ -394,24 +429,33 @@ class KvStandin(Standin):
             if query["cursor"] not in self._cursors:
                 return 400, _error(10004, "invalid cursor")
             prefix, after = self._cursors[query["cursor"]]
-        names = sorted(n for n in self.live() if n.startswith(prefix) and n > after)
-        if "empty_first_page" in self.quirks and not query.get("cursor"):
-            page, more = [], True
         else:
-            page, more = names[:limit], len(names) > limit
-        entries = self.live()
+            with self.lock:  # a listing sees the key names as they were when it began
+                self._names = sorted(self.store)
+        names, now, page = self._names, self.now(), []
+        i = bisect.bisect_right(names, after) if after else bisect.bisect_left(names, prefix)
+        if "empty_first_page" in self.quirks and not query.get("cursor"):
+            i = bisect.bisect_left(names, prefix)
+            after, more = "", True
+        else:
+            while i < len(names) and len(page) < limit and names[i].startswith(prefix):
+                entry = self.store.get(names[i])
+                if entry is not None and (entry.expiration is None or entry.expiration > now):
+                    page.append((names[i], entry))
+                i += 1
+            more = i < len(names) and names[i].startswith(prefix)
         result = []
-        for name in page:
+        for name, entry in page:
             item: dict[str, Any] = {"name": name}
-            if entries[name].expiration is not None:
-                item["expiration"] = entries[name].expiration
-            if entries[name].metadata is not None:
-                item["metadata"] = entries[name].metadata
+            if entry.expiration is not None:
+                item["expiration"] = entry.expiration
+            if entry.metadata is not None:
+                item["metadata"] = entry.metadata
             result.append(item)
         info: dict[str, Any] = {"count": len(result)}
         if more:
             token = secrets.token_urlsafe(24)
-            self._cursors[token] = (prefix, page[-1] if page else after)
+            self._cursors[token] = (prefix, page[-1][0] if page else after)
             info["cursor"] = token
         elif "null_cursor" in self.quirks:
             info["cursor"] = None

@@ -379,3 +379,44 @@ def test_retry_after_in_seconds_or_http_date():
     assert job.retry_after_seconds(date, NOW) == pytest.approx(30)
     assert job.retry_after_seconds("soon", NOW) is None
     assert job.retry_after_seconds(None, NOW) is None
+
+
+go_parts = st.lists(
+    st.tuples(
+        st.one_of(
+            st.integers(0, 10**5).map(str), st.decimals(0, 10**4, places=6, allow_nan=False).map(lambda d: f"{d:f}")
+        ),
+        st.sampled_from(["h", "m", "s", "ms", "us", "µs", "ns"]),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@given(go_parts, st.booleans())
+def test_go_duration_fast_path_agrees_with_the_units(parts, negative):
+    text = ("-" if negative else "") + "".join(n + u for n, u in parts)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    expected = sum(float(n) * units[u] for n, u in parts)
+    assert job.parse_go_duration(text) == pytest.approx(-expected if negative else expected, rel=1e-12, abs=1e-9)
+
+
+@given(st.lists(st.integers(0, 300), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_ipv4_fast_path_agrees_with_ipaddress(octets, zero_padded):
+    text = ".".join(f"0{o}" if pad else str(o) for o, pad in zip(octets, zero_padded, strict=True))
+    try:
+        expected = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = None
+    try:
+        got = job.canonical_address(text)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+def test_plan_compares_expirations_on_cloudflares_clock():
+    present = {"ip:a": job.Present(NOW + 600 + 3600, "ban")}  # written when Cloudflare's clock read NOW + 600
+    assert job.make_plan({"ip:a": wanted_of()}, present, NOW, offset=600).unchanged == ["ip:a"]
+    assert [w.key for w in job.make_plan({"ip:a": wanted_of()}, present, NOW).writes] == ["ip:a"]
+    assert job.make_plan({"ip:a": wanted_of()}, {}, NOW, offset=600).writes[0].ttl == 3600  # a TTL has no clock

@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Cost and speed of lapi_kv_sync.py at 1k, 10k and 100k decisions.
+
+For each N, a LAPI stand-in (and the real CrowdSec LAPI where it is available) and the
+Cloudflare KV stand-in on loopback, the latter over plain HTTP and over TLS with a locally
+made CA; the job runs as a process, cold (KV empty), steady (nothing changed) and churn
+(1% new bans, 1% un-bans, 1% remediation or duration changes). Each row is the median of
+several runs, with min and max. Writes bench/results/<name>.json and .md; `--write-readme`
+puts the table into README.md.
+
+    python3 bench/run.py               # N = 1,000, 10,000, 100,000
+    python3 bench/run.py --quick       # N = 1,000 only, checks the count targets (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.standins import ACCOUNT, NAMESPACE, KvStandin, LapiStandin  # noqa: E402
+
+SCRIPT = ROOT / "lapi_kv_sync.py"
+RESULTS = ROOT / "bench" / "results"
+LAPI_KEY, CF_TOKEN = "bench-lapi-key-000000", "bench-cf-token-000000"
+RUNS_PER_DAY = 24 * 60  # a one-minute schedule
+PRICE_PER_MILLION = 5.00  # USD, Workers Paid: writes, deletes and lists alike, past 1M a month included
+INCLUDED_PER_MONTH = 1_000_000
+FREE_PER_DAY = 1_000
+
+
+def address(i: int) -> str:
+    return f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+
+
+class FastLapi(LapiStandin):
+    """The LAPI stand-in, rendering remaining durations in plain seconds (`14399.52s`, a valid
+    Go duration) so that serving 100,000 decisions costs the server little of the wall time."""
+
+    def body(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            [
+                {
+                    "duration": f"{d['until'] - now:.6f}s",
+                    "id": i,
+                    "origin": "crowdsec",
+                    "scenario": d["scenario"],
+                    "scope": "Ip",
+                    "type": d["type"],
+                    "value": d["value"],
+                }
+                for i, d in enumerate(self.decisions or [], 1)
+            ]
+        ).encode()
+
+
+def decisions(n: int, start: int = 0) -> list[dict]:
+    now = time.time()
+    return [
+        {
+            "value": address(i),
+            "type": "ban",
+            "scope": "Ip",
+            "until": now + 4 * 3600 + i % 3600,
+            "scenario": "crowdsecurity/ssh-bf",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def run_job(env: dict[str, str]) -> dict:
+    """The job as a process: exit code, wall and CPU seconds, peak RSS (from wait4's rusage)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"the job exited {process.returncode}: {err.read().decode()[-800:]}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+class Bench:
+    def __init__(self, kv: KvStandin, lapi_url: str, lapi_key: str, lapi_counter, ca_file: str | None):
+        self.kv, self.lapi_url, self.lapi_key, self.lapi_counter = kv, lapi_url, lapi_key, lapi_counter
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "LAPI_URL": lapi_url,
+            "LAPI_KEY": lapi_key,
+            "CF_ACCOUNT_ID": ACCOUNT,
+            "CF_KV_NAMESPACE_ID": NAMESPACE,
+            "CF_API_TOKEN": CF_TOKEN,
+            "CF_API_URL": kv.api_url,
+        }
+        if ca_file:
+            self.env["SSL_CERT_FILE"] = ca_file  # the job trusts the bench's own CA for the KV stand-in
+
+    def measure(self) -> dict:
+        self.kv.reset_counts()
+        reads_before, lapi_conns_before, lapi_bytes_before = self.lapi_counter()
+        figures = run_job(self.env)
+        reads_after, lapi_conns_after, lapi_bytes_after = self.lapi_counter()
+        figures.update(
+            lapi_reads=reads_after - reads_before,
+            list=self.kv.requests["list"],
+            bulk_put=self.kv.requests["bulk_put"],
+            bulk_delete=self.kv.requests["bulk_delete"],
+            lapi_connections=lapi_conns_after - lapi_conns_before,
+            kv_connections=self.kv.connections,
+            written=self.kv.writes,
+            deleted=self.kv.deletes,
+            kv_bytes_sent=self.kv.bytes_in,
+            kv_bytes_received=self.kv.bytes_out,
+            lapi_bytes_received=lapi_bytes_after - lapi_bytes_before,
+        )
+        return figures
+
+
+def summarise(samples: list[dict]) -> dict:
+    summary = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def churn(lapi: LapiStandin, n: int, next_new: int, rng: random.Random) -> int:
+    """1% new bans, 1% un-bans, 1% changes (half ban->captcha, half two hours longer)."""
+    k = max(1, n // 100)
+    rows = lapi.decisions
+    for row in rng.sample(rows, k):
+        rows.remove(row)
+    changed = rng.sample(rows, k)
+    for j, row in enumerate(changed):
+        if j % 2:
+            row["until"] += 7200
+        else:
+            row["type"] = "captcha" if row["type"] == "ban" else "ban"
+    rows += decisions(k, next_new)
+    return next_new + k
+
+
+def bench_standin(n: int, repeats: int, tls_ca, rng: random.Random) -> list[dict]:
+    rows = []
+    with FastLapi(LAPI_KEY) as lapi:
+        for transport in ("http", "https") if tls_ca else ("http",):
+            kv = KvStandin(CF_TOKEN, schema=False)
+            ca_file = None
+            if transport == "https":
+                import ssl
+
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+                kv.serve_tls(context)
+                ca_file = str(Path(tempfile.mkdtemp()) / "ca.pem")
+                tls_ca.cert_pem.write_to_path(ca_file)
+            with kv:
+                lapi.decisions = decisions(n)
+                bench = Bench(
+                    kv, lapi.url, LAPI_KEY, lambda: (len(lapi.queries), lapi.connections, lapi.bytes_out), ca_file
+                )
+                cold = []
+                for _ in range(repeats):
+                    kv.store.clear()
+                    cold.append(bench.measure())
+                steady = [bench.measure() for _ in range(repeats)]
+                churned, next_new = [], n
+                for _ in range(repeats):
+                    next_new = churn(lapi, n, next_new, rng)
+                    churned.append(bench.measure())
+                for scenario, samples in (("cold", cold), ("steady", steady), ("churn", churned)):
+                    rows.append(
+                        {"n": n, "lapi": "stand-in", "kv": transport, "scenario": scenario, **summarise(samples)}
+                    )
+                    print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def bench_real_lapi(n: int, repeats: int) -> list[dict]:
+    """Cold and steady against the real LAPI, loaded with `cscli decisions import`. (Churn needs
+    one cscli call per un-ban, which would measure cscli, not the job.)"""
+    from tests.real import RealLapi, find
+
+    if not (find("crowdsec") and find("cscli")):
+        print("real LAPI: crowdsec/cscli not found (bash .ci/install-components fetches them); skipped", flush=True)
+        return []
+    lapi = RealLapi().start()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = Path(tmp) / "decisions.csv"
+            csv.write_text("duration,scope,type,value\n" + "".join(f"4h,ip,ban,{address(i)}\n" for i in range(n)))
+            lapi.import_csv(csv)
+        with KvStandin(CF_TOKEN, schema=False) as kv:
+            bench = Bench(kv, lapi.url, lapi.bouncer_key, lambda: (0, 0, 0), None)
+            cold = []
+            for _ in range(repeats):
+                kv.store.clear()
+                cold.append(bench.measure())
+            steady = [bench.measure() for _ in range(repeats)]
+            for scenario, samples in (("cold", cold), ("steady", steady)):
+                for sample in samples:
+                    # not counted on the real one
+                    sample["lapi_reads"] = sample["lapi_connections"] = sample["lapi_bytes_received"] = float("nan")
+                rows.append({"n": n, "lapi": "real 1.4.6", "kv": "http", "scenario": scenario, **summarise(samples)})
+                print(format_row(rows[-1]), flush=True)
+    finally:
+        lapi.close()
+    return rows
+
+
+COLUMNS = [
+    ("N", lambda r: f"{r['n']:,}"),
+    ("LAPI", lambda r: r["lapi"]),
+    ("KV", lambda r: r["kv"]),
+    ("run", lambda r: r["scenario"]),
+    ("wall s", lambda r: spread(r["wall_s"], "{:.2f}")),
+    ("CPU s", lambda r: spread(r["cpu_s"], "{:.2f}")),
+    ("peak RSS MiB", lambda r: spread(r["peak_rss_mib"], "{:.0f}")),
+    ("LAPI reads", lambda r: count(r["lapi_reads"])),
+    ("list", lambda r: count(r["list"])),
+    ("bulk put", lambda r: count(r["bulk_put"])),
+    ("bulk delete", lambda r: count(r["bulk_delete"])),
+    ("connections LAPI/KV", lambda r: f"{count(r['lapi_connections'])}/{count(r['kv_connections'])}"),
+    ("written", lambda r: count(r["written"])),
+    ("deleted", lambda r: count(r["deleted"])),
+    ("LAPI bytes received", lambda r: size(r["lapi_bytes_received"]["median"])),
+    ("KV bytes sent", lambda r: size(r["kv_bytes_sent"]["median"])),
+    ("KV bytes received", lambda r: size(r["kv_bytes_received"]["median"])),
+]
+
+
+def spread(stat: dict, fmt: str) -> str:
+    return f"{fmt.format(stat['median'])} ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
+
+
+def count(stat: dict) -> str:
+    m = stat["median"]
+    if m != m:  # nan: not counted
+        return "–"
+    text = f"{m:,.0f}"
+    return text if stat["min"] == stat["max"] else f"{text} ({stat['min']:,.0f}–{stat['max']:,.0f})"
+
+
+def size(n: float) -> str:
+    if n != n:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_row(row: dict) -> str:
+    return " | ".join(f"{name} {fn(row)}" for name, fn in COLUMNS)
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| " + " | ".join(n for n, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fn(r) for _, fn in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(rows: list[dict]) -> str:
+    """What a user pays a day at a one-minute schedule, against rewriting every key each run."""
+    lines = [
+        f"Cost at a one-minute schedule ({RUNS_PER_DAY:,} runs a day). Cloudflare's free plan allows {FREE_PER_DAY:,} "
+        f"writes, deletes and lists a day; Workers Paid includes {INCLUDED_PER_MONTH:,} of each a month, then "
+        f"${PRICE_PER_MILLION:.2f} per million.",
+        "",
+        "| N | steady: writes/day | deletes/day | lists/day | rewrite every key each run: writes/day | that, per 30-day month past the inclusion |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["scenario"] != "steady" or row["lapi"] != "stand-in" or row["kv"] != "http":
+            continue
+        lists = row["list"]["median"] * RUNS_PER_DAY
+        naive = row["n"] * RUNS_PER_DAY
+        monthly = max(0, naive * 30 - INCLUDED_PER_MONTH) / 1e6 * PRICE_PER_MILLION
+        lines.append(
+            f"| {row['n']:,} | {row['written']['median'] * RUNS_PER_DAY:,.0f} | {row['deleted']['median'] * RUNS_PER_DAY:,.0f} "
+            f"| {lists:,.0f} | {naive:,} | ${monthly:,.0f} |"
+        )
+    lines += [
+        "",
+        "Lists are the steady cost: one per 1,000 keys per run (at 100,000 keys and every minute, "
+        f"{100 * RUNS_PER_DAY:,} a day, about ${max(0, 100 * RUNS_PER_DAY * 30 - INCLUDED_PER_MONTH) / 1e6 * PRICE_PER_MILLION:,.0f} "
+        "a month past the inclusion; a five-minute schedule cuts that fivefold). Churn costs one write or delete per "
+        "changed key, as it must.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """The count targets (never timing): a steady run is free, churn costs the churn, cold is few calls."""
+    problems = []
+    for r in rows:
+        n, med = r["n"], {k: v["median"] for k, v in r.items() if isinstance(v, dict)}
+        pages = -(-n // 1000)
+        if r["scenario"] == "steady":
+            if med["written"] or med["deleted"]:
+                problems.append(f"steady {n}: wrote {med['written']}, deleted {med['deleted']}")
+            if med["list"] > pages or med["bulk_put"] or med["bulk_delete"]:
+                problems.append(f"steady {n}: {med['list']} list pages (want {pages}), {med['bulk_put']} bulk puts")
+            if r["kv_connections"]["max"] > 1 or (r["lapi"] == "stand-in" and r["lapi_connections"]["max"] > 1):
+                problems.append(f"steady {n}: more than one connection per host")
+        if r["scenario"] == "churn" and r["lapi"] == "stand-in":
+            k = max(1, n // 100)
+            if med["written"] != 2 * k or med["deleted"] != k:
+                problems.append(
+                    f"churn {n}: wrote {med['written']}, deleted {med['deleted']}; the churn was {2 * k} writes, {k} deletes"
+                )
+        if r["scenario"] == "cold" and med["bulk_put"] > -(-n // 10_000):
+            problems.append(f"cold {n}: {med['bulk_put']} bulk writes")
+    return problems
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores {cpu}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 1,000 only, one run each; for CI")
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-real", action="store_true", help="skip the real-LAPI rows")
+    parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")
+    args = parser.parse_args()
+    sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    try:
+        import trustme
+
+        ca = trustme.CA()
+    except ImportError:
+        ca = None
+        print("trustme not installed (pip install -e '.[test]'): no TLS rows", flush=True)
+    rng = random.Random(1)
+    rows = []
+    for n in sizes:
+        rows += bench_standin(n, repeats, ca, rng)
+        if not args.no_real and not args.quick:
+            rows += bench_real_lapi(n, repeats)
+    today = datetime.date.today().isoformat()
+    header = f"Measured {today} on {machine()}; median of {repeats} runs (min–max); the job as a process."
+    table = markdown(rows, header) + "\n" + cost_table(rows)
+    print("\n" + table)
+    name = "quick" if args.quick else "latest"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"date": today, "machine": machine(), "repeats": repeats, "rows": rows}, indent=1)
+    )
+    (RESULTS / f"{name}.md").write_text(table)
+    if args.write_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        new = re.sub(
+            r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)",
+            lambda m: m.group(1) + table + m.group(2),
+            text,
+            flags=re.S,
+        )
+        readme.write_text(new)
+    problems = check_targets(rows)
+    for problem in problems:
+        print("TARGET MISSED:", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
