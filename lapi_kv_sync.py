@@ -357,8 +357,36 @@ class LapiUnreadable(Exception):
     """LAPI gave no usable answer: the run is skipped and KV left as it is."""
 
 
+class Decision(NamedTuple):
+    """The fields of a LAPI decision the job uses; LAPI's repeated strings shared, not copied."""
+
+    value: Any
+    type: str
+    scope: str
+    duration: Any
+    origin: str
+    scenario: str
+
+
+def as_decision(row: Any) -> Decision | None:
+    """A LAPI decision object as a Decision; None for anything that is not an object.
+
+    Used as json's object_hook, so 100,000 decisions never sit in memory as dicts."""
+    if isinstance(row, Decision) or not isinstance(row, dict):
+        return row if isinstance(row, Decision) else None
+    get, intern = row.get, sys.intern
+    return Decision(
+        get("value"),
+        intern(str(get("type") or "")),
+        intern(str(get("scope") or "")),
+        get("duration"),
+        intern(str(get("origin") or "")),
+        intern(str(get("scenario") or "")),
+    )
+
+
 class Decisions(NamedTuple):
-    rows: list[Any]
+    rows: list[Decision]
     read_at: float  # wall time of the answer: LAPI durations count from here
 
 
@@ -388,13 +416,14 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status != 200:
         raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
     try:
-        rows = json.loads(response.body)
+        rows = json.loads(response.body, object_hook=as_decision)
     except ValueError:
         raise LapiUnreadable(f"LAPI answered with a body that is not JSON: {snippet(response.body)}") from None
     if rows is None:
         return Decisions([], read_at)
     if not isinstance(rows, list):
-        raise LapiUnreadable(f"LAPI answered with a JSON {type(rows).__name__}, not a list of decisions")
+        kind = "object" if isinstance(rows, Decision) else type(rows).__name__
+        raise LapiUnreadable(f"LAPI answered with a JSON {kind}, not a list of decisions")
     return Decisions(rows, read_at)
 
 
@@ -480,12 +509,12 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
     """The keys KV should hold for these LAPI decisions, and what was left out, by reason."""
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
-    for row in decisions:
-        if not isinstance(row, dict):
+    for raw in decisions:
+        row = as_decision(raw)
+        if row is None:
             ignored["invalid"] += 1
             continue
-        scope = str(row.get("scope", "")).lower()
-        remediation = str(row.get("type", "")).lower()
+        scope, remediation = row.scope.lower(), row.type.lower()
         if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
             ignored["scope"] += 1
             continue
@@ -493,19 +522,19 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             ignored["type"] += 1
             continue
         try:
-            remaining = parse_go_duration(row["duration"])
-        except (KeyError, TypeError, ValueError):
+            remaining = parse_go_duration(row.duration)
+        except (TypeError, ValueError):
             ignored["invalid"] += 1
             continue
         if remaining <= 0:
             ignored["expired"] += 1
             continue
-        addresses = expand(scope, row.get("value"), expand_ranges_max)
+        addresses = expand(scope, row.value, expand_ranges_max)
         if isinstance(addresses, str):
             ignored[addresses] += 1
             continue
         end = read_at + remaining
-        origin, scenario = str(row.get("origin") or ""), str(row.get("scenario") or "")
+        origin, scenario = row.origin, row.scenario
         for address in addresses:
             key = prefix + address
             if len(key.encode()) > MAX_KEY_BYTES:
@@ -523,7 +552,7 @@ def merge(old: Wanted | None, new: Wanted) -> Wanted:
     return strongest._replace(end=max(old.end, new.end))
 
 
-def metadata_for(wanted: Wanted) -> dict[str, str]:
+def metadata_for(wanted: Wanted | Write) -> dict[str, str]:
     """What a run needs to compare KV with LAPI from the key list alone, cut to Cloudflare's limit."""
     metadata = {"remediation": wanted.remediation, "origin": wanted.origin[:64], "scenario": wanted.scenario[:256]}
     while len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
@@ -650,7 +679,8 @@ class Write(NamedTuple):
     key: str
     remediation: str
     ttl: int
-    metadata: dict[str, str]
+    origin: str
+    scenario: str
 
 
 class Plan(NamedTuple):
@@ -676,7 +706,7 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
         ):
             unchanged.append(key)
         else:
-            writes.append(Write(key, want.remediation, max(MIN_TTL, math.ceil(left)), metadata_for(want)))
+            writes.append(Write(key, want.remediation, max(MIN_TTL, math.ceil(left)), want.origin, want.scenario))
     deletes = sorted(key for key in present if key not in wanted)
     return Plan(writes, deletes, unchanged)
 
@@ -700,15 +730,19 @@ class Applied(NamedTuple):
 
 def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None) -> Applied:
     """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
-    items = {
-        w.key: {"key": w.key, "value": w.remediation, "expiration_ttl": w.ttl, "metadata": w.metadata}
-        for w in plan.writes
-    }
-    written = len(items) - len(retry_unsuccessful(cloudflare.bulk_put, list(items), items.__getitem__, "write"))
+    writes = {w.key: w for w in plan.writes}
+    written = len(writes) - len(
+        retry_unsuccessful(cloudflare.bulk_put, list(writes), lambda k: bulk_item(writes[k]), "write")
+    )
     if max_deletes is not None and len(plan.deletes) > max_deletes:
         return Applied(written, 0, len(plan.deletes))
     deleted = len(plan.deletes) - len(retry_unsuccessful(cloudflare.bulk_delete, plan.deletes, str, "delete"))
     return Applied(written, deleted, 0)
+
+
+def bulk_item(write: Write) -> dict[str, Any]:
+    """One pair of a bulk write, built only as its chunk is sent."""
+    return {"key": write.key, "value": write.remediation, "expiration_ttl": write.ttl, "metadata": metadata_for(write)}
 
 
 def retry_unsuccessful(
