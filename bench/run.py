@@ -15,6 +15,7 @@ puts the table into README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -96,7 +97,7 @@ def run_job(env: dict[str, str]) -> dict:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            try:
+            with contextlib.suppress(OSError, ValueError, TypeError):
                 peak_kib = max(
                     peak_kib,
                     *(
@@ -105,8 +106,6 @@ def run_job(env: dict[str, str]) -> dict:
                         if line.startswith("VmHWM")
                     ),
                 )
-            except (OSError, ValueError, TypeError):
-                pass
             time.sleep(0.005)
         wall = time.monotonic() - started
         code = os.waitstatus_to_exitcode(status)
