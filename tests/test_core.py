@@ -303,6 +303,7 @@ def test_failed_run_reports_only_success_last_run_and_duration():
         "crowdsec_kv_sync_success",
         "crowdsec_kv_sync_last_run_seconds",
         "crowdsec_kv_sync_duration_seconds",
+        "crowdsec_kv_sync_exit_code",  # which side failed, for the alerts
     }
 
 

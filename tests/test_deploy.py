@@ -196,7 +196,7 @@ def test_alert_rules_pass_promtool():
         [promtool, "check", "rules", str(K8S / "alerts" / "lapi-kv-sync.rules.yml")], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout
+    assert "SUCCESS: 7 rules found" in done.stdout
 
 
 def test_alerts_use_only_metrics_the_job_pushes():
@@ -206,5 +206,12 @@ def test_alerts_use_only_metrics_the_job_pushes():
     for name, expr in alerts.items():
         used = set(re.findall(r"crowdsec_kv_sync_[a-z_]+", expr))
         assert used and used <= pushed, f"{name} uses {used - pushed}"
-    assert {"CrowdsecKvSyncStale", "CrowdsecKvSyncFailing", "CrowdsecKvSyncManyIgnored"} <= set(alerts)
+    required = {
+        "CrowdsecKvSyncStale",
+        "CrowdsecKvSyncLapiUnreadable",
+        "CrowdsecKvSyncCloudflareFailing",
+        "CrowdsecKvSyncManyIgnored",
+    }
+    assert required <= set(alerts)
+    assert "== 3" in alerts["CrowdsecKvSyncLapiUnreadable"] and "== 1" in alerts["CrowdsecKvSyncCloudflareFailing"]
     assert "900" in alerts["CrowdsecKvSyncStale"]  # 15 minutes

@@ -88,6 +88,15 @@ def test_client_certificate_needs_its_key(stack, tmp_path):
     assert "LAPI_CLIENT_KEY" in result.err
 
 
+def test_unusable_tls_files_are_configuration_errors(stack, tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    result = stack.run(LAPI_CA_CERT=str(tmp_path / "junk.pem"))
+    assert result.code == job.EXIT_CONFIG and "LAPI_CA_CERT" in result.err
+    result = stack.run(LAPI_CLIENT_CERT=str(tmp_path / "junk.pem"), LAPI_CLIENT_KEY=str(tmp_path / "junk.pem"))
+    assert result.code == job.EXIT_CONFIG and "LAPI_CLIENT_CERT" in result.err
+    assert "Traceback" not in result.err and stack.lapi.queries == []
+
+
 def test_filters_are_passed_to_lapi_as_crowdsec_bouncers_name_them(stack):
     result = stack.run(
         LAPI_ORIGINS="crowdsec, cscli",

@@ -211,6 +211,7 @@ def test_unreadable_lapi_leaves_kv_byte_for_byte(stack, failure):
     last = stack.push.pushes[-1]
     assert last.method == "POST" and last.status == 200
     assert stack.push.value(PREFIXED + "success") == 0
+    assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
     assert stack.push.value(PREFIXED + "last_success_timestamp_seconds") == success_time
     if failure == "forbidden":
         assert "refused the bouncer credentials" in result.err
@@ -297,6 +298,7 @@ def test_cloudflare_that_keeps_failing_exits_1_and_the_next_run_converges(stack)
     assert len(result.sleeps) == job.CLOUDFLARE_RETRY.attempts - 1
     assert stack.push.pushes[-1].method == "POST"
     assert stack.push.value(PREFIXED + "success") == 0
+    assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_CLOUDFLARE
     assert stack.push.value(PREFIXED + "last_success_timestamp_seconds") == success_time
     stack.kv.faults.clear()
     result = stack.run()
@@ -363,6 +365,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(stack):
     assert result.code == 0
     assert stack.kv.snapshot() == before and stack.kv.writes == 0
     assert stack.push.pushes == []
+    stack.lapi.answer = (500, b"down", "text/plain")
+    assert stack.run("--dry-run").code == job.EXIT_LAPI and stack.push.pushes == []
     assert "write 25: ip:10.0.0.0 " in result.out and "(+5 more)" in result.out
     assert "delete 1: ip:203.0.113.1" in result.out
 

@@ -338,13 +338,23 @@ class Http:
         raise AssertionError("unreachable")
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
+    """The TLS context for LAPI's host, when a CA bundle or a client certificate is configured;
+    ConfigError naming the variable when a file is not what it should be."""
     if not (config.lapi_ca_cert or config.lapi_client_cert):
-        return None
-    context = ssl.create_default_context(cafile=config.lapi_ca_cert or None)
+        return {}
+    try:
+        context = ssl.create_default_context(cafile=config.lapi_ca_cert or None)
+    except ssl.SSLError as e:
+        raise ConfigError([f"LAPI_CA_CERT: {config.lapi_ca_cert} is not a PEM CA bundle ({e.reason})"]) from None
     if config.lapi_client_cert:
-        context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key)
-    return context
+        try:
+            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key)
+        except ssl.SSLError as e:
+            raise ConfigError(
+                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a PEM certificate and its matching key ({e.reason})"]
+            ) from None
+    return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
 
 
 # --------------------------------------------------------------------------- LAPI
@@ -779,6 +789,7 @@ class Report:
     guarded: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
     cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    exit_code: int = EXIT_OK
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -795,6 +806,12 @@ def metric_samples(report: Report) -> list[Sample]:
         ),
         (p + "last_run_seconds", "Unix time the last run ended.", {}, report.started + report.duration),
         (p + "duration_seconds", "How long the last run took.", {}, report.duration),
+        (
+            p + "exit_code",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped).",
+            {},
+            report.exit_code,
+        ),
     ]
     held_back = (p + "deletes_held_back", "Deletes held back by MAX_DELETES in the last run.", {}, report.guarded)
     if not report.success:
@@ -998,6 +1015,20 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     return EXIT_OK
 
 
+def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Namespace) -> int:
+    """sync(), with every way it can fail turned into its exit code and one clear error line."""
+    try:
+        return sync(http, config, log, report, args.dry_run, args.force)
+    except LapiUnreadable as e:
+        log.error("lapi_unreadable", f"{e}; skipped the run, KV left as it is")
+        return EXIT_LAPI
+    except (CloudflareError, DeadlineExceeded) as e:
+        log.error("cloudflare_failed", f"Cloudflare: {e}")
+    except Exception:  # a bug: say so loudly, but never with a secret in it
+        log.error("internal_error", traceback.format_exc().strip())
+    return EXIT_CLOUDFLARE
+
+
 def main(
     argv: list[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -1005,37 +1036,23 @@ def main(
     err: TextIO | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
     args = parse_args(argv)
     try:
         config = load_config(os.environ if env is None else env)
+        tls = lapi_tls(config)
     except ConfigError as e:
-        err.write("lapi-kv-sync: configuration error: " + "; ".join(e.problems) + "\n")
+        (err or sys.stderr).write("lapi-kv-sync: configuration error: " + "; ".join(e.problems) + "\n")
         return EXIT_CONFIG
-    log = Log(out, err, config.log_format, config.secrets, clock)
-    report = Report(started=clock.now())
-    started = clock.monotonic()
-    lapi_tls = tls_context(config)
-    tls = {urllib.parse.urlsplit(config.lapi_url).netloc: lapi_tls} if lapi_tls else {}
+    log = Log(out or sys.stdout, err or sys.stderr, config.log_format, config.secrets, clock)
+    report, started = Report(started=clock.now()), clock.monotonic()
     with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http:
-        try:
-            code = sync(http, config, log, report, args.dry_run, args.force)
-        except LapiUnreadable as e:
-            log.error("lapi_unreadable", f"{e}; skipped the run, KV left as it is")
-            code = EXIT_LAPI
-        except (CloudflareError, DeadlineExceeded) as e:
-            log.error("cloudflare_failed", f"Cloudflare: {e}")
-            code = EXIT_CLOUDFLARE
-        except Exception:  # a bug: say so loudly, but never with a secret in it
-            log.error("internal_error", traceback.format_exc().strip())
-            code = EXIT_CLOUDFLARE
+        report.exit_code = run(http, config, log, report, args)
         report.duration = clock.monotonic() - started
-        if args.dry_run and code == EXIT_OK:
-            return code
-        if code != EXIT_LAPI:
-            log_summary(log, report)
-        push_metrics(http, config, report, log)
-    return code
+        if not args.dry_run:
+            if report.exit_code != EXIT_LAPI:
+                log_summary(log, report)
+            push_metrics(http, config, report, log)
+    return report.exit_code
 
 
 if __name__ == "__main__":
