@@ -226,6 +226,22 @@ def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():
     assert later.writes == [] and later.unchanged == ["ip:a"]
 
 
+def test_present_keys_reads_what_it_can_and_marks_the_rest_stale():
+    page = [
+        {"name": "ip:a", "expiration": 1_800_003_600, "metadata": {"remediation": "ban", "origin": "o"}},
+        {"name": "ip:b", "expiration": "soon", "metadata": {"remediation": "block"}},
+        {"name": "ip:c", "metadata": "ban"},
+        {"name": "other:d", "expiration": 1},
+        "junk",
+        {"expiration": 5},
+    ]
+    assert job.present_keys(page, "ip:") == {
+        "ip:a": job.Present(1_800_003_600, "ban"),
+        "ip:b": job.Present(None, None),
+        "ip:c": job.Present(None, None),
+    }
+
+
 def test_chunks_never_exceed_the_bulk_limit():
     sizes = [len(c) for c in job.chunks(list(range(25_001)))]
     assert sizes == [10_000, 10_000, 5_001]

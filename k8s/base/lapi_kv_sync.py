@@ -47,7 +47,7 @@ LIST_LIMIT = 1000
 # absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
 EXPIRATION_SLACK = 60
 REMEDIATIONS = ("ban", "captcha")  # strongest first
-REMEDIATION_RANK = {"ban": 2, "captcha": 1}
+REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
 IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
 SAMPLE_KEYS = 20
 
@@ -253,8 +253,6 @@ class Http:
     def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
         self.tls = dict(tls or {})
-        self.connections_opened: Counter[str] = Counter()
-        self.requests: Counter[str] = Counter()
         self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
         self._random = random.Random()
 
@@ -293,11 +291,9 @@ class Http:
         for reused in (True, False) if conn.sock is not None else (False,):
             if conn.sock is None:
                 conn.timeout = timeout
-                self.connections_opened[parts.netloc] += 1
             else:
                 conn.sock.settimeout(timeout)
             try:
-                self.requests[parts.netloc] += 1
                 conn.request(method, target, body=body, headers=dict(headers))
                 answer = conn.getresponse()
                 return Response(answer.status, answer.headers, answer.read())
@@ -643,14 +639,7 @@ class Cloudflare:
             result = envelope.get("result") or []
             if not isinstance(result, list):
                 raise CloudflareError(f"list: `result` is a {type(result).__name__}, not a list of keys")
-            for key in result:
-                name = key.get("name", "")
-                if name.startswith(prefix):
-                    metadata = key.get("metadata")
-                    remediation = metadata.get("remediation") if isinstance(metadata, dict) else None
-                    present[name] = Present(
-                        key.get("expiration"), remediation if remediation in REMEDIATION_RANK else None
-                    )
+            present.update(present_keys(result, prefix))
             # The last page's cursor may be "", null or absent; an empty page is not the end.
             cursor = ((envelope.get("result_info") or {}).get("cursor")) or ""
             if not cursor:
@@ -666,6 +655,21 @@ class Cloudflare:
     def bulk_delete(self, names: list[str]) -> list[str]:
         envelope, _ = self.call("bulk_delete", "POST", "/bulk/delete", names)
         return unsuccessful_keys(envelope.get("result"))
+
+
+def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
+    """Our keys in one list page, as the plan compares them; what we cannot read counts as stale."""
+    present = {}
+    for key in page:
+        name = key.get("name") if isinstance(key, dict) else None
+        if isinstance(name, str) and name.startswith(prefix):
+            expiration, metadata = key.get("expiration"), key.get("metadata")
+            remediation = metadata.get("remediation") if isinstance(metadata, dict) else None
+            present[name] = Present(
+                expiration if isinstance(expiration, (int, float)) else None,
+                remediation if remediation in REMEDIATION_RANK else None,
+            )
+    return present
 
 
 def unsuccessful_keys(result: Any) -> list[str]:
