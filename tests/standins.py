@@ -325,6 +325,7 @@ class KvStandin(Standin):
         self.faults: list[Fault] = []
         self.quirks: set[str] = set()  # empty_first_page, null_cursor, absent_cursor, null_result
         self.unsuccessful_once: set[str] = set()
+        self.unsuccessful_always: set[str] = set()
         self.requests: Counter[str] = Counter()
         self.bulk_sizes: dict[str, list[int]] = {"bulk_put": [], "bulk_delete": []}
         self.writes = 0
@@ -484,7 +485,7 @@ class KvStandin(Standin):
         with self.lock:
             for item in items:
                 key = item["key"]
-                if key in self.unsuccessful_once:
+                if key in self.unsuccessful_once or key in self.unsuccessful_always:
                     self.unsuccessful_once.discard(key)
                     unsuccessful.append(key)
                     continue

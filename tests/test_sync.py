@@ -345,6 +345,17 @@ def test_unsuccessful_keys_are_retried(stack):
     assert set(stack.kv.live()) == {"ip:192.0.2.1", "ip:192.0.2.2"}
 
 
+def test_keys_that_stay_unsuccessful_fail_the_run(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2")]
+    stack.kv.unsuccessful_always = {"ip:192.0.2.2"}
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "could not write 1 keys after 3 rounds" in result.err and "ip:192.0.2.2" in result.err
+    assert stack.kv.bulk_sizes["bulk_put"] == [2, 1, 1]
+    stack.kv.unsuccessful_always.clear()
+    assert stack.run().code == 0 and "ip:192.0.2.2" in stack.kv.live()
+
+
 def test_a_pushgateway_that_is_down_never_fails_the_job(stack):
     stack.lapi.decisions = [decision("192.0.2.1")]
     result = stack.run(PUSHGATEWAY_URL=f"http://127.0.0.1:{unused_port()}")

@@ -745,13 +745,11 @@ class Applied(NamedTuple):
 def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None) -> Applied:
     """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
     writes = {w.key: w for w in plan.writes}
-    written = len(writes) - len(
-        retry_unsuccessful(cloudflare.bulk_put, list(writes), lambda k: bulk_item(writes[k]), "write")
-    )
+    send_all(cloudflare.bulk_put, list(writes), lambda k: bulk_item(writes[k]), "write")
     if max_deletes is not None and len(plan.deletes) > max_deletes:
-        return Applied(written, 0, len(plan.deletes))
-    deleted = len(plan.deletes) - len(retry_unsuccessful(cloudflare.bulk_delete, plan.deletes, str, "delete"))
-    return Applied(written, deleted, 0)
+        return Applied(len(writes), 0, len(plan.deletes))
+    send_all(cloudflare.bulk_delete, plan.deletes, str, "delete")
+    return Applied(len(writes), len(plan.deletes), 0)
 
 
 def bulk_item(write: Write) -> dict[str, Any]:
@@ -759,9 +757,9 @@ def bulk_item(write: Write) -> dict[str, Any]:
     return {"key": write.key, "value": write.remediation, "expiration_ttl": write.ttl, "metadata": metadata_for(write)}
 
 
-def retry_unsuccessful(
-    send: Callable[[list[Any]], list[str]], keys: list[str], item: Callable[[str], Any], what: str
-) -> list[str]:
+def send_all(send: Callable[[list[Any]], list[str]], keys: list[str], item: Callable[[str], Any], what: str) -> None:
+    """Send every key in bulk chunks, again while Cloudflare reports some unsuccessful; CloudflareError
+    when some still are after UNSUCCESSFUL_ROUNDS."""
     pending = keys
     for _ in range(UNSUCCESSFUL_ROUNDS):
         failed: set[str] = set()
@@ -769,7 +767,7 @@ def retry_unsuccessful(
             failed.update(send([item(k) for k in chunk]))
         pending = [k for k in pending if k in failed]
         if not pending:
-            return []
+            return
     raise CloudflareError(
         f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, e.g. {pending[:3]}"
     )
