@@ -22,6 +22,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "crowdsec"
 START_TIMEOUT = 30
+LIFETIME = 1800  # seconds: a server left behind by a killed test run stops by itself
+
+
+def bounded(command: list[str]) -> list[str]:
+    """The command under coreutils' `timeout`, which also passes our SIGTERM on to it."""
+    return ["timeout", str(LIFETIME), *command] if shutil.which("timeout") else command
 
 
 def find(name: str) -> str | None:
@@ -142,7 +148,7 @@ prometheus:
             self.cscli_run("machines", "add", "-a", "--force", "-f", str(self.dir / "local_api_credentials.yaml"))
             self.bouncer_key = self.cscli_run("bouncers", "add", "kvsync", "-o", "raw").strip()
         self.process = subprocess.Popen(
-            [self.crowdsec, "-c", str(self.config), "-no-cs", "-no-capi"],
+            bounded([self.crowdsec, "-c", str(self.config), "-no-cs", "-no-capi"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -177,7 +183,7 @@ class RealPushgateway:
 
     def start(self) -> RealPushgateway:
         self.process = subprocess.Popen(
-            [self.binary, f"--web.listen-address={self.url.removeprefix('http://')}", "--persistence.file="],
+            bounded([self.binary, f"--web.listen-address={self.url.removeprefix('http://')}", "--persistence.file="]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
