@@ -82,7 +82,27 @@ def stop(process: subprocess.Popen | None) -> None:
             process.wait(5)
 
 
-class RealLapi:
+class Component:
+    """A real server started for the tests: `with Component() as c:` starts it and always stops it."""
+
+    def start(self) -> Component:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RealLapi(Component):
     """`crowdsec -no-cs -no-capi`: LAPI alone, on a throwaway config, sqlite db and port."""
 
     def __init__(self) -> None:
@@ -175,7 +195,7 @@ prometheus:
         self.cscli_run("decisions", "import", "-i", str(path))
 
 
-class RealPushgateway:
+class RealPushgateway(Component):
     def __init__(self) -> None:
         (self.binary,) = require("prometheus-pushgateway")
         self.url = f"http://127.0.0.1:{free_port()}"

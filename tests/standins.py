@@ -40,6 +40,9 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), handler)
         self.owner = owner
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up (timeouts, dropped connections) is expected here, not news
+
 
 class _Counted:
     """A socket stream that adds the HTTP bytes it carries to a counter of its server's owner."""

@@ -19,20 +19,14 @@ P = "crowdsec_kv_sync_"
 
 @pytest.fixture(scope="module")
 def lapi():
-    server = RealLapi()
-    try:
-        yield server.start()
-    finally:
-        server.close()
+    with RealLapi() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def pushgateway():
-    server = RealPushgateway()
-    try:
-        yield server.start()
-    finally:
-        server.close()
+    with RealPushgateway() as server:
+        yield server
 
 
 @pytest.fixture

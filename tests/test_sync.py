@@ -285,6 +285,14 @@ def test_a_429_longer_than_the_deadline_gives_up(stack):
     assert stack.kv.live() == {}
 
 
+def test_a_run_out_of_time_still_reports_its_failure(stack):
+    stack.lapi.delay = 1.5
+    result = stack.run(RUN_DEADLINE="1", HTTP_TIMEOUT="5")
+    assert result.code == job.EXIT_LAPI and "did not answer" in result.err
+    assert "Pushgateway" not in result.err
+    assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "success") == 0
+
+
 def test_cloudflare_that_keeps_failing_exits_1_and_the_next_run_converges(stack):
     kept = seed_foreign(stack.kv)
     stack.lapi.decisions = [decision(ip) for ip in ips(10)]

@@ -270,6 +270,11 @@ class Http:
     def _remaining(self) -> float:
         return self.deadline - self.clock.monotonic()
 
+    def grant(self, seconds: float) -> None:
+        """At least `seconds` more from now, past the run deadline if need be: reporting a run
+        that ran out of time must not be stopped by the same deadline."""
+        self.deadline = max(self.deadline, self.clock.monotonic() + seconds)
+
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         conn = self._conns.get((scheme, netloc))
         if conn is None:
@@ -860,6 +865,7 @@ def exposition(samples: list[Sample]) -> str:
 
 
 PUSH_RETRY = Retry(attempts=2, backoff=0.5, max_wait=1.0)
+PUSH_GRACE = 15.0  # seconds a push may take past RUN_DEADLINE; the CronJob allows 60 more
 
 
 def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
@@ -870,6 +876,7 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
     method = "PUT" if report.success else "POST"
     url = f"{config.pushgateway_url}/metrics/job/{JOB_NAME}"
     headers = {"User-Agent": USER_AGENT, "Content-Type": "text/plain; version=0.0.4"}
+    http.grant(PUSH_GRACE)
     try:
         response = http.request(
             method, url, headers=headers, body=exposition(metric_samples(report)).encode(), retry=PUSH_RETRY
