@@ -66,6 +66,15 @@ def test_the_configmap_holds_exactly_the_script(base):
     assert script["data"]["lapi_kv_sync.py"] == (ROOT / "lapi_kv_sync.py").read_text()
 
 
+def test_the_script_exists_once():
+    """./lapi_kv_sync.py is a link to the file the ConfigMap is generated from, never a copy
+    (an in-place edit such as `sed -i` replaces a link with a file, and the two would drift)."""
+    root = ROOT / "lapi_kv_sync.py"
+    assert root.is_symlink(), "lapi_kv_sync.py must stay a link to k8s/base/lapi_kv_sync.py"
+    assert root.resolve() == (K8S / "base" / "lapi_kv_sync.py").resolve()
+    assert not (K8S / "base" / "lapi_kv_sync.py").is_symlink()
+
+
 def test_rendered_objects_validate_against_kubernetes_schemas(base, image_overlay):
     import kubernetes_validate
 
