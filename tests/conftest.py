@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,6 @@ class FakeClock:
         self.slept = 0.0
 
     def monotonic(self) -> float:
-        import time
-
         return time.monotonic() + self.slept
 
     def sleep(self, seconds: float) -> None:
@@ -44,8 +43,6 @@ class FakeClock:
         self.slept += seconds
 
     def clock(self) -> job.Clock:
-        import time
-
         return job.Clock(now=time.time, monotonic=self.monotonic, sleep=self.sleep)
 
 
