@@ -7,9 +7,7 @@ LABEL org.opencontainers.image.title="lapi-kv-sync" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="docker.io/library/python:3.12-alpine"
 
-# The file itself lives in k8s/base/ so that `kubectl apply -k k8s/` can generate its ConfigMap
-# (kustomize reads no file outside its root); ./lapi_kv_sync.py is a link to it.
-COPY --chown=0:0 --chmod=0444 k8s/base/lapi_kv_sync.py /app/lapi_kv_sync.py
+COPY --chown=0:0 --chmod=0444 lapi_kv_sync.py /app/lapi_kv_sync.py
 
 # A batch job: it runs once and exits, so there is nothing for a health check to probe.
 HEALTHCHECK NONE

@@ -1,1 +1,1068 @@
-k8s/base/lapi_kv_sync.py
+#!/usr/bin/env python3
+"""lapi-kv-sync: make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans.
+
+One run: read every decision from LAPI, project them onto the keys an edge Worker reads
+(`ip:<addr>` -> `ban` | `captcha`), list the keys KV holds, and write or delete only what
+differs. A run where LAPI did not change costs one LAPI read and the list pages: no writes.
+When LAPI cannot be read nothing in KV is touched, so existing keys expire by their TTL.
+
+Standard library only, so it runs on a stock python:3.12-alpine from a mounted file.
+Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import http.client
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import ssl
+import sys
+import time
+import traceback
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TextIO
+
+__version__ = "0.1.0"
+USER_AGENT = f"lapi-kv-sync/{__version__}"
+JOB_NAME = "crowdsec-kv-sync"
+
+EXIT_OK, EXIT_CLOUDFLARE, EXIT_CONFIG, EXIT_LAPI = 0, 1, 2, 3
+
+# Cloudflare's published limits (see SPEC.md, "Facts about the two APIs").
+MIN_TTL = 60
+MAX_KEY_BYTES = 512
+MAX_METADATA_BYTES = 1024
+MAX_BULK_ITEMS = 10_000
+LIST_LIMIT = 1000
+# A key is up to date while its expiration is within this of the decision's end; it also
+# absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
+EXPIRATION_SLACK = 60
+REMEDIATIONS = ("ban", "captcha")  # strongest first
+REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
+IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
+SAMPLE_KEYS = 20
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigError(Exception):
+    """Every problem found in the configuration, reported together."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Config:
+    cf_account_id: str
+    cf_namespace_id: str
+    cf_api_token: str = field(repr=False)
+    lapi_key: str = field(default="", repr=False)
+    lapi_url: str = "http://crowdsec-service.crowdsec.svc.cluster.local:8080"
+    cf_api_url: str = "https://api.cloudflare.com/client/v4"
+    pushgateway_url: str = ""
+    kv_key_prefix: str = "ip:"
+    run_deadline: float = 240.0
+    http_timeout: float = 30.0
+    lapi_ca_cert: str = ""
+    lapi_client_cert: str = ""
+    lapi_client_key: str = ""
+    lapi_origins: tuple[str, ...] = ()
+    lapi_scenarios_containing: tuple[str, ...] = ()
+    lapi_scenarios_not_containing: tuple[str, ...] = ()
+    max_deletes: int | None = None
+    expand_ranges_max: int = 0
+    log_format: str = "text"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.lapi_key, self.cf_api_token) if s)
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Read the configuration once from an environment mapping; raise ConfigError naming every bad variable."""
+    problems: list[str] = []
+
+    def text(name: str, default: str = "") -> str:
+        return env.get(name, "").strip() or default
+
+    def secret(name: str) -> str:
+        value, path = env.get(name, "").strip(), env.get(name + "_FILE", "").strip()
+        if value and path:
+            problems.append(f"{name} and {name}_FILE are both set: set only one")
+            return ""
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    value = f.read().strip()
+            except OSError as e:
+                problems.append(f"{name}_FILE: cannot read {path}: {e.strerror}")
+                return ""
+            if not value:
+                problems.append(f"{name}_FILE: {path} is empty")
+        return value
+
+    def url(name: str, default: str = "") -> str:
+        value = text(name, default).rstrip("/")
+        if value:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"{name} must be an http:// or https:// URL, got {value!r}")
+            elif parts.username or parts.password:
+                problems.append(f"{name} must not carry credentials in the URL")
+        return value
+
+    def number(name: str, default: float | None, minimum: float, kind: type = float) -> Any:
+        raw = text(name)
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum:
+            problems.append(f"{name} must be a {'whole ' if kind is int else ''}number >= {minimum}, got {raw!r}")
+            return default
+        return value
+
+    def identifier(name: str) -> str:
+        value = text(name)
+        if not value:
+            problems.append(f"{name} is not set")
+        elif not re.fullmatch(r"[0-9A-Za-z]{1,32}", value):
+            problems.append(f"{name} must be a Cloudflare identifier (up to 32 letters and digits), got {value!r}")
+        return value
+
+    def words(name: str) -> tuple[str, ...]:
+        return tuple(w.strip() for w in text(name).split(",") if w.strip())
+
+    def readable_file(name: str) -> str:
+        path = text(name)
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"{name}: cannot read {path}")
+        return path
+
+    lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
+    lapi_client_key = readable_file("LAPI_CLIENT_KEY")
+    if bool(lapi_client_cert) != bool(lapi_client_key):
+        problems.append("LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither")
+    lapi_key = secret("LAPI_KEY")
+    if not lapi_key and not lapi_client_cert and not any("LAPI_KEY" in p for p in problems):
+        problems.append("LAPI_KEY (or LAPI_KEY_FILE) is not set, and no LAPI_CLIENT_CERT is given")
+    cf_account_id = identifier("CF_ACCOUNT_ID")
+    cf_namespace_id = identifier("CF_KV_NAMESPACE_ID")
+    cf_api_token = secret("CF_API_TOKEN")
+    if not cf_api_token and not any("CF_API_TOKEN" in p for p in problems):
+        problems.append("CF_API_TOKEN (or CF_API_TOKEN_FILE) is not set")
+    prefix = env.get("KV_KEY_PREFIX", "ip:")
+    if not prefix or len(prefix.encode()) > 64 or any(c.isspace() for c in prefix):
+        problems.append(f"KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got {prefix!r}")
+    log_format = text("LOG_FORMAT", "text").lower()
+    if log_format not in ("text", "json"):
+        problems.append(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    config = dict(
+        lapi_url=url("LAPI_URL", Config.lapi_url),
+        cf_api_url=url("CF_API_URL", Config.cf_api_url),
+        pushgateway_url=url("PUSHGATEWAY_URL"),
+        run_deadline=number("RUN_DEADLINE", Config.run_deadline, 1),
+        http_timeout=number("HTTP_TIMEOUT", Config.http_timeout, 0.1),
+        lapi_ca_cert=readable_file("LAPI_CA_CERT"),
+        lapi_origins=words("LAPI_ORIGINS"),
+        lapi_scenarios_containing=words("LAPI_SCENARIOS_CONTAINING"),
+        lapi_scenarios_not_containing=words("LAPI_SCENARIOS_NOT_CONTAINING"),
+        max_deletes=number("MAX_DELETES", None, 0, int),
+        expand_ranges_max=number("EXPAND_RANGES_MAX", 0, 0, int),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        cf_account_id=cf_account_id,
+        cf_namespace_id=cf_namespace_id,
+        cf_api_token=cf_api_token,
+        lapi_key=lapi_key,
+        lapi_client_cert=lapi_client_cert,
+        lapi_client_key=lapi_client_key,
+        kv_key_prefix=prefix,
+        log_format=log_format,
+        **config,
+    )
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class Clock(NamedTuple):
+    """The job's only view of time, passed in so tests can run retries without waiting."""
+
+    now: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+SYSTEM_CLOCK = Clock()
+
+
+class Retry(NamedTuple):
+    attempts: int
+    backoff: float  # first wait; doubles per attempt, with jitter
+    max_wait: float
+
+
+class Response(NamedTuple):
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class TransportError(Exception):
+    """No HTTP answer at all: refused, reset, timed out."""
+
+
+class DeadlineExceeded(Exception):
+    """The run's RUN_DEADLINE would pass before the next attempt could start."""
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+class Http:
+    """One keep-alive connection per host for the whole run; timeouts, retries, a run deadline."""
+
+    def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
+        self.clock, self.timeout, self.deadline = clock, timeout, deadline
+        self.tls = dict(tls or {})
+        self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
+        self._random = random.Random()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    def __enter__(self) -> Http:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _remaining(self) -> float:
+        return self.deadline - self.clock.monotonic()
+
+    def grant(self, seconds: float) -> None:
+        """At least `seconds` more from now, past the run deadline if need be: reporting a run
+        that ran out of time must not be stopped by the same deadline."""
+        self.deadline = max(self.deadline, self.clock.monotonic() + seconds)
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        conn = self._conns.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                context = self.tls.get(netloc) or ssl.create_default_context()
+                conn = http.client.HTTPSConnection(netloc, context=context)
+            else:
+                conn = http.client.HTTPConnection(netloc)
+            self._conns[(scheme, netloc)] = conn
+        return conn
+
+    def _once(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        conn = self._connection(parts.scheme, parts.netloc)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        timeout = max(0.05, min(self.timeout, self._remaining()))
+        # A kept-alive socket the server closed while idle fails before any answer;
+        # that is not the server failing, so it gets one immediate reconnect.
+        for reused in (True, False) if conn.sock is not None else (False,):
+            if conn.sock is None:
+                conn.timeout = timeout
+            else:
+                conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, target, body=body, headers=dict(headers))
+                answer = conn.getresponse()
+                return Response(answer.status, answer.headers, answer.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                if not reused:
+                    raise TransportError(f"{type(e).__name__}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                raise TransportError(reason) from None
+        raise AssertionError("unreachable")
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], retry: Retry, body: bytes | None = None
+    ) -> Response:
+        """The first answer that is not a 429 or 5xx, or the last one; TransportError if none came."""
+        for attempt in range(1, retry.attempts + 1):
+            if self._remaining() <= 0:
+                raise DeadlineExceeded("the run deadline passed")
+            wait = None
+            try:
+                response = self._once(method, url, headers, body)
+            except TransportError:
+                if attempt == retry.attempts:
+                    raise
+            else:
+                if response.status != 429 and response.status < 500 or attempt == retry.attempts:
+                    return response
+                if response.status == 429:
+                    wait = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
+            if wait is None:
+                step = min(retry.max_wait, retry.backoff * 2 ** (attempt - 1))
+                wait = self._random.uniform(step / 2, step)
+            if wait > self._remaining():
+                raise DeadlineExceeded(f"a retry would wait {wait:.0f}s, past the run deadline")
+            self.clock.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
+    """The TLS context for LAPI's host, when a CA bundle or a client certificate is configured;
+    ConfigError naming the variable when a file is not what it should be."""
+    if not (config.lapi_ca_cert or config.lapi_client_cert):
+        return {}
+    try:
+        context = ssl.create_default_context(cafile=config.lapi_ca_cert or None)
+    except ssl.SSLError as e:
+        raise ConfigError([f"LAPI_CA_CERT: {config.lapi_ca_cert} is not a PEM CA bundle ({e.reason})"]) from None
+    if config.lapi_client_cert:
+        try:
+            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key)
+        except ssl.SSLError as e:
+            raise ConfigError(
+                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a PEM certificate and its matching key ({e.reason})"]
+            ) from None
+    return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
+
+
+# --------------------------------------------------------------------------- LAPI
+
+
+LAPI_RETRY = Retry(attempts=3, backoff=0.5, max_wait=2.0)
+
+
+class LapiUnreadable(Exception):
+    """LAPI gave no usable answer: the run is skipped and KV left as it is."""
+
+
+class Decision(NamedTuple):
+    """The fields of a LAPI decision the job uses; LAPI's repeated strings shared, not copied."""
+
+    value: Any
+    type: str
+    scope: str
+    duration: Any
+    origin: str
+    scenario: str
+
+
+def as_decision(row: Any) -> Decision | None:
+    """A LAPI decision object as a Decision; None for anything that is not an object.
+
+    Used as json's object_hook, so 100,000 decisions never sit in memory as dicts."""
+    if isinstance(row, Decision) or not isinstance(row, dict):
+        return row if isinstance(row, Decision) else None
+    get, intern = row.get, sys.intern
+    return Decision(
+        get("value"),
+        intern(str(get("type") or "")),
+        intern(str(get("scope") or "")),
+        get("duration"),
+        intern(str(get("origin") or "")),
+        intern(str(get("scenario") or "")),
+    )
+
+
+class Decisions(NamedTuple):
+    rows: list[Decision]
+    read_at: float  # wall time of the answer: LAPI durations count from here
+
+
+def lapi_query(config: Config) -> str:
+    params = {"scopes": "ip,range" if config.expand_ranges_max else "ip"}
+    if config.lapi_origins:
+        params["origins"] = ",".join(config.lapi_origins)
+    if config.lapi_scenarios_containing:
+        params["scenarios_containing"] = ",".join(config.lapi_scenarios_containing)
+    if config.lapi_scenarios_not_containing:
+        params["scenarios_not_containing"] = ",".join(config.lapi_scenarios_not_containing)
+    return urllib.parse.urlencode(params, safe=",")
+
+
+def read_decisions(http: Http, config: Config) -> Decisions:
+    url = f"{config.lapi_url}/v1/decisions?{lapi_query(config)}"
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    if config.lapi_key:
+        headers["X-Api-Key"] = config.lapi_key
+    try:
+        response = http.request("GET", url, headers=headers, retry=LAPI_RETRY)
+    except (TransportError, DeadlineExceeded) as e:
+        raise LapiUnreadable(f"LAPI at {config.lapi_url} did not answer: {e}") from None
+    read_at = http.clock.now()
+    if response.status in (401, 403):
+        raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
+    if response.status != 200:
+        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+    try:
+        rows = json.loads(response.body, object_hook=as_decision)
+    except ValueError:
+        raise LapiUnreadable(f"LAPI answered with a body that is not JSON: {snippet(response.body)}") from None
+    if rows is None:
+        return Decisions([], read_at)
+    if not isinstance(rows, list):
+        kind = "object" if isinstance(rows, Decision) else type(rows).__name__
+        raise LapiUnreadable(f"LAPI answered with a JSON {kind}, not a list of decisions")
+    return Decisions(rows, read_at)
+
+
+def snippet(body: bytes, limit: int = 120) -> str:
+    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
+    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+
+
+# --------------------------------------------------------------------------- projection
+
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# What LAPI sends for almost every decision (`3h59m58.349167242s`): one match instead of a loop.
+_GO_HMS = re.compile(r"(-?)(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+(?:\.[0-9]+)?)s)?")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string (`3h59m58.3s`, `-16.9ms`, `0`); ValueError if it is not one."""
+    hms = _GO_HMS.fullmatch(text)
+    if hms and any(hms.group(2, 3, 4)):
+        sign, hours, minutes, seconds = hms.groups()
+        total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+        return -total if sign else total
+    sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.removeprefix("+"))
+    if body == "0":
+        return 0.0
+    total, end = 0.0, 0
+    for match in _GO_DURATION.finditer(body):
+        if match.start() != end:
+            break
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        end = match.end()
+    if end == 0 or end != len(body):
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sign * total
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
+def canonical_address(value: str) -> str:
+    """RFC 5952 IPv6, IPv4-mapped IPv6 as IPv4; ValueError for anything that is not one address."""
+    if not isinstance(value, str) or "%" in value:
+        raise ValueError(f"not an address: {value!r}")
+    if _CANONICAL_IPV4.fullmatch(value):  # already canonical: most of LAPI's values, and 5x cheaper
+        return value
+    address = ipaddress.ip_address(value)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+class Wanted(NamedTuple):
+    remediation: str
+    end: float  # wall time the decision runs out
+    origin: str
+    scenario: str
+
+
+class Projection(NamedTuple):
+    wanted: dict[str, Wanted]
+    ignored: Counter[str]
+
+
+def expand(scope: str, value: Any, expand_ranges_max: int) -> list[str] | str:
+    """The canonical addresses a decision covers, or the reason it covers none we can write."""
+    try:
+        if scope == "ip":
+            return [canonical_address(value)]
+        if scope == "range" and expand_ranges_max:
+            if not isinstance(value, str):
+                return "invalid"
+            network = ipaddress.ip_network(value, strict=False)
+            if network.version != 4 or network.num_addresses > expand_ranges_max:
+                return "range_too_large"
+            return [str(a) for a in network]
+    except ValueError:
+        return "invalid"
+    return "scope"
+
+
+def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0) -> Projection:
+    """The keys KV should hold for these LAPI decisions, and what was left out, by reason."""
+    wanted: dict[str, Wanted] = {}
+    ignored: Counter[str] = Counter()
+    for raw in decisions:
+        row = as_decision(raw)
+        if row is None:
+            ignored["invalid"] += 1
+            continue
+        scope, remediation = row.scope.lower(), row.type.lower()
+        if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
+            ignored["scope"] += 1
+            continue
+        if remediation not in REMEDIATION_RANK:
+            ignored["type"] += 1
+            continue
+        try:
+            remaining = parse_go_duration(row.duration)
+        except (TypeError, ValueError):
+            ignored["invalid"] += 1
+            continue
+        if remaining <= 0:
+            ignored["expired"] += 1
+            continue
+        addresses = expand(scope, row.value, expand_ranges_max)
+        if isinstance(addresses, str):
+            ignored[addresses] += 1
+            continue
+        end = read_at + remaining
+        origin, scenario = row.origin, row.scenario
+        for address in addresses:
+            key = prefix + address
+            if len(key.encode()) > MAX_KEY_BYTES:
+                ignored["invalid"] += 1
+                continue
+            wanted[key] = merge(wanted.get(key), Wanted(remediation, end, origin, scenario))
+    return Projection(wanted, ignored)
+
+
+def merge(old: Wanted | None, new: Wanted) -> Wanted:
+    """Ban beats captcha; the key lives as long as the longest decision on the address."""
+    if old is None:
+        return new
+    strongest = max(old, new, key=lambda w: (REMEDIATION_RANK[w.remediation], w.end))
+    return strongest._replace(end=max(old.end, new.end))
+
+
+def metadata_for(wanted: Wanted | Write) -> dict[str, str]:
+    """What a run needs to compare KV with LAPI from the key list alone, cut to Cloudflare's limit."""
+    metadata = {"remediation": wanted.remediation, "origin": wanted.origin[:64], "scenario": wanted.scenario[:256]}
+    while len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
+        metadata["scenario"] = metadata["scenario"][: len(metadata["scenario"]) // 2]
+    return metadata
+
+
+# --------------------------------------------------------------------------- Cloudflare
+
+
+CLOUDFLARE_RETRY = Retry(attempts=6, backoff=1.0, max_wait=30.0)
+
+
+class CloudflareError(Exception):
+    """Cloudflare refused or kept failing a request."""
+
+
+class Present(NamedTuple):
+    expiration: float | None
+    remediation: str | None  # from the key's metadata; None when the key has none of ours
+
+
+class Listing(NamedTuple):
+    present: dict[str, Present]
+    server_time: float | None  # Cloudflare's clock (Date header), which is the one that expires keys
+    received_at: float  # our wall clock when that Date header arrived
+
+
+class Cloudflare:
+    def __init__(self, http: Http, config: Config):
+        self.http = http
+        self.base = (
+            f"{config.cf_api_url}/accounts/{config.cf_account_id}/storage/kv/namespaces/{config.cf_namespace_id}"
+        )
+        self.headers = {
+            "Authorization": f"Bearer {config.cf_api_token}",
+            "User-Agent": USER_AGENT,
+            "Content-Type": "application/json",
+        }
+        self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
+
+    def call(self, operation: str, method: str, path: str, payload: Any = None) -> tuple[dict[str, Any], Response]:
+        """Cloudflare's envelope of a successful answer; CloudflareError with its codes and messages otherwise."""
+        self.requests[operation] += 1
+        body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+        try:
+            response = self.http.request(
+                method, self.base + path, headers=self.headers, body=body, retry=CLOUDFLARE_RETRY
+            )
+        except TransportError as e:
+            raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
+        try:
+            envelope = json.loads(response.body)
+        except ValueError:
+            envelope = None
+        if not isinstance(envelope, dict):
+            raise CloudflareError(
+                f"{operation}: HTTP {response.status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+            )
+        if response.status != 200 or envelope.get("success") is not True:
+            errors = "; ".join(
+                f"{e.get('code')}: {e.get('message')}" for e in envelope.get("errors") or [] if isinstance(e, dict)
+            )
+            raise CloudflareError(f"{operation}: HTTP {response.status}: {errors or 'no error given'}")
+        return envelope, response
+
+    def list_keys(self, prefix: str) -> Listing:
+        present: dict[str, Present] = {}
+        server_time, received_at, cursor, seen = None, 0.0, "", set()
+        while True:
+            query = {"prefix": prefix, "limit": LIST_LIMIT}
+            if cursor:
+                query["cursor"] = cursor
+            envelope, response = self.call("list", "GET", "/keys?" + urllib.parse.urlencode(query))
+            if server_time is None:
+                received_at = self.http.clock.now()
+                server_time = http_date(response.headers.get("Date"))
+            result = envelope.get("result") or []
+            if not isinstance(result, list):
+                raise CloudflareError(f"list: `result` is a {type(result).__name__}, not a list of keys")
+            present.update(present_keys(result, prefix))
+            # The last page's cursor may be "", null or absent; an empty page is not the end.
+            cursor = ((envelope.get("result_info") or {}).get("cursor")) or ""
+            if not cursor:
+                return Listing(present, server_time, received_at)
+            if cursor in seen:
+                raise CloudflareError("list: Cloudflare returned a cursor twice; stopping rather than looping")
+            seen.add(cursor)
+
+    def bulk_put(self, items: list[dict[str, Any]]) -> list[str]:
+        envelope, _ = self.call("bulk_put", "PUT", "/bulk", items)
+        return unsuccessful_keys(envelope.get("result"))
+
+    def bulk_delete(self, names: list[str]) -> list[str]:
+        envelope, _ = self.call("bulk_delete", "POST", "/bulk/delete", names)
+        return unsuccessful_keys(envelope.get("result"))
+
+
+def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
+    """Our keys in one list page, as the plan compares them; what we cannot read counts as stale."""
+    present = {}
+    for key in page:
+        name = key.get("name") if isinstance(key, dict) else None
+        if isinstance(name, str) and name.startswith(prefix):
+            expiration, metadata = key.get("expiration"), key.get("metadata")
+            remediation = metadata.get("remediation") if isinstance(metadata, dict) else None
+            present[name] = Present(
+                expiration if isinstance(expiration, (int, float)) else None,
+                remediation if remediation in REMEDIATION_RANK else None,
+            )
+    return present
+
+
+def unsuccessful_keys(result: Any) -> list[str]:
+    # Older API versions answer `result: null` for a fully successful bulk call.
+    if isinstance(result, dict):
+        return [k for k in result.get("unsuccessful_keys") or [] if isinstance(k, str)]
+    return []
+
+
+def http_date(value: str | None) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() if value else None
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- plan
+
+
+class Write(NamedTuple):
+    key: str
+    remediation: str
+    ttl: int
+    origin: str
+    scenario: str
+
+
+class Plan(NamedTuple):
+    writes: list[Write]
+    deletes: list[str]
+    unchanged: list[str]
+
+
+def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now: float, offset: float = 0.0) -> Plan:
+    """What to write and delete so KV holds `wanted`. `now` and the wanted ends are on our clock;
+    `offset` is Cloudflare's clock minus ours, the clock KV's expirations are on."""
+    writes, unchanged = [], []
+    for key in sorted(wanted):
+        want = wanted[key]
+        have = present.get(key)
+        left = want.end - now
+        expires = now + offset + max(left, MIN_TTL)  # where a write now would put the expiration
+        if (
+            have is not None
+            and have.remediation == want.remediation
+            and have.expiration is not None
+            and abs(have.expiration - expires) <= EXPIRATION_SLACK
+        ):
+            unchanged.append(key)
+        else:
+            writes.append(Write(key, want.remediation, max(MIN_TTL, math.ceil(left)), want.origin, want.scenario))
+    deletes = sorted(key for key in present if key not in wanted)
+    return Plan(writes, deletes, unchanged)
+
+
+def chunks(items: list[Any], size: int = MAX_BULK_ITEMS) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------- apply
+
+
+UNSUCCESSFUL_ROUNDS = 3
+
+
+class Applied(NamedTuple):
+    written: int
+    deleted: int
+    guarded: int  # deletes held back by MAX_DELETES
+
+
+def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None) -> Applied:
+    """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
+    writes = {w.key: w for w in plan.writes}
+    send_all(cloudflare.bulk_put, list(writes), lambda k: bulk_item(writes[k]), "write")
+    if max_deletes is not None and len(plan.deletes) > max_deletes:
+        return Applied(len(writes), 0, len(plan.deletes))
+    send_all(cloudflare.bulk_delete, plan.deletes, str, "delete")
+    return Applied(len(writes), len(plan.deletes), 0)
+
+
+def bulk_item(write: Write) -> dict[str, Any]:
+    """One pair of a bulk write, built only as its chunk is sent."""
+    return {"key": write.key, "value": write.remediation, "expiration_ttl": write.ttl, "metadata": metadata_for(write)}
+
+
+def send_all(send: Callable[[list[Any]], list[str]], keys: list[str], item: Callable[[str], Any], what: str) -> None:
+    """Send every key in bulk chunks, again while Cloudflare reports some unsuccessful; CloudflareError
+    when some still are after UNSUCCESSFUL_ROUNDS."""
+    pending = keys
+    for _ in range(UNSUCCESSFUL_ROUNDS):
+        failed: set[str] = set()
+        for chunk in chunks(pending):
+            failed.update(send([item(k) for k in chunk]))
+        pending = [k for k in pending if k in failed]
+        if not pending:
+            return
+    raise CloudflareError(
+        f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, e.g. {pending[:3]}"
+    )
+
+
+# --------------------------------------------------------------------------- report and metrics
+
+
+@dataclass
+class Report:
+    """The figures of one run, for the summary line and the Pushgateway."""
+
+    started: float
+    duration: float = 0.0
+    success: bool = False
+    wanted: int = 0
+    by_remediation: Counter[str] = field(default_factory=Counter)
+    written: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    guarded: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
+    cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    exit_code: int = EXIT_OK
+
+
+Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
+
+
+def metric_samples(report: Report) -> list[Sample]:
+    p = "crowdsec_kv_sync_"
+    samples: list[Sample] = [
+        (
+            p + "success",
+            "1 if the last run converged KV to LAPI, 0 if it failed or was skipped.",
+            {},
+            float(report.success),
+        ),
+        (p + "last_run_seconds", "Unix time the last run ended.", {}, report.started + report.duration),
+        (p + "duration_seconds", "How long the last run took.", {}, report.duration),
+        (
+            p + "exit_code",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped).",
+            {},
+            report.exit_code,
+        ),
+    ]
+    held_back = (p + "deletes_held_back", "Deletes held back by MAX_DELETES in the last run.", {}, report.guarded)
+    if not report.success:
+        return samples + [held_back] if report.guarded else samples
+    samples += [
+        (
+            p + "last_success_timestamp_seconds",
+            "Unix time of the last successful run.",
+            {},
+            report.started + report.duration,
+        ),
+        (p + "decisions", "Keys wanted in KV (addresses with a ban or captcha).", {}, report.wanted),
+        (p + "written", "Keys written this run.", {}, report.written),
+        (p + "deleted", "Keys deleted this run.", {}, report.deleted),
+        (p + "unchanged", "Keys already up to date this run.", {}, report.unchanged),
+        held_back,
+    ]
+    samples += [
+        (p + "keys", "Keys wanted, by remediation.", {"remediation": r}, report.by_remediation[r])
+        for r in REMEDIATION_RANK
+    ]
+    samples += [
+        (p + "ignored", "LAPI decisions not written, by reason.", {"reason": r}, report.ignored[r])
+        for r in IGNORE_REASONS
+    ]
+    samples += [
+        (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
+        for op, n in sorted(report.cloudflare_requests.items())
+    ]
+    return samples
+
+
+def exposition(samples: list[Sample]) -> str:
+    """Prometheus text format: one HELP and TYPE per family, no timestamps, a final newline."""
+    lines, typed = [], set()
+    for name, help_text, labels, value in samples:
+        if name not in typed:
+            typed.add(name)
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        number = str(int(value)) if float(value).is_integer() else repr(float(value))
+        lines.append(f"{name}{{{label_text}}} {number}" if label_text else f"{name} {number}")
+    return "\n".join(lines) + "\n"
+
+
+PUSH_RETRY = Retry(attempts=2, backoff=0.5, max_wait=1.0)
+PUSH_GRACE = 15.0  # seconds a push may take past RUN_DEADLINE; the CronJob allows 60 more
+
+
+def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
+    """PUT the whole group after a success; POST only success/last run/duration after a failure,
+    so the last good figures and the last success time survive for alerting."""
+    if not config.pushgateway_url:
+        return
+    method = "PUT" if report.success else "POST"
+    url = f"{config.pushgateway_url}/metrics/job/{JOB_NAME}"
+    headers = {"User-Agent": USER_AGENT, "Content-Type": "text/plain; version=0.0.4"}
+    http.grant(PUSH_GRACE)
+    try:
+        response = http.request(
+            method, url, headers=headers, body=exposition(metric_samples(report)).encode(), retry=PUSH_RETRY
+        )
+    except (TransportError, DeadlineExceeded) as e:
+        log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} unreachable: {e}")
+        return
+    if response.status >= 300:
+        log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Log:
+    """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
+
+    def __init__(
+        self, out: TextIO, err: TextIO, fmt: str = "text", secrets: Iterable[str] = (), clock: Clock = SYSTEM_CLOCK
+    ):
+        self.out, self.err, self.fmt, self.clock = out, err, fmt, clock
+        self.secrets = [s for s in secrets if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
+        if self.fmt == "json":
+            record = {
+                "time": round(self.clock.now(), 3),
+                "level": level,
+                "event": event,
+                "message": message,
+                **figures,
+            }
+            line = json.dumps(record, sort_keys=False, default=str)
+        else:
+            line = f"lapi-kv-sync: {message}" if level == "info" else f"lapi-kv-sync: {level}: {message}"
+        stream.write(self.redact(line) + "\n")
+        stream.flush()
+
+    def info(self, event: str, message: str, **figures: Any) -> None:
+        self._emit(self.out, "info", event, message, figures)
+
+    def warning(self, event: str, message: str, **figures: Any) -> None:
+        self._emit(self.err, "warning", event, message, figures)
+
+    def error(self, event: str, message: str, **figures: Any) -> None:
+        self._emit(self.err, "error", event, message, figures)
+
+
+def counts(counter: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counter.items())
+
+
+def log_summary(log: Log, report: Report) -> None:
+    ignored = Counter({r: report.ignored[r] for r in IGNORE_REASONS})
+    message = (
+        f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
+        f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
+        f"ignored {sum(ignored.values())} ({counts(ignored)}), "
+        f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"{report.duration:.2f}s"
+    )
+    log.info(
+        "run",
+        message,
+        success=report.success,
+        wanted=report.wanted,
+        written=report.written,
+        deleted=report.deleted,
+        unchanged=report.unchanged,
+        held_back=report.guarded,
+        ignored=dict(ignored),
+        cloudflare_requests=dict(report.cloudflare_requests),
+        duration_seconds=round(report.duration, 3),
+    )
+
+
+def log_plan(log: Log, plan: Plan) -> None:
+    for action, keys in (
+        ("write", [w.key for w in plan.writes]),
+        ("delete", plan.deletes),
+        ("unchanged", plan.unchanged),
+    ):
+        sample = keys[:SAMPLE_KEYS]
+        more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
+        log.info(
+            "plan",
+            f"dry run: {action} {len(keys)}: {' '.join(sample)}{more}".rstrip(": "),
+            action=action,
+            count=len(keys),
+            keys=sample,
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lapi-kv-sync",
+        description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas. "
+        "Configuration comes from the environment (see README).",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="read both sides and print the plan; write and push nothing"
+    )
+    parser.add_argument("--force", action="store_true", help="lift the MAX_DELETES guard for this run")
+    parser.add_argument("--version", action="version", version=f"lapi-kv-sync {__version__} (User-Agent: {USER_AGENT})")
+    return parser.parse_args(argv)
+
+
+def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool) -> int:
+    """One run; fills `report` as it goes and returns the exit code."""
+    decisions = read_decisions(http, config)
+    projection = project(decisions.rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+    report.wanted, report.ignored = len(projection.wanted), projection.ignored
+    report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+    cloudflare = Cloudflare(http, config)
+    report.cloudflare_requests = cloudflare.requests
+    listing = cloudflare.list_keys(config.kv_key_prefix)
+    # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
+    # so a skewed local clock cannot make every key look stale and be rewritten each run.
+    offset = listing.server_time - listing.received_at if listing.server_time is not None else 0.0
+    plan = make_plan(projection.wanted, listing.present, listing.received_at, offset)
+    report.unchanged = len(plan.unchanged)
+    if dry_run:
+        log_plan(log, plan)
+        return EXIT_OK
+    applied = apply_plan(cloudflare, plan, None if force else config.max_deletes)
+    report.written, report.deleted, report.guarded = applied
+    if applied.guarded:
+        log.error(
+            "delete_guard",
+            f"the plan would delete {applied.guarded} keys, more than MAX_DELETES={config.max_deletes}: "
+            "deleted none (is LAPI answering with a partial set?); run with --force to allow it once",
+            planned_deletes=applied.guarded,
+            max_deletes=config.max_deletes,
+        )
+        return EXIT_CLOUDFLARE
+    report.success = True
+    return EXIT_OK
+
+
+def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Namespace) -> int:
+    """sync(), with every way it can fail turned into its exit code and one clear error line."""
+    try:
+        return sync(http, config, log, report, args.dry_run, args.force)
+    except LapiUnreadable as e:
+        log.error("lapi_unreadable", f"{e}; skipped the run, KV left as it is")
+        return EXIT_LAPI
+    except (CloudflareError, DeadlineExceeded) as e:
+        log.error("cloudflare_failed", f"Cloudflare: {e}")
+    except Exception:  # a bug: say so loudly, but never with a secret in it
+        log.error("internal_error", traceback.format_exc().strip())
+    return EXIT_CLOUDFLARE
+
+
+def main(
+    argv: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(os.environ if env is None else env)
+        tls = lapi_tls(config)
+    except ConfigError as e:
+        (err or sys.stderr).write("lapi-kv-sync: configuration error: " + "; ".join(e.problems) + "\n")
+        return EXIT_CONFIG
+    log = Log(out or sys.stdout, err or sys.stderr, config.log_format, config.secrets, clock)
+    report, started = Report(started=clock.now()), clock.monotonic()
+    with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http:
+        report.exit_code = run(http, config, log, report, args)
+        report.duration = clock.monotonic() - started
+        if not args.dry_run:
+            if report.exit_code != EXIT_LAPI:
+                log_summary(log, report)
+            push_metrics(http, config, report, log)
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

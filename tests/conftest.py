@@ -69,7 +69,7 @@ class Stack:
             "CF_API_TOKEN": CF_TOKEN,
             "CF_API_URL": self.kv.api_url,
             "PUSHGATEWAY_URL": self.push.url,
-            "HTTP_TIMEOUT": "2",
+            "HTTP_TIMEOUT": "30",  # the default: a short timeout only where the timeout is the subject
             "RUN_DEADLINE": "120",
         }
         env.update(extra)
