@@ -7,6 +7,7 @@ import ast
 import fnmatch
 import re
 import sys
+import tomllib
 
 import lapi_kv_sync as job
 from tests.conftest import ROOT, SCRIPT
@@ -44,6 +45,7 @@ VERSION_MENTIONS = {
     "k8s/components/image/kustomization.yaml": r"lapi-kv-sync:(\d+\.\d+\.\d+)",
     "k8s/examples/overlay/kustomization.yaml": r"\?ref=v(\d+\.\d+\.\d+)",
     "CHANGELOG.md": r"^## \[(\d+\.\d+\.\d+)\]",
+    "README.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
 }
 
 
@@ -54,8 +56,9 @@ def test_the_version_is_defined_once_and_every_mention_agrees():
         assert found, f"{path}: no version found"
         assert found[0] == job.__version__, f"{path} says {found[0]}, lapi_kv_sync.__version__ is {job.__version__}"
         assert set(found) == {job.__version__} or path == "CHANGELOG.md", f"{path}: {found}"
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'version = { attr = "lapi_kv_sync.__version__" }' in pyproject and "\nversion =" not in pyproject
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lapi_kv_sync.__version__"}
     assert not re.search(r"\d+\.\d+\.\d+", (ROOT / "Dockerfile").read_text().replace("3.12", ""))
 
 
@@ -86,3 +89,12 @@ def test_the_docker_build_context_is_the_script_alone():
         assert not docker_sends(path, patterns), path
     copied = re.findall(r"^COPY (?:--\S+ )*(\S+) ", (ROOT / "Dockerfile").read_text(), re.M)
     assert copied and all(docker_sends(path, patterns) for path in copied)
+
+
+def test_ci_runs_the_readme_set_up_commands():
+    """The quick start's two commands: a virtual environment (pip refuses the system Python on
+    Debian 12 and Ubuntu), then the test command, which .ci/run runs as written."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.search(r"^## Quick start\n.*?```sh\n(.*?)```", readme, re.S | re.M).group(1).splitlines()
+    assert len(commands) == 2 and commands[0].startswith("python3 -m venv ")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
