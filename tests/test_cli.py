@@ -45,18 +45,35 @@ class Recording(Mapping):
         return len(self.values)
 
 
+ENV_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)*")
+
+
+def looked_up_anywhere() -> set[str]:
+    """Names the whole module looks up by `x.get("NAME")`, `x["NAME"]` or `os.getenv("NAME")`:
+    a variable read outside load_config counts too."""
+    names = set()
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        key = None
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("get", "getenv"):
+            key = node.args[0] if node.args else None
+        elif isinstance(node, ast.Subscript):
+            key = node.slice
+        if isinstance(key, ast.Constant) and isinstance(key.value, str) and ENV_NAME.fullmatch(key.value):
+            names.add(key.value)
+    return names
+
+
 def variables_read() -> set[str]:
-    """Every variable load_config reads: the upper-case string constants in its source (a name
-    read only on some path counts too), with *_FILE for each secret, and every name it looks up
-    when run on an empty and on a full environment."""
+    """Every variable the job reads: the upper-case string constants in load_config's source (a
+    name read only on some path counts too), with *_FILE for each secret; every name it looks up
+    when run on an empty and on a full environment; and every name looked up elsewhere."""
     tree = ast.parse(inspect.getsource(job.load_config))
     names = {
         n.value
         for n in ast.walk(tree)
-        if isinstance(n, ast.Constant)
-        and isinstance(n.value, str)
-        and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)*", n.value)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and ENV_NAME.fullmatch(n.value)
     }
+    names |= looked_up_anywhere()
     secrets = {
         n.args[0].value
         for n in ast.walk(tree)
@@ -76,6 +93,7 @@ def test_variables_read_are_found():
     read = variables_read()
     assert {"LAPI_URL", "LAPI_KEY", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE", "MAX_DELETES", "LOG_FORMAT"} <= read
     assert all(name.isupper() for name in read)
+    assert {"KV_KEY_PREFIX"} <= looked_up_anywhere() <= read  # env.get("KV_KEY_PREFIX", "ip:")
 
 
 def help_text(capsys) -> str:
