@@ -66,6 +66,7 @@ def test_the_example_renders_and_validates(example, example_with_image):
         kubernetes_validate.validate(doc, version, strict=True)
     namespace = yaml.safe_load(EXAMPLE.read_text())["namespace"]
     assert {d["metadata"].get("namespace") for d in example} == {namespace}
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/name"] == "lapi-kv-sync" for d in example)
     assert {d["kind"] for d in example} == {"ServiceAccount", "ConfigMap", "CronJob", "NetworkPolicy"}
 
 
