@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 USER_AGENT = f"lapi-kv-sync/{__version__}"
 JOB_NAME = "crowdsec-kv-sync"
 
@@ -978,18 +978,89 @@ def log_plan(log: Log, plan: Plan) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# Every variable the job reads, one line each: `--help` prints them, since the image carries no
+# README. A test checks that every name load_config() reads is here and in k8s/examples/overlay.
+ENVIRONMENT = (
+    ("LAPI_URL", f"CrowdSec LAPI (default {Config.lapi_url})"),
+    ("LAPI_KEY", "bouncer key (cscli bouncers add kvsync)"),
+    ("LAPI_KEY_FILE", "a file holding the bouncer key, instead of LAPI_KEY"),
+    ("LAPI_CA_CERT", "CA bundle for an https:// LAPI (default: the system's)"),
+    ("LAPI_CLIENT_CERT", "client certificate for LAPI's TLS auth, instead of a bouncer key"),
+    ("LAPI_CLIENT_KEY", "its private key"),
+    ("LAPI_ORIGINS", "only these origins, comma-separated, e.g. crowdsec,cscli (default: all)"),
+    ("LAPI_SCENARIOS_CONTAINING", "only scenarios containing one of these words, comma-separated"),
+    ("LAPI_SCENARIOS_NOT_CONTAINING", "no scenario containing one of these words, comma-separated"),
+    ("LAPI_MAX_BYTES", "largest LAPI answer read, in bytes; a larger one skips the run"),
+    ("LAPI_USAGE_METRICS", "false: send CrowdSec no usage metrics (default true)"),
+    ("EXPAND_RANGES_MAX", "one key per address for IPv4 ranges up to this size (default 0: off)"),
+    ("CF_ACCOUNT_ID", "Cloudflare account id (required)"),
+    ("CF_KV_NAMESPACE_ID", "Workers KV namespace id (required)"),
+    ("CF_API_TOKEN", "API token with Workers KV Storage: Edit (required)"),
+    ("CF_API_TOKEN_FILE", "a file holding the API token, instead of CF_API_TOKEN"),
+    ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
+    ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
+    ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
+    ("STATE_FILE", "record of what the job put in KV: runs need no list (default: none)"),
+    ("AUDIT_INTERVAL", "with STATE_FILE, list all keys at least every this many s (default 900)"),
+    ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none, so no alert can fire)"),
+    ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
+    ("HTTP_TIMEOUT", f"seconds for any one request (default {Config.http_timeout:g})"),
+    ("LOG_FORMAT", "text or json (default text)"),
+)
+
+# Each flag and the environment variable that does the same: a one-off Job made with
+# `kubectl create job --from=cronjob/...` runs the CronJob's command, so it takes only environment.
+RUN_FLAGS = (
+    ("--dry-run", "DRY_RUN", "read both sides and print the plan; write and push nothing"),
+    ("--audit", "AUDIT", "list every key in KV and rebuild the state record (STATE_FILE)"),
+    ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
+)
+FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+
+
+def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line, each flag also set by its variable (DRY_RUN=true is --dry-run); ConfigError on a bad value."""
+    width = max(len(name) for name, _ in ENVIRONMENT)
+    environment = "".join(f"  {name:<{width}}  {meaning}\n" for name, meaning in ENVIRONMENT)
+    flags = "".join(f"  {variable + '=true':<{width}}  as {option}\n" for option, variable, _ in RUN_FLAGS)
     parser = argparse.ArgumentParser(
         prog="lapi-kv-sync",
-        description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas. "
-        "Configuration comes from the environment (see README).",
+        description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
+        epilog=f"environment (the configuration):\n{environment}{flags}\n"
+        "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="read both sides and print the plan; write and push nothing"
-    )
-    parser.add_argument("--force", action="store_true", help="lift the MAX_DELETES guard for this run")
+    for option, variable, meaning in RUN_FLAGS:
+        parser.add_argument(option, action="store_true", help=f"{meaning} (or {variable}=true)")
     parser.add_argument("--version", action="version", version=f"lapi-kv-sync {__version__} (User-Agent: {USER_AGENT})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problems = []
+    for option, variable, _ in RUN_FLAGS:
+        raw = (env or {}).get(variable, "").strip()
+        value = FLAG_VALUES.get(raw.lower())
+        if value is None:
+            problems.append(f"{variable} must be true or false, got {raw!r}")
+        elif value:
+            setattr(args, option[2:].replace("-", "_"), True)
+    if problems:
+        raise ConfigError(problems)
+    return args
+
+
+def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config]:
+    """The command line and the configuration, read once; one ConfigError names every bad variable in either."""
+    problems: list[str] = []
+    try:
+        args = parse_args(argv, env)
+    except ConfigError as e:
+        problems += e.problems
+    try:
+        config = load_config(env)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return args, config
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool) -> int:
@@ -1045,9 +1116,8 @@ def main(
     err: TextIO | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
-    args = parse_args(argv)
     try:
-        config = load_config(os.environ if env is None else env)
+        args, config = configure(argv, os.environ if env is None else env)
         tls = lapi_tls(config)
     except ConfigError as e:
         (err or sys.stderr).write("lapi-kv-sync: configuration error: " + "; ".join(e.problems) + "\n")

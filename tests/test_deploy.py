@@ -143,20 +143,20 @@ def test_dockerfile_entrypoint_is_the_cronjob_command(base):
     assert re.search(r"^USER \d+:\d+$", dockerfile, re.M)
 
 
-def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
-    """Command, env and mounted files from the rendered manifest; only the addresses of LAPI,
+def pod_command(docs: list[dict], pod: dict, folder: Path, stack) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `pod`'s container, as the kubelet would start it from the
+    rendered `docs`, with every volume laid out under `folder`. Only the addresses of LAPI,
     Cloudflare and the Pushgateway point at the stand-ins, and the secrets are test values."""
-    spec = container(base)
-    pod = one(base, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    configmaps = {d["metadata"]["name"]: d["data"] for d in base if d["kind"] == "ConfigMap"}
+    spec = pod["containers"][0]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     test_values = {"lapi-key": LAPI_KEY, "cf-api-token": CF_TOKEN}
     assert set(secret["stringData"]) == set(test_values)
 
-    # Lay out every volume the container mounts, as the kubelet would, under tmp_path.
     mounts = {}
+    folder.mkdir(parents=True, exist_ok=True)
     for volume in pod["volumes"]:
-        target = tmp_path / volume["name"]
+        target = folder / volume["name"]
         target.mkdir()
         if "configMap" in volume:
             for key, text in configmaps[volume["configMap"]["name"]].items():
@@ -176,8 +176,8 @@ def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
 
     env = {"PATH": os.environ.get("PATH", "")}
     for source in spec["envFrom"]:
-        env.update(configmaps[source["configMapRef"]["name"]])
-    env.update({e["name"]: local(e["value"]) for e in spec["env"]})
+        env.update({k: local(v) for k, v in configmaps[source["configMapRef"]["name"]].items()})
+    env.update({e["name"]: local(e["value"]) for e in spec.get("env", [])})
     env.update(
         LAPI_URL=stack.lapi.url,
         CF_API_URL=stack.kv.api_url,
@@ -188,12 +188,26 @@ def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
     command = [sys.executable if spec["command"][0] == "python3" else spec["command"][0]]
     command += [local(arg) for arg in spec["command"][1:] + spec.get("args", [])]
     assert command[-1] == str(mounts["script"] / "lapi_kv_sync.py")
+    return command, env
 
+
+def run_pod(docs: list[dict], pod: dict, folder: Path, stack) -> subprocess.CompletedProcess:
+    command, env = pod_command(docs, pod, folder, stack)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=folder)
+    assert_no_secret(done.stdout, done.stderr)
+    return done
+
+
+def cronjob_pod(docs: list[dict]) -> dict:
+    return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
+    """Command, env and mounted files from the rendered manifest, run against the stand-ins."""
     stack.lapi.decisions = [decision("192.0.2.1"), decision("2001:0DB8::1", 7200, "captcha")]
     for run in (1, 2):
         stack.kv.reset_counts()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert_no_secret(done.stdout, done.stderr)
+        done = run_pod(base, cronjob_pod(base), tmp_path / f"run{run}", stack)
         assert done.returncode == 0, done.stderr
         assert stack.kv.writes == (2 if run == 1 else 0)
     assert {k: e.value for k, e in stack.kv.live().items()} == {"ip:192.0.2.1": "ban", "ip:2001:db8::1": "captcha"}
@@ -203,9 +217,14 @@ def test_the_job_runs_as_the_rendered_cronjob_would(base, stack, tmp_path):
 def test_the_unconfigured_base_fails_with_a_clear_message(base, stack, tmp_path):
     """Applied without editing the settings, the job names what to set and exits 2."""
     settings = one(base, "ConfigMap", "lapi-kv-sync-settings-")["data"]
-    result = stack.run_process(env={**settings, "LAPI_KEY": LAPI_KEY, "CF_API_TOKEN": CF_TOKEN})
+    (tmp_path / "lapi-key").write_text(LAPI_KEY)
+    (tmp_path / "cf-api-token").write_text(CF_TOKEN)
+    files = {"LAPI_KEY_FILE": str(tmp_path / "lapi-key"), "CF_API_TOKEN_FILE": str(tmp_path / "cf-api-token")}
+    assert set(files) <= set(settings)
+    result = stack.run_process(env={**settings, **files})
     assert result.code == job.EXIT_CONFIG
     assert "CF_ACCOUNT_ID" in result.err and "CF_KV_NAMESPACE_ID" in result.err
+    assert "LAPI_KEY" not in result.err and "CF_API_TOKEN" not in result.err  # the mounted files are enough
 
 
 def test_alert_rules_pass_promtool():

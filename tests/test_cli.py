@@ -1,0 +1,169 @@
+"""The command line: each flag's environment equivalent (a Job made from the CronJob takes no
+arguments), and `--help` naming every variable the job reads (the image carries no README)."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import re
+from collections.abc import Iterator, Mapping
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lapi_kv_sync as job
+from tests.conftest import SCRIPT
+from tests.standins import decision
+
+FLAG_DESTS = {option: option[2:].replace("-", "_") for option, _, _ in job.RUN_FLAGS}
+
+
+class Recording(Mapping):
+    """An environment that remembers every name looked up in it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values, self.asked = values, set()
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        return self.values[name]
+
+    def get(self, name, default=None):
+        self.asked.add(name)
+        return self.values.get(name, default)
+
+    def __contains__(self, name) -> bool:
+        self.asked.add(name)
+        return name in self.values
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("load_config must look names up, not list the environment")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+ENV_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)*")
+
+
+def looked_up_anywhere() -> set[str]:
+    """Names the whole module looks up by `x.get("NAME")`, `x["NAME"]` or `os.getenv("NAME")`:
+    a variable read outside load_config counts too."""
+    names = set()
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        key = None
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("get", "getenv"):
+            key = node.args[0] if node.args else None
+        elif isinstance(node, ast.Subscript):
+            key = node.slice
+        if isinstance(key, ast.Constant) and isinstance(key.value, str) and ENV_NAME.fullmatch(key.value):
+            names.add(key.value)
+    return names
+
+
+def variables_read() -> set[str]:
+    """Every variable the job reads: the upper-case string constants in load_config's source (a
+    name read only on some path counts too), with *_FILE for each secret; every name it looks up
+    when run on an empty and on a full environment; and every name looked up elsewhere."""
+    tree = ast.parse(inspect.getsource(job.load_config))
+    names = {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and ENV_NAME.fullmatch(n.value)
+    }
+    names |= looked_up_anywhere()
+    secrets = {
+        n.args[0].value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "secret" and isinstance(n.args[0], ast.Constant)
+    }
+    names |= {name + "_FILE" for name in secrets}
+    for values in ({}, {name: "1" for name in names}):
+        env = Recording(values)
+        with contextlib.suppress(job.ConfigError):
+            job.load_config(env)
+        names |= env.asked
+    return names
+
+
+def test_variables_read_are_found():
+    """The scan above finds what it must, so the tests built on it can fail."""
+    read = variables_read()
+    assert {"LAPI_URL", "LAPI_KEY", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE", "MAX_DELETES", "LOG_FORMAT"} <= read
+    assert all(name.isupper() for name in read)
+    assert {"KV_KEY_PREFIX"} <= looked_up_anywhere() <= read  # env.get("KV_KEY_PREFIX", "ip:")
+
+
+def help_text(capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        job.parse_args(["--help"], {})
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_variable_the_job_reads_one_line_each(capsys):
+    text = help_text(capsys)
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
+    for name in variables_read():
+        assert name in lines, f"--help does not list {name}"
+        assert len(lines[name].split()) > 1, f"{name} has no meaning on its line"
+    for option, variable, _ in job.RUN_FLAGS:
+        assert f"{variable}=true" in lines and option in lines[f"{variable}=true"]
+
+
+@pytest.mark.parametrize("option", list(FLAG_DESTS))
+@pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", " true "])
+def test_each_flag_is_set_by_its_variable(option, value):
+    variable = next(v for o, v, _ in job.RUN_FLAGS if o == option)
+    args = job.parse_args([], {variable: value})
+    assert getattr(args, FLAG_DESTS[option]) is True
+    assert [dest for dest in FLAG_DESTS.values() if getattr(args, dest)] == [FLAG_DESTS[option]]
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", "", "  "])
+def test_a_false_variable_leaves_the_flag_as_given(value):
+    env = {variable: value for _, variable, _ in job.RUN_FLAGS}
+    assert not any(vars(job.parse_args([], env))[dest] for dest in FLAG_DESTS.values())
+    assert job.parse_args(["--dry-run"], env).dry_run is True  # the command line still counts
+
+
+@given(st.text(max_size=12).filter(lambda v: v.strip().lower() not in job.FLAG_VALUES))
+def test_any_other_value_is_a_configuration_error_naming_the_variable(value):
+    for _, variable, _ in job.RUN_FLAGS:
+        with pytest.raises(job.ConfigError) as error:
+            job.parse_args([], {variable: value})
+        assert [p.split()[0] for p in error.value.problems] == [variable]
+
+
+def test_a_bad_flag_variable_exits_2_along_with_every_other_bad_variable(stack):
+    result = stack.run(DRY_RUN="sure", CF_ACCOUNT_ID="not an id")
+    assert result.code == job.EXIT_CONFIG
+    assert "DRY_RUN must be true or false, got 'sure'" in result.err and "CF_ACCOUNT_ID" in result.err
+    assert stack.kv.writes == 0 and stack.lapi.queries == []
+
+
+def test_dry_run_from_the_environment_writes_and_pushes_nothing(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run_process(env=stack.env(DRY_RUN="true"))
+    assert result.code == 0, result.err
+    assert stack.kv.writes == 0 and stack.kv.live() == {}
+    assert stack.push.pushes == []
+
+
+def test_force_from_the_environment_lifts_the_delete_guard(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2")]
+    assert stack.run().code == 0
+    stack.lapi.decisions = []
+    assert stack.run(MAX_DELETES="1").code == job.EXIT_CLOUDFLARE
+    assert len(stack.kv.live()) == 2
+    assert stack.run(MAX_DELETES="1", FORCE="true").code == 0
+    assert stack.kv.live() == {}
+
+
+def test_the_script_runs_the_same_from_its_file(stack):
+    """`python3 lapi_kv_sync.py --help` (the image's entrypoint) prints the same list."""
+    result = stack.run_process("--help")
+    assert result.code == 0 and all(name in result.out for name, _ in job.ENVIRONMENT)
+    assert SCRIPT.name == "lapi_kv_sync.py"

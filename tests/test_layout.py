@@ -1,0 +1,100 @@
+"""The repository's layout as a user gets it: a job that needs nothing but the standard library,
+one version, and the files a release carries."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import sys
+import tomllib
+
+import lapi_kv_sync as job
+from tests.conftest import ROOT, SCRIPT
+
+
+def imported_modules(source: str) -> set[str]:
+    """The top-level package of every import in `source`, wherever it sits (a function, a try)."""
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "a relative import cannot work from a mounted file"
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_imported_modules_sees_every_form():
+    source = (
+        "import a.b, c\nfrom d.e import f\ndef g():\n    import h\ntry:\n    import i\nexcept ImportError:\n    pass\n"
+    )
+    assert imported_modules(source) == {"a", "c", "d", "h", "i"}
+
+
+def test_the_job_imports_only_the_standard_library():
+    """The tests run the job with the test venv's Python, where a third-party import would work;
+    on python:3.12-alpine, the CronJob's image, it would not."""
+    modules = imported_modules(SCRIPT.read_text())
+    assert {"json", "http", "urllib"} <= modules
+    assert modules - {"__future__"} <= sys.stdlib_module_names, modules - sys.stdlib_module_names
+
+
+VERSION_MENTIONS = {
+    # file: how the version appears in it
+    "k8s/components/image/kustomization.yaml": r"lapi-kv-sync:(\d+\.\d+\.\d+)",
+    "k8s/examples/overlay/kustomization.yaml": r"\?ref=v(\d+\.\d+\.\d+)",
+    "CHANGELOG.md": r"^## \[(\d+\.\d+\.\d+)\]",
+    "README.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
+}
+
+
+def test_the_version_is_defined_once_and_every_mention_agrees():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", job.__version__)
+    for path, pattern in VERSION_MENTIONS.items():
+        found = re.findall(pattern, (ROOT / path).read_text(), re.M)
+        assert found, f"{path}: no version found"
+        assert found[0] == job.__version__, f"{path} says {found[0]}, lapi_kv_sync.__version__ is {job.__version__}"
+        assert set(found) == {job.__version__} or path == "CHANGELOG.md", f"{path}: {found}"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lapi_kv_sync.__version__"}
+    assert not re.search(r"\d+\.\d+\.\d+", (ROOT / "Dockerfile").read_text().replace("3.12", ""))
+
+
+def test_the_license_matches_pyproject():
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def docker_sends(path: str, patterns: list[str]) -> bool:
+    """Whether `docker build` sends `path` to the daemon: the last .dockerignore pattern matching
+    it, or a folder above it, decides; `!` lets it through again."""
+    sent = True
+    for pattern in patterns:
+        negated, pattern = pattern.startswith("!"), pattern.removeprefix("!").strip("/")
+        parts = path.split("/")
+        if any(fnmatch.fnmatchcase("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            sent = negated
+    return sent
+
+
+def test_the_docker_build_context_is_the_script_alone():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert docker_sends("lapi_kv_sync.py", patterns)
+    for path in (".git/HEAD", ".venv/bin/python", ".cache/venv/x", "node_modules/a/b.js", "tests/test_core.py"):
+        assert not docker_sends(path, patterns), path
+    for path in ("bench/run.py", "lapi-key", "cf-api-token", "worker/worker.js", "README.md"):
+        assert not docker_sends(path, patterns), path
+    copied = re.findall(r"^COPY (?:--\S+ )*(\S+) ", (ROOT / "Dockerfile").read_text(), re.M)
+    assert copied and all(docker_sends(path, patterns) for path in copied)
+
+
+def test_ci_runs_the_readme_set_up_commands():
+    """The quick start's two commands: a virtual environment (pip refuses the system Python on
+    Debian 12 and Ubuntu), then the test command, which .ci/run runs as written."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.search(r"^## Quick start\n.*?```sh\n(.*?)```", readme, re.S | re.M).group(1).splitlines()
+    assert len(commands) == 2 and commands[0].startswith("python3 -m venv ")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
