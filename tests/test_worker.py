@@ -7,11 +7,15 @@ Needs node and `npm ci` in worker/: skipped without them, except under CI=true, 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
+import time
 import tomllib
 import urllib.parse
 from pathlib import Path
@@ -261,3 +265,65 @@ def test_the_worker_spells_every_address_as_the_job_does():
     assert answers[0] is None  # no CF-Connecting-IP header at all
     differ = [(t, e, w) for t, e, w in zip(texts, expected, answers[1:], strict=True) if e != w]
     assert not differ, f"WORKER_PROPERTY_SEED={seed}: (text, job, worker) {differ[:20]}"
+
+
+# --------------------------------------------------------------------------- the README's Turnstile recipe
+
+
+def turnstile_worker(directory: Path) -> Path:
+    """worker.js with captcha() replaced by worker/README.md's Turnstile recipe, as the README says."""
+    readme = (WORKER / "README.md").read_text()
+    (recipe,) = re.findall(r"```js\n(const PASS_SECONDS.*?)```", readme, re.DOTALL)
+    source = (WORKER / "worker.js").read_text()
+    start, end = source.index("// A captcha decision"), source.index("function page(")
+    call = "return captcha(request, env);"
+    assert source.count(call) == 1
+    path = directory / "worker.js"
+    path.write_text(source[:start].replace(call, "return captcha(request, env, address);") + recipe + source[end:])
+    return path
+
+
+def turnstile_pass(secret: str, address: str, until: int) -> str:
+    mac = hmac.new(secret.encode(), f"{address}|{until}".encode(), hashlib.sha256).hexdigest()
+    return f"kv_pass={until}.{mac}"
+
+
+def test_the_readme_turnstile_recipe_lets_a_solved_challenge_through_and_nothing_else(keys, tmp_path):
+    secret, address, now = "turnstile-secret", "2001:db8::1:0:0:7", int(time.time())
+    config = wrangler(TURNSTILE_SITE_KEY="site-key-123", TURNSTILE_SECRET=secret)
+    config["main"] = str(turnstile_worker(tmp_path))
+
+    def solve(token: str, return_to: str) -> dict:
+        body = urllib.parse.urlencode({"cf-turnstile-response": token, "return_to": return_to})
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        return {"url": f"{SITE}/__turnstile", "address": address, "method": "POST", "body": body, "headers": form}
+
+    def visit(cookie: str, who: str = address) -> dict:
+        return {"url": f"{SITE}/page?q=1", "address": who, "headers": {"Cookie": cookie}}
+
+    work = [
+        {"url": f'{SITE}/page?q="><script>', "address": "2001:DB8:0:0:1::7"},
+        solve("bad-token", "/page?q=1"),
+        solve("good-token", "/page?q=1"),
+        visit(turnstile_pass(secret, address, now + 600)),
+        visit(turnstile_pass(secret, address, now - 1)),  # run out
+        visit(turnstile_pass("another-secret", address, now + 600)),  # forged
+        visit(turnstile_pass(secret, "198.51.100.20", now + 600), who="198.51.100.20"),  # never lifts a ban
+        solve("good-token", "//evil.test/"),
+        solve("good-token", "/\\evil.test/"),
+    ]
+    challenge, failed, solved, passed, expired, forged, banned, *off_site = drive(
+        config=config, keys=keys, requests=work
+    )["responses"]
+
+    assert challenge["status"] == 403 and 'data-sitekey="site-key-123"' in challenge["body"]
+    assert "<script>" not in challenge["body"].split("</script>", 1)[1]  # the URL cannot break out of the form
+    assert failed["status"] == 403 and "set-cookie" not in failed["headers"]
+    assert solved["status"] == 303 and solved["headers"]["location"] == "/page?q=1"
+    cookie = solved["headers"]["set-cookie"].split(";")[0]
+    until = int(cookie.removeprefix("kv_pass=").split(".")[0])
+    assert cookie == turnstile_pass(secret, address, until) and now < until <= time.time() + 1800
+    assert passed_unchanged(passed)
+    assert [expired["status"], forged["status"]] == [403, 403] and not (expired["origin"] or forged["origin"])
+    assert is_ban_page(banned)
+    assert [a["headers"]["location"] for a in off_site] == ["/", "/"]

@@ -1,13 +1,13 @@
 // Runs worker.js in workerd through Miniflare, as tests/test_worker.py asks, and prints what it saw.
 // Input (JSON on stdin):
-//   config:    { main, compatibilityDate, binding, vars } from wrangler.toml
+//   config:    { main, compatibilityDate, binding, vars } from wrangler.toml (main: relative to worker/)
 //   keys:      [{ name, value, expiration?, metadata? }] loaded into the local KV namespace first
-//   requests:  [{ url, address, method?, body? }] sent with CF-Connecting-IP: address (none when null)
+//   requests:  [{ url, address, method?, body?, headers? }] sent with CF-Connecting-IP: address (none when null)
 //   brokenKv:  true binds a KV namespace whose every read throws
 //   addresses: [text] run through the Worker's own canonicalAddress, in workerd
 // Output (JSON on stdout): { responses: [{ status, headers, body, origin }], canonical: [text | null] }
 import { readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
 
@@ -15,8 +15,16 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const input = JSON.parse(readFileSync(0, "utf8"));
 const { config } = input;
 
+// Turnstile's siteverify, for the README's recipe: the token "good-token" passes.
+async function siteverify(request) {
+  const form = new URLSearchParams(await request.text());
+  const success = form.get("response") === "good-token" && form.get("secret") === config.vars.TURNSTILE_SECRET;
+  return Response.json({ success, remoteip: form.get("remoteip") });
+}
+
 // The origin behind the Worker: answers 200 and says what reached it.
 async function origin(request) {
+  if (request.url === "https://challenges.cloudflare.com/turnstile/v0/siteverify") return siteverify(request);
   const seen = { method: request.method, url: request.url, body: await request.text(), tag: request.headers.get("X-Tag") };
   return Response.json(seen, { headers: { "X-Origin": "reached" } });
 }
@@ -31,10 +39,11 @@ const brokenKvWorker = {
 };
 
 function enforcer() {
+  const main = resolve(root, config.main);
   const worker = {
     name: "enforcer",
-    modulesRoot: root,
-    modules: [{ type: "ESModule", path: join(root, config.main) }],
+    modulesRoot: dirname(main),
+    modules: [{ type: "ESModule", path: main }],
     compatibilityDate: config.compatibilityDate,
     bindings: config.vars,
     outboundService: origin,
@@ -64,8 +73,8 @@ export default {
   compatibilityDate: config.compatibilityDate,
 };
 
-async function send(mf, { url, address, method = "GET", body }) {
-  const headers = { "X-Tag": "from-client", ...(address === null ? {} : { "CF-Connecting-IP": address }) };
+async function send(mf, { url, address, method = "GET", body, headers: extra = {} }) {
+  const headers = { "X-Tag": "from-client", ...extra, ...(address === null ? {} : { "CF-Connecting-IP": address }) };
   const response = await mf.dispatchFetch(url, { method, body, headers, redirect: "manual" });
   return {
     status: response.status,
