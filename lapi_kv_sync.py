@@ -915,6 +915,12 @@ USAGE_METRICS_TIMEOUT = 5.0
 USAGE_METRICS_RETRY = Retry(attempts=1, backoff=0.0, max_wait=0.0)  # best effort: never a retry loop
 USAGE_COMPONENT = "lapi-kv-sync"
 MAX_USAGE_TEXT = 255  # CrowdSec's schema: label values, names and units up to 255 characters
+# CrowdSec keeps the last figure it got for each origin and IP type: a zero must be sent for a
+# count that dropped to nothing, or `cscli metrics` would show it forever. A run does not know
+# what the runs before it sent, so it reports the origins cscli names, and both IP types of
+# every origin it has, even when zero.
+USAGE_ORIGINS = ("CAPI", "cscli", "crowdsec")
+IP_TYPES = ("ipv4", "ipv6")
 
 
 def usage_metrics_due(now: float, last_sent: float | None) -> bool:
@@ -942,9 +948,16 @@ def active_decisions(wanted: Mapping[str, Wanted], prefix: str) -> Counter[tuple
 def usage_metrics_payload(report: Report, os_info: Mapping[str, str], now: float) -> dict[str, Any]:
     """The body of `POST /v1/usage-metrics`: this job as one remediation component, the keys it
     keeps in KV as `active_decisions` (a gauge, so the window is only the sending interval)."""
+    origins = sorted({origin for origin, _ in report.active_decisions} | set(USAGE_ORIGINS))
     items = [
-        {"name": "active_decisions", "value": count, "unit": "ip", "labels": {"origin": origin, "ip_type": ip_type}}
-        for (origin, ip_type), count in sorted(report.active_decisions.items())
+        {
+            "name": "active_decisions",
+            "value": report.active_decisions[origin, ip_type],
+            "unit": "ip",
+            "labels": {"origin": origin, "ip_type": ip_type},
+        }
+        for origin in origins
+        for ip_type in IP_TYPES
     ]
     component = {
         "type": USAGE_COMPONENT,

@@ -29,9 +29,10 @@ def at_quarter(seconds_into: float) -> float:
 
 
 def sent_items(body: dict) -> dict[tuple[str, str], float]:
+    """The non-zero `active_decisions` of a usage-metrics body, by (origin, ip_type)."""
     (component,) = body["remediation_components"]
     (window,) = component["metrics"]
-    return {(i["labels"]["origin"], i["labels"]["ip_type"]): i["value"] for i in window["items"]}
+    return {(i["labels"]["origin"], i["labels"]["ip_type"]): i["value"] for i in window["items"] if i["value"]}
 
 
 # --------------------------------------------------------------------------- the cadence (pure)
@@ -132,10 +133,22 @@ def test_the_payload_is_one_remediation_component():
     assert component["utc_startup_timestamp"] == 1_790_000_000
     (window,) = component["metrics"]
     assert window["meta"] == {"utc_now_timestamp": 1_790_000_003, "window_size_seconds": QUARTER}
-    assert window["items"] == [
-        {"name": "active_decisions", "value": 2, "unit": "ip", "labels": {"origin": "crowdsec", "ip_type": "ipv4"}},
-        {"name": "active_decisions", "value": 1, "unit": "ip", "labels": {"origin": "cscli", "ip_type": "ipv6"}},
-    ]
+    assert {i["name"] for i in window["items"]} == {"active_decisions"} and {i["unit"] for i in window["items"]} == {
+        "ip"
+    }
+    assert sent_items(body) == {("crowdsec", "ipv4"): 2, ("cscli", "ipv6"): 1}
+
+
+def test_counts_that_dropped_to_nothing_are_sent_as_zero():
+    """CrowdSec keeps the last figure per origin and IP type: the origins cscli names and both IP
+    types of every origin present are always sent, so a count that went away reads 0, not stale."""
+    body = job.usage_metrics_payload(report_with(Counter({("lists:firehol_voipbl", "ipv4"): 7})), OS, 1_790_000_000)
+    (window,) = body["remediation_components"][0]["metrics"]
+    sent = {(i["labels"]["origin"], i["labels"]["ip_type"]): i["value"] for i in window["items"]}
+    origins = ("CAPI", "crowdsec", "cscli", "lists:firehol_voipbl")
+    assert sent == {
+        (o, t): 7 if o.startswith("lists") and t == "ipv4" else 0 for o in origins for t in ("ipv4", "ipv6")
+    }
 
 
 needs_schema = pytest.mark.skipif(not USAGE_SCHEMA.exists(), reason="../shared/reference is not here")
