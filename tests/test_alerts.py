@@ -76,21 +76,23 @@ def mostly_ignored() -> list[dict]:
 
 @dataclass(frozen=True)
 class Run:
-    """One kind of run: what LAPI holds, the job's arguments and environment, KV beforehand."""
+    """One kind of run: what LAPI holds, the job's arguments and environment, KV beforehand, and
+    the exit code that shows the run was the kind it is meant to be."""
 
     decisions: Callable[[], list[dict]] = healthy
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     stray_key: bool = False  # a key in KV that LAPI no longer wants
+    exit_code: int = job.EXIT_OK
 
 
 OK = Run()
-LAPI_REFUSED = Run(env=(("LAPI_KEY", "not-the-bouncer-key"),))  # exit 3
-CLOUDFLARE_REFUSED = Run(env=(("CF_API_TOKEN", "wrong-token-zzzzzzzz"),))  # exit 1
-HELD_BACK = Run(env=(("MAX_DELETES", "0"),), stray_key=True)  # exit 1, deletes held back
+LAPI_REFUSED = Run(env=(("LAPI_KEY", "not-the-bouncer-key"),), exit_code=job.EXIT_LAPI)
+CLOUDFLARE_REFUSED = Run(env=(("CF_API_TOKEN", "wrong-token-zzzzzzzz"),), exit_code=job.EXIT_CLOUDFLARE)
+HELD_BACK = Run(env=(("MAX_DELETES", "0"),), stray_key=True, exit_code=job.EXIT_CLOUDFLARE)
 IGNORING = Run(decisions=mostly_ignored)
 DRY = Run(args=("--dry-run",))
-DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env)
+DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env, exit_code=job.EXIT_LAPI)
 NONE = None  # no run that minute (CronJob suspended)
 
 
@@ -119,8 +121,9 @@ def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPush
                     kv.store.setdefault("ip:203.0.113.9", Entry("ban", None, {"remediation": "ban"}))
                 out, err = io.StringIO(), io.StringIO()
                 at = SimClock(minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
-                job.main(list(run.args), stack.env(**dict(run.env)), out, err, at.clock())
+                code = job.main(list(run.args), stack.env(**dict(run.env)), out, err, at.clock())
                 assert_no_secret(out.getvalue(), err.getvalue())
+                assert code == run.exit_code, err.getvalue()
         scrapes.append(scrape(pushgateway))
         assert kv.violations == []
     names = sorted({name for s in scrapes for name in s})
