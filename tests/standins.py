@@ -283,10 +283,12 @@ class LapiStandin(Standin):
             body = json.loads(raw)
         except ValueError:
             return request.send(400, {"message": "invalid JSON"})
+        problems = self.usage_schema.errors(body) if self.usage_schema else []
         with self.lock:
             self.usage_metrics.append(body)
-            if self.usage_schema:
-                self.violations += self.usage_schema.errors(body)
+            self.violations += problems
+        if problems:  # as LAPI refuses a body outside its schema
+            return request.send(422, {"message": "validation failure list:\n" + "\n".join(problems)})
         if self.usage_answer:
             status, answer, content_type = self.usage_answer
             return request.send(status, answer, content_type)
