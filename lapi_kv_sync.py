@@ -19,6 +19,7 @@ import ipaddress
 import json
 import math
 import os
+import platform
 import random
 import re
 import ssl
@@ -84,6 +85,7 @@ class Config:
     max_deletes: int | None = None
     expand_ranges_max: int = 0
     log_format: str = "text"
+    lapi_usage_metrics: bool = True
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -171,6 +173,9 @@ def load_config(env: Mapping[str, str]) -> Config:
     log_format = text("LOG_FORMAT", "text").lower()
     if log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    usage_metrics = text("LAPI_USAGE_METRICS", "true").lower()
+    if usage_metrics not in ("true", "false"):
+        problems.append(f"LAPI_USAGE_METRICS must be true or false, got {usage_metrics!r}")
     config = dict(
         lapi_url=url("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
@@ -195,6 +200,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         lapi_client_key=lapi_client_key,
         kv_key_prefix=prefix,
         log_format=log_format,
+        lapi_usage_metrics=usage_metrics != "false",
         **config,
     )
 
@@ -286,11 +292,11 @@ class Http:
             self._conns[(scheme, netloc)] = conn
         return conn
 
-    def _once(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> Response:
+    def _once(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeout: float) -> Response:
         parts = urllib.parse.urlsplit(url)
         conn = self._connection(parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        timeout = max(0.05, min(self.timeout, self._remaining()))
+        timeout = max(0.05, min(timeout, self._remaining()))
         # A kept-alive socket the server closed while idle fails before any answer;
         # that is not the server failing, so it gets one immediate reconnect.
         for reused in (True, False) if conn.sock is not None else (False,):
@@ -313,15 +319,23 @@ class Http:
         raise AssertionError("unreachable")
 
     def request(
-        self, method: str, url: str, *, headers: Mapping[str, str], retry: Retry, body: bytes | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        retry: Retry,
+        body: bytes | None = None,
+        timeout: float | None = None,
     ) -> Response:
-        """The first answer that is not a 429 or 5xx, or the last one; TransportError if none came."""
+        """The first answer that is not a 429 or 5xx, or the last one; TransportError if none came.
+        `timeout` (per attempt) may only shorten HTTP_TIMEOUT."""
         for attempt in range(1, retry.attempts + 1):
             if self._remaining() <= 0:
                 raise DeadlineExceeded("the run deadline passed")
             wait = None
             try:
-                response = self._once(method, url, headers, body)
+                response = self._once(method, url, headers, body, min(self.timeout, timeout or self.timeout))
             except TransportError:
                 if attempt == retry.attempts:
                     raise
@@ -797,6 +811,7 @@ class Report:
     ignored: Counter[str] = field(default_factory=Counter)
     cloudflare_requests: Counter[str] = field(default_factory=Counter)
     exit_code: int = EXIT_OK
+    active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -888,6 +903,115 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
 
 
+# --------------------------------------------------------------------------- CrowdSec usage metrics
+
+# CrowdSec 1.6.3 and later take usage metrics from remediation components (`cscli metrics show
+# bouncers`, the Console) and ask for at least 15 minutes between two sends.
+USAGE_METRICS_INTERVAL = 900
+# With no record of the last send, the run that starts in the first minute of a quarter hour
+# (UTC) sends: with the CronJob's one run a minute, that is one run in each quarter hour.
+USAGE_METRICS_SLOT = 60
+USAGE_METRICS_TIMEOUT = 5.0
+USAGE_METRICS_RETRY = Retry(attempts=1, backoff=0.0, max_wait=0.0)  # best effort: never a retry loop
+USAGE_COMPONENT = "lapi-kv-sync"
+MAX_USAGE_TEXT = 255  # CrowdSec's schema: label values, names and units up to 255 characters
+# CrowdSec keeps the last figure it got for each origin and IP type: a zero must be sent for a
+# count that dropped to nothing, or `cscli metrics` would show it forever. A run does not know
+# what the runs before it sent, so it reports the origins cscli names, and both IP types of
+# every origin it has, even when zero.
+USAGE_ORIGINS = ("CAPI", "cscli", "crowdsec")
+IP_TYPES = ("ipv4", "ipv6")
+
+
+def usage_metrics_due(now: float, last_sent: float | None) -> bool:
+    """Whether the run that started at `now` sends usage metrics. `last_sent`: when a run last
+    sent them (the state file's `usage_metrics_sent_at`), None when unknown: then the clock decides."""
+    if last_sent is None:
+        return now % USAGE_METRICS_INTERVAL < USAGE_METRICS_SLOT
+    # A last send in the future means the clock went back: send, rather than go quiet until it catches up.
+    return not 0 <= now - last_sent < USAGE_METRICS_INTERVAL
+
+
+def active_decisions(wanted: Mapping[str, Wanted], prefix: str) -> Counter[tuple[str, str]]:
+    """Keys by (origin, ip_type) as CrowdSec's own bouncers count them: a blocklist's decisions
+    (origin `lists`) as `lists:<scenario>`, the list's name."""
+    start = len(prefix)
+    return Counter(
+        (
+            (f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT],
+            "ipv6" if ":" in key[start:] else "ipv4",
+        )
+        for key, w in wanted.items()
+    )
+
+
+def usage_metrics_payload(report: Report, os_info: Mapping[str, str], now: float) -> dict[str, Any]:
+    """The body of `POST /v1/usage-metrics`: this job as one remediation component, the keys it
+    keeps in KV as `active_decisions` (a gauge, so the window is only the sending interval)."""
+    origins = sorted({origin for origin, _ in report.active_decisions} | set(USAGE_ORIGINS))
+    items = [
+        {
+            "name": "active_decisions",
+            "value": report.active_decisions[origin, ip_type],
+            "unit": "ip",
+            "labels": {"origin": origin, "ip_type": ip_type},
+        }
+        for origin in origins
+        for ip_type in IP_TYPES
+    ]
+    component = {
+        "type": USAGE_COMPONENT,
+        "name": USAGE_COMPONENT,
+        "version": __version__,
+        "os": dict(os_info),
+        "feature_flags": [],
+        "utc_startup_timestamp": int(report.started),
+        "metrics": [
+            {"meta": {"utc_now_timestamp": int(now), "window_size_seconds": USAGE_METRICS_INTERVAL}, "items": items}
+        ],
+    }
+    return {"remediation_components": [component]}
+
+
+def os_release() -> dict[str, str]:
+    """The OS as CrowdSec shows it (`name/version`): /etc/os-release where there is one."""
+    try:
+        release = platform.freedesktop_os_release()
+    except OSError:
+        release = {}
+    name = release.get("NAME") or platform.system() or "unknown"
+    version = release.get("VERSION_ID") or platform.release() or "unknown"
+    return {"name": name[:MAX_USAGE_TEXT], "version": version[:MAX_USAGE_TEXT]}
+
+
+def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, last_sent: float | None) -> float | None:
+    """POST this run's usage metrics to LAPI when they are due after a run that converged; return
+    the new `usage_metrics_sent_at` (the start of the run that tried, or `last_sent` unchanged).
+    Best effort: one attempt, a short timeout within the run deadline; LAPI before 1.6.3 (404)
+    or any error costs one debug line and never fails the run."""
+    if not (config.lapi_usage_metrics and report.success and usage_metrics_due(report.started, last_sent)):
+        return last_sent
+    headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
+    if config.lapi_key:
+        headers["X-Api-Key"] = config.lapi_key
+    url = f"{config.lapi_url}/v1/usage-metrics"
+    try:
+        body = json.dumps(usage_metrics_payload(report, os_release(), http.clock.now())).encode()
+        response = http.request(
+            "POST", url, headers=headers, body=body, retry=USAGE_METRICS_RETRY, timeout=USAGE_METRICS_TIMEOUT
+        )
+    except Exception as e:  # whatever goes wrong here, the sync itself went right
+        log.debug("usage_metrics", f"usage metrics not sent: {type(e).__name__}: {e}")
+        return report.started
+    if response.status == 404:
+        log.debug("usage_metrics", "usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)")
+    elif response.status >= 300:
+        log.debug(
+            "usage_metrics", f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body)}"
+        )
+    return report.started
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -922,6 +1046,10 @@ class Log:
 
     def info(self, event: str, message: str, **figures: Any) -> None:
         self._emit(self.out, "info", event, message, figures)
+
+    def debug(self, event: str, message: str, **figures: Any) -> None:
+        """Worth knowing, never worth acting on: stdout, and never a warning."""
+        self._emit(self.out, "debug", event, message, figures)
 
     def warning(self, event: str, message: str, **figures: Any) -> None:
         self._emit(self.err, "warning", event, message, figures)
@@ -1069,6 +1197,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     projection = project(decisions.rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+    report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests = cloudflare.requests
     listing = cloudflare.list_keys(config.kv_key_prefix)
@@ -1130,6 +1259,7 @@ def main(
         if not args.dry_run:
             if report.exit_code != EXIT_LAPI:
                 log_summary(log, report)
+            send_usage_metrics(http, config, log, report, last_sent=None)
             push_metrics(http, config, report, log)
     return report.exit_code
 

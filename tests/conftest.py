@@ -29,11 +29,16 @@ class Result:
 
 
 class FakeClock:
-    """Real wall time, but `sleep` only moves the run's monotonic clock: retries cost no time."""
+    """Real wall time (moved by `offset` seconds), but `sleep` only moves the run's monotonic
+    clock: retries cost no time."""
 
-    def __init__(self) -> None:
+    def __init__(self, offset: float = 0.0) -> None:
         self.sleeps: list[float] = []
         self.slept = 0.0
+        self.offset = offset
+
+    def now(self) -> float:
+        return time.time() + self.offset
 
     def monotonic(self) -> float:
         return time.monotonic() + self.slept
@@ -43,7 +48,7 @@ class FakeClock:
         self.slept += seconds
 
     def clock(self) -> job.Clock:
-        return job.Clock(now=time.time, monotonic=self.monotonic, sleep=self.sleep)
+        return job.Clock(now=self.now, monotonic=self.monotonic, sleep=self.sleep)
 
 
 def assert_no_secret(*texts: str, secrets: tuple[str, ...] = SECRETS) -> None:
@@ -71,13 +76,15 @@ class Stack:
             "PUSHGATEWAY_URL": self.push.url,
             "HTTP_TIMEOUT": "30",  # the default: a short timeout only where the timeout is the subject
             "RUN_DEADLINE": "120",
+            # Usage metrics go out when the wall clock says so; tests that are about them turn them on.
+            "LAPI_USAGE_METRICS": "false",
         }
         env.update(extra)
         return {k: v for k, v in env.items() if v is not None}
 
-    def run(self, *args: str, **env: str) -> Result:
+    def run(self, *args: str, clock_offset: float = 0.0, **env: str) -> Result:
         """main() in-process, with real sockets and a clock whose sleeps cost nothing."""
-        out, err, fake = io.StringIO(), io.StringIO(), FakeClock()
+        out, err, fake = io.StringIO(), io.StringIO(), FakeClock(clock_offset)
         code = job.main(list(args), self.env(**env), out, err, fake.clock())
         result = Result(code, out.getvalue(), err.getvalue(), fake.sleeps)
         assert_no_secret(result.out, result.err, secrets=self.secrets)
@@ -98,3 +105,4 @@ def stack():
     with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
         yield Stack(lapi, kv, push)
         assert kv.violations == [], "requests or answers outside Cloudflare's published schema"
+        assert lapi.violations == [], "usage metrics outside CrowdSec's published schema"

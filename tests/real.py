@@ -21,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "crowdsec"
+CACHES = (CACHE, ROOT / ".cache" / "prometheus")  # what .ci/install-components unpacks
 START_TIMEOUT = 30
 LIFETIME = 1800  # seconds: a server left behind by a killed test run stops by itself
 
@@ -31,7 +32,7 @@ def bounded(command: list[str]) -> list[str]:
 
 
 def find(name: str) -> str | None:
-    for candidate in (shutil.which(name), CACHE / "usr" / "bin" / name):
+    for candidate in (shutil.which(name), *(cache / "usr" / "bin" / name for cache in CACHES)):
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
@@ -42,9 +43,7 @@ def require(*names: str) -> list[str]:
     found = [find(n) for n in names]
     missing = [n for n, path in zip(names, found, strict=True) if path is None]
     if missing:
-        reason = (
-            f"{', '.join(missing)} not found on PATH or in .cache/crowdsec: run .ci/run (or see README) to fetch them"
-        )
+        reason = f"{', '.join(missing)} not found on PATH or in .cache: run .ci/run (or see README) to fetch them"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the real-component tests: {reason}", pytrace=False)
         pytest.skip(reason)

@@ -6,7 +6,8 @@ own after `LIFETIME` seconds in any case, so a stuck test never leaves a server 
 
 The KV stand-in is strict to Cloudflare's published limits and, where `../shared/reference`
 is present, checks every request it gets and every answer it gives against Cloudflare's own
-OpenAPI schema; what does not fit lands in `violations`, which the tests assert is empty.
+OpenAPI schema; what does not fit lands in `violations`, which the tests assert is empty. The
+LAPI stand-in checks usage metrics against CrowdSec's swagger the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LIFETIME = 900
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 KV_SCHEMA = REFERENCE / "cloudflare" / "workers-kv-openapi.json"
 KV_SCHEMA_2024 = REFERENCE / "cloudflare" / "workers-kv-openapi-2024-08-06.json"
+USAGE_SCHEMA = REFERENCE / "crowdsec-lapi-swagger" / "usage-metrics.json"
 ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
 NAMESPACE = "0f2ac74b498b48028cb68387c421e279"
 
@@ -201,10 +203,42 @@ def decision(value: str, seconds: float = 3600, type: str = "ban", scope: str = 
     }
 
 
-class LapiStandin(Standin):
-    """GET /v1/decisions with X-Api-Key. `decisions` (None answers `null`), or `answer` to misbehave."""
+class UsageSchemaCheck:
+    """Validates a `POST /v1/usage-metrics` body against CrowdSec's swagger (Swagger 2.0 schemas
+    are JSON Schema draft 4: an integer is not 1.0, as Go's int64 is not), plus what CrowdSec's
+    code and bouncer-metrics spec add (../shared/reference/README.md)."""
 
-    def __init__(self, key: str = "lapi-test-key-0123456789") -> None:
+    def __init__(self, path: Path = USAGE_SCHEMA) -> None:
+        from jsonschema import Draft4Validator
+
+        definitions = json.loads(path.read_text())["definitions"]
+        self.validator = Draft4Validator({"$ref": "#/definitions/AllMetrics", "definitions": definitions})
+
+    def errors(self, body: Any) -> list[str]:
+        problems = [
+            f"usage metrics {'/'.join(map(str, e.absolute_path))}: {e.message}"[:300]
+            for e in self.validator.iter_errors(body)
+        ]
+        components = body.get("remediation_components") if isinstance(body, dict) else None
+        if problems or not isinstance(components, list):
+            return problems or ["usage metrics: no remediation_components"]
+        if len(components) != 1:
+            problems.append(f"usage metrics: a bouncer sends exactly one remediation component, not {len(components)}")
+        for window in (c.get("metrics") or [] for c in components):
+            for item in (i for w in window for i in w["items"] if i["name"] == "active_decisions"):
+                labels = item.get("labels") or {}
+                if item["unit"] != "ip" or labels.get("ip_type") not in ("ipv4", "ipv6") or not labels.get("origin"):
+                    problems.append(f"usage metrics: active_decisions wants unit ip, origin and ip_type: {item}")
+        return problems
+
+
+class LapiStandin(Standin):
+    """GET /v1/decisions with X-Api-Key. `decisions` (None answers `null`), or `answer` to misbehave.
+    POST /v1/usage-metrics as CrowdSec 1.6.3+ takes it (201), bodies kept in `usage_metrics` and
+    checked against CrowdSec's schema where ../shared is present; `usage_answer` to misbehave,
+    `usage_metrics_supported = False` to answer 404 as LAPI before 1.6.3 does."""
+
+    def __init__(self, key: str = "lapi-test-key-0123456789", schema: bool | None = None) -> None:
         super().__init__()
         self.key = key
         self.decisions: list[dict] | None = []
@@ -212,6 +246,13 @@ class LapiStandin(Standin):
         self.delay = 0.0
         self.queries: list[dict[str, list[str]]] = []
         self.user_agents: list[str] = []
+        self.usage_metrics: list[Any] = []
+        self.usage_metrics_supported = True
+        self.usage_answer: tuple[int, bytes, str] | None = None
+        self.usage_delay = 0.0
+        self.usage_drop = False
+        self.violations: list[str] = []
+        self.usage_schema = UsageSchemaCheck() if (USAGE_SCHEMA.exists() if schema is None else schema) else None
 
     def body(self) -> bytes:
         if self.decisions is None:
@@ -224,8 +265,39 @@ class LapiStandin(Standin):
             rows.append(row)
         return json.dumps(rows).encode()
 
+    def authorized(self, request: _Handler) -> bool:
+        has_client_cert = hasattr(request.connection, "getpeercert") and bool(request.connection.getpeercert())
+        return not self.key or request.headers.get("X-Api-Key") == self.key or has_client_cert
+
+    def usage(self, request: _Handler, method: str) -> None:
+        raw = request.body()
+        if self.usage_delay:
+            time.sleep(self.usage_delay)
+        if self.usage_drop:
+            return request.drop()
+        if method != "POST" or not self.usage_metrics_supported:
+            return request.send(404, "404 page not found", "text/plain")
+        if not self.authorized(request):
+            return request.send(403, {"message": "access forbidden"})
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return request.send(400, {"message": "invalid JSON"})
+        problems = self.usage_schema.errors(body) if self.usage_schema else []
+        with self.lock:
+            self.usage_metrics.append(body)
+            self.violations += problems
+        if problems:  # as LAPI refuses a body outside its schema
+            return request.send(422, {"message": "validation failure list:\n" + "\n".join(problems)})
+        if self.usage_answer:
+            status, answer, content_type = self.usage_answer
+            return request.send(status, answer, content_type)
+        request.send(201, b"", "application/json")
+
     def handle(self, request: _Handler, method: str) -> None:
         url = urllib.parse.urlsplit(request.path)
+        if url.path == "/v1/usage-metrics":
+            return self.usage(request, method)
         with self.lock:
             self.queries.append(urllib.parse.parse_qs(url.query))
             self.user_agents.append(request.headers.get("User-Agent", ""))
@@ -235,8 +307,7 @@ class LapiStandin(Standin):
             return request.send(200, {"status": "up"})
         if method != "GET" or url.path != "/v1/decisions":
             return request.send(404, {"message": "Not Found"})
-        has_client_cert = hasattr(request.connection, "getpeercert") and bool(request.connection.getpeercert())
-        if self.key and request.headers.get("X-Api-Key") != self.key and not has_client_cert:
+        if not self.authorized(request):
             return request.send(403, {"message": "access forbidden"})
         if self.answer:
             status, body, content_type = self.answer

@@ -13,6 +13,7 @@ import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, Stack
 from tests.real import RealLapi, RealPushgateway
 from tests.standins import Entry, KvStandin
+from tests.test_usage import at_quarter
 
 P = "crowdsec_kv_sync_"
 
@@ -157,3 +158,16 @@ def test_filters_and_range_expansion_against_real_lapi(real, tmp_path):
     assert keys(LAPI_SCENARIOS_NOT_CONTAINING="probing") == {"ip:192.0.2.1", "ip:192.0.2.9"}
     ranges = {f"ip:198.51.100.{i}" for i in range(4)}
     assert keys(EXPAND_RANGES_MAX="4") == {"ip:192.0.2.1", "ip:192.0.2.2", "ip:192.0.2.9"} | ranges
+
+
+def test_real_lapi_before_1_6_3_answers_404_to_usage_metrics_and_the_run_is_unaffected(real, pushgateway):
+    real.lapi.add("-i", "192.0.2.1", "-d", "4h")
+    result = real.run(clock_offset=at_quarter(5), LAPI_USAGE_METRICS="true")
+    assert result.code == 0 and result.err == ""
+    assert "written 1" in result.out
+    (debug,) = [line for line in result.out.splitlines() if "usage metrics" in line]
+    assert debug == "lapi-kv-sync: debug: usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)"
+    assert pushgateway.metrics()[P + "success"] == 1
+    assert set(real.kv.live()) == {"config:flag", "ip:192.0.2.1"}
+    again = real.run(clock_offset=at_quarter(5), LAPI_USAGE_METRICS="true")  # LAPI still well after the 404
+    assert again.code == 0 and "written 0" in again.out

@@ -1,4 +1,5 @@
-"""The stand-ins are only worth what they refuse: check them against Cloudflare's limits."""
+"""The stand-ins are only worth what they refuse: check them against Cloudflare's limits and
+CrowdSec's usage-metrics schema."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 
 import pytest
 
-from tests.conftest import CF_TOKEN
-from tests.standins import KV_SCHEMA, KvStandin, PushgatewayStandin
+from tests.conftest import CF_TOKEN, LAPI_KEY
+from tests.standins import KV_SCHEMA, USAGE_SCHEMA, KvStandin, LapiStandin, PushgatewayStandin
 
 
 @pytest.fixture
@@ -87,3 +88,26 @@ def test_schema_check_catches_a_request_outside_the_schema(kv):
 def test_pushgateway_refuses_what_the_real_one_refuses(body):
     assert PushgatewayStandin.problem(body) is not None
     assert PushgatewayStandin.problem('# TYPE m gauge\nm 1\nn{a="b"} 2.5\n') is None
+
+
+def post_usage(lapi, body, key=LAPI_KEY, method="POST"):
+    conn = http.client.HTTPConnection("127.0.0.1", lapi.server.server_address[1], timeout=5)
+    conn.request(method, "/v1/usage-metrics", body=json.dumps(body), headers={"X-Api-Key": key})
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+    return answer.status
+
+
+@pytest.mark.skipif(not USAGE_SCHEMA.exists(), reason="../shared/reference is not here")
+def test_lapi_usage_metrics_answered_and_checked_as_crowdsec_does():
+    good = {"remediation_components": [{"version": "1", "utc_startup_timestamp": 1707399316}]}
+    with LapiStandin(LAPI_KEY) as lapi:
+        assert post_usage(lapi, good) == 201 and lapi.violations == []
+        assert post_usage(lapi, good, key="wrong") == 403
+        assert post_usage(lapi, {"remediation_components": [{"version": "1"}]}) == 422
+        assert lapi.violations and "utc_startup_timestamp" in lapi.violations[0]
+        assert post_usage(lapi, good, method="GET") == 404
+        lapi.usage_metrics_supported = False  # LAPI before 1.6.3
+        assert post_usage(lapi, good) == 404
+        assert len(lapi.usage_metrics) == 2 and lapi.queries == []  # not counted as decision reads
