@@ -52,11 +52,19 @@ def looked_up_anywhere() -> set[str]:
     """Names the whole module looks up by `x.get("NAME")`, `x["NAME"]` or `os.getenv("NAME")`:
     a variable read outside load_config counts too."""
     names = set()
+
+    def environment(node: ast.AST) -> bool:  # `env`, `environ`, `os.environ`: not any dict's .get()
+        return getattr(node, "id", getattr(node, "attr", "")) in ("env", "environ", "environment")
+
     for node in ast.walk(ast.parse(SCRIPT.read_text())):
         key = None
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("get", "getenv"):
+        if isinstance(node, ast.Call) and (
+            getattr(node.func, "attr", getattr(node.func, "id", "")) == "getenv"
+            or getattr(node.func, "attr", "") == "get"
+            and environment(node.func.value)
+        ):
             key = node.args[0] if node.args else None
-        elif isinstance(node, ast.Subscript):
+        elif isinstance(node, ast.Subscript) and environment(node.value):
             key = node.slice
         if isinstance(key, ast.Constant) and isinstance(key.value, str) and ENV_NAME.fullmatch(key.value):
             names.add(key.value)
