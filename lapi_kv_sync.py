@@ -1110,7 +1110,7 @@ def log_plan(log: Log, plan: Plan) -> None:
 # README. A test checks that every name load_config() reads is here and in k8s/examples/overlay.
 ENVIRONMENT = (
     ("LAPI_URL", f"CrowdSec LAPI (default {Config.lapi_url})"),
-    ("LAPI_KEY", "bouncer key (cscli bouncers add kvsync)"),
+    ("LAPI_KEY", "bouncer key (cscli bouncers add lapi-kv-sync)"),
     ("LAPI_KEY_FILE", "a file holding the bouncer key, instead of LAPI_KEY"),
     ("LAPI_CA_CERT", "CA bundle for an https:// LAPI (default: the system's)"),
     ("LAPI_CLIENT_CERT", "client certificate for LAPI's TLS auth, instead of a bouncer key"),
