@@ -1167,8 +1167,8 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         response = http.request(
             method, url, headers=headers, body=exposition(metric_samples(report)).encode(), retry=PUSH_RETRY
         )
-    except (TransportError, DeadlineExceeded) as e:
-        log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} unreachable: {e}")
+    except (TransportError, DeadlineExceeded, AnswerTooLarge) as e:
+        log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
         log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
@@ -1177,23 +1177,23 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
 # --------------------------------------------------------------------------- output
 
 
+_ESCAPES: tuple[Callable[[str], str], ...] = (
+    lambda s: repr(s)[1:-1],
+    lambda s: json.dumps(s)[1:-1],
+    urllib.parse.quote,
+    lambda s: urllib.parse.quote(s, safe=""),
+    urllib.parse.quote_plus,
+)
+
+
 def secret_forms(secrets: Iterable[str]) -> list[str]:
-    """Every form a secret can take in output (as is, in a repr, JSON-escaped, percent-encoded,
-    and those JSON-escaped again in a JSON log line), longest first. Secrets under
-    MIN_SECRET_LENGTH are left out: load_config refuses them, and a one-letter one would blank
-    every such letter."""
-    forms: set[str] = set()
-    for secret in secrets:
-        if len(secret) >= MIN_SECRET_LENGTH:
-            plain = {
-                secret,
-                repr(secret)[1:-1],
-                json.dumps(secret)[1:-1],
-                urllib.parse.quote(secret),
-                urllib.parse.quote(secret, safe=""),
-                urllib.parse.quote_plus(secret),
-            }
-            forms |= plain | {json.dumps(form)[1:-1] for form in plain}
+    """Every form a secret can take in output, longest first: as is, in a repr, JSON-escaped,
+    percent-encoded, and each of those escaped once more (a repr of an exception quoting a repr).
+    Secrets under MIN_SECRET_LENGTH are left out: load_config refuses them, and a one-letter one
+    would blank that letter everywhere."""
+    forms = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+    for _ in range(2):
+        forms |= {escape(form) for form in forms for escape in _ESCAPES}
     return sorted(forms, key=len, reverse=True)
 
 
@@ -1212,6 +1212,7 @@ class Log:
         return text
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
+        message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
                 "time": round(self.clock.now(), 3),
