@@ -389,7 +389,7 @@ class Http:
         return TransportError(f"{type(error).__name__}: {error}")
 
     def _once(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, sent: Callable[[], None]
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send one request and read the head of its answer; the body is left to read."""
         parts = urllib.parse.urlsplit(url)
@@ -404,6 +404,7 @@ class Http:
             else:
                 conn.sock.settimeout(timeout)
             try:
+                sent()
                 conn.request(method, target, body=body, headers=dict(headers))
                 return conn, conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
@@ -453,16 +454,14 @@ class Http:
         DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
         AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
         (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
-        called for every request sent, retries included."""
+        called for every request sent: retries, and the reconnect after an idle close, included."""
         cause = ""  # why the last attempt failed, when no answer came
         for attempt in range(1, retry.attempts + 1):
             if self._remaining() <= 0:
                 raise DeadlineExceeded(f"{cause}; RUN_DEADLINE passed" if cause else "RUN_DEADLINE had passed")
-            if on_attempt is not None:
-                on_attempt()
             response, wait, told = None, None, ""
             try:
-                conn, answer = self._once(method, url, headers, body)
+                conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None))
                 if stream and answer.status == 200:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
@@ -659,14 +658,18 @@ def json_array_items(chunks: Iterable[bytes], object_hook: Callable[[dict], Any]
                 while True:
                     try:
                         item, end = decoder.raw_decode(text, pos)
-                        if end < len(text) or ended:  # a number at the very end may go on
+                        # A number cut short (`1` of `1e5`, `1.` of `1.5`) decodes: see what follows.
+                        goes_on = type(item) in (int, float) and (end == len(text) or text[end] in ".eE")
+                        if ended or not goes_on:
                             break
                     except json.JSONDecodeError as e:
                         cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(text) - _CUT_SHORT
-                        if ended or not cut_short or len(text) - pos > MAX_ITEM_CHARS:
+                        if ended or not cut_short:
                             raise ValueError(f"{e.msg} at {text[e.pos : e.pos + 40]!r}") from None
                     except RecursionError:
                         raise ValueError("an item nested too deeply") from None
+                    if len(text) - pos > MAX_ITEM_CHARS:
+                        raise ValueError(f"an item over {MAX_ITEM_CHARS} characters at {text[pos : pos + 40]!r}")
                     extend(2 * (len(text) - pos) + 1)
                 pos = end
                 yield item

@@ -11,10 +11,12 @@ import sys
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lapi_kv_sync as job
 from tests.conftest import SCRIPT, assert_no_secret
-from tests.standins import Fault, decision
+from tests.standins import Entry, Fault, decision
 
 PREFIXED = "crowdsec_kv_sync_"
 # A drip of one byte every half second would take minutes to deliver any of these answers;
@@ -256,3 +258,271 @@ def test_the_signal_handlers_are_put_back_after_a_run(stack):
 def test_interrupted_is_no_exception_that_code_may_swallow():
     assert not issubclass(job.Interrupted, Exception) and issubclass(job.Interrupted, BaseException)
     assert job.Interrupted(signal.SIGTERM).exit_code == 143 and str(job.Interrupted(signal.SIGINT)) == "SIGINT"
+
+
+# --------------------------------------------------------------------------- item 4: LAPI's answer, bounded and streamed
+
+
+def items(text: str, size: int = 7, **kwargs) -> list:
+    data = text.encode()
+    return list(job.json_array_items((data[i : i + size] for i in range(0, len(data), size)), **kwargs))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.lists(json_values, max_size=8), st.integers(1, 40), st.sampled_from(["", " ", "\n\t ", "\r\n"]))
+def test_streamed_items_are_what_json_loads_gives_for_any_chunking(values, size, space):
+    text = space + "[" + space + (space + "," + space).join(json.dumps(v) for v in values) + space + "]" + space
+    assert items(text, size) == json.loads(text)
+
+
+@given(st.lists(json_values, min_size=1, max_size=5), st.integers(0, 200), st.text(min_size=1, max_size=3))
+def test_junk_anywhere_is_refused_as_json_loads_refuses_it(values, where, junk):
+    text = json.dumps(values)
+    where %= len(text) + 1
+    text = text[:where] + junk + text[where:]
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        expected = ValueError
+    if expected is not ValueError and not isinstance(expected, list) and expected is not None:
+        expected = ValueError  # a JSON value, but not a list of decisions
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            items(text, 3)
+    else:
+        assert items(text, 3) == (expected or [])
+
+
+@pytest.mark.parametrize("text", ["null", " null\n", "[]", " [ ] ", "[\n]\n"])
+def test_null_and_an_empty_list_are_no_decisions(text):
+    assert items(text, 1) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["", "nul", "nullx", "[", "[1,]", "[1 2]", "{}", '"x"', "[1]]", "[1] 2", "[" * 100_000 + "]" * 100_000]
+)
+def test_anything_else_is_refused(text):
+    with pytest.raises(ValueError):
+        items(text, 5)
+
+
+def test_a_number_cut_between_chunks_is_read_whole():
+    assert items("[12345, 6789]", 3) == [12345, 6789]
+    assert items("[1e+10,-0.5]", 2) == [1e10, -0.5]
+
+
+def test_a_giant_item_is_decoded_in_linear_time_not_quadratic(monkeypatch):
+    tries = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            tries.append(idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(job.json, "JSONDecoder", Counting)
+    giant = json.dumps(["x" * 900_000])
+    assert items(giant, 1000) == json.loads(giant)  # 900 chunks
+    assert len(tries) < 30  # a try per chunk would be 900
+
+
+def test_an_item_past_the_item_limit_is_refused_early():
+    chunks_read = []
+
+    def body():
+        yield b'["'
+        for _ in range(10_000):
+            chunks_read.append(1)
+            yield b"x" * 1000
+        yield b'"]'
+
+    with pytest.raises(ValueError):
+        list(job.json_array_items(body()))
+    assert len(chunks_read) < 2 * job.MAX_ITEM_CHARS / 1000
+
+
+def test_decisions_are_decoded_as_they_arrive_never_the_whole_body():
+    import tracemalloc
+
+    row = json.dumps({"value": "192.0.2.1", "type": "ban", "scope": "Ip", "duration": "3h", "origin": "x"}).encode()
+    count = 100_000  # about 8 MB of body
+
+    def body():
+        yield b"["
+        for i in range(count):
+            yield (b"," if i else b"") + row
+        yield b"]"
+
+    tracemalloc.start()
+    try:
+        seen = sum(1 for d in job.json_array_items(body(), object_hook=job.as_decision) if d.value == "192.0.2.1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count
+    assert peak < 1_000_000  # the body is 8 MB
+
+
+@pytest.mark.parametrize("how", ["content_length", "endless"])
+def test_an_answer_over_lapi_max_bytes_is_refused_and_kv_untouched(stack, how):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    if how == "endless":
+        stack.lapi.endless = 0.0  # as fast as the job reads
+    else:
+        stack.lapi.decisions = [decision(ip) for ip in ips(100)]  # about 15 KB
+    result = stack.run(LAPI_MAX_BYTES="10000")
+    assert result.code == job.EXIT_LAPI, result.err
+    assert "too large" in result.err and "LAPI_MAX_BYTES" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
+
+
+def test_an_answer_under_lapi_max_bytes_goes_through(stack):
+    stack.lapi.decisions = [decision(ip) for ip in ips(100)]
+    assert stack.run(LAPI_MAX_BYTES="100000").code == job.EXIT_OK
+    assert len(stack.kv.live()) == 100
+
+
+def test_lapi_max_bytes_default_and_bounds():
+    assert job.load_config(BASE_ENV).lapi_max_bytes == 64 * 1024 * 1024
+    assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "lots"})
+    assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "10"})
+
+
+@pytest.mark.parametrize("body", [b'[{"value": "192.0.2.1"}] <html>', b'[{"value": "192.0.2.1"}, oops]', b"\xff[]"])
+def test_junk_after_or_between_decisions_leaves_kv_untouched(stack, body):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.answer = (200, body, "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "not a JSON list of decisions" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+
+
+# --------------------------------------------------------------------------- errors that name their cause
+
+
+def test_cloudflare_requests_count_every_attempt_retries_included(stack):
+    stack.lapi.decisions = [decision(ip) for ip in ips(3)]
+    stack.kv.faults += [Fault("5xx", "list", status=503, times=2), Fault("drop", "bulk_put")]
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert (stack.kv.requests["list"], stack.kv.requests["bulk_put"]) == (3, 2)
+    assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="list"') == 3
+    assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="bulk_put"') == 2
+    assert "cloudflare requests 5 (list 3, bulk_put 2, bulk_delete 0)" in result.out
+
+
+def test_a_kv_answering_empty_pages_for_ever_is_stopped(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.quirks.add("endless_empty_pages")
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert stack.kv.requests["list"] == job.MAX_EMPTY_PAGES and stack.kv.writes == 0
+    assert f"{job.MAX_EMPTY_PAGES} empty pages in a row" in result.err
+
+
+def envelope(**fields) -> dict:
+    return {"success": True, "errors": [], "messages": [], "result": [], **fields}
+
+
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (
+            403,
+            envelope(success=False, errors=[{"code": 10000, "message": "Authentication error"}]),
+            "Workers KV Storage: Edit",
+        ),
+        (
+            404,
+            envelope(success=False, errors=[{"code": 10013, "message": "namespace not found"}]),
+            "CF_KV_NAMESPACE_ID",
+        ),
+        (404, envelope(success=False, errors=[{"code": 7003, "message": "No route"}]), "CF_ACCOUNT_ID"),
+        (200, envelope(errors=5), "`errors` is int"),
+        (200, envelope(result_info=[]), "`result_info` is list"),
+        (200, {"result": []}, "`success` is missing"),
+        (400, envelope(success=False, errors=[{"code": [1], "message": None}]), "HTTP 400: [1]: None"),
+        (200, [], "not Cloudflare's envelope"),
+    ],
+)
+def test_cloudflare_refusals_and_malformed_envelopes_are_clear_errors(stack, status, body, expected):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.faults.append(Fault("raw", "list", status=status, body=body))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Cloudflare: list: " in result.err and expected in result.err and "Traceback" not in result.err
+
+
+def test_a_lapi_timeout_and_a_lapi_429_say_so(stack):
+    stack.lapi.delay = 1.0
+    result = stack.run(HTTP_TIMEOUT="0.3")  # the timeout is the subject
+    assert result.code == job.EXIT_LAPI and "did not answer: timed out (HTTP_TIMEOUT 0.3s)" in result.err
+    stack.lapi.delay = 0.0
+    stack.lapi.answer = (429, b'{"message":"slow down"}', "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "LAPI answered HTTP 429" in result.err
+
+
+def test_a_failed_run_summary_does_not_look_like_a_good_one(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE and result.out == ""
+    assert "lapi-kv-sync: error: run FAILED (exit 1)" in result.err
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400))
+    result = stack.run(LOG_FORMAT="json")
+    records = [json.loads(line) for line in result.err.splitlines()]
+    assert [(r["event"], r["level"], r.get("success")) for r in records] == [
+        ("cloudflare_failed", "error", None),
+        ("run", "error", False),
+    ]
+
+
+# --------------------------------------------------------------------------- item 7: the NetworkPolicy applies
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes' label selector semantics: matchLabels and matchExpressions, all of them."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        if not {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]:
+            return False
+    return True
+
+
+def test_selector_semantics():
+    assert selects({}, {})  # an empty podSelector selects every pod
+    assert not selects({"matchLabels": {"a": "1"}}, {})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {"a": "1"})
+
+
+@pytest.mark.parametrize("components", [(), ("image",)], ids=["base", "image"])
+def test_every_network_policy_selects_the_cronjobs_pods(tmp_path, components):
+    from tests.test_deploy import ROOT, overlay, render
+
+    docs = render(overlay(tmp_path / "overlay", *components) if components else ROOT)
+    pod_labels = [
+        d["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels") or {}
+        for d in docs
+        if d["kind"] == "CronJob"
+    ]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert pod_labels and policies
+    for policy in policies:
+        for labels in pod_labels:
+            assert selects(policy["spec"]["podSelector"], labels), policy["metadata"]["name"]
