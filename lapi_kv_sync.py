@@ -7,7 +7,8 @@ differs. A run where LAPI did not change costs one LAPI read and the list pages:
 When LAPI cannot be read nothing in KV is touched, so existing keys expire by their TTL.
 
 Standard library only, so it runs on a stock python:3.12-alpine from a mounted file.
-Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped).
+Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped),
+143 / 130 stopped by SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
@@ -1104,7 +1105,7 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "duration_seconds", "How long the last run took.", {}, report.duration),
         (
             p + "exit_code",
-            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped).",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), 143/130 SIGTERM/SIGINT.",
             {},
             report.exit_code,
         ),
