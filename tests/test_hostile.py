@@ -526,3 +526,44 @@ def test_every_network_policy_selects_the_cronjobs_pods(tmp_path, components):
     for policy in policies:
         for labels in pod_labels:
             assert selects(policy["spec"]["podSelector"], labels), policy["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@given(st.integers(-70_000, 140_000))
+def test_a_port_is_accepted_exactly_from_1_to_65535(port):
+    env = {**BASE_ENV, "PUSHGATEWAY_URL": f"http://pushgateway:{port}"}
+    if 1 <= port <= 65535:
+        assert job.load_config(env).pushgateway_url == env["PUSHGATEWAY_URL"]
+    else:
+        with pytest.raises(job.ConfigError):
+            job.load_config(env)
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=job.MIN_SECRET_LENGTH),
+    st.sampled_from(["text", "json"]),
+)
+def test_any_usable_secret_is_redacted_in_every_form(secret, fmt):
+    import io
+
+    assert job.load_config({**BASE_ENV, "CF_API_TOKEN": secret}).cf_api_token == secret
+    out = io.StringIO()
+    still = job.Clock(now=lambda: 0.0)  # the same time in every line
+    log = job.Log(out, out, fmt, secrets=[secret], clock=still)
+    forms = [secret, repr(secret), json.dumps(secret), repr(secret.encode())]
+    forms += [
+        job.urllib.parse.quote(secret),
+        job.urllib.parse.quote(secret, safe=""),
+        job.urllib.parse.quote_plus(secret),
+    ]
+    for form in forms:
+        log.warning("echo", f"answer: {form} / {form!r}", echoed=form)
+    written = out.getvalue()
+    job.Log(out := io.StringIO(), out, fmt, clock=still).warning("echo", "answer: [redacted] / '[redacted]'", echoed="")
+    frame = out.getvalue()  # what the lines hold besides the secret: a secret may happen to be in it
+    for form in forms:
+        if len(form) >= job.MIN_SECRET_LENGTH:
+            for shown in (form, json.dumps(form)[1:-1]):
+                assert shown not in written or shown in frame
