@@ -17,16 +17,13 @@ from hypothesis import strategies as st
 import lapi_kv_sync as job
 from tests.conftest import SCRIPT, assert_no_secret
 from tests.standins import Entry, Fault, decision
+from tests.test_core import BASE_ENV
+from tests.test_sync import PREFIXED, ips
 
-PREFIXED = "crowdsec_kv_sync_"
 # A drip of one byte every half second would take minutes to deliver any of these answers;
 # a run bounded by its deadline ends within seconds of it. The margin is generous on purpose.
 DEADLINE = 2
 MARGIN = 15
-
-
-def ips(n: int) -> list[str]:
-    return [f"10.0.{i >> 8 & 255}.{i & 255}" for i in range(n)]
 
 
 def timed(run):
@@ -83,8 +80,6 @@ def test_a_dripping_pushgateway_costs_at_most_the_push_allowance(stack, monkeypa
 
 
 # --------------------------------------------------------------------------- item 3: secrets
-
-BASE_ENV = {"LAPI_KEY": "k" * 20, "CF_ACCOUNT_ID": "a" * 32, "CF_KV_NAMESPACE_ID": "b" * 32, "CF_API_TOKEN": "t" * 20}
 
 
 def config_problems(env: dict) -> str:
