@@ -385,7 +385,7 @@ def test_an_answer_under_lapi_max_bytes_goes_through(stack):
 
 
 def test_lapi_max_bytes_default_and_bounds():
-    assert job.load_config(BASE_ENV).lapi_max_bytes == 64 * 1024 * 1024
+    assert job.load_config(BASE_ENV).lapi_max_bytes == 48 * 1024 * 1024
     assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "lots"})
     assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "10"})
 
