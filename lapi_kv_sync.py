@@ -433,6 +433,8 @@ class Http:
                 if received > limit:
                     raise AnswerTooLarge(limit)
                 yield chunk
+            if answer.length:  # read1 takes a connection closed before the end for the end
+                raise http.client.IncompleteRead(b"", answer.length)
             answer.close()  # read1 leaves it open at the end of a Content-Length body
             finished = True
         except (OSError, http.client.HTTPException) as e:
@@ -585,6 +587,8 @@ def lapi_rows(chunks: Iterable[bytes], config: Config) -> Iterator[Decision]:
             yield from json_array_items(chunks, object_hook=as_decision)
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
+        except TransportError as e:  # not retried: its decisions are being projected already
+            raise LapiUnreadable(f"LAPI at {config.lapi_url} broke off its answer part-way: {e}") from None
 
 
 @contextlib.contextmanager
@@ -668,7 +672,7 @@ def json_array_items(chunks: Iterable[bytes], object_hook: Callable[[dict], Any]
                     except json.JSONDecodeError as e:
                         cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(text) - _CUT_SHORT
                         if ended or not cut_short:
-                            raise ValueError(f"{e.msg} at {text[e.pos : e.pos + 40]!r}") from None
+                            raise ValueError(f"{e.msg}: {text[e.pos : e.pos + 40]!r}") from None
                     except RecursionError:
                         raise ValueError("an item nested too deeply") from None
                     if len(text) - pos > MAX_ITEM_CHARS:

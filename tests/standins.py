@@ -147,6 +147,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             piece = repeated
 
+    def cut(self, body: bytes, keep: int) -> None:
+        """A 200 that promises the whole body, sends its first `keep` bytes and closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:keep])
+        self.drop()
+
     def drop(self) -> None:
         """Close the connection with no answer at all, as a reset proxy does."""
         self.close_connection = True
@@ -252,6 +261,7 @@ class LapiStandin(Standin):
         self.answer: tuple[int, bytes, str] | None = None  # status, body, content type
         self.delay = 0.0
         self.endless: float | None = None  # a body that never ends: seconds between its decisions
+        self.cut: int | None = None  # send only this many bytes of the body, then close
         self.queries: list[dict[str, list[str]]] = []
         self.user_agents: list[str] = []
 
@@ -286,6 +296,8 @@ class LapiStandin(Standin):
         if self.endless is not None:
             row = json.dumps({"value": "192.0.2.1", "type": "ban", "scope": "Ip", "duration": "3h", "origin": "x"})
             return request.stream(b"[" + row.encode(), b"," + row.encode(), self.endless)
+        if self.cut is not None:
+            return request.cut(self.body(), self.cut)
         request.send(200, self.body())
 
 
@@ -301,7 +313,9 @@ class Entry:
 
 @dataclass
 class Fault:
-    kind: str  # "429", "5xx", "drop", "html", "drip" (the real answer, slowly), "raw" (status and body)
+    # "429", "5xx", "drop", "html", "drip" (the real answer, slowly), "cut" (its first bytes),
+    # "raw" (status and body)
+    kind: str
     operation: str | None = None  # list, bulk_put, bulk_delete; None: any
     status: int = 500
     retry_after: str | None = "1"
@@ -442,8 +456,10 @@ class KvStandin(Standin):
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
-        if fault and fault.kind == "drip":
+        if fault and fault.kind in ("drip", "cut"):
             status, answer = getattr(self, operation)(query, body)
+            if fault.kind == "cut":
+                return request.cut(json.dumps(answer).encode(), 20)
             return request.send(status, answer, drip=fault.every)
         if fault:
             if fault.kind == "raw":

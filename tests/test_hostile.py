@@ -390,6 +390,16 @@ def test_lapi_max_bytes_default_and_bounds():
     assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "10"})
 
 
+def test_an_answer_broken_off_part_way_leaves_kv_untouched(stack):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.decisions = [decision(ip) for ip in ips(1000)]
+    stack.lapi.cut = 100_000  # of about 150 KB, the first 600 or so decisions
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "broke off its answer part-way" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+
+
 @pytest.mark.parametrize("body", [b'[{"value": "192.0.2.1"}] <html>', b'[{"value": "192.0.2.1"}, oops]', b"\xff[]"])
 def test_junk_after_or_between_decisions_leaves_kv_untouched(stack, body):
     stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
@@ -412,6 +422,16 @@ def test_cloudflare_requests_count_every_attempt_retries_included(stack):
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="list"') == 3
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="bulk_put"') == 2
     assert "cloudflare requests 5 (list 3, bulk_put 2, bulk_delete 0)" in result.out
+
+
+@pytest.mark.parametrize("operation", ["list", "bulk_put"])
+def test_a_cloudflare_answer_cut_off_is_retried(stack, operation):
+    stack.lapi.decisions = [decision(ip) for ip in ips(3)]
+    stack.kv.faults.append(Fault("cut", operation))
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert stack.kv.faults == [] and stack.kv.requests[operation] == 2 and result.sleeps
+    assert set(stack.kv.live()) == {f"ip:{ip}" for ip in ips(3)}
 
 
 def test_a_kv_answering_empty_pages_for_ever_is_stopped(stack):
