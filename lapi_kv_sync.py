@@ -7,14 +7,18 @@ differs. A run where LAPI did not change costs one LAPI read and the list pages:
 When LAPI cannot be read nothing in KV is touched, so existing keys expire by their TTL.
 
 Standard library only, so it runs on a stock python:3.12-alpine from a mounted file.
-Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped).
+Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped),
+143 / 130 stopped by SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import email.utils
 import http.client
+import io
 import ipaddress
 import json
 import math
@@ -22,8 +26,11 @@ import os
 import platform
 import random
 import re
+import signal
+import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
 import urllib.parse
@@ -54,6 +61,11 @@ SAMPLE_KEYS = 20
 
 
 # --------------------------------------------------------------------------- configuration
+
+# A secret goes into an HTTP header: one line of visible ASCII. A key shorter than this is no
+# real key, and redacting it from every log line would blank ordinary words.
+_SECRET_TEXT = re.compile(r"[\x21-\x7e]+")
+MIN_SECRET_LENGTH = 8
 
 
 class ConfigError(Exception):
@@ -86,10 +98,24 @@ class Config:
     expand_ranges_max: int = 0
     log_format: str = "text"
     lapi_usage_metrics: bool = True
+    # LAPI's answer is decoded as it arrives, but what every decision in it projects to is kept:
+    # 48 MiB is about 300,000 decisions (LAPI sends 150-200 bytes each), and a steady run of
+    # 300,000 without a state file peaked at 178 MiB, inside the CronJob's 256Mi memory limit
+    # (400,000: 245 MiB, too close to it).
+    lapi_max_bytes: int = 48 * 1024 * 1024
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for s in (self.lapi_key, self.cf_api_token) if s)
+
+
+def valid_port(parts: urllib.parse.SplitResult) -> bool:
+    """No port, or one from 1 to 65535: http.client would take `:99999` modulo 65536."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        return False
+    return port is None or port > 0
 
 
 def load_config(env: Mapping[str, str]) -> Config:
@@ -101,28 +127,47 @@ def load_config(env: Mapping[str, str]) -> Config:
 
     def secret(name: str) -> str:
         value, path = env.get(name, "").strip(), env.get(name + "_FILE", "").strip()
+        source = name
         if value and path:
             problems.append(f"{name} and {name}_FILE are both set: set only one")
             return ""
         if path:
+            source = f"{name}_FILE ({path})"
             try:
-                with open(path, encoding="utf-8") as f:
-                    value = f.read().strip()
+                with open(path, "rb") as f:
+                    value = f.read().decode("utf-8").removeprefix("\ufeff").strip()
             except OSError as e:
                 problems.append(f"{name}_FILE: cannot read {path}: {e.strerror}")
                 return ""
+            except UnicodeDecodeError:
+                problems.append(f"{source} is not UTF-8 text")
+                return ""
             if not value:
-                problems.append(f"{name}_FILE: {path} is empty")
+                problems.append(f"{source} is empty")
+        # Never the value in a message: only what is wrong with it.
+        if value and not _SECRET_TEXT.fullmatch(value):
+            what = "more than one line" if "\n" in value or "\r" in value else "a character that is not visible ASCII"
+            problems.append(f"{source}: the secret holds {what}; it must be one line of visible ASCII characters")
+            return ""
+        if value and len(value) < MIN_SECRET_LENGTH:
+            problems.append(f"{source}: the secret is under {MIN_SECRET_LENGTH} characters, too short to be a real key")
+            return ""
         return value
 
     def url(name: str, default: str = "") -> str:
         value = text(name, default).rstrip("/")
         if value:
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                parts = urllib.parse.urlsplit(value)
+                hostname = parts.hostname
+            except ValueError:  # an unclosed [IPv6 literal
+                parts, hostname = None, None
+            if parts is None or parts.scheme not in ("http", "https") or not hostname:
                 problems.append(f"{name} must be an http:// or https:// URL, got {value!r}")
             elif parts.username or parts.password:
                 problems.append(f"{name} must not carry credentials in the URL")
+            elif not valid_port(parts):
+                problems.append(f"{name} must have a port from 1 to 65535 (or none), got {value!r}")
         return value
 
     def number(name: str, default: float | None, minimum: float, kind: type = float) -> Any:
@@ -188,6 +233,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         lapi_scenarios_not_containing=words("LAPI_SCENARIOS_NOT_CONTAINING"),
         max_deletes=number("MAX_DELETES", None, 0, int),
         expand_ranges_max=number("EXPAND_RANGES_MAX", 0, 0, int),
+        lapi_max_bytes=number("LAPI_MAX_BYTES", Config.lapi_max_bytes, 1024, int),
     )
     if problems:
         raise ConfigError(problems)
@@ -229,6 +275,8 @@ class Response(NamedTuple):
     status: int
     headers: Mapping[str, str]
     body: bytes
+    # A streamed 200's body, read as it arrives (`body` is then empty); nothing otherwise.
+    chunks: Iterator[bytes] = iter(())
 
 
 class TransportError(Exception):
@@ -236,7 +284,23 @@ class TransportError(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """The run's RUN_DEADLINE would pass before the next attempt could start."""
+    """RUN_DEADLINE passed while an answer was awaited, or would before the next attempt could start."""
+
+    def __init__(self, message: str, response: Response | None = None):
+        super().__init__(message)
+        self.response = response  # the last answer, when there was one (a 429, a 5xx)
+
+
+class AnswerTooLarge(Exception):
+    """An answer's body went past the size it may have."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"its body went past {limit} bytes")
+        self.limit = limit
+
+
+ANSWER_CHUNK = 64 * 1024
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # any answer but LAPI's: a full KV list page is under 2 MiB
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -253,14 +317,44 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket under one HTTP answer, as http.client reads it (through `makefile`), with every
+    read bounded by HTTP_TIMEOUT and by what is left of the run: an answer sent one byte at a time
+    cannot keep the run going past RUN_DEADLINE, whether it drips its head or its body."""
+
+    def __init__(self, sock: socket.socket, timeout: float, remaining: Callable[[], float]):
+        super().__init__()
+        self.sock, self.timeout, self.remaining = sock, timeout, remaining
+        self.raw = sock.makefile("rb", buffering=0)  # keeps the socket open while the answer is read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.remaining()
+        if left <= 0:
+            raise TimeoutError("the run deadline passed")
+        self.sock.settimeout(min(self.timeout, left))
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self, ANSWER_CHUNK)
+
+
 class Http:
-    """One keep-alive connection per host for the whole run; timeouts, retries, a run deadline."""
+    """One keep-alive connection per host for the whole run; timeouts, retries, a run deadline
+    that holds while an answer arrives, a size limit on every answer."""
 
     def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
         self.tls = dict(tls or {})
         self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
         self._random = random.Random()
+        self._read_timeout = timeout
 
     def close(self) -> None:
         for conn in self._conns.values():
@@ -289,14 +383,37 @@ class Http:
                 conn = http.client.HTTPSConnection(netloc, context=context)
             else:
                 conn = http.client.HTTPConnection(netloc)
+            conn.response_class = self._answer
             self._conns[(scheme, netloc)] = conn
         return conn
 
-    def _once(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, timeout: float) -> Response:
+    def _answer(self, sock: socket.socket, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        return http.client.HTTPResponse(_DeadlineReader(sock, self._read_timeout, self._remaining), *args, **kwargs)
+
+    def _failure(self, error: Exception) -> Exception:
+        """What a failed exchange means: the run deadline reached, or a transport failure, named."""
+        if isinstance(error, TimeoutError):
+            if self._remaining() <= 0.01:
+                return DeadlineExceeded("RUN_DEADLINE passed while its answer was still awaited")
+            limit = "HTTP_TIMEOUT" if self._read_timeout == self.timeout else "its timeout"
+            return TransportError(f"timed out ({limit} {self._read_timeout:g}s)")
+        return TransportError(f"{type(error).__name__}: {error}")
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        sent: Callable[[], None],
+        read_timeout: float,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send one request and read the head of its answer; the body is left to read."""
         parts = urllib.parse.urlsplit(url)
         conn = self._connection(parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        timeout = max(0.05, min(timeout, self._remaining()))
+        self._read_timeout = read_timeout  # for the answer's reader, which http.client builds
+        timeout = max(0.01, min(read_timeout, self._remaining()))
         # A kept-alive socket the server closed while idle fails before any answer;
         # that is not the server failing, so it gets one immediate reconnect.
         for reused in (True, False) if conn.sock is not None else (False,):
@@ -305,18 +422,41 @@ class Http:
             else:
                 conn.sock.settimeout(timeout)
             try:
+                sent()
                 conn.request(method, target, body=body, headers=dict(headers))
-                answer = conn.getresponse()
-                return Response(answer.status, answer.headers, answer.read())
+                return conn, conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 conn.close()
                 if not reused:
-                    raise TransportError(f"{type(e).__name__}: {e}") from None
+                    raise self._failure(e) from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                raise TransportError(reason) from None
+                raise self._failure(e) from None
         raise AssertionError("unreachable")
+
+    def _chunks(
+        self, conn: http.client.HTTPConnection, answer: http.client.HTTPResponse, limit: int
+    ) -> Iterator[bytes]:
+        """The answer's body as it arrives, at most `limit` bytes. Unless it is read to its end the
+        connection is closed: what is left on it would be read as the next answer."""
+        received, finished = 0, False
+        try:
+            if answer.length is not None and answer.length > limit:
+                raise AnswerTooLarge(limit)
+            while chunk := answer.read1(ANSWER_CHUNK):
+                received += len(chunk)
+                if received > limit:
+                    raise AnswerTooLarge(limit)
+                yield chunk
+            if answer.length:  # read1 takes a connection closed before the end for the end
+                raise http.client.IncompleteRead(b"", answer.length)
+            answer.close()  # read1 leaves it open at the end of a Content-Length body
+            finished = True
+        except (OSError, http.client.HTTPException) as e:
+            raise self._failure(e) from None
+        finally:
+            if not finished:
+                conn.close()
 
     def request(
         self,
@@ -326,29 +466,45 @@ class Http:
         headers: Mapping[str, str],
         retry: Retry,
         body: bytes | None = None,
+        stream: bool = False,
+        limit: int = MAX_ANSWER_BYTES,
+        on_attempt: Callable[[], None] | None = None,
         timeout: float | None = None,
     ) -> Response:
-        """The first answer that is not a 429 or 5xx, or the last one; TransportError if none came.
-        `timeout` (per attempt) may only shorten HTTP_TIMEOUT."""
+        """The first answer that is not a 429 or 5xx, or the last one. TransportError when none came,
+        DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
+        AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
+        (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
+        called for every request sent: retries, and the reconnect after an idle close, included.
+        `timeout` (per read) may only shorten HTTP_TIMEOUT."""
+        cause = ""  # why the last attempt failed, when no answer came
+        read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
             if self._remaining() <= 0:
-                raise DeadlineExceeded("the run deadline passed")
-            wait = None
+                raise DeadlineExceeded(f"{cause}; RUN_DEADLINE passed" if cause else "RUN_DEADLINE had passed")
+            response, wait, told = None, None, ""
             try:
-                response = self._once(method, url, headers, body, min(self.timeout, timeout or self.timeout))
-            except TransportError:
+                conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                if stream and answer.status == 200:
+                    return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
+                response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
+            except TransportError as e:
                 if attempt == retry.attempts:
                     raise
+                cause = str(e)
             else:
                 if response.status != 429 and response.status < 500 or attempt == retry.attempts:
                     return response
+                cause = ""  # the answer says it
                 if response.status == 429:
                     wait = retry_after_seconds(response.headers.get("Retry-After"), self.clock.now())
+                    told = " (Retry-After)" if wait is not None else ""
             if wait is None:
                 step = min(retry.max_wait, retry.backoff * 2 ** (attempt - 1))
                 wait = self._random.uniform(step / 2, step)
             if wait > self._remaining():
-                raise DeadlineExceeded(f"a retry would wait {wait:.0f}s, past the run deadline")
+                retry_text = f"a retry in {round(wait, 1):g}s{told} would pass RUN_DEADLINE"
+                raise DeadlineExceeded(f"{cause}, and {retry_text}" if cause else retry_text, response)
             self.clock.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -411,7 +567,8 @@ def as_decision(row: Any) -> Decision | None:
 
 
 class Decisions(NamedTuple):
-    rows: list[Decision]
+    # Decoded as LAPI's answer arrives, to be iterated once; LapiUnreadable may come mid-way.
+    rows: Iterable[Decision]
     read_at: float  # wall time of the answer: LAPI durations count from here
 
 
@@ -427,29 +584,131 @@ def lapi_query(config: Config) -> str:
 
 
 def read_decisions(http: Http, config: Config) -> Decisions:
+    """LAPI's decisions as its answer arrives: the head is checked here, the body as it is iterated."""
     url = f"{config.lapi_url}/v1/decisions?{lapi_query(config)}"
     headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
     if config.lapi_key:
         headers["X-Api-Key"] = config.lapi_key
-    try:
-        response = http.request("GET", url, headers=headers, retry=LAPI_RETRY)
-    except (TransportError, DeadlineExceeded) as e:
-        raise LapiUnreadable(f"LAPI at {config.lapi_url} did not answer: {e}") from None
+    with lapi_failures(config):
+        response = http.request("GET", url, headers=headers, retry=LAPI_RETRY, stream=True, limit=config.lapi_max_bytes)
     read_at = http.clock.now()
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
         raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+    return Decisions(lapi_rows(response.chunks, config), read_at)
+
+
+def lapi_rows(chunks: Iterable[bytes], config: Config) -> Iterator[Decision]:
+    with lapi_failures(config):
+        try:
+            yield from json_array_items(chunks, object_hook=as_decision)
+        except ValueError as e:
+            raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
+        except TransportError as e:  # not retried: its decisions are being projected already
+            raise LapiUnreadable(f"LAPI at {config.lapi_url} broke off its answer part-way: {e}") from None
+
+
+@contextlib.contextmanager
+def lapi_failures(config: Config) -> Iterator[None]:
+    """Every way reading LAPI fails, as LapiUnreadable naming the cause."""
     try:
-        rows = json.loads(response.body, object_hook=as_decision)
-    except ValueError:
-        raise LapiUnreadable(f"LAPI answered with a body that is not JSON: {snippet(response.body)}") from None
-    if rows is None:
-        return Decisions([], read_at)
-    if not isinstance(rows, list):
-        kind = "object" if isinstance(rows, Decision) else type(rows).__name__
-        raise LapiUnreadable(f"LAPI answered with a JSON {kind}, not a list of decisions")
-    return Decisions(rows, read_at)
+        yield
+    except TransportError as e:
+        raise LapiUnreadable(f"LAPI at {config.lapi_url} did not answer: {e}") from None
+    except DeadlineExceeded as e:
+        answered = f"answered HTTP {e.response.status}" if e.response else "did not answer"
+        raise LapiUnreadable(f"LAPI at {config.lapi_url} {answered}: {e}") from None
+    except AnswerTooLarge as e:
+        raise LapiUnreadable(
+            f"LAPI's answer was too large: over LAPI_MAX_BYTES ({e.limit} bytes); raise it, and the memory limit with it"
+        ) from None
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an item is junk
+# How close to the end of the text a decoding error may be and still mean "not all here yet":
+# the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
+_CUT_SHORT = 8
+
+
+def json_array_items(chunks: Iterable[bytes], object_hook: Callable[[dict], Any] | None = None) -> Iterator[Any]:
+    """The items of a JSON array (none for `null`), decoded from UTF-8 bytes as they arrive, with
+    only the item being decoded held; ValueError for anything else, wherever it is.
+
+    An item that is not complete yet is tried again only once the text held has doubled, so one
+    giant item costs linear time; junk is told from an item cut short by where the decoder fails."""
+    decoder = json.JSONDecoder(object_hook=object_hook)
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    source = iter(chunks)
+    text, pos, ended = "", 0, False
+
+    def extend(at_least: int) -> None:
+        """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
+        nonlocal text, pos, ended
+        pieces, held = [text[pos:]], len(text) - pos
+        while held < at_least and not ended:
+            chunk = next(source, None)
+            ended = chunk is None
+            piece = utf8.decode(chunk or b"", final=ended)
+            pieces.append(piece)
+            held += len(piece)
+        text, pos = "".join(pieces), 0
+
+    def next_char() -> str:
+        """The next character that is not white space ("" at the end), left unconsumed."""
+        nonlocal pos
+        while True:
+            pos = _JSON_SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            if pos < len(text) or ended:
+                return text[pos : pos + 1]
+            extend(1)
+
+    def junk(expected: str) -> ValueError:
+        return ValueError(f"expected {expected} at {text[pos : pos + 40]!r}")
+
+    first = next_char()
+    if first == "n":
+        extend(4)
+        if not text.startswith("null", pos):
+            raise junk("`null` or a list")
+        pos += 4
+    elif first == "[":
+        pos += 1
+        if next_char() == "]":
+            pos += 1
+        else:
+            while True:
+                next_char()
+                while True:
+                    try:
+                        item, end = decoder.raw_decode(text, pos)
+                        # A number cut short (`1` of `1e5`, `1.` of `1.5`) decodes: see what follows.
+                        goes_on = type(item) in (int, float) and (end == len(text) or text[end] in ".eE")
+                        if ended or not goes_on:
+                            break
+                    except json.JSONDecodeError as e:
+                        cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(text) - _CUT_SHORT
+                        if ended or not cut_short:
+                            raise ValueError(f"{e.msg}: {text[e.pos : e.pos + 40]!r}") from None
+                    except RecursionError:
+                        raise ValueError("an item nested too deeply") from None
+                    if len(text) - pos > MAX_ITEM_CHARS:
+                        raise ValueError(f"an item over {MAX_ITEM_CHARS} characters at {text[pos : pos + 40]!r}")
+                    extend(2 * (len(text) - pos) + 1)
+                pos = end
+                yield item
+                following = next_char()
+                if following != ",":
+                    break
+                pos += 1
+            if following != "]":
+                raise junk("`,` or `]`")
+            pos += 1
+    else:
+        raise junk("`null` or a list")
+    if next_char():
+        raise junk("the end of the answer")
 
 
 def snippet(body: bytes, limit: int = 120) -> str:
@@ -589,6 +848,15 @@ def metadata_for(wanted: Wanted | Write) -> dict[str, str]:
 
 
 CLOUDFLARE_RETRY = Retry(attempts=6, backoff=1.0, max_wait=30.0)
+# A KV may answer an empty page before the end, but not page after page: past this many in a
+# row the listing stops (one broken answer once made 456 list calls in 20 s).
+MAX_EMPTY_PAGES = 10
+# What to check when Cloudflare answers with these codes.
+CLOUDFLARE_HINTS = {
+    7003: "check CF_ACCOUNT_ID and CF_KV_NAMESPACE_ID",
+    10013: "check CF_ACCOUNT_ID and CF_KV_NAMESPACE_ID",
+}
+SCOPE_HINT = "check that CF_API_TOKEN is valid and has the permission Workers KV Storage: Edit on this account"
 
 
 class CloudflareError(Exception):
@@ -617,36 +885,36 @@ class Cloudflare:
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
         }
+        # Every request sent, retries included: what the account's API budget is charged.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
 
     def call(self, operation: str, method: str, path: str, payload: Any = None) -> tuple[dict[str, Any], Response]:
         """Cloudflare's envelope of a successful answer; CloudflareError with its codes and messages otherwise."""
-        self.requests[operation] += 1
         body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         try:
             response = self.http.request(
-                method, self.base + path, headers=self.headers, body=body, retry=CLOUDFLARE_RETRY
+                method,
+                self.base + path,
+                headers=self.headers,
+                body=body,
+                retry=CLOUDFLARE_RETRY,
+                on_attempt=lambda: self.requests.update((operation,)),
             )
         except TransportError as e:
             raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
-        try:
-            envelope = json.loads(response.body)
-        except ValueError:
-            envelope = None
-        if not isinstance(envelope, dict):
-            raise CloudflareError(
-                f"{operation}: HTTP {response.status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
-            )
-        if response.status != 200 or envelope.get("success") is not True:
-            errors = "; ".join(
-                f"{e.get('code')}: {e.get('message')}" for e in envelope.get("errors") or [] if isinstance(e, dict)
-            )
-            raise CloudflareError(f"{operation}: HTTP {response.status}: {errors or 'no error given'}")
+        except DeadlineExceeded as e:
+            answered = f"{read_envelope(e.response)[1]}; " if e.response else ""
+            raise CloudflareError(f"{operation}: {answered}{e}") from None
+        except AnswerTooLarge as e:
+            raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
+        envelope, problem = read_envelope(response)
+        if problem:
+            raise CloudflareError(f"{operation}: {problem}")
         return envelope, response
 
     def list_keys(self, prefix: str) -> Listing:
         present: dict[str, Present] = {}
-        server_time, received_at, cursor, seen = None, 0.0, "", set()
+        server_time, received_at, cursor, seen, empty_pages = None, 0.0, "", set(), 0
         while True:
             query = {"prefix": prefix, "limit": LIST_LIMIT}
             if cursor:
@@ -660,12 +928,18 @@ class Cloudflare:
                 raise CloudflareError(f"list: `result` is a {type(result).__name__}, not a list of keys")
             present.update(present_keys(result, prefix))
             # The last page's cursor may be "", null or absent; an empty page is not the end.
-            cursor = ((envelope.get("result_info") or {}).get("cursor")) or ""
+            cursor = (envelope.get("result_info") or {}).get("cursor") or ""
             if not cursor:
                 return Listing(present, server_time, received_at)
-            if cursor in seen:
-                raise CloudflareError("list: Cloudflare returned a cursor twice; stopping rather than looping")
+            if not isinstance(cursor, str) or cursor in seen:
+                raise CloudflareError("list: Cloudflare returned a cursor twice or not a string; stopped")
             seen.add(cursor)
+            empty_pages = 0 if result else empty_pages + 1
+            if empty_pages >= MAX_EMPTY_PAGES:
+                raise CloudflareError(
+                    f"list: {empty_pages} empty pages in a row, each with a new cursor; stopped, "
+                    "so a broken answer cannot spend the account's API budget"
+                )
 
     def bulk_put(self, items: list[dict[str, Any]]) -> list[str]:
         envelope, _ = self.call("bulk_put", "PUT", "/bulk", items)
@@ -674,6 +948,32 @@ class Cloudflare:
     def bulk_delete(self, names: list[str]) -> list[str]:
         envelope, _ = self.call("bulk_delete", "POST", "/bulk/delete", names)
         return unsuccessful_keys(envelope.get("result"))
+
+
+def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
+    """Cloudflare's envelope of an answer, and what is wrong with it ("" for a success): the codes and
+    messages Cloudflare gave and what to check, or how the answer is not an envelope at all."""
+    try:
+        envelope = json.loads(response.body)
+    except ValueError:
+        envelope = None
+    status = f"HTTP {response.status}"
+    if not isinstance(envelope, dict):
+        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+    shape = {"success": (bool,), "errors": (list, type(None)), "result_info": (dict, type(None))}
+    for name, kinds in shape.items():
+        if not isinstance(envelope.get(name), kinds):
+            kind = type(envelope.get(name)).__name__ if name in envelope else "missing"
+            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body)}"
+    if response.status == 200 and envelope["success"]:
+        return envelope, ""
+    errors = [e for e in envelope.get("errors") or [] if isinstance(e, dict)]
+    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "no error given"
+    codes = [e.get("code") for e in errors]
+    hints = {CLOUDFLARE_HINTS[c] for c in codes if isinstance(c, int) and c in CLOUDFLARE_HINTS}
+    if response.status in (401, 403):
+        hints.add(SCOPE_HINT)
+    return envelope, f"{status}: {text}" + "".join(f" ({hint})" for hint in sorted(hints))
 
 
 def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
@@ -830,7 +1130,7 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "duration_seconds", "How long the last run took.", {}, report.duration),
         (
             p + "exit_code",
-            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped).",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), 143/130 SIGTERM/SIGINT.",
             {},
             report.exit_code,
         ),
@@ -896,8 +1196,8 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         response = http.request(
             method, url, headers=headers, body=exposition(metric_samples(report)).encode(), retry=PUSH_RETRY
         )
-    except (TransportError, DeadlineExceeded) as e:
-        log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} unreachable: {e}")
+    except (TransportError, DeadlineExceeded, AnswerTooLarge) as e:
+        log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
         log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
@@ -1015,6 +1315,26 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
 # --------------------------------------------------------------------------- output
 
 
+_ESCAPES: tuple[Callable[[str], str], ...] = (
+    lambda s: repr(s)[1:-1],
+    lambda s: json.dumps(s)[1:-1],
+    urllib.parse.quote,
+    lambda s: urllib.parse.quote(s, safe=""),
+    urllib.parse.quote_plus,
+)
+
+
+def secret_forms(secrets: Iterable[str]) -> list[str]:
+    """Every form a secret can take in output, longest first: as is, in a repr, JSON-escaped,
+    percent-encoded, and each of those escaped once more (a repr of an exception quoting a repr).
+    Secrets under MIN_SECRET_LENGTH are left out: load_config refuses them, and a one-letter one
+    would blank that letter everywhere."""
+    forms = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+    for _ in range(2):
+        forms |= {escape(form) for form in forms for escape in _ESCAPES}
+    return sorted(forms, key=len, reverse=True)
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -1022,14 +1342,15 @@ class Log:
         self, out: TextIO, err: TextIO, fmt: str = "text", secrets: Iterable[str] = (), clock: Clock = SYSTEM_CLOCK
     ):
         self.out, self.err, self.fmt, self.clock = out, err, fmt, clock
-        self.secrets = [s for s in secrets if s]
+        self.secrets = secret_forms(secrets)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
+        for form in self.secrets:
+            text = text.replace(form, "[redacted]")
         return text
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
+        message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
                 "time": round(self.clock.now(), 3),
@@ -1071,7 +1392,9 @@ def log_summary(log: Log, report: Report) -> None:
         f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
         f"{report.duration:.2f}s"
     )
-    log.info(
+    if not report.success:
+        message = f"run FAILED (exit {report.exit_code}), figures so far: {message}"
+    (log.info if report.success else log.error)(
         "run",
         message,
         success=report.success,
@@ -1233,9 +1556,59 @@ def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Nam
         return EXIT_LAPI
     except (CloudflareError, DeadlineExceeded) as e:
         log.error("cloudflare_failed", f"Cloudflare: {e}")
+    except Interrupted as stop:
+        log.error(
+            "interrupted",
+            f"{stop} received: stopped the run where it was; KV holds at most part of this run's plan, "
+            "which the next run completes",
+            signal=str(stop),
+        )
+        return stop.exit_code
     except Exception:  # a bug: say so loudly, but never with a secret in it
         log.error("internal_error", traceback.format_exc().strip())
     return EXIT_CLOUDFLARE
+
+
+class Interrupted(BaseException):
+    """SIGTERM (Kubernetes at activeDeadlineSeconds, a drain, an eviction) or SIGINT, raised in the
+    main thread wherever the run is. A BaseException, so no `except Exception` on the way stops it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal ended: 143, 130
+
+
+class Signals:
+    """While in effect, the first SIGTERM or SIGINT raises Interrupted; later ones, and any after
+    `hold()`, are ignored, so the failure is still reported (in PUSH_GRACE, well inside the pod's
+    30 s grace period). Only the main thread can receive signals; elsewhere this does nothing."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise Interrupted(signum)
+
+    def hold(self) -> None:
+        self.armed = False
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.HANDLED}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def main(
@@ -1245,19 +1618,24 @@ def main(
     err: TextIO | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
+    env = os.environ if env is None else env
+    out, err = out or sys.stdout, err or sys.stderr
     try:
-        args, config = configure(argv, os.environ if env is None else env)
+        args, config = configure(argv, env)
         tls = lapi_tls(config)
     except ConfigError as e:
-        (err or sys.stderr).write("lapi-kv-sync: configuration error: " + "; ".join(e.problems) + "\n")
+        # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
+        fmt = "json" if env.get("LOG_FORMAT", "").strip().lower() == "json" else "text"
+        Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
         return EXIT_CONFIG
-    log = Log(out or sys.stdout, err or sys.stderr, config.log_format, config.secrets, clock)
+    log = Log(out, err, config.log_format, config.secrets, clock)
     report, started = Report(started=clock.now()), clock.monotonic()
-    with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http:
+    with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http, Signals() as signals:
         report.exit_code = run(http, config, log, report, args)
+        signals.hold()
         report.duration = clock.monotonic() - started
         if not args.dry_run:
-            if report.exit_code != EXIT_LAPI:
+            if report.exit_code in (EXIT_OK, EXIT_CLOUDFLARE):  # LAPI and signals said it in one line
                 log_summary(log, report)
             send_usage_metrics(http, config, log, report, last_sent=None)
             push_metrics(http, config, report, log)

@@ -97,12 +97,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def send(
-        self, status: int, body: bytes | str | Any, content_type: str = "application/json", headers: dict | None = None
+        self,
+        status: int,
+        body: bytes | str | Any,
+        content_type: str = "application/json",
+        headers: dict | None = None,
+        drip: float = 0.0,
     ) -> None:
         if not isinstance(body, (bytes, str)):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
+        if drip or self.server.owner.drip:
+            return self.drip(status, body, content_type, headers or {}, drip or self.server.owner.drip)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -110,6 +117,46 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def drip(self, status: int, body: bytes, content_type: str, headers: dict, every: float) -> None:
+        """The whole answer, head and body, one byte every `every` seconds, as a stalled proxy or a
+        hostile server sends it; it stops when the client goes away or the server stops."""
+        head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}", f"Content-Type: {content_type}"]
+        head += [f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        self.close_connection = True
+        for i in range(len(raw)):
+            try:
+                self.wfile.write(raw[i : i + 1])
+            except OSError:
+                return
+            if self.server.owner.stopped.wait(every):
+                return
+
+    def stream(self, first: bytes, repeated: bytes, every: float) -> None:
+        """A 200 whose chunked body is `first` then `repeated` again and again, every `every`
+        seconds (0: as fast as the client reads), until the client goes away or the server stops."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = first
+        while not self.server.owner.stopped.wait(every):
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            except OSError:
+                return
+            piece = repeated
+
+    def cut(self, body: bytes, keep: int) -> None:
+        """A 200 that promises the whole body, sends its first `keep` bytes and closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:keep])
+        self.drop()
 
     def drop(self) -> None:
         """Close the connection with no answer at all, as a reset proxy does."""
@@ -136,6 +183,8 @@ class Standin:
         self.bytes_in = 0  # HTTP bytes the server received (the client sent)
         self.bytes_out = 0
         self.clock_offset = 0.0
+        self.drip = 0.0  # seconds between the bytes of every answer; 0: answers come at once
+        self.stopped = threading.Event()
         self.server = _Server(self, _Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._timer = threading.Timer(LIFETIME, self.stop)
@@ -161,6 +210,7 @@ class Standin:
         return self
 
     def stop(self) -> None:
+        self.stopped.set()
         self._timer.cancel()
         self.server.shutdown()
         self.server.server_close()
@@ -244,6 +294,8 @@ class LapiStandin(Standin):
         self.decisions: list[dict] | None = []
         self.answer: tuple[int, bytes, str] | None = None  # status, body, content type
         self.delay = 0.0
+        self.endless: float | None = None  # a body that never ends: seconds between its decisions
+        self.cut: int | None = None  # send only this many bytes of the body, then close
         self.queries: list[dict[str, list[str]]] = []
         self.user_agents: list[str] = []
         self.usage_metrics: list[Any] = []
@@ -312,6 +364,11 @@ class LapiStandin(Standin):
         if self.answer:
             status, body, content_type = self.answer
             return request.send(status, body, content_type)
+        if self.endless is not None:
+            row = json.dumps({"value": "192.0.2.1", "type": "ban", "scope": "Ip", "duration": "3h", "origin": "x"})
+            return request.stream(b"[" + row.encode(), b"," + row.encode(), self.endless)
+        if self.cut is not None:
+            return request.cut(self.body(), self.cut)
         request.send(200, self.body())
 
 
@@ -327,11 +384,15 @@ class Entry:
 
 @dataclass
 class Fault:
-    kind: str  # "429", "5xx", "drop", "html"
+    # "429", "5xx", "drop", "html", "drip" (the real answer, slowly), "cut" (its first bytes),
+    # "raw" (status and body)
+    kind: str
     operation: str | None = None  # list, bulk_put, bulk_delete; None: any
     status: int = 500
     retry_after: str | None = "1"
     times: int = 1  # how many requests it hits; -1: every one
+    body: Any = None  # for "raw"
+    every: float = 0.5  # for "drip": seconds between bytes
 
 
 def _error(code: int, message: str) -> dict:
@@ -397,7 +458,8 @@ class KvStandin(Standin):
         self.token = token
         self.store: dict[str, Entry] = {}
         self.faults: list[Fault] = []
-        self.quirks: set[str] = set()  # empty_first_page, null_cursor, absent_cursor, null_result
+        # empty_first_page, null_cursor, absent_cursor, null_result, endless_empty_pages
+        self.quirks: set[str] = set()
         self.unsuccessful_once: set[str] = set()
         self.unsuccessful_always: set[str] = set()
         self.requests: Counter[str] = Counter()
@@ -465,7 +527,14 @@ class KvStandin(Standin):
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
+        if fault and fault.kind in ("drip", "cut"):
+            status, answer = getattr(self, operation)(query, body)
+            if fault.kind == "cut":
+                return request.cut(json.dumps(answer).encode(), 20)
+            return request.send(status, answer, drip=fault.every)
         if fault:
+            if fault.kind == "raw":
+                return request.send(fault.status, fault.body)
             if fault.kind == "drop":
                 return request.drop()
             if fault.kind == "html":
@@ -509,6 +578,9 @@ class KvStandin(Standin):
                 self._names = sorted(self.store)
         names, now, page = self._names, self.now(), []
         i = bisect.bisect_right(names, after) if after else bisect.bisect_left(names, prefix)
+        if "endless_empty_pages" in self.quirks:  # a broken KV: empty pages, each with a new cursor
+            self._cursors[token := secrets.token_urlsafe(24)] = (prefix, after)
+            return 200, {"success": True, "errors": [], "messages": [], "result": [], "result_info": {"cursor": token}}
         if "empty_first_page" in self.quirks and not query.get("cursor"):
             i = bisect.bisect_left(names, prefix)
             after, more = "", True

@@ -109,11 +109,6 @@ def test_the_network_policy_lets_the_job_reach_lapi_and_the_pushgateway_it_is_gi
         assert allowed, f"{name}: no egress rule to namespace {namespace} port {url.port}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CronJob's pod template gets its labels on the hostile branch (issue 10, item 7): "
-    "remove this mark when it is merged",
-)
 def test_the_example_network_policy_selects_the_job_pods(example):
     selector = one(example, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
     labels = one(example, "CronJob")["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {})

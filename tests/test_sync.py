@@ -280,7 +280,9 @@ def test_a_429_longer_than_the_deadline_gives_up(stack):
     stack.kv.faults.append(Fault("429", "list", retry_after="300"))
     result = stack.run(RUN_DEADLINE="60")
     assert result.code == job.EXIT_CLOUDFLARE
-    assert "past the run deadline" in result.err
+    assert (
+        "list: HTTP 429: 10429: Too many requests; a retry in 300s (Retry-After) would pass RUN_DEADLINE" in result.err
+    )
     assert result.sleeps == []
     assert stack.kv.live() == {}
 

@@ -331,7 +331,7 @@ def test_bounded_by_the_run_deadline(stack):
     clock = FakeClock().clock()
     with job.Http(clock, 30, deadline=clock.monotonic() - 1) as http:  # the run's time is up
         assert job.send_usage_metrics(http, config, log, report, last_sent=None) == report.started
-    assert stack.lapi.usage_metrics == [] and "the run deadline passed" in out.getvalue()
+    assert stack.lapi.usage_metrics == [] and "RUN_DEADLINE had passed" in out.getvalue()
 
 
 def test_returns_what_the_state_file_keeps(stack):

@@ -1,0 +1,584 @@
+"""Hostile conditions (issue 10): slow and endless answers, signals, odd secrets, bad ports,
+malformed Cloudflare answers. Short deadlines here are the subject of the tests that set them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lapi_kv_sync as job
+from tests.conftest import SCRIPT, assert_no_secret
+from tests.standins import Entry, Fault, decision
+from tests.test_core import BASE_ENV
+from tests.test_sync import PREFIXED, ips
+
+# A drip of one byte every half second would take minutes to deliver any of these answers;
+# a run bounded by its deadline ends within seconds of it. The margin is generous on purpose.
+DEADLINE = 2
+MARGIN = 15
+
+
+def timed(run):
+    started = time.monotonic()
+    result = run()
+    return result, time.monotonic() - started
+
+
+# --------------------------------------------------------------------------- item 1: the run deadline holds
+
+
+@pytest.mark.parametrize(
+    "slow, code, named",
+    [
+        ("lapi", job.EXIT_LAPI, "LAPI at http://127.0.0.1"),
+        ("list", job.EXIT_CLOUDFLARE, "Cloudflare: list: "),
+        ("bulk_put", job.EXIT_CLOUDFLARE, "Cloudflare: bulk_put: "),
+    ],
+)
+def test_an_answer_dripped_byte_by_byte_ends_the_run_at_its_deadline(stack, slow, code, named):
+    stack.lapi.decisions = [decision(ip) for ip in ips(5)]
+    if slow == "lapi":
+        stack.lapi.drip = 0.5
+    else:
+        stack.kv.faults.append(Fault("drip", slow, every=0.5))
+    result, took = timed(lambda: stack.run(RUN_DEADLINE=str(DEADLINE)))
+    assert result.code == code, result.err
+    assert took < DEADLINE + MARGIN
+    assert named in result.err and "RUN_DEADLINE passed" in result.err
+    if slow == "lapi":
+        assert sum(stack.kv.requests.values()) == 0  # KV untouched
+    last = stack.push.pushes[-1]
+    assert last.method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
+    assert stack.push.value(PREFIXED + "success") == 0
+
+
+def test_a_lapi_body_that_streams_forever_ends_at_the_deadline(stack):
+    stack.lapi.endless = 0.05  # the head at once, then a decision every 50 ms, for ever
+    result, took = timed(lambda: stack.run(RUN_DEADLINE=str(DEADLINE)))
+    assert result.code == job.EXIT_LAPI, result.err
+    assert took < DEADLINE + MARGIN
+    assert "RUN_DEADLINE passed" in result.err and sum(stack.kv.requests.values()) == 0
+    assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
+
+
+def test_a_dripping_pushgateway_costs_at_most_the_push_allowance(stack, monkeypatch):
+    monkeypatch.setattr(job, "PUSH_GRACE", 1.0)  # the allowance is the subject: keep the test short
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.push.drip = 0.5
+    result, took = timed(lambda: stack.run(RUN_DEADLINE=str(DEADLINE)))
+    assert result.code == job.EXIT_OK, result.err
+    assert took < DEADLINE + 1 + MARGIN
+    assert "warning: Pushgateway at" in result.err and "RUN_DEADLINE passed" in result.err
+
+
+# --------------------------------------------------------------------------- item 3: secrets
+
+
+def config_problems(env: dict) -> str:
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, **env})
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"tok-AAAAAAAA\ntok-BBBBBBBB\n", "more than one line"),
+        (b"tok-AAAAAAAA\rtok-BBBBBBBB", "more than one line"),
+        (b"tok-AAAA\x00AAAA", "not visible ASCII"),
+        (b"tok-AAAA\x7fAAAA", "not visible ASCII"),
+        ("tok-AAAAé-AAAA".encode(), "not visible ASCII"),
+        (b"tok-AAAA AAAA", "not visible ASCII"),
+        (b"\xfftok-AAAAAAAA", "not UTF-8"),
+        (b"tok-AAA", "under 8 characters"),
+        (b"\xef\xbb\xbf\n", "empty"),
+    ],
+)
+@pytest.mark.parametrize("name", ["CF_API_TOKEN", "LAPI_KEY"])
+def test_an_unusable_secret_file_is_named_never_shown(tmp_path, name, content, what):
+    path = tmp_path / "secret"
+    path.write_bytes(content)
+    text = config_problems({name: "", f"{name}_FILE": str(path)})
+    assert f"{name}_FILE" in text and what in text
+    assert "tok-" not in text and "AAAA" not in text
+
+
+@pytest.mark.parametrize("value", ["tok-AAAAAAAA\ntok-BBBBBBBB", "tok-AAAA\tAAAA", "e"])
+def test_an_unusable_secret_variable_is_named_never_shown(value):
+    text = config_problems({"CF_API_TOKEN": value})
+    assert "CF_API_TOKEN" in text and "tok-" not in text and "'e'" not in text
+
+
+def test_a_byte_order_mark_and_the_final_newline_are_stripped(tmp_path):
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbfcf-token-0123456789\r\n")
+    config = job.load_config({**BASE_ENV, "CF_API_TOKEN": "", "CF_API_TOKEN_FILE": str(tmp_path / "token")})
+    assert config.cf_api_token == "cf-token-0123456789"
+
+
+def test_a_two_line_token_file_ends_in_exit_2_without_the_secret(stack, tmp_path):
+    (tmp_path / "token").write_text("tok-AAAAAAAA\ntok-BBBBBBBB\n")
+    result = stack.run_process(CF_API_TOKEN=None, CF_API_TOKEN_FILE=str(tmp_path / "token"))
+    assert result.code == job.EXIT_CONFIG
+    assert "CF_API_TOKEN_FILE" in result.err and "Traceback" not in result.err
+    assert_no_secret(result.out, result.err, secrets=("tok-AAAAAAAA", "tok-BBBBBBBB"))
+
+
+SECRET = "s3cr\\et\"'/+%&=?#x"  # every character that some encoding changes
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        SECRET,
+        repr(SECRET),
+        json.dumps(SECRET),
+        job.urllib.parse.quote(SECRET),
+        job.urllib.parse.quote(SECRET, safe=""),
+        job.urllib.parse.quote_plus(SECRET),
+        repr(SECRET.encode()),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_form_of_a_secret_is_redacted(form, fmt):
+    import io
+
+    out = io.StringIO()
+    log = job.Log(out, out, fmt, secrets=[SECRET])
+    log.error("x", f"the server said {form} and {form!r}")
+    assert "[redacted]" in out.getvalue()
+    assert "s3cr" not in out.getvalue(), out.getvalue()
+
+
+def test_a_one_letter_secret_does_not_blank_the_log():
+    import io
+
+    out = io.StringIO()
+    job.Log(out, out, secrets=["e"]).info("x", "every e stays")
+    assert "every e stays" in out.getvalue()
+
+
+# --------------------------------------------------------------------------- item 6: ports
+
+
+@pytest.mark.parametrize("name", ["LAPI_URL", "CF_API_URL", "PUSHGATEWAY_URL"])
+@pytest.mark.parametrize("netloc", ["host:abc", "host:99999", "host:65536", "host:0", "host:-1", "[::1"])
+def test_a_url_whose_port_is_not_1_to_65535_is_a_configuration_error(name, netloc):
+    assert name in config_problems({name: f"http://{netloc}/x"})
+
+
+@pytest.mark.parametrize("netloc", ["host:1", "host:65535", "host", "[::1]:8080"])
+def test_ports_from_1_to_65535_are_fine(netloc):
+    assert job.load_config({**BASE_ENV, "LAPI_URL": f"http://{netloc}"}).lapi_url == f"http://{netloc}"
+
+
+def test_a_bad_port_is_exit_2_not_a_traceback(stack):
+    result = stack.run_process(LAPI_URL="http://127.0.0.1:99999")
+    assert result.code == job.EXIT_CONFIG and "LAPI_URL" in result.err and "Traceback" not in result.err
+    assert stack.lapi.queries == []
+
+
+# --------------------------------------------------------------------------- configuration errors as JSON
+
+
+def test_configuration_errors_are_json_lines_when_the_log_is(stack):
+    result = stack.run_process(env={"LOG_FORMAT": "json", "LAPI_URL": "http://x:0"})
+    assert result.code == job.EXIT_CONFIG and result.out == ""
+    record = json.loads(result.err)
+    assert record["level"] == "error" and record["event"] == "configuration"
+    for name in ("LAPI_URL", "LAPI_KEY", "CF_ACCOUNT_ID", "CF_API_TOKEN"):
+        assert name in record["message"]
+
+
+# --------------------------------------------------------------------------- item 2: SIGTERM and SIGINT
+
+
+def wait_for(condition, seconds: float = 60) -> None:
+    give_up = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < give_up, "the job never got that far"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("waiting_on", ["lapi", "bulk_put"])
+def test_a_signal_stops_the_run_with_one_line_a_push_and_its_exit_code(stack, signum, code, waiting_on):
+    wanted = ips(5)
+    stack.lapi.decisions = [decision(ip) for ip in wanted]
+    if waiting_on == "lapi":
+        stack.lapi.drip = 0.5
+    else:
+        stack.kv.faults.append(Fault("drip", "bulk_put", every=0.5))
+    environment = {"PATH": os.environ.get("PATH", ""), **stack.env()}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: stack.lapi.queries if waiting_on == "lapi" else stack.kv.requests["bulk_put"])
+        sent = time.monotonic()
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert_no_secret(out, err)
+    assert process.returncode == code, err
+    assert took < 20, "the pod's grace period is 30 s"
+    assert out == "" and err.count("\n") == 1 and signal.Signals(signum).name in err and "Traceback" not in err
+    last = stack.push.pushes[-1]
+    assert last.method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
+    assert stack.push.value(PREFIXED + "success") == 0
+    # KV holds at most part of the plan; the next run completes it.
+    stack.lapi.drip = 0.0
+    stack.kv.faults.clear()
+    assert stack.run().code == job.EXIT_OK
+    assert set(stack.kv.live()) == {f"ip:{ip}" for ip in wanted}
+
+
+def test_the_signal_handlers_are_put_back_after_a_run(stack):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert stack.run().code == job.EXIT_OK
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_interrupted_is_no_exception_that_code_may_swallow():
+    assert not issubclass(job.Interrupted, Exception) and issubclass(job.Interrupted, BaseException)
+    assert job.Interrupted(signal.SIGTERM).exit_code == 143 and str(job.Interrupted(signal.SIGINT)) == "SIGINT"
+
+
+# --------------------------------------------------------------------------- item 4: LAPI's answer, bounded and streamed
+
+
+def items(text: str, size: int = 7, **kwargs) -> list:
+    data = text.encode()
+    return list(job.json_array_items((data[i : i + size] for i in range(0, len(data), size)), **kwargs))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.lists(json_values, max_size=8), st.integers(1, 40), st.sampled_from(["", " ", "\n\t ", "\r\n"]))
+def test_streamed_items_are_what_json_loads_gives_for_any_chunking(values, size, space):
+    text = space + "[" + space + (space + "," + space).join(json.dumps(v) for v in values) + space + "]" + space
+    assert items(text, size) == json.loads(text)
+
+
+@given(st.lists(json_values, min_size=1, max_size=5), st.integers(0, 200), st.text(min_size=1, max_size=3))
+def test_junk_anywhere_is_refused_as_json_loads_refuses_it(values, where, junk):
+    text = json.dumps(values)
+    where %= len(text) + 1
+    text = text[:where] + junk + text[where:]
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        expected = ValueError
+    if expected is not ValueError and not isinstance(expected, list) and expected is not None:
+        expected = ValueError  # a JSON value, but not a list of decisions
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            items(text, 3)
+    else:
+        assert items(text, 3) == (expected or [])
+
+
+@pytest.mark.parametrize("text", ["null", " null\n", "[]", " [ ] ", "[\n]\n"])
+def test_null_and_an_empty_list_are_no_decisions(text):
+    assert items(text, 1) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["", "nul", "nullx", "[", "[1,]", "[1 2]", "{}", '"x"', "[1]]", "[1] 2", "[" * 100_000 + "]" * 100_000]
+)
+def test_anything_else_is_refused(text):
+    with pytest.raises(ValueError):
+        items(text, 5)
+
+
+def test_a_number_cut_between_chunks_is_read_whole():
+    assert items("[12345, 6789]", 3) == [12345, 6789]
+    assert items("[1e+10,-0.5]", 2) == [1e10, -0.5]
+
+
+def test_a_giant_item_is_decoded_in_linear_time_not_quadratic(monkeypatch):
+    tries = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            tries.append(idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(job.json, "JSONDecoder", Counting)
+    giant = json.dumps(["x" * 900_000])
+    assert items(giant, 1000) == json.loads(giant)  # 900 chunks
+    assert len(tries) < 30  # a try per chunk would be 900
+
+
+def test_an_item_past_the_item_limit_is_refused_early():
+    chunks_read = []
+
+    def body():
+        yield b'["'
+        for _ in range(10_000):
+            chunks_read.append(1)
+            yield b"x" * 1000
+        yield b'"]'
+
+    with pytest.raises(ValueError):
+        list(job.json_array_items(body()))
+    assert len(chunks_read) < 2 * job.MAX_ITEM_CHARS / 1000
+
+
+def test_decisions_are_decoded_as_they_arrive_never_the_whole_body():
+    import tracemalloc
+
+    row = json.dumps({"value": "192.0.2.1", "type": "ban", "scope": "Ip", "duration": "3h", "origin": "x"}).encode()
+    count = 100_000  # about 8 MB of body
+
+    def body():
+        yield b"["
+        for i in range(count):
+            yield (b"," if i else b"") + row
+        yield b"]"
+
+    tracemalloc.start()
+    try:
+        seen = sum(1 for d in job.json_array_items(body(), object_hook=job.as_decision) if d.value == "192.0.2.1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count
+    assert peak < 1_000_000  # the body is 8 MB
+
+
+@pytest.mark.parametrize("how", ["content_length", "endless"])
+def test_an_answer_over_lapi_max_bytes_is_refused_and_kv_untouched(stack, how):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    if how == "endless":
+        stack.lapi.endless = 0.0  # as fast as the job reads
+    else:
+        stack.lapi.decisions = [decision(ip) for ip in ips(100)]  # about 15 KB
+    result = stack.run(LAPI_MAX_BYTES="10000")
+    assert result.code == job.EXIT_LAPI, result.err
+    assert "too large" in result.err and "LAPI_MAX_BYTES" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
+
+
+def test_an_answer_under_lapi_max_bytes_goes_through(stack):
+    stack.lapi.decisions = [decision(ip) for ip in ips(100)]
+    assert stack.run(LAPI_MAX_BYTES="100000").code == job.EXIT_OK
+    assert len(stack.kv.live()) == 100
+
+
+def test_lapi_max_bytes_default_and_bounds():
+    assert job.load_config(BASE_ENV).lapi_max_bytes == 48 * 1024 * 1024
+    assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "lots"})
+    assert "LAPI_MAX_BYTES" in config_problems({"LAPI_MAX_BYTES": "10"})
+
+
+def test_an_answer_broken_off_part_way_leaves_kv_untouched(stack):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.decisions = [decision(ip) for ip in ips(1000)]
+    stack.lapi.cut = 100_000  # of about 150 KB, the first 600 or so decisions
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "broke off its answer part-way" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+
+
+@pytest.mark.parametrize("body", [b'[{"value": "192.0.2.1"}] <html>', b'[{"value": "192.0.2.1"}, oops]', b"\xff[]"])
+def test_junk_after_or_between_decisions_leaves_kv_untouched(stack, body):
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.answer = (200, body, "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "not a JSON list of decisions" in result.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+
+
+# --------------------------------------------------------------------------- errors that name their cause
+
+
+def test_cloudflare_requests_count_every_attempt_retries_included(stack):
+    stack.lapi.decisions = [decision(ip) for ip in ips(3)]
+    stack.kv.faults += [Fault("5xx", "list", status=503, times=2), Fault("drop", "bulk_put")]
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert (stack.kv.requests["list"], stack.kv.requests["bulk_put"]) == (3, 2)
+    assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="list"') == 3
+    assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="bulk_put"') == 2
+    assert "cloudflare requests 5 (list 3, bulk_put 2, bulk_delete 0)" in result.out
+
+
+@pytest.mark.parametrize("operation", ["list", "bulk_put"])
+def test_a_cloudflare_answer_cut_off_is_retried(stack, operation):
+    stack.lapi.decisions = [decision(ip) for ip in ips(3)]
+    stack.kv.faults.append(Fault("cut", operation))
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert stack.kv.faults == [] and stack.kv.requests[operation] == 2 and result.sleeps
+    assert set(stack.kv.live()) == {f"ip:{ip}" for ip in ips(3)}
+
+
+def test_a_kv_answering_empty_pages_for_ever_is_stopped(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.quirks.add("endless_empty_pages")
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert stack.kv.requests["list"] == job.MAX_EMPTY_PAGES and stack.kv.writes == 0
+    assert f"{job.MAX_EMPTY_PAGES} empty pages in a row" in result.err
+
+
+def envelope(**fields) -> dict:
+    return {"success": True, "errors": [], "messages": [], "result": [], **fields}
+
+
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (
+            403,
+            envelope(success=False, errors=[{"code": 10000, "message": "Authentication error"}]),
+            "Workers KV Storage: Edit",
+        ),
+        (
+            404,
+            envelope(success=False, errors=[{"code": 10013, "message": "namespace not found"}]),
+            "CF_KV_NAMESPACE_ID",
+        ),
+        (404, envelope(success=False, errors=[{"code": 7003, "message": "No route"}]), "CF_ACCOUNT_ID"),
+        (200, envelope(errors=5), "`errors` is int"),
+        (200, envelope(result_info=[]), "`result_info` is list"),
+        (200, {"result": []}, "`success` is missing"),
+        (400, envelope(success=False, errors=[{"code": [1], "message": None}]), "HTTP 400: [1]: None"),
+        (200, [], "not Cloudflare's envelope"),
+    ],
+)
+def test_cloudflare_refusals_and_malformed_envelopes_are_clear_errors(stack, status, body, expected):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.faults.append(Fault("raw", "list", status=status, body=body))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Cloudflare: list: " in result.err and expected in result.err and "Traceback" not in result.err
+
+
+def test_a_lapi_timeout_and_a_lapi_429_say_so(stack):
+    stack.lapi.delay = 1.0
+    result = stack.run(HTTP_TIMEOUT="0.3")  # the timeout is the subject
+    assert result.code == job.EXIT_LAPI and "did not answer: timed out (HTTP_TIMEOUT 0.3s)" in result.err
+    stack.lapi.delay = 0.0
+    stack.lapi.answer = (429, b'{"message":"slow down"}', "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI and "LAPI answered HTTP 429" in result.err
+
+
+def test_a_failed_run_summary_does_not_look_like_a_good_one(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE and result.out == ""
+    assert "lapi-kv-sync: error: run FAILED (exit 1)" in result.err
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400))
+    result = stack.run(LOG_FORMAT="json")
+    records = [json.loads(line) for line in result.err.splitlines()]
+    assert [(r["event"], r["level"], r.get("success")) for r in records] == [
+        ("cloudflare_failed", "error", None),
+        ("run", "error", False),
+    ]
+
+
+# --------------------------------------------------------------------------- item 7: the NetworkPolicy applies
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes' label selector semantics: matchLabels and matchExpressions, all of them."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        if not {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]:
+            return False
+    return True
+
+
+def test_selector_semantics():
+    assert selects({}, {})  # an empty podSelector selects every pod
+    assert not selects({"matchLabels": {"a": "1"}}, {})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {"a": "1"})
+
+
+@pytest.mark.parametrize("components", [(), ("image",)], ids=["base", "image"])
+def test_every_network_policy_selects_the_cronjobs_pods(tmp_path, components):
+    from tests.test_deploy import ROOT, overlay, render
+
+    docs = render(overlay(tmp_path / "overlay", *components) if components else ROOT)
+    pod_labels = [
+        d["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels") or {}
+        for d in docs
+        if d["kind"] == "CronJob"
+    ]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert pod_labels and policies
+    for policy in policies:
+        for labels in pod_labels:
+            assert selects(policy["spec"]["podSelector"], labels), policy["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@given(st.integers(-70_000, 140_000))
+def test_a_port_is_accepted_exactly_from_1_to_65535(port):
+    env = {**BASE_ENV, "PUSHGATEWAY_URL": f"http://pushgateway:{port}"}
+    if 1 <= port <= 65535:
+        assert job.load_config(env).pushgateway_url == env["PUSHGATEWAY_URL"]
+    else:
+        with pytest.raises(job.ConfigError):
+            job.load_config(env)
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=job.MIN_SECRET_LENGTH),
+    st.sampled_from(["text", "json"]),
+)
+def test_any_usable_secret_is_redacted_in_every_form(secret, fmt):
+    import io
+
+    assert job.load_config({**BASE_ENV, "CF_API_TOKEN": secret}).cf_api_token == secret
+    out = io.StringIO()
+    still = job.Clock(now=lambda: 0.0)  # the same time in every line
+    log = job.Log(out, out, fmt, secrets=[secret], clock=still)
+    forms = [secret, repr(secret), json.dumps(secret), repr(secret.encode())]
+    forms += [
+        job.urllib.parse.quote(secret),
+        job.urllib.parse.quote(secret, safe=""),
+        job.urllib.parse.quote_plus(secret),
+    ]
+    for form in forms:
+        log.warning("echo", f"answer: {form} / {form!r}", echoed=form)
+    written = out.getvalue()
+    job.Log(out := io.StringIO(), out, fmt, clock=still).warning("echo", "answer: [redacted] / '[redacted]'", echoed="")
+    frame = out.getvalue()  # what the lines hold besides the secret: a secret may happen to be in it
+    for form in forms:
+        if len(form) >= job.MIN_SECRET_LENGTH:
+            for shown in (form, json.dumps(form)[1:-1]):
+                assert shown not in written or shown in frame
