@@ -1441,7 +1441,7 @@ ENVIRONMENT = (
     ("LAPI_ORIGINS", "only these origins, comma-separated, e.g. crowdsec,cscli (default: all)"),
     ("LAPI_SCENARIOS_CONTAINING", "only scenarios containing one of these words, comma-separated"),
     ("LAPI_SCENARIOS_NOT_CONTAINING", "no scenario containing one of these words, comma-separated"),
-    ("LAPI_MAX_BYTES", "largest LAPI answer read, in bytes; a larger one skips the run"),
+    ("LAPI_MAX_BYTES", f"most bytes of LAPI's answer; more skips the run (default {Config.lapi_max_bytes}: 48 MiB)"),
     ("LAPI_USAGE_METRICS", "false: send CrowdSec no usage metrics (default true)"),
     ("EXPAND_RANGES_MAX", "one key per address for IPv4 ranges up to this size (default 0: off)"),
     ("CF_ACCOUNT_ID", "Cloudflare account id (required)"),
@@ -1453,9 +1453,9 @@ ENVIRONMENT = (
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
     ("STATE_FILE", "record of what the job put in KV: runs need no list (default: none)"),
     ("AUDIT_INTERVAL", "with STATE_FILE, list all keys at least every this many s (default 900)"),
-    ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none, so no alert can fire)"),
+    ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
-    ("HTTP_TIMEOUT", f"seconds for any one request (default {Config.http_timeout:g})"),
+    ("HTTP_TIMEOUT", f"seconds any one connect or read may wait (default {Config.http_timeout:g})"),
     ("LOG_FORMAT", "text or json (default text)"),
 )
 
