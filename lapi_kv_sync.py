@@ -371,9 +371,10 @@ class Http:
         return self.deadline - self.clock.monotonic()
 
     def grant(self, seconds: float) -> None:
-        """At least `seconds` more from now, past the run deadline if need be: reporting a run
-        that ran out of time must not be stopped by the same deadline."""
-        self.deadline = max(self.deadline, self.clock.monotonic() + seconds)
+        """Exactly `seconds` more from now, past the run deadline if need be: reporting a run that
+        ran out of time must not be stopped by the same deadline, nor outlast the pod's grace
+        period (30 s) after a SIGTERM."""
+        self.deadline = self.clock.monotonic() + seconds
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         conn = self._conns.get((scheme, netloc))
@@ -1478,7 +1479,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         prog="lapi-kv-sync",
         description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
         epilog=f"environment (the configuration):\n{environment}{flags}\n"
-        "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped)",
+        "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
+        "143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for option, variable, meaning in RUN_FLAGS:
@@ -1631,7 +1633,10 @@ def main(
     log = Log(out, err, config.log_format, config.secrets, clock)
     report, started = Report(started=clock.now()), clock.monotonic()
     with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http, Signals() as signals:
-        report.exit_code = run(http, config, log, report, args)
+        try:
+            report.exit_code = run(http, config, log, report, args)
+        except Interrupted as stop:  # between the run's end and hold(): nothing left to stop
+            report.exit_code = stop.exit_code
         signals.hold()
         report.duration = clock.monotonic() - started
         if not args.dry_run:

@@ -79,6 +79,18 @@ def test_a_dripping_pushgateway_costs_at_most_the_push_allowance(stack, monkeypa
     assert "warning: Pushgateway at" in result.err and "RUN_DEADLINE passed" in result.err
 
 
+
+def test_the_push_allowance_is_a_cap_too(stack, monkeypatch):
+    """With most of RUN_DEADLINE left, a stuck push still ends after PUSH_GRACE: after a SIGTERM
+    the pod has 30 s in all, and a push that took the whole run deadline would be killed unsaid."""
+    monkeypatch.setattr(job, "PUSH_GRACE", 1.0)
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    stack.push.drip = 0.5
+    result, took = timed(lambda: stack.run(RUN_DEADLINE="120"))
+    assert result.code == job.EXIT_OK, result.err
+    assert took < 1 + MARGIN
+    assert "warning: Pushgateway at" in result.err
+
 # --------------------------------------------------------------------------- item 3: secrets
 
 
