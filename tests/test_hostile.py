@@ -79,7 +79,6 @@ def test_a_dripping_pushgateway_costs_at_most_the_push_allowance(stack, monkeypa
     assert "warning: Pushgateway at" in result.err and "RUN_DEADLINE passed" in result.err
 
 
-
 def test_the_push_allowance_is_a_cap_too(stack, monkeypatch):
     """With most of RUN_DEADLINE left, a stuck push still ends after PUSH_GRACE: after a SIGTERM
     the pod has 30 s in all, and a push that took the whole run deadline would be killed unsaid."""
@@ -90,6 +89,7 @@ def test_the_push_allowance_is_a_cap_too(stack, monkeypatch):
     assert result.code == job.EXIT_OK, result.err
     assert took < 1 + MARGIN
     assert "warning: Pushgateway at" in result.err
+
 
 # --------------------------------------------------------------------------- item 3: secrets
 
