@@ -1019,6 +1019,8 @@ class StateFile:
             with gzip.open(self.path, "rt", encoding="utf-8", newline="\n") as f:
                 record = decode_record(f)
         except FileNotFoundError:
+            if unfinished:
+                return Loaded(None, "unfinished", "the run before did not finish recording")
             return Loaded(None, "no_record", "no record yet")
         except (OSError, EOFError, UnicodeDecodeError, RecordCorrupt, zlib.error) as e:
             return Loaded(None, "unreadable", f"record unreadable ({e})")
