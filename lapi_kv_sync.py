@@ -51,6 +51,11 @@ LIST_LIMIT = 1000
 # A key is up to date while its expiration is within this of the decision's end; it also
 # absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
 EXPIRATION_SLACK = 60
+# The longest TTL the job sets: a year. A longer decision (a hand-made ban for ten years) gets a
+# key that is rewritten when under MAX_TTL - MAX_TTL_REFRESH is left, about once a month, so it
+# lasts while the decision does; a key is never made to outlive its decision by more than that.
+MAX_TTL = 365 * 24 * 3600
+MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
 IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
@@ -458,15 +463,24 @@ _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # What LAPI sends for almost every decision (`3h59m58.349167242s`): one match instead of a loop.
 _GO_HMS = re.compile(r"(-?)(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+(?:\.[0-9]+)?)s)?")
+# The longest duration Go can hold (2^63 - 1 ns, about 292 years): LAPI cannot mean anything longer.
+GO_MAX_SECONDS = (2**63 - 1) / 1e9
 
 
 def parse_go_duration(text: str) -> float:
-    """Seconds in a Go duration string (`3h59m58.3s`, `-16.9ms`, `0`); ValueError if it is not one."""
+    """Seconds in a Go duration string (`3h59m58.3s`, `-16.9ms`, `0`); ValueError if it is not one,
+    including one longer than Go's time.Duration can be."""
     hms = _GO_HMS.fullmatch(text)
-    if hms and any(hms.group(2, 3, 4)):
+    if hms is not None:
         sign, hours, minutes, seconds = hms.groups()
-        total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
-        return -total if sign else total
+        if hours or minutes or seconds:
+            whole = (int(hours) * 3600 if hours else 0) + (int(minutes) * 60 if minutes else 0)
+            if whole > GO_MAX_SECONDS:  # checked as an int: a float of it may not exist
+                raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
+            total = whole + float(seconds) if seconds else float(whole)
+            if total > GO_MAX_SECONDS:
+                raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
+            return -total if sign else total
     sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.removeprefix("+"))
     if body == "0":
         return 0.0
@@ -477,7 +491,9 @@ def parse_go_duration(text: str) -> float:
         total += float(match.group(1)) * _GO_UNITS[match.group(2)]
         end = match.end()
     if end == 0 or end != len(body):
-        raise ValueError(f"not a Go duration: {text!r}")
+        raise ValueError(f"not a Go duration: {text[:40]!r}")
+    if not total <= GO_MAX_SECONDS:
+        raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
     return sign * total
 
 
@@ -508,34 +524,40 @@ class Projection(NamedTuple):
     ignored: Counter[str]
 
 
-def expand(scope: str, value: Any, expand_ranges_max: int) -> list[str] | str:
-    """The canonical addresses a decision covers, or the reason it covers none we can write."""
-    try:
-        if scope == "ip":
-            return [canonical_address(value)]
-        if scope == "range" and expand_ranges_max:
-            if not isinstance(value, str):
-                return "invalid"
-            network = ipaddress.ip_network(value, strict=False)
-            if network.version != 4 or network.num_addresses > expand_ranges_max:
-                return "range_too_large"
-            return [str(a) for a in network]
-    except ValueError:
-        return "invalid"
-    return "scope"
+def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
+    """The addresses of an IPv4 range, or none when it has more than `expand_ranges_max` (or is
+    IPv6); ValueError when it is not a range."""
+    if not isinstance(value, str):
+        raise ValueError(f"not a range: {value!r}")
+    network = ipaddress.ip_network(value, strict=False)
+    if network.version != 4 or network.num_addresses > expand_ranges_max:
+        return []
+    return [str(a) for a in network]
+
+
+# The longest canonical address (an IPv6 with an embedded IPv4 tail): with a prefix of at most
+# MAX_KEY_BYTES minus this, no key can be too long and the check per key is skipped.
+LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
 
 
 def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0) -> Projection:
-    """The keys KV should hold for these LAPI decisions, and what was left out, by reason."""
+    """The keys KV should hold for these LAPI decisions, and what was left out, by reason.
+
+    Iterates `decisions` once (it may be a stream decoded as it arrives, and may raise
+    LapiUnreadable midway), and does the least Python work per row: this is the hot loop."""
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
+    check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
+    lowered: dict[str, str] = {}  # LAPI repeats a few spellings (`Ip`, `ban`): lower each once
+    get_wanted, new_wanted = wanted.get, Wanted
     for raw in decisions:
-        row = as_decision(raw)
+        row = raw if type(raw) is Decision else as_decision(raw)
         if row is None:
             ignored["invalid"] += 1
             continue
-        scope, remediation = row.scope.lower(), row.type.lower()
-        if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
+        scope = lowered.get(row.scope) or lowered.setdefault(row.scope, row.scope.lower())
+        remediation = lowered.get(row.type) or lowered.setdefault(row.type, row.type.lower())
+        if scope != "ip" and (scope != "range" or not expand_ranges_max):
             ignored["scope"] += 1
             continue
         if remediation not in REMEDIATION_RANK:
@@ -549,18 +571,23 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         if remaining <= 0:
             ignored["expired"] += 1
             continue
-        addresses = expand(scope, row.value, expand_ranges_max)
-        if isinstance(addresses, str):
-            ignored[addresses] += 1
+        try:
+            addresses = (canonical_address(row.value),) if scope == "ip" else expand_range(row.value, expand_ranges_max)
+        except ValueError:
+            ignored["invalid"] += 1
+            continue
+        if not addresses:
+            ignored["range_too_large"] += 1
             continue
         end = read_at + remaining
-        origin, scenario = row.origin, row.scenario
         for address in addresses:
             key = prefix + address
-            if len(key.encode()) > MAX_KEY_BYTES:
+            if check_length and len(key.encode()) > MAX_KEY_BYTES:
                 ignored["invalid"] += 1
                 continue
-            wanted[key] = merge(wanted.get(key), Wanted(remediation, end, origin, scenario))
+            old = get_wanted(key)
+            new = new_wanted(remediation, end, row.origin, row.scenario)
+            wanted[key] = new if old is None else merge(old, new)
     return Projection(wanted, ignored)
 
 
@@ -726,16 +753,19 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     for key, want in wanted.items():
         have = present.get(key)
         left = want.end - now
-        expires = kv_now + (left if left > MIN_TTL else MIN_TTL)  # where a write now would put the expiration
+        ttl = MIN_TTL if left < MIN_TTL else MAX_TTL if left > MAX_TTL else left
+        expires = kv_now + ttl  # where a write now would put the expiration
         if (
             have is not None
             and have.remediation == want.remediation
             and have.expiration is not None
-            and -EXPIRATION_SLACK <= have.expiration - expires <= EXPIRATION_SLACK
+            and expires - (MAX_TTL_REFRESH if left > MAX_TTL else EXPIRATION_SLACK)
+            <= have.expiration
+            <= expires + EXPIRATION_SLACK
         ):
             unchanged.append(key)
         else:
-            writes.append(Write(key, want.remediation, max(MIN_TTL, math.ceil(left)), want.origin, want.scenario))
+            writes.append(Write(key, want.remediation, math.ceil(ttl), want.origin, want.scenario))
     deletes = [
         key
         for key, have in present.items()
