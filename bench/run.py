@@ -38,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 from tests.standins import ACCOUNT, NAMESPACE, KvStandin, LapiStandin  # noqa: E402
 
 SCRIPT = ROOT / "lapi_kv_sync.py"
-BASELINE = ROOT.parent / "shared" / "reference" / "baseline" / "full_rewrite.py"
+BASELINE = Path(
+    os.environ.get("BENCH_BASELINE") or ROOT.parent / "shared" / "reference" / "baseline" / "full_rewrite.py"
+)
 RESULTS = ROOT / "bench" / "results"
 LAPI_KEY, CF_TOKEN = "bench-lapi-key-000000", "bench-cf-token-000000"
 RUNS_PER_DAY = 24 * 60  # a one-minute schedule
