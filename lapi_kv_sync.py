@@ -1343,17 +1343,18 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     """One run; fills `report` as it goes and returns the exit code. With STATE_FILE, the run holds
     its lock throughout (a dry run only reads the record, and takes no lock)."""
     if not config.state_file:
-        return converge(http, config, log, report, dry_run, force, audit, None, Loaded(None, None))
+        return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
     state = StateFile(config.state_file, http.clock, log)
     if dry_run:
-        return converge(http, config, log, report, dry_run, force, audit, None, state.load())
+        return converge(http, config, log, report, dry_run, force, audit, None, state.load)
     wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
     try:
         locked = state.lock(wait)
     except OSError as e:
         detail = f"cannot open {state.lock_path}: {e.strerror}"
         log.warning("state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing")
-        return converge(http, config, log, report, dry_run, force, audit, None, Loaded(None, "unreadable", detail))
+        unusable = Loaded(None, "unreadable", detail)
+        return converge(http, config, log, report, dry_run, force, audit, None, lambda: unusable)
     if not locked:
         log.error(
             "state_locked",
@@ -1361,7 +1362,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         )
         return EXIT_CLOUDFLARE
     try:
-        return converge(http, config, log, report, dry_run, force, audit, state, state.load())
+        return converge(http, config, log, report, dry_run, force, audit, state, state.load)
     finally:
         state.unlock()
 
@@ -1375,21 +1376,25 @@ def converge(
     force: bool,
     audit: bool,
     state: StateFile | None,
-    loaded: Loaded,
+    load: Callable[[], Loaded],
 ) -> int:
     """Read LAPI, plan against the record or a full listing, apply, and record what Cloudflare confirmed."""
     decisions = read_decisions(http, config)
     projection = project(decisions.rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+    del decisions  # LAPI's rows go before the record is read, so the two never add up in memory
+    loaded = load()
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests = cloudflare.requests
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
+    sent = loaded.record.usage_metrics_sent_at if loaded.record else None
     if reason is None and loaded.record is not None:
         record = loaded.record
         present, now, offset, audited_at = record.keys, http.clock.now(), record.clock_offset, record.audited_at
     else:
+        del loaded  # an audit rebuilds the record from the listing: the old one goes first
         listing = cloudflare.list_keys(config.kv_key_prefix)
         # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
         # so a skewed local clock cannot make every key look stale and be rewritten each run.
@@ -1407,7 +1412,6 @@ def converge(
 
     def record(ledger: Ledger) -> None:
         if state is not None:
-            sent = loaded.record.usage_metrics_sent_at if loaded.record else None
             keys = record_after(present, ledger, offset)
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys
