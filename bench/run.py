@@ -55,24 +55,21 @@ def address(i: int) -> str:
 
 class FastLapi(LapiStandin):
     """The LAPI stand-in, rendering remaining durations in plain seconds (`14399.52s`, a valid
-    Go duration) so that serving 100,000 decisions costs the server little of the wall time."""
+    Go duration) and each row with one f-string instead of a dict through json.dumps, so that
+    serving 1,000,000 decisions costs the bench process well under a second of the wall time
+    the job and the baseline are measured by. The bench's values need no JSON escaping
+    (addresses, `ban`/`captcha`); the scenario is quoted by json.dumps, once per distinct one."""
 
     def body(self) -> bytes:
         now = time.time()
-        return json.dumps(
-            [
-                {
-                    "duration": f"{d['until'] - now:.6f}s",
-                    "id": i,
-                    "origin": "crowdsec",
-                    "scenario": d["scenario"],
-                    "scope": "Ip",
-                    "type": d["type"],
-                    "value": d["value"],
-                }
-                for i, d in enumerate(self.decisions or [], 1)
-            ]
-        ).encode()
+        quoted: dict[str, str] = {}
+        rows = [
+            f'{{"duration":"{d["until"] - now:.6f}s","id":{i},"origin":"crowdsec",'
+            f'"scenario":{quoted.get(d["scenario"]) or quoted.setdefault(d["scenario"], json.dumps(d["scenario"]))},'
+            f'"scope":"Ip","type":"{d["type"]}","value":"{d["value"]}"}}'
+            for i, d in enumerate(self.decisions or [], 1)
+        ]
+        return ("[" + ",".join(rows) + "]").encode()
 
 
 def decisions(n: int, start: int = 0) -> list[dict]:
