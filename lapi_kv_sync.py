@@ -398,17 +398,25 @@ def as_decision(row: Any) -> Decision | None:
     """A LAPI decision object as a Decision; None for anything that is not an object.
 
     Used as json's object_hook, so 100,000 decisions never sit in memory as dicts."""
-    if isinstance(row, Decision) or not isinstance(row, dict):
+    if type(row) is not dict:
         return row if isinstance(row, Decision) else None
     get, intern = row.get, sys.intern
-    return Decision(
-        get("value"),
-        intern(str(get("type") or "")),
-        intern(str(get("scope") or "")),
-        get("duration"),
-        intern(str(get("origin") or "")),
-        intern(str(get("scenario") or "")),
+    return tuple_new(
+        Decision,
+        (
+            get("value"),
+            intern(str(get("type") or "")),
+            intern(str(get("scope") or "")),
+            get("duration"),
+            intern(str(get("origin") or "")),
+            intern(str(get("scenario") or "")),
+        ),
     )
+
+
+# The hot loops build a NamedTuple per decision and per key; its generated __new__ is a Python
+# call costing three times tuple.__new__ on the same fields, which builds the same object.
+tuple_new = tuple.__new__
 
 
 class Decisions(NamedTuple):
@@ -550,7 +558,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
     ignored: Counter[str] = Counter()
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered: dict[str, str] = {}  # LAPI repeats a few spellings (`Ip`, `ban`): lower each once
-    get_wanted, new_wanted = wanted.get, Wanted
+    get_wanted = wanted.get
     for raw in decisions:
         row = raw if type(raw) is Decision else as_decision(raw)
         if row is None:
@@ -587,7 +595,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
                 ignored["invalid"] += 1
                 continue
             old = get_wanted(key)
-            new = new_wanted(remediation, end, row.origin, row.scenario)
+            new = tuple_new(Wanted, (remediation, end, row.origin, row.scenario))
             wanted[key] = new if old is None else merge(old, new)
     return Projection(wanted, ignored)
 
@@ -952,13 +960,13 @@ def decode_record(lines: Iterable[str]) -> Record:
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
     keys: dict[str, Present] = {}
-    remediation_of, present = _CODE_REMEDIATION, Present
+    remediation_of = _CODE_REMEDIATION
     try:
         for line in lines:
             expiration, code, name = line.rstrip("\n").split("\t", 2)
             if name[:1] == '"':
                 name = json.loads(name)
-            keys[name] = present(None if expiration == "-" else int(expiration), remediation_of[code])
+            keys[name] = tuple_new(Present, (None if expiration == "-" else int(expiration), remediation_of[code]))
     except (ValueError, KeyError, TypeError):
         raise RecordCorrupt(f"line {len(keys) + 2} is not `expiration, remediation, key`") from None
     if len(keys) != count or not all(isinstance(k, str) and k.startswith(prefix) for k in keys):
