@@ -544,6 +544,14 @@ def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
     return [str(a) for a in network]
 
 
+class Lowered(dict):
+    """Each string's lower case, computed once per distinct string."""
+
+    def __missing__(self, text: str) -> str:
+        self[text] = lowered = text.lower()
+        return lowered
+
+
 # The longest canonical address (an IPv6 with an embedded IPv4 tail): with a prefix of at most
 # MAX_KEY_BYTES minus this, no key can be too long and the check per key is skipped.
 LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
@@ -557,15 +565,15 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
-    lowered: dict[str, str] = {}  # LAPI repeats a few spellings (`Ip`, `ban`): lower each once
-    get_wanted = wanted.get
+    lowered = Lowered()  # LAPI repeats a few spellings (`Ip`, `ban`): lower each once
+    get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
     for raw in decisions:
         row = raw if type(raw) is Decision else as_decision(raw)
         if row is None:
             ignored["invalid"] += 1
             continue
-        scope = lowered.get(row.scope) or lowered.setdefault(row.scope, row.scope.lower())
-        remediation = lowered.get(row.type) or lowered.setdefault(row.type, row.type.lower())
+        value, kind, scope, duration, origin, scenario = row
+        scope, remediation = lowered[scope], lowered[kind]
         if scope != "ip" and (scope != "range" or not expand_ranges_max):
             ignored["scope"] += 1
             continue
@@ -573,7 +581,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             ignored["type"] += 1
             continue
         try:
-            remaining = parse_go_duration(row.duration)
+            remaining = parse_go_duration(duration)
         except (TypeError, ValueError):
             ignored["invalid"] += 1
             continue
@@ -581,7 +589,12 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             ignored["expired"] += 1
             continue
         try:
-            addresses = (canonical_address(row.value),) if scope == "ip" else expand_range(row.value, expand_ranges_max)
+            if scope != "ip":
+                addresses = expand_range(value, expand_ranges_max)
+            elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
+                addresses = (value,)
+            else:
+                addresses = (canonical_address(value),)
         except ValueError:
             ignored["invalid"] += 1
             continue
@@ -595,7 +608,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
                 ignored["invalid"] += 1
                 continue
             old = get_wanted(key)
-            new = tuple_new(Wanted, (remediation, end, row.origin, row.scenario))
+            new = tuple_new(Wanted, (remediation, end, origin, scenario))
             wanted[key] = new if old is None else merge(old, new)
     return Projection(wanted, ignored)
 
