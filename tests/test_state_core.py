@@ -223,15 +223,31 @@ def test_what_is_not_a_whole_record_is_corrupt(lines):
         job.decode_record(lines)
 
 
-@pytest.mark.parametrize("cut", [1, 2])
-def test_a_record_missing_lines_or_with_a_bad_line_is_corrupt(cut):
+@pytest.mark.parametrize(
+    "column, bad",
+    [
+        (1, '["ip:10.0.0.0","ip:10.0.0.1"]\n'),  # a key short
+        (1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'),  # a key twice
+        (1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'),  # a key outside the prefix
+        (1, '["ip:10.0.0.0","ip:10.0.0.1",3]\n'),  # not a string
+        (1, '{"ip:10.0.0.0": 1}\n'),
+        (2, "[1,2]\n"),
+        (2, '[1,2,"3"]\n'),
+        (2, "[1,2,3.5]\n"),
+        (2, "[1,2,\n"),
+        (3, "bb\n"),
+        (3, "bbx\n"),
+    ],
+)
+def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
     lines = list(job.encode_record(record({f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}), 0))
+    assert job.decode_record(lines).keys  # as written, it reads
     with pytest.raises(job.RecordCorrupt):
-        job.decode_record(lines[:-cut])
+        job.decode_record(lines[:column] + [bad] + lines[column + 1 :])
     with pytest.raises(job.RecordCorrupt):
-        job.decode_record(lines[:-1] + ["12\tx\tip:10.0.0.2\n"])
+        job.decode_record(lines[:column])  # cut short
     with pytest.raises(job.RecordCorrupt):
-        job.decode_record(lines[:-1] + ["12\tb\tother:10.0.0.2\n"])  # not under the prefix
+        job.decode_record([*lines, "more\n"])
 
 
 # --------------------------------------------------------------------------- when to audit
