@@ -1051,8 +1051,8 @@ class StateFile:
 
     UNFINISHED = b"unfinished\n"
 
-    def __init__(self, path: str, clock: Clock, log: Log):
-        self.path, self.clock, self.log = path, clock, log
+    def __init__(self, path: str, clock: Clock):
+        self.path, self.clock = path, clock
         self.lock_path = path + ".lock"
         self.lock_fd: int | None = None
 
@@ -1376,7 +1376,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     its lock throughout (a dry run only reads the record, and takes no lock)."""
     if not config.state_file:
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
-    state = StateFile(config.state_file, http.clock, log)
+    state = StateFile(config.state_file, http.clock)
     if dry_run:
         return converge(http, config, log, report, dry_run, force, audit, None, state.load)
     wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
