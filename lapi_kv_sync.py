@@ -17,9 +17,13 @@ import argparse
 import codecs
 import contextlib
 import email.utils
+import fcntl
+import functools
+import gzip
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -34,6 +38,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +59,11 @@ LIST_LIMIT = 1000
 # A key is up to date while its expiration is within this of the decision's end; it also
 # absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
 EXPIRATION_SLACK = 60
+# The longest TTL the job sets: a year. A longer decision (a hand-made ban for ten years) gets a
+# key that is rewritten when under MAX_TTL - MAX_TTL_REFRESH is left, about once a month, so it
+# lasts while the decision does; a key is never made to outlive its decision by more than that.
+MAX_TTL = 365 * 24 * 3600
+MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
 IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
@@ -103,6 +113,8 @@ class Config:
     # 300,000 without a state file peaked at 178 MiB, inside the CronJob's 256Mi memory limit
     # (400,000: 245 MiB, too close to it).
     lapi_max_bytes: int = 48 * 1024 * 1024
+    state_file: str = ""
+    audit_interval: float = 900.0
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -234,6 +246,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         max_deletes=number("MAX_DELETES", None, 0, int),
         expand_ranges_max=number("EXPAND_RANGES_MAX", 0, 0, int),
         lapi_max_bytes=number("LAPI_MAX_BYTES", Config.lapi_max_bytes, 1024, int),
+        state_file=text("STATE_FILE"),
+        audit_interval=number("AUDIT_INTERVAL", Config.audit_interval, 0),
     )
     if problems:
         raise ConfigError(problems)
@@ -554,17 +568,25 @@ def as_decision(row: Any) -> Decision | None:
     """A LAPI decision object as a Decision; None for anything that is not an object.
 
     Used as json's object_hook, so 100,000 decisions never sit in memory as dicts."""
-    if isinstance(row, Decision) or not isinstance(row, dict):
+    if type(row) is not dict:
         return row if isinstance(row, Decision) else None
     get, intern = row.get, sys.intern
-    return Decision(
-        get("value"),
-        intern(str(get("type") or "")),
-        intern(str(get("scope") or "")),
-        get("duration"),
-        intern(str(get("origin") or "")),
-        intern(str(get("scenario") or "")),
+    return tuple_new(
+        Decision,
+        (
+            get("value"),
+            intern(str(get("type") or "")),
+            intern(str(get("scope") or "")),
+            get("duration"),
+            intern(str(get("origin") or "")),
+            intern(str(get("scenario") or "")),
+        ),
     )
+
+
+# The hot loops build a NamedTuple per decision and per key; its generated __new__ is a Python
+# call costing three times tuple.__new__ on the same fields, which builds the same object.
+tuple_new = tuple.__new__
 
 
 class Decisions(NamedTuple):
@@ -723,15 +745,24 @@ _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # What LAPI sends for almost every decision (`3h59m58.349167242s`): one match instead of a loop.
 _GO_HMS = re.compile(r"(-?)(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+(?:\.[0-9]+)?)s)?")
+# The longest duration Go can hold (2^63 - 1 ns, about 292 years): LAPI cannot mean anything longer.
+GO_MAX_SECONDS = (2**63 - 1) / 1e9
 
 
 def parse_go_duration(text: str) -> float:
-    """Seconds in a Go duration string (`3h59m58.3s`, `-16.9ms`, `0`); ValueError if it is not one."""
+    """Seconds in a Go duration string (`3h59m58.3s`, `-16.9ms`, `0`); ValueError if it is not one,
+    including one longer than Go's time.Duration can be."""
     hms = _GO_HMS.fullmatch(text)
-    if hms and any(hms.group(2, 3, 4)):
+    if hms is not None:
         sign, hours, minutes, seconds = hms.groups()
-        total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
-        return -total if sign else total
+        if hours or minutes or seconds:
+            whole = (int(hours) * 3600 if hours else 0) + (int(minutes) * 60 if minutes else 0)
+            if whole > GO_MAX_SECONDS:  # checked as an int: a float of it may not exist
+                raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
+            total = whole + float(seconds) if seconds else float(whole)
+            if total > GO_MAX_SECONDS:
+                raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
+            return -total if sign else total
     sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.removeprefix("+"))
     if body == "0":
         return 0.0
@@ -742,7 +773,9 @@ def parse_go_duration(text: str) -> float:
         total += float(match.group(1)) * _GO_UNITS[match.group(2)]
         end = match.end()
     if end == 0 or end != len(body):
-        raise ValueError(f"not a Go duration: {text!r}")
+        raise ValueError(f"not a Go duration: {text[:40]!r}")
+    if not total <= GO_MAX_SECONDS:
+        raise ValueError(f"longer than a Go duration can be: {text[:40]!r}")
     return sign * total
 
 
@@ -773,59 +806,83 @@ class Projection(NamedTuple):
     ignored: Counter[str]
 
 
-def expand(scope: str, value: Any, expand_ranges_max: int) -> list[str] | str:
-    """The canonical addresses a decision covers, or the reason it covers none we can write."""
-    try:
-        if scope == "ip":
-            return [canonical_address(value)]
-        if scope == "range" and expand_ranges_max:
-            if not isinstance(value, str):
-                return "invalid"
-            network = ipaddress.ip_network(value, strict=False)
-            if network.version != 4 or network.num_addresses > expand_ranges_max:
-                return "range_too_large"
-            return [str(a) for a in network]
-    except ValueError:
-        return "invalid"
-    return "scope"
+def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
+    """The addresses of an IPv4 range, or none when it has more than `expand_ranges_max` (or is
+    IPv6); ValueError when it is not a range."""
+    if not isinstance(value, str):
+        raise ValueError(f"not a range: {value!r}")
+    network = ipaddress.ip_network(value, strict=False)
+    if network.version != 4 or network.num_addresses > expand_ranges_max:
+        return []
+    return [str(a) for a in network]
+
+
+class Lowered(dict):
+    """Each string's lower case, computed once per distinct string."""
+
+    def __missing__(self, text: str) -> str:
+        self[text] = lowered = text.lower()
+        return lowered
+
+
+# The longest canonical address (an IPv6 with an embedded IPv4 tail): with a prefix of at most
+# MAX_KEY_BYTES minus this, no key can be too long and the check per key is skipped.
+LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
 
 
 def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0) -> Projection:
-    """The keys KV should hold for these LAPI decisions, and what was left out, by reason."""
+    """The keys KV should hold for these LAPI decisions, and what was left out, by reason.
+
+    Iterates `decisions` once (it may be a stream decoded as it arrives, and may raise
+    LapiUnreadable midway), and does the least Python work per row: this is the hot loop."""
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
+    check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
+    lowered = Lowered()  # LAPI repeats a few spellings (`Ip`, `ban`): lower each once
+    get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
     for raw in decisions:
-        row = as_decision(raw)
+        row = raw if type(raw) is Decision else as_decision(raw)
         if row is None:
             ignored["invalid"] += 1
             continue
-        scope, remediation = row.scope.lower(), row.type.lower()
-        if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
+        value, kind, scope, duration, origin, scenario = row
+        scope, remediation = lowered[scope], lowered[kind]
+        if scope != "ip" and (scope != "range" or not expand_ranges_max):
             ignored["scope"] += 1
             continue
         if remediation not in REMEDIATION_RANK:
             ignored["type"] += 1
             continue
         try:
-            remaining = parse_go_duration(row.duration)
+            remaining = parse_go_duration(duration)
         except (TypeError, ValueError):
             ignored["invalid"] += 1
             continue
         if remaining <= 0:
             ignored["expired"] += 1
             continue
-        addresses = expand(scope, row.value, expand_ranges_max)
-        if isinstance(addresses, str):
-            ignored[addresses] += 1
+        try:
+            if scope != "ip":
+                addresses = expand_range(value, expand_ranges_max)
+            elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
+                addresses = (value,)
+            else:
+                addresses = (canonical_address(value),)
+        except ValueError:
+            ignored["invalid"] += 1
+            continue
+        if not addresses:
+            ignored["range_too_large"] += 1
             continue
         end = read_at + remaining
-        origin, scenario = row.origin, row.scenario
         for address in addresses:
             key = prefix + address
-            if len(key.encode()) > MAX_KEY_BYTES:
+            if check_length and len(key.encode()) > MAX_KEY_BYTES:
                 ignored["invalid"] += 1
                 continue
-            wanted[key] = merge(wanted.get(key), Wanted(remediation, end, origin, scenario))
+            old = get_wanted(key)
+            new = tuple_new(Wanted, (remediation, end, origin, scenario))
+            wanted[key] = new if old is None else merge(old, new)
     return Projection(wanted, ignored)
 
 
@@ -839,7 +896,14 @@ def merge(old: Wanted | None, new: Wanted) -> Wanted:
 
 def metadata_for(wanted: Wanted | Write) -> dict[str, str]:
     """What a run needs to compare KV with LAPI from the key list alone, cut to Cloudflare's limit."""
-    metadata = {"remediation": wanted.remediation, "origin": wanted.origin[:64], "scenario": wanted.scenario[:256]}
+    return metadata_of(wanted.remediation, wanted.origin, wanted.scenario)
+
+
+@functools.lru_cache(maxsize=4096)
+def metadata_of(remediation: str, origin: str, scenario: str) -> dict[str, str]:
+    # Cached: a run writes many keys with the same few origins and scenarios, and measuring the
+    # JSON each time cost a sixth of a cold run. Callers only serialise the dict, never change it.
+    metadata = {"remediation": remediation, "origin": origin[:64], "scenario": scenario[:256]}
     while len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
         metadata["scenario"] = metadata["scenario"][: len(metadata["scenario"]) // 2]
     return metadata
@@ -1025,23 +1089,31 @@ class Plan(NamedTuple):
 
 def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now: float, offset: float = 0.0) -> Plan:
     """What to write and delete so KV holds `wanted`. `now` and the wanted ends are on our clock;
-    `offset` is Cloudflare's clock minus ours, the clock KV's expirations are on."""
+    `offset` is Cloudflare's clock minus ours, the clock KV's expirations are on. A present key
+    whose expiration has passed is gone (a listing never shows one; a state record may still)."""
     writes, unchanged = [], []
-    for key in sorted(wanted):
-        want = wanted[key]
+    kv_now = now + offset
+    for key, want in wanted.items():
         have = present.get(key)
         left = want.end - now
-        expires = now + offset + max(left, MIN_TTL)  # where a write now would put the expiration
+        ttl = MIN_TTL if left < MIN_TTL else MAX_TTL if left > MAX_TTL else left
+        expires = kv_now + ttl  # where a write now would put the expiration
         if (
             have is not None
             and have.remediation == want.remediation
             and have.expiration is not None
-            and abs(have.expiration - expires) <= EXPIRATION_SLACK
+            and expires - (MAX_TTL_REFRESH if left > MAX_TTL else EXPIRATION_SLACK)
+            <= have.expiration
+            <= expires + EXPIRATION_SLACK
         ):
             unchanged.append(key)
         else:
-            writes.append(Write(key, want.remediation, max(MIN_TTL, math.ceil(left)), want.origin, want.scenario))
-    deletes = sorted(key for key in present if key not in wanted)
+            writes.append(Write(key, want.remediation, math.ceil(ttl), want.origin, want.scenario))
+    deletes = [
+        key
+        for key, have in present.items()
+        if key not in wanted and (have.expiration is None or have.expiration > kv_now)
+    ]
     return Plan(writes, deletes, unchanged)
 
 
@@ -1062,14 +1134,38 @@ class Applied(NamedTuple):
     guarded: int  # deletes held back by MAX_DELETES
 
 
-def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None) -> Applied:
+@dataclass
+class Ledger:
+    """What Cloudflare confirmed while a plan was applied, so the state record claims nothing else.
+    Filled as each bulk answer arrives; after a failure it still says what landed."""
+
+    written: list[tuple[list[Write], float]] = field(default_factory=list)  # each chunk with the time it was sent
+    deleted: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)  # sent, no answer yet: may or may not have landed
+    uncertain: list[str] = field(default_factory=list)  # still unsuccessful after every round
+
+
+def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledger: Ledger | None = None) -> Applied:
     """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
-    writes = {w.key: w for w in plan.writes}
-    send_all(cloudflare.bulk_put, list(writes), lambda k: bulk_item(writes[k]), "write")
+    ledger = Ledger() if ledger is None else ledger
+    now = cloudflare.http.clock.now
+
+    def wrote(sent: list[Write], sent_at: float) -> None:
+        ledger.written.append((sent, sent_at))
+
+    send_all(cloudflare.bulk_put, plan.writes, write_key, bulk_item, "write", ledger, wrote, now)
     if max_deletes is not None and len(plan.deletes) > max_deletes:
-        return Applied(len(writes), 0, len(plan.deletes))
-    send_all(cloudflare.bulk_delete, plan.deletes, str, "delete")
-    return Applied(len(writes), len(plan.deletes), 0)
+        return Applied(len(plan.writes), 0, len(plan.deletes))
+
+    def deleted(sent: list[str], sent_at: float) -> None:
+        ledger.deleted.extend(sent)
+
+    send_all(cloudflare.bulk_delete, plan.deletes, str, str, "delete", ledger, deleted, now)
+    return Applied(len(plan.writes), len(plan.deletes), 0)
+
+
+def write_key(write: Write) -> str:
+    return write.key
 
 
 def bulk_item(write: Write) -> dict[str, Any]:
@@ -1077,20 +1173,277 @@ def bulk_item(write: Write) -> dict[str, Any]:
     return {"key": write.key, "value": write.remediation, "expiration_ttl": write.ttl, "metadata": metadata_for(write)}
 
 
-def send_all(send: Callable[[list[Any]], list[str]], keys: list[str], item: Callable[[str], Any], what: str) -> None:
-    """Send every key in bulk chunks, again while Cloudflare reports some unsuccessful; CloudflareError
-    when some still are after UNSUCCESSFUL_ROUNDS."""
-    pending = keys
+def send_all(
+    send: Callable[[list[Any]], list[str]],
+    entries: list[Any],
+    key: Callable[[Any], str],
+    item: Callable[[Any], Any],
+    what: str,
+    ledger: Ledger,
+    confirmed: Callable[[list[Any], float], None],
+    now: Callable[[], float],
+) -> None:
+    """Send every entry in bulk chunks, again while Cloudflare reports some unsuccessful, telling
+    `confirmed` what each answer confirmed; CloudflareError when some still fail after UNSUCCESSFUL_ROUNDS."""
+    pending = entries
     for _ in range(UNSUCCESSFUL_ROUNDS):
         failed: set[str] = set()
         for chunk in chunks(pending):
-            failed.update(send([item(k) for k in chunk]))
-        pending = [k for k in pending if k in failed]
+            ledger.in_flight, sent_at = [key(e) for e in chunk], now()
+            unsuccessful = set(send([item(e) for e in chunk]))
+            confirmed([e for e in chunk if key(e) not in unsuccessful] if unsuccessful else chunk, sent_at)
+            ledger.in_flight = []
+            failed |= unsuccessful
+        pending = [e for e in pending if key(e) in failed]
         if not pending:
             return
+    ledger.uncertain += [key(e) for e in pending]
     raise CloudflareError(
-        f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, e.g. {pending[:3]}"
+        f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, "
+        f"e.g. {[key(e) for e in pending[:3]]}"
     )
+
+
+# --------------------------------------------------------------------------- state file
+
+STATE_FORMAT = 1
+STATE_KIND = "lapi-kv-sync state"
+STATE_LOCK_WAIT = 30.0  # seconds a run waits for another run's lock on the same STATE_FILE
+# Why a run lists every key (audits) instead of planning against its record; the metric's labels.
+AUDIT_REASONS = ("no_state_file", "requested", "no_record", "unreadable", "foreign", "unfinished", "interval")
+_REMEDIATION_CODE = {"ban": "b", "captcha": "c", None: "-"}
+_CODE_REMEDIATION = {c: r for r, c in _REMEDIATION_CODE.items()}
+
+
+class RecordCorrupt(ValueError):
+    """A state file that is not a whole record of this format."""
+
+
+class Record(NamedTuple):
+    """The job's own account of what it put in KV under its prefix, as a file holds it.
+
+    `keys` holds what Cloudflare confirmed: each key's remediation (None: unknown, so the plan
+    rewrites or deletes it) and expiration on Cloudflare's clock (None: none known)."""
+
+    account: str
+    namespace: str
+    prefix: str
+    audited_at: float  # our wall time of the last full listing
+    clock_offset: float  # Cloudflare's clock minus ours, measured at that listing
+    usage_metrics_sent_at: float | None
+    keys: dict[str, Present]
+
+
+class Loaded(NamedTuple):
+    """What a run found on disk before it began: a record, and why it cannot be trusted if it cannot."""
+
+    record: Record | None
+    problem: str | None  # an AUDIT_REASONS entry, or None when the record can be trusted
+    detail: str = ""
+
+
+def encode_record(record: Record, kv_now: float) -> Iterator[str]:
+    """The record as four lines: a JSON header, then the keys still alive at `kv_now` (Cloudflare's
+    clock) as a JSON array, their expirations as a JSON array (null: none known), and their
+    remediations as one letter each (`b`, `c`, `-` for unknown). Columns, not a line per key, so
+    that reading a million keys back is a few C-level passes rather than a Python loop."""
+    alive = [(key, have) for key, have in record.keys.items() if have.expiration is None or have.expiration > kv_now]
+    header = {
+        "kind": STATE_KIND,
+        "format": STATE_FORMAT,
+        "account": record.account,
+        "namespace": record.namespace,
+        "prefix": record.prefix,
+        "audited_at": record.audited_at,
+        "clock_offset": record.clock_offset,
+        "usage_metrics_sent_at": record.usage_metrics_sent_at,
+        "keys": len(alive),
+    }
+    yield json.dumps(header) + "\n"
+    yield json.dumps([key for key, _ in alive], separators=(",", ":")) + "\n"
+    expirations = [None if have.expiration is None else int(have.expiration) for _, have in alive]
+    yield json.dumps(expirations, separators=(",", ":")) + "\n"
+    code = _REMEDIATION_CODE
+    yield "".join([code[have.remediation] for _, have in alive]) + "\n"
+
+
+def decode_record(lines: Iterable[str]) -> Record:
+    """The record those lines hold; RecordCorrupt for anything but a whole record of this format."""
+    lines = iter(lines)
+    try:
+        header = json.loads(next(lines, "") or "null")
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != STATE_KIND:
+        raise RecordCorrupt("not a lapi-kv-sync state record")
+    if header.get("format") != STATE_FORMAT:
+        raise RecordCorrupt(f"format {header.get('format')!r}, this version reads {STATE_FORMAT}")
+    try:
+        account, namespace, prefix = (str(header[k]) for k in ("account", "namespace", "prefix"))
+        audited_at, clock_offset = float(header["audited_at"]), float(header["clock_offset"])
+        sent = header.get("usage_metrics_sent_at")
+        usage_metrics_sent_at = None if sent is None else float(sent)
+        count = int(header["keys"])
+    except (KeyError, TypeError, ValueError):
+        raise RecordCorrupt("header lacks a field or holds a wrong type") from None
+    if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
+        raise RecordCorrupt("header holds a number out of range")
+    try:
+        names = json.loads(next(lines))
+        expirations = json.loads(next(lines))
+        codes = next(lines).removesuffix("\n")
+        if next(lines, None) is not None:
+            raise ValueError("more than four lines")
+        if not (isinstance(names, list) and isinstance(expirations, list) and count == len(names)):
+            raise ValueError("not as many keys as the header says")
+        if not (len(expirations) == len(codes) == count):
+            raise ValueError("columns of different lengths")
+        if not set(map(type, expirations)) <= {int, type(None)}:
+            raise ValueError("an expiration that is not a whole number")
+        if not all(map(str.startswith, names, itertools.repeat(prefix))):  # TypeError for a non-string
+            raise ValueError("a key outside the prefix")
+        remediations = map(_CODE_REMEDIATION.__getitem__, codes)  # KeyError for an unknown letter
+        present = map(functools.partial(tuple_new, Present), zip(expirations, remediations, strict=True))
+        keys = dict(zip(names, present, strict=True))
+    except (StopIteration, ValueError, KeyError, TypeError) as e:
+        raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
+    if len(keys) != count:
+        raise RecordCorrupt("a key appears twice")
+    return Record(account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys)
+
+
+def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) -> tuple[str | None, str]:
+    """Why this run must list every key (an AUDIT_REASONS entry and a few words), or None and a few
+    words when it may plan against its record. A record problem comes first: it is what the
+    metrics should show even when an audit was asked for anyway."""
+    if not config.state_file:
+        return "no_state_file", "every run without STATE_FILE"
+    record = loaded.record
+    if loaded.problem or record is None:
+        return loaded.problem or "no_record", loaded.detail or "no record yet"
+    theirs = (record.account, record.namespace, record.prefix)
+    ours = (config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix)
+    if theirs != ours:
+        names = ("CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "KV_KEY_PREFIX")
+        return "foreign", "record written for another " + ", ".join(
+            n for n, a, b in zip(names, theirs, ours, strict=True) if a != b
+        )
+    age = now - record.audited_at
+    if requested:
+        return "requested", f"--audit, last audit {age:.0f}s ago"
+    if not 0 <= age < config.audit_interval:
+        return "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
+    return None, f"record trusted, last audit {age:.0f}s ago"
+
+
+TRUSTED_AUDITS = (None, "requested", "interval")  # audit reasons a trusted record can have
+
+
+def record_after(keys: Mapping[str, Present], ledger: Ledger, offset: float) -> dict[str, Present]:
+    """What KV holds under the prefix after `ledger`'s calls, given it held `keys` before: each
+    confirmed write at the expiration Cloudflare gave it (its clock, from the time the chunk was
+    sent, so never later than the real one), confirmed deletes gone, and every key whose call got
+    no clear answer unknown, so the next plan rewrites or deletes it."""
+    after = dict(keys)
+    for sent, sent_at in ledger.written:
+        kv_sent_at = sent_at + offset
+        for write in sent:
+            after[write.key] = Present(math.floor(kv_sent_at + write.ttl), write.remediation)
+    for key in ledger.deleted:
+        after.pop(key, None)
+    for key in ledger.in_flight + ledger.uncertain:
+        after[key] = Present(None, None)
+    return after
+
+
+class StateFile:
+    """The record on disk, replaced whole (temporary file, fsync, rename), and a lock file beside it.
+
+    The lock file (`STATE_FILE.lock`) keeps two runs from interleaving, and its content marks a run
+    that began changing KV and has not yet recorded what it did: a record found with that mark is
+    not trusted. A run interrupted at any point (a signal, a kill, a crash) leaves the mark."""
+
+    UNFINISHED = b"unfinished\n"
+
+    def __init__(self, path: str, clock: Clock):
+        self.path, self.clock = path, clock
+        self.lock_path = path + ".lock"
+        self.lock_fd: int | None = None
+
+    def lock(self, wait: float) -> bool:
+        """Hold the lock, waiting up to `wait` seconds; False if another run held it all along.
+        OSError when the lock file cannot be opened."""
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        give_up = self.clock.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if self.clock.monotonic() >= give_up:
+                    self.unlock()
+                    return False
+                self.clock.sleep(0.2)
+
+    def unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing releases the flock
+            self.lock_fd = None
+
+    def load(self) -> Loaded:
+        """The record as found, never raising: a problem names what keeps it from being trusted."""
+        try:
+            with open(self.lock_path, "rb") as f:
+                unfinished = f.read(len(self.UNFINISHED)) == self.UNFINISHED
+        except FileNotFoundError:
+            unfinished = False
+        except OSError as e:
+            return Loaded(None, "unreadable", f"cannot read {self.lock_path}: {e.strerror}")
+        try:
+            with gzip.open(self.path, "rt", encoding="utf-8", newline="\n") as f:
+                record = decode_record(f)
+        except FileNotFoundError:
+            if unfinished:
+                return Loaded(None, "unfinished", "the run before did not finish recording")
+            return Loaded(None, "no_record", "no record yet")
+        except (OSError, EOFError, UnicodeDecodeError, RecordCorrupt, zlib.error) as e:
+            return Loaded(None, "unreadable", f"record unreadable ({e})")
+        if unfinished:
+            return Loaded(record, "unfinished", "the run before did not finish recording")
+        return Loaded(record, None)
+
+    def mark_unfinished(self) -> None:
+        """Before KV changes: the record on disk stops being trusted until save() replaces it."""
+        assert self.lock_fd is not None
+        os.pwrite(self.lock_fd, self.UNFINISHED, 0)
+        os.fsync(self.lock_fd)
+
+    def save(self, record: Record, kv_now: float) -> None:
+        """Replace the record atomically, then clear the mark. OSError if any step fails (the mark
+        then stays, so the next run audits)."""
+        assert self.lock_fd is not None
+        directory = os.path.dirname(os.path.abspath(self.path))
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as raw:
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as f:
+                    lines = encode_record(record, kv_now)
+                    while batch := "".join(itertools.islice(lines, 10_000)):
+                        f.write(batch.encode())
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        os.ftruncate(self.lock_fd, 0)
+        os.fsync(self.lock_fd)
 
 
 # --------------------------------------------------------------------------- report and metrics
@@ -1113,6 +1466,9 @@ class Report:
     cloudflare_requests: Counter[str] = field(default_factory=Counter)
     exit_code: int = EXIT_OK
     active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
+    audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
+    audit_detail: str = "every run without STATE_FILE"
+    record_trusted: bool = False
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -1164,6 +1520,18 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
         for op, n in sorted(report.cloudflare_requests.items())
     ]
+    samples += [
+        (
+            p + "audited",
+            "1 if the last run listed every key (an audit), by why; all 0 when it planned against STATE_FILE's record.",
+            {"reason": r},
+            float(report.audit_reason == r),
+        )
+        for r in AUDIT_REASONS
+    ]
+    samples.append(
+        (p + "state_trusted", "1 if the last run found a STATE_FILE record it could trust.", {}, report.record_trusted)
+    )
     return samples
 
 
@@ -1391,7 +1759,7 @@ def log_summary(log: Log, report: Report) -> None:
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
         f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
-        f"{report.duration:.2f}s"
+        f"{audit_words(report)}, {report.duration:.2f}s"
     )
     if not report.success:
         message = f"run FAILED (exit {report.exit_code}), figures so far: {message}"
@@ -1406,8 +1774,17 @@ def log_summary(log: Log, report: Report) -> None:
         held_back=report.guarded,
         ignored=dict(ignored),
         cloudflare_requests=dict(report.cloudflare_requests),
+        audited=report.audit_reason is not None,
+        audit_reason=report.audit_reason,
+        state_trusted=report.record_trusted,
         duration_seconds=round(report.duration, 3),
     )
+
+
+def audit_words(report: Report) -> str:
+    if report.audit_reason is None:
+        return f"not audited ({report.audit_detail})"
+    return f"audited: {report.audit_reason} ({report.audit_detail})"
 
 
 def log_plan(log: Log, plan: Plan) -> None:
@@ -1516,26 +1893,100 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
     return args, config
 
 
-def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool) -> int:
-    """One run; fills `report` as it goes and returns the exit code."""
+def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
+    """One run; fills `report` as it goes and returns the exit code. With STATE_FILE, the run holds
+    its lock throughout (a dry run only reads the record, and takes no lock)."""
+    if not config.state_file:
+        return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
+    state = StateFile(config.state_file, http.clock)
+    if dry_run:
+        return converge(http, config, log, report, dry_run, force, audit, None, state.load)
+    wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
+    try:
+        locked = state.lock(wait)
+    except OSError as e:
+        detail = f"cannot open {state.lock_path}: {e.strerror}"
+        log.warning("state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing")
+        unusable = Loaded(None, "unreadable", detail)
+        return converge(http, config, log, report, dry_run, force, audit, None, lambda: unusable)
+    if not locked:
+        log.error(
+            "state_locked",
+            f"another run holds {state.lock_path} (waited {wait:.0f}s): this run changed nothing",
+        )
+        return EXIT_CLOUDFLARE
+    try:
+        return converge(http, config, log, report, dry_run, force, audit, state, state.load)
+    finally:
+        state.unlock()
+
+
+def converge(
+    http: Http,
+    config: Config,
+    log: Log,
+    report: Report,
+    dry_run: bool,
+    force: bool,
+    audit: bool,
+    state: StateFile | None,
+    load: Callable[[], Loaded],
+) -> int:
+    """Read LAPI, plan against the record or a full listing, apply, and record what Cloudflare confirmed."""
     decisions = read_decisions(http, config)
     projection = project(decisions.rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+    del decisions  # LAPI's rows go before the record is read, so the two never add up in memory
+    loaded = load()
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests = cloudflare.requests
-    listing = cloudflare.list_keys(config.kv_key_prefix)
-    # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
-    # so a skewed local clock cannot make every key look stale and be rewritten each run.
-    offset = listing.server_time - listing.received_at if listing.server_time is not None else 0.0
-    plan = make_plan(projection.wanted, listing.present, listing.received_at, offset)
+    reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
+    report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
+    sent = loaded.record.usage_metrics_sent_at if loaded.record else None
+    if reason is None and loaded.record is not None:
+        record = loaded.record
+        present, now, offset, audited_at = record.keys, http.clock.now(), record.clock_offset, record.audited_at
+    else:
+        del loaded  # an audit rebuilds the record from the listing: the old one goes first
+        listing = cloudflare.list_keys(config.kv_key_prefix)
+        # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
+        # so a skewed local clock cannot make every key look stale and be rewritten each run.
+        offset = listing.server_time - listing.received_at if listing.server_time is not None else 0.0
+        present, now, audited_at = listing.present, listing.received_at, listing.received_at
+    plan = make_plan(projection.wanted, present, now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
         log_plan(log, plan)
         return EXIT_OK
-    applied = apply_plan(cloudflare, plan, None if force else config.max_deletes)
+    state_file = state
+    if state is not None and not (reason is None and not plan.writes and not plan.deletes):
+        state = mark_unfinished(state, log)
+    else:
+        state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
+
+    def record(ledger: Ledger) -> None:
+        if state is not None:
+            keys = record_after(present, ledger, offset)
+            after = Record(
+                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys
+            )
+            save_record(state, after, http.clock.now() + offset, log)
+
+    ledger = Ledger()
+    try:
+        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger)
+    except Exception:
+        record(ledger)  # what landed before the failure, and the rest as it was
+        raise
     report.written, report.deleted, report.guarded = applied
+    if not applied.guarded:
+        report.success = True
+        last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
+        if sent != last_sent and state is None and reason is None:
+            state = state_file  # a trusted record, unchanged but for when usage metrics went
+    record(ledger)
     if applied.guarded:
         log.error(
             "delete_guard",
@@ -1545,14 +1996,41 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
             max_deletes=config.max_deletes,
         )
         return EXIT_CLOUDFLARE
-    report.success = True
     return EXIT_OK
+
+
+def mark_unfinished(state: StateFile, log: Log) -> StateFile | None:
+    """Mark the record untrusted before KV changes; if that fails, remove it, so that in any case
+    the next run audits. The state file to record into, or None when it cannot be."""
+    try:
+        state.mark_unfinished()
+        return state
+    except OSError as e:
+        problem = f"STATE_FILE: cannot mark {state.lock_path}: {e.strerror}"
+    try:
+        os.unlink(state.path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("state_stale", f"{problem}, nor remove {state.path} ({e.strerror}): remove it by hand")
+        return None
+    log.warning("state_unwritable", f"{problem}; removed the record, the next run audits")
+    return None
+
+
+def save_record(state: StateFile, record: Record, kv_now: float, log: Log) -> None:
+    try:
+        state.save(record, kv_now)
+    except OSError as e:
+        log.warning(
+            "state_unwritable", f"STATE_FILE: cannot write {state.path}: {e.strerror or e}; the next run audits"
+        )
 
 
 def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Namespace) -> int:
     """sync(), with every way it can fail turned into its exit code and one clear error line."""
     try:
-        return sync(http, config, log, report, args.dry_run, args.force)
+        return sync(http, config, log, report, args.dry_run, args.force, args.audit)
     except LapiUnreadable as e:
         log.error("lapi_unreadable", f"{e}; skipped the run, KV left as it is")
         return EXIT_LAPI
@@ -1642,7 +2120,6 @@ def main(
         if not args.dry_run:
             if report.exit_code in (EXIT_OK, EXIT_CLOUDFLARE):  # LAPI and signals said it in one line
                 log_summary(log, report)
-            send_usage_metrics(http, config, log, report, last_sent=None)
             push_metrics(http, config, report, log)
     return report.exit_code
 

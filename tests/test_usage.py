@@ -306,7 +306,34 @@ def test_the_debug_line_in_json(stack):
     stack.lapi.usage_metrics_supported = False
     result = stack.run(clock_offset=at_quarter(5), LAPI_USAGE_METRICS="true", LOG_FORMAT="json")
     records = [json.loads(line) for line in result.out.splitlines()]
-    assert [(r["level"], r["event"]) for r in records] == [("info", "run"), ("debug", "usage_metrics")]
+    assert [(r["level"], r["event"]) for r in records] == [("debug", "usage_metrics"), ("info", "run")]
+
+
+def test_with_a_state_file_the_record_keeps_the_cadence(stack, tmp_path):
+    """With STATE_FILE the last send is in the record: due 15 minutes after it, whatever minute of
+    the quarter hour, and keeping it costs a steady run no Cloudflare request."""
+    env = {"LAPI_USAGE_METRICS": "true", "STATE_FILE": str(tmp_path / "record"), "AUDIT_INTERVAL": "3600"}
+    start = at_quarter(30)
+
+    def run_at(minutes: int):
+        """A run `minutes` after the first, every clock moved alike: the ban an hour from the first."""
+        stack.kv.clock_offset = start + 60 * minutes
+        stack.lapi.decisions = [decision("192.0.2.1", seconds=3600 - 60 * minutes)]
+        result = stack.run(clock_offset=start + 60 * minutes, **env)
+        assert result.code == 0, result.err
+        return result
+
+    run_at(0)  # a first minute, and no send on record
+    assert len(stack.lapi.usage_metrics) == 1
+    run_at(1)  # a minute later: not due
+    assert len(stack.lapi.usage_metrics) == 1
+    requests = sum(stack.kv.requests.values())
+    # The next quarter hour's second minute: the clock alone would not send; the record says it is due.
+    assert "not audited" in run_at(16).out
+    assert len(stack.lapi.usage_metrics) == 2
+    assert sum(stack.kv.requests.values()) == requests
+    run_at(17)  # and the record kept that send
+    assert len(stack.lapi.usage_metrics) == 2
 
 
 def test_a_slow_lapi_costs_a_short_timeout(stack, monkeypatch):

@@ -1,0 +1,350 @@
+"""Whole runs with STATE_FILE against the strict KV stand-in: the job plans against its own record,
+lists only when it audits, and its record never claims what KV does not hold."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lapi_kv_sync as job
+from tests.standins import ACCOUNT, NAMESPACE, Entry, _error, decision
+
+PREFIXED = "crowdsec_kv_sync_"
+
+
+def ips(n: int, base: str = "10") -> list[str]:
+    return [f"{base}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(n)]
+
+
+@pytest.fixture
+def state(tmp_path) -> Path:
+    return tmp_path / "state" / "record.gz"
+
+
+@pytest.fixture
+def run(stack, state):
+    state.parent.mkdir()
+
+    def run(*args: str, **env: str):
+        return stack.run(*args, STATE_FILE=str(state), **env)
+
+    return run
+
+
+def ours(kv) -> dict[str, str]:
+    return {k: e.value for k, e in kv.live().items() if k.startswith("ip:")}
+
+
+def read_record(path: Path) -> job.Record:
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+        return job.decode_record(f)
+
+
+def write_record(path: Path, record: job.Record) -> None:
+    with gzip.open(path, "wt", encoding="utf-8", newline="\n") as f:
+        f.writelines(job.encode_record(record, 0))
+
+
+def assert_kv_is_the_record(kv, path: Path) -> None:
+    """The record claims exactly what KV holds under the prefix, to within the expiration slack."""
+    record = read_record(path)
+    live = {k: e for k, e in kv.live().items() if k.startswith("ip:")}
+    assert set(record.keys) == set(live)
+    for key, have in record.keys.items():
+        assert have.remediation == live[key].value == live[key].metadata["remediation"]
+        assert live[key].expiration - 5 <= have.expiration <= live[key].expiration
+
+
+# --------------------------------------------------------------------------- steady and churn
+
+
+def test_a_steady_run_with_a_trusted_record_makes_no_cloudflare_request(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600 + i) for i, ip in enumerate(ips(2500))]
+    first = run()
+    assert first.code == 0, first.err
+    assert "audited: no_record" in first.out
+    assert stack.kv.requests["list"] == 1 and stack.kv.writes == 2500  # KV was empty: one page
+    assert_kv_is_the_record(stack.kv, state)
+    before = state.read_bytes()
+    stack.kv.reset_counts()
+    second = run()
+    assert second.code == 0, second.err
+    assert dict(stack.kv.requests) == {}  # no list, no write, nothing at all
+    assert stack.kv.connections == 0
+    assert "written 0, deleted 0, unchanged 2500" in second.out
+    assert "not audited (record trusted, last audit" in second.out
+    assert state.read_bytes() == before  # nothing changed, nothing rewritten
+    assert stack.push.value(PREFIXED + "state_trusted") == 1
+    assert stack.push.value(PREFIXED + "audited", 'reason="no_record"') == 0
+    assert stack.push.value(PREFIXED + "unchanged") == 2500
+
+
+def test_churn_costs_exactly_the_churn_and_no_list(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(30)]
+    assert run().code == 0
+    stack.kv.reset_counts()
+    by_value = {d["value"]: d for d in stack.lapi.decisions}
+    stack.lapi.decisions.remove(by_value["10.0.0.5"])  # un-ban
+    by_value["10.0.0.7"]["type"] = "captcha"  # ban turned captcha
+    by_value["10.0.0.9"]["until"] += 7200  # ban made longer
+    stack.lapi.decisions.append(decision("192.0.2.77", 600))  # new ban
+    result = run()
+    assert result.code == 0, result.err
+    assert stack.kv.requests["list"] == 0
+    assert stack.kv.deleted_keys == ["ip:10.0.0.5"]
+    assert sorted(stack.kv.written_keys) == ["ip:10.0.0.7", "ip:10.0.0.9", "ip:192.0.2.77"]
+    assert_kv_is_the_record(stack.kv, state)
+    stack.kv.reset_counts()
+    assert run().code == 0 and dict(stack.kv.requests) == {}
+
+
+def test_keys_past_their_expiration_are_gone_from_the_record(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1", 3600), decision("192.0.2.2", 3600)]
+    assert run().code == 0
+    record = read_record(state)
+    # As if 192.0.2.2's key had been written long ago and KV expired it since.
+    record.keys["ip:192.0.2.2"] = job.Present(int(time.time()) - 10, "ban")
+    write_record(state, record)
+    stack.kv.store.pop("ip:192.0.2.2")
+    stack.kv.reset_counts()
+    result = run()
+    assert result.code == 0, result.err
+    assert stack.kv.written_keys == ["ip:192.0.2.2"] and stack.kv.requests["list"] == 0
+    assert_kv_is_the_record(stack.kv, state)
+
+
+# --------------------------------------------------------------------------- drift and audits
+
+
+def drift(kv) -> None:
+    """Changes made to KV behind the job's back: a key deleted, one added, one's value changed."""
+    kv.store.pop("ip:10.0.0.1")
+    kv.store["ip:203.0.113.9"] = Entry("ban", int(time.time()) + 3600, {"remediation": "ban"})
+    kv.store["ip:10.0.0.2"] = Entry("captcha", int(time.time()) + 3600, {"remediation": "captcha"})
+
+
+def test_drift_stays_until_an_audit_and_audit_puts_it_right(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(10)]
+    assert run().code == 0
+    wanted = ours(stack.kv)
+    drift(stack.kv)
+    assert run().code == 0  # the record is trusted: the job cannot see the drift
+    assert ours(stack.kv) != wanted
+    stack.kv.reset_counts()
+    audited = run("--audit")
+    assert audited.code == 0, audited.err
+    assert "audited: requested (--audit" in audited.out
+    assert stack.kv.requests["list"] == 1
+    assert sorted(stack.kv.written_keys) == ["ip:10.0.0.1", "ip:10.0.0.2"]
+    assert stack.kv.deleted_keys == ["ip:203.0.113.9"]
+    assert ours(stack.kv) == wanted
+    assert_kv_is_the_record(stack.kv, state)
+    assert stack.push.value(PREFIXED + "audited", 'reason="requested"') == 1
+    assert stack.push.value(PREFIXED + "state_trusted") == 1
+
+
+def test_drift_is_put_right_within_audit_interval(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(10)]
+    assert run().code == 0
+    wanted = ours(stack.kv)
+    drift(stack.kv)
+    # The last audit was 901 s ago.
+    record = read_record(state)
+    write_record(state, record._replace(audited_at=record.audited_at - 901))
+    stack.kv.reset_counts()
+    result = run()
+    assert result.code == 0, result.err
+    assert "audited: interval (last audit 901s ago, AUDIT_INTERVAL=900)" in result.out
+    assert ours(stack.kv) == wanted and stack.kv.requests["list"] == 1
+    stack.kv.reset_counts()
+    assert run().code == 0 and stack.kv.requests["list"] == 0  # the audit restarted the interval
+    drift(stack.kv)
+    assert run(AUDIT_INTERVAL="0").code == 0  # 0: every run audits
+    assert ours(stack.kv) == wanted and stack.kv.requests["list"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"garbage, not even gzip", "unreadable"),
+        (gzip.compress(b'{"kind": "lapi-kv-sync state", "format": 1}\n'), "unreadable"),
+        (gzip.compress(b'{"kind": "lapi-kv-sync state", "format": 2}\n'), "unreadable"),
+        ("truncated", "unreadable"),
+        ("another namespace", "foreign"),
+        ("another prefix", "foreign"),
+        ("another account", "foreign"),
+    ],
+)
+def test_garbage_and_foreign_records_are_not_trusted(stack, run, state, content, reason):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(10)]
+    assert run().code == 0
+    record = read_record(state)
+    if content == "truncated":
+        content = state.read_bytes()[:-9]
+    elif content == "another namespace":
+        write_record(state, record._replace(namespace="0" * 32, keys={}))
+    elif content == "another prefix":
+        write_record(state, record._replace(prefix="cs/", keys={}))
+    elif content == "another account":
+        write_record(state, record._replace(account="f" * 32, keys={}))
+    if isinstance(content, bytes):
+        state.write_bytes(content)
+    stack.kv.store.pop("ip:10.0.0.3")  # drift the untrusted record would not show
+    stack.kv.reset_counts()
+    result = run()
+    assert result.code == 0, result.err
+    assert f"audited: {reason} (" in result.out
+    assert stack.kv.requests["list"] == 1 and stack.kv.written_keys == ["ip:10.0.0.3"]
+    assert stack.push.value(PREFIXED + "audited", f'reason="{reason}"') == 1
+    assert stack.push.value(PREFIXED + "state_trusted") == 0
+    assert_kv_is_the_record(stack.kv, state)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def fail_bulk_put_after(kv, ok: int, landed: bool) -> list[int]:
+    """The KV stand-in answers bulk write number ok+1 with a 400; `landed`: it wrote the keys
+    anyway (the answer was lost, as after a timeout), else it wrote none."""
+    original, calls = kv.bulk_put, []
+
+    def bulk_put(query, items):
+        calls.append(len(items))
+        if len(calls) == ok + 1:
+            if landed:
+                original(query, items)
+            return 400, _error(10001, "the stand-in refuses this one")
+        return original(query, items)
+
+    kv.bulk_put = bulk_put
+    return calls
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_failure_after_the_first_bulk_call_leaves_a_record_the_next_run_can_trust(stack, run, state, landed):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(25_000)]
+    calls = fail_bulk_put_after(stack.kv, 1, landed)
+    failed = run()
+    assert failed.code == 1 and calls == [10_000, 10_000]
+    record = read_record(state)
+    known = [k for k, p in record.keys.items() if p.remediation is not None]
+    unknown = [k for k, p in record.keys.items() if p.remediation is None]
+    assert len(known) == 10_000 and len(unknown) == 10_000  # the refused chunk: may or may not have landed
+    assert set(known) <= set(stack.kv.live())
+    del stack.kv.bulk_put
+    if landed:
+        stack.lapi.decisions = stack.lapi.decisions[:5000]  # and LAPI un-bans most of them
+    stack.kv.reset_counts()
+    healthy = run()
+    assert healthy.code == 0, healthy.err
+    assert "not audited" in healthy.out and stack.kv.requests["list"] == 0
+    stack.kv.reset_counts()
+    check = run("--audit")
+    assert check.code == 0 and (stack.kv.writes, stack.kv.deletes) == (0, 0)  # converged
+    assert len(ours(stack.kv)) == len(stack.lapi.decisions)
+    assert_kv_is_the_record(stack.kv, state)
+
+
+def test_an_interrupted_run_leaves_a_record_the_next_run_does_not_trust(stack, run, state, monkeypatch):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(10)]
+    assert run().code == 0
+    stack.lapi.decisions.pop()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # as a signal handler's exception would, mid-apply
+
+    monkeypatch.setattr(job, "apply_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    stack.kv.reset_counts()
+    result = run()
+    assert result.code == 0, result.err
+    assert "audited: unfinished (the run before did not finish recording)" in result.out
+    assert stack.kv.deleted_keys == ["ip:10.0.0.9"]
+    assert_kv_is_the_record(stack.kv, state)
+
+
+def test_a_record_that_cannot_be_written_is_a_warning_and_the_next_run_audits(stack, run, state):
+    state.mkdir(parents=True)  # a directory where the record should be: neither read nor replaced
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    result = run()
+    assert result.code == 0, result.err
+    assert "warning: STATE_FILE: cannot write" in result.err and "the next run audits" in result.err
+    assert len(ours(stack.kv)) == 5
+    os.rmdir(state)
+    stack.kv.reset_counts()
+    again = run()
+    assert again.code == 0 and "audited: unfinished" in again.out  # the mark stayed
+    assert stack.kv.requests["list"] == 1 and stack.kv.writes == 0
+
+
+# --------------------------------------------------------------------------- two runs, dry runs
+
+
+def test_a_second_run_waits_for_the_lock_then_gives_up_having_changed_nothing(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    assert run().code == 0
+    before, kv_before = state.read_bytes(), stack.kv.snapshot()
+    stack.lapi.decisions = []
+    stack.lapi.queries.clear()
+    stack.kv.reset_counts()
+    with open(str(state) + ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run()  # the test clock's sleeps cost nothing: the bounded wait passes at once
+    assert result.code == 1
+    assert "another run holds" in result.err and "changed nothing" in result.err
+    assert stack.lapi.queries == [] and dict(stack.kv.requests) == {}
+    assert state.read_bytes() == before and stack.kv.snapshot() == kv_before
+
+
+def test_two_runs_at_once_do_not_interleave(stack, state):
+    state.parent.mkdir()
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(3000)]
+    results = []
+
+    def one_run():
+        results.append(stack.run_process(STATE_FILE=str(state), PUSHGATEWAY_URL=""))
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.code for r in results] == [0, 0], [r.err for r in results]
+    assert stack.kv.writes == 3000  # the second waited, then found the first's record: wrote nothing
+    assert sorted("not audited" in r.out for r in results) == [False, True]
+    assert_kv_is_the_record(stack.kv, state)
+
+
+def test_dry_run_never_touches_the_record(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    dry = run("--dry-run")
+    assert dry.code == 0 and "write 5" in dry.out
+    assert list(state.parent.iterdir()) == []  # no record, no lock file
+    assert run().code == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.parent.iterdir()}
+    stack.lapi.decisions.pop()
+    stack.kv.reset_counts()
+    dry = run("--dry-run")
+    assert dry.code == 0 and "delete 1: ip:10.0.0.4" in dry.out
+    assert stack.kv.requests["list"] == 0  # it planned against the trusted record
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.parent.iterdir()} == before
+
+
+def test_the_record_carries_its_owner_and_usage_metrics_time(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1", 3600)]
+    assert run().code == 0
+    record = read_record(state)
+    assert (record.account, record.namespace, record.prefix) == (ACCOUNT, NAMESPACE, "ip:")
+    assert record.usage_metrics_sent_at is None
+    write_record(state, record._replace(usage_metrics_sent_at=1_800_000_000.0))
+    stack.lapi.decisions.append(decision("192.0.2.2", 3600))
+    assert run().code == 0
+    assert read_record(state).usage_metrics_sent_at == 1_800_000_000.0

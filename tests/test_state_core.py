@@ -1,0 +1,340 @@
+"""The pure parts of the state file and the leaner core, against straightforward versions."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lapi_kv_sync as job
+from tests.standins import decision
+
+NOW = 1_800_000_000.0
+CONFIG = job.Config(cf_account_id="a" * 32, cf_namespace_id="b" * 32, cf_api_token="t", state_file="/s/record")
+
+
+def record(keys=None, **changes) -> job.Record:
+    fields = dict(
+        account=CONFIG.cf_account_id,
+        namespace=CONFIG.cf_namespace_id,
+        prefix="ip:",
+        audited_at=NOW - 100,
+        clock_offset=2.5,
+        usage_metrics_sent_at=None,
+        keys=keys if keys is not None else {"ip:192.0.2.1": job.Present(NOW + 3600, "ban")},
+    )
+    return job.Record(**{**fields, **changes})
+
+
+# --------------------------------------------------------------------------- absurd durations, the TTL cap
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "h", "9" * 400 + "s", "9" * 30 + "m", "2562048h", "1e400s"])
+def test_durations_past_what_go_can_hold_are_not_durations(text):
+    with pytest.raises(ValueError):
+        job.parse_go_duration(text)
+
+
+def test_an_absurd_duration_is_invalid_and_the_other_bans_are_kept():
+    rows = [{**decision("192.0.2.1"), "duration": "9" * 400 + "h"}, {**decision("192.0.2.2"), "duration": "4h"}]
+    projection = job.project(rows, NOW, "ip:")
+    assert list(projection.wanted) == ["ip:192.0.2.2"] and projection.ignored == Counter(invalid=1)
+
+
+def test_ttl_is_capped_at_a_year_and_a_capped_key_is_refreshed_about_monthly():
+    wanted = {"ip:192.0.2.1": job.Wanted("ban", NOW + 10 * job.MAX_TTL, "o", "s")}
+    plan = job.make_plan(wanted, {}, NOW)
+    assert [w.ttl for w in plan.writes] == [job.MAX_TTL]
+    written = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL, "ban")}
+    for days in (0, 1, 29):
+        assert job.make_plan(wanted, written, NOW + days * 86400).writes == []
+    assert len(job.make_plan(wanted, written, NOW + 31 * 86400).writes) == 1
+
+
+def test_a_run_survives_an_absurd_duration(stack):
+    stack.lapi.decisions = [
+        {"value": "192.0.2.1", "type": "ban", "scope": "Ip", "duration": "9" * 400 + "h", "origin": "o"},
+        {"value": "192.0.2.2", "type": "ban", "scope": "Ip", "duration": "87600h", "origin": "o"},
+        decision("192.0.2.3", 3600),
+    ]
+    result = stack.run()
+    assert result.code == 0, result.err
+    assert "invalid 1" in result.out
+    live = stack.kv.live()
+    assert sorted(live) == ["ip:192.0.2.2", "ip:192.0.2.3"]
+    assert abs(live["ip:192.0.2.2"].expiration - (time.time() + job.MAX_TTL)) < 10
+    stack.kv.reset_counts()
+    assert stack.run().code == 0 and stack.kv.writes == 0
+
+
+# --------------------------------------------------------------------------- the projection, against the plain version
+
+
+def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
+    """The projection written the obvious way: as the job did before it was made lean."""
+    wanted, ignored = {}, Counter()
+    for raw in decisions:
+        row = job.as_decision(raw)
+        if row is None:
+            ignored["invalid"] += 1
+            continue
+        scope, remediation = row.scope.lower(), row.type.lower()
+        if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
+            ignored["scope"] += 1
+            continue
+        if remediation not in ("ban", "captcha"):
+            ignored["type"] += 1
+            continue
+        try:
+            remaining = job.parse_go_duration(row.duration)
+        except (TypeError, ValueError):
+            ignored["invalid"] += 1
+            continue
+        if remaining <= 0:
+            ignored["expired"] += 1
+            continue
+        try:
+            if scope == "ip":
+                if not isinstance(row.value, str) or "%" in row.value:
+                    raise ValueError
+                address = ipaddress.ip_address(row.value)
+                addresses = [str(getattr(address, "ipv4_mapped", None) or address)]
+            else:
+                if not isinstance(row.value, str):
+                    raise ValueError
+                network = ipaddress.ip_network(row.value, strict=False)
+                if network.version != 4 or network.num_addresses > expand_ranges_max:
+                    ignored["range_too_large"] += 1
+                    continue
+                addresses = [str(a) for a in network]
+        except ValueError:
+            ignored["invalid"] += 1
+            continue
+        for address in addresses:
+            key = prefix + address
+            if len(key.encode()) > 512:
+                ignored["invalid"] += 1
+                continue
+            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
+            old = wanted.get(key)
+            if old is not None:
+                rank = {"ban": 2, "captcha": 1}
+                strongest = max(old, new, key=lambda w: (rank[w.remediation], w.end))
+                new = strongest._replace(end=max(old.end, new.end))
+            wanted[key] = new
+    return job.Projection(wanted, ignored)
+
+
+rows = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {
+                "value": st.one_of(
+                    st.sampled_from(["192.0.2.1", "::ffff:192.0.2.1", "2001:0DB8::1", "192.0.2.0/30", "x", "01.2.3.4"]),
+                    st.ip_addresses().map(str),
+                    st.none(),
+                    st.integers(),
+                ),
+                "duration": st.one_of(
+                    st.sampled_from(["4h", "3h59m58.3s", "-3s", "0", "1.5h", "45s", "9" * 400 + "h", "junk", "2ms"]),
+                    st.floats(-100, 10**6).map(lambda f: f"{f:.3f}s"),
+                    st.none(),
+                ),
+                "type": st.sampled_from(["ban", "Ban", "captcha", "throttle", ""]),
+                "scope": st.sampled_from(["Ip", "ip", "IP", "Range", "Country"]),
+                "origin": st.sampled_from(["crowdsec", "cscli"]),
+                "scenario": st.sampled_from(["a", "b"]),
+            }
+        ),
+        st.sampled_from([None, 1, "text", []]),
+    ),
+    max_size=40,
+)
+
+
+@given(rows, st.sampled_from([0, 4]), st.sampled_from(["ip:", "x" * 480]))
+def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix):
+    lean = job.project(iter(decisions), NOW, prefix, expand)  # a one-pass iterator, as a stream is
+    plain = plain_project(decisions, NOW, prefix, expand)
+    assert lean.wanted == plain.wanted
+    assert +lean.ignored == +plain.ignored
+
+
+def test_projection_reads_its_rows_once_and_lets_a_reader_failure_through():
+    def stream():
+        yield decision("192.0.2.1")
+        raise job.LapiUnreadable("the answer broke off")
+
+    with pytest.raises(job.LapiUnreadable):
+        job.project(stream(), NOW, "ip:")
+
+
+# --------------------------------------------------------------------------- the record
+
+
+keys_strategy = st.dictionaries(
+    st.one_of(
+        st.ip_addresses().map(lambda a: f"ip:{a}"),
+        st.text(min_size=0, max_size=12).map(lambda t: "ip:" + t),
+        st.sampled_from(['ip:"quoted', "ip:a\nb", "ip:tab\there", "ip:\r"]),
+    ),
+    st.builds(
+        job.Present,
+        st.one_of(st.none(), st.integers(int(NOW) - 1000, int(NOW) + 10**8)),
+        st.sampled_from(["ban", "captcha", None]),
+    ),
+    max_size=30,
+)
+
+
+@given(keys_strategy, st.one_of(st.none(), st.floats(0, 2e9)))
+def test_a_record_reads_back_as_written_less_what_expired(keys, sent_at):
+    original = record(keys, usage_metrics_sent_at=sent_at)
+    text = "".join(job.encode_record(original, NOW))
+    back = job.decode_record(line + "\n" for line in text.split("\n")[:-1])  # as a file splits it
+    alive = {k: p for k, p in keys.items() if p.expiration is None or p.expiration > NOW}
+    assert back == original._replace(keys=alive)
+
+
+def test_a_record_split_only_on_newlines_reads_back(tmp_path):
+    original = record({"ip:a\rb": job.Present(None, None), "ip:c\u2028d": job.Present(int(NOW) + 5, "ban")})
+    path = tmp_path / "r"
+    path.write_text("".join(job.encode_record(original, NOW)), encoding="utf-8", newline="\n")
+    with open(path, encoding="utf-8", newline="\n") as f:
+        assert job.decode_record(f) == original
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [],
+        ["junk\n"],
+        ['{"kind": "lapi-kv-sync state", "format": 2}\n'],
+        ['{"kind": "something else", "format": 1}\n'],
+        ['{"kind": "lapi-kv-sync state", "format": 1, "account": "a"}\n'],
+    ],
+)
+def test_what_is_not_a_whole_record_is_corrupt(lines):
+    with pytest.raises(job.RecordCorrupt):
+        job.decode_record(lines)
+
+
+@pytest.mark.parametrize(
+    "column, bad",
+    [
+        (1, '["ip:10.0.0.0","ip:10.0.0.1"]\n'),  # a key short
+        (1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'),  # a key twice
+        (1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'),  # a key outside the prefix
+        (1, '["ip:10.0.0.0","ip:10.0.0.1",3]\n'),  # not a string
+        (1, '{"ip:10.0.0.0": 1}\n'),
+        (2, "[1,2]\n"),
+        (2, '[1,2,"3"]\n'),
+        (2, "[1,2,3.5]\n"),
+        (2, "[1,2,\n"),
+        (3, "bb\n"),
+        (3, "bbx\n"),
+    ],
+)
+def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
+    lines = list(job.encode_record(record({f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}), 0))
+    assert job.decode_record(lines).keys  # as written, it reads
+    with pytest.raises(job.RecordCorrupt):
+        job.decode_record(lines[:column] + [bad] + lines[column + 1 :])
+    with pytest.raises(job.RecordCorrupt):
+        job.decode_record(lines[:column])  # cut short
+    with pytest.raises(job.RecordCorrupt):
+        job.decode_record([*lines, "more\n"])
+
+
+# --------------------------------------------------------------------------- when to audit
+
+
+@pytest.mark.parametrize(
+    "loaded, config, requested, reason",
+    [
+        (job.Loaded(record(), None), job.Config("a", "b", "t"), False, "no_state_file"),
+        (job.Loaded(None, "no_record"), CONFIG, False, "no_record"),
+        (job.Loaded(None, "unreadable", "x"), CONFIG, True, "unreadable"),
+        (job.Loaded(record(), "unfinished"), CONFIG, False, "unfinished"),
+        (job.Loaded(record(namespace="c" * 32), None), CONFIG, False, "foreign"),
+        (job.Loaded(record(account="c" * 32), None), CONFIG, False, "foreign"),
+        (job.Loaded(record(prefix="cs/"), None), CONFIG, False, "foreign"),
+        (job.Loaded(record(), None), CONFIG, True, "requested"),
+        (job.Loaded(record(audited_at=NOW - 900), None), CONFIG, False, "interval"),
+        (job.Loaded(record(audited_at=NOW + 60), None), CONFIG, False, "interval"),  # the clock went back
+        (
+            job.Loaded(record(), None),
+            job.Config("a" * 32, "b" * 32, "t", state_file="s", audit_interval=0),
+            False,
+            "interval",
+        ),
+        (job.Loaded(record(audited_at=NOW - 899), None), CONFIG, False, None),
+    ],
+)
+def test_audit_reasons(loaded, config, requested, reason):
+    found, words = job.audit_reason(loaded, config, NOW, requested)
+    assert found == reason and words
+    assert (found in job.TRUSTED_AUDITS) == (reason in (None, "requested", "interval"))
+    assert found is None or found in job.AUDIT_REASONS
+
+
+# --------------------------------------------------------------------------- applying confirmed results
+
+
+write = st.builds(
+    job.Write,
+    st.sampled_from([f"ip:10.0.0.{i}" for i in range(8)]),
+    st.sampled_from(["ban", "captcha"]),
+    st.integers(60, 10**6),
+    st.just("o"),
+    st.just("s"),
+)
+names = st.lists(st.sampled_from([f"ip:10.0.0.{i}" for i in range(8)]), max_size=8)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([f"ip:10.0.0.{i}" for i in range(8)]),
+        st.builds(job.Present, st.integers(), st.sampled_from(["ban", None])),
+    ),
+    st.lists(st.tuples(st.lists(write, max_size=4), st.floats(NOW - 10, NOW)), max_size=3),
+    names,
+    names,
+    names,
+)
+def test_the_record_after_apply_claims_only_what_cloudflare_confirmed(before, written, deleted, in_flight, uncertain):
+    ledger = job.Ledger(written, deleted, in_flight, uncertain)
+    after = job.record_after(before, ledger, offset=3.0)
+    unknown = set(in_flight) | set(uncertain)
+    confirmed_writes = {w.key: (w, at) for chunk, at in written for w in chunk}
+    for key in set(before) | set(after) | set(confirmed_writes) | set(deleted):
+        if key in unknown:
+            assert after[key] == job.Present(None, None)  # the next plan rewrites or deletes it
+        elif key in deleted:
+            assert key not in after
+        elif key in confirmed_writes:
+            w, at = confirmed_writes[key]
+            assert after[key].remediation == w.remediation
+            assert at + 3.0 + w.ttl - 1 < after[key].expiration <= at + 3.0 + w.ttl  # never later than Cloudflare's
+        else:
+            assert after.get(key) == before.get(key)
+    assert before == {k: v for k, v in before.items()}  # untouched
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([f"ip:10.0.0.{i}" for i in range(8)]),
+        st.builds(
+            job.Present,
+            st.one_of(st.none(), st.integers(int(NOW) - 100, int(NOW) + 100)),
+            st.sampled_from(["ban", None]),
+        ),
+    )
+)
+def test_expired_keys_in_a_record_are_gone(present):
+    plan = job.make_plan({}, present, NOW, offset=0)
+    assert set(plan.deletes) == {k for k, p in present.items() if p.expiration is None or p.expiration > NOW}
