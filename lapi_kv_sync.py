@@ -660,11 +660,15 @@ def json_array_items(chunks: Iterable[bytes], object_hook: Callable[[dict], Any]
     only the item being decoded held; ValueError for anything else, wherever it is.
 
     An item that is not complete yet is tried again only once the text held has doubled, so one
-    giant item costs linear time; junk is told from an item cut short by where the decoder fails."""
+    giant item costs linear time; junk is told from an item cut short by where the decoder fails.
+
+    LAPI's compact list (`[{…},{…}]`) goes faster: the items held up to the last `},{` are decoded
+    in one call. That cut is only a guess (a string may hold `},{`), but a wrong one leaves a string
+    or a nesting open, which fails to decode: then it is item by item for the rest of the answer."""
     decoder = json.JSONDecoder(object_hook=object_hook)
     utf8 = codecs.getincrementaldecoder("utf-8")()
     source = iter(chunks)
-    text, pos, ended = "", 0, False
+    text, pos, ended, batches = "", 0, False, True
 
     def extend(at_least: int) -> None:
         """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
@@ -703,6 +707,16 @@ def json_array_items(chunks: Iterable[bytes], object_hook: Callable[[dict], Any]
         else:
             while True:
                 next_char()
+                cut = text.rfind("},{", pos) if batches else -1
+                if cut > pos:
+                    try:
+                        items = decoder.decode("[" + text[pos : cut + 1] + "]")
+                    except (ValueError, RecursionError):
+                        batches = False
+                    else:
+                        yield from items
+                        pos = cut + 2  # past the `,`: the next item follows
+                        continue
                 while True:
                     try:
                         item, end = decoder.raw_decode(text, pos)

@@ -288,6 +288,40 @@ def test_streamed_items_are_what_json_loads_gives_for_any_chunking(values, size,
     assert items(text, size) == json.loads(text)
 
 
+# LAPI's own spelling: compact objects, whose strings may hold the `},{` that batches are cut at.
+compact_rows = st.lists(
+    st.dictionaries(st.sampled_from(["value", "type", "x"]), json_values | st.sampled_from(["},{", "}", "{", '"},{"'])),
+    max_size=12,
+)
+
+
+@given(compact_rows, st.integers(1, 40))
+def test_compact_lists_decoded_in_batches_are_what_json_loads_gives(rows, size):
+    text = json.dumps(rows, separators=(",", ":"))
+    assert items(text, size) == json.loads(text)
+
+
+def test_a_batch_cut_inside_a_string_falls_back_to_item_by_item():
+    text = '[{"a":"x"},{"b":"},{"},{"c":"},{\\"},{"}]'
+    assert items(text, 64) == json.loads(text) and items(text, 3) == json.loads(text)
+
+
+@given(compact_rows.filter(bool), st.integers(0, 400), st.text(min_size=1, max_size=3), st.integers(1, 40))
+def test_junk_in_a_compact_list_is_refused_as_json_loads_refuses_it(rows, where, junk, size):
+    text = json.dumps(rows, separators=(",", ":"))
+    where %= len(text) + 1
+    text = text[:where] + junk + text[where:]
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError or not isinstance(expected, list) and expected is not None:
+        with pytest.raises(ValueError):
+            items(text, size)
+    else:
+        assert items(text, size) == (expected or [])
+
+
 @given(st.lists(json_values, min_size=1, max_size=5), st.integers(0, 200), st.text(min_size=1, max_size=3))
 def test_junk_anywhere_is_refused_as_json_loads_refuses_it(values, where, junk):
     text = json.dumps(values)
