@@ -1843,8 +1843,8 @@ ENVIRONMENT = (
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
-    ("STATE_FILE", "record of what the job put in KV: runs need no list (default: none)"),
-    ("AUDIT_INTERVAL", "with STATE_FILE, list all keys at least every this many s (default 900)"),
+    ("STATE_FILE", "job's record of its KV keys: steady runs call no Cloudflare API (default: none: every run lists)"),
+    ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
     ("HTTP_TIMEOUT", f"seconds any one connect or read may wait (default {Config.http_timeout:g})"),
@@ -1855,7 +1855,7 @@ ENVIRONMENT = (
 # `kubectl create job --from=cronjob/...` runs the CronJob's command, so it takes only environment.
 RUN_FLAGS = (
     ("--dry-run", "DRY_RUN", "read both sides and print the plan; write and push nothing"),
-    ("--audit", "AUDIT", "list every key in KV and rebuild the state record (STATE_FILE)"),
+    ("--audit", "AUDIT", "list every key in KV this run and rebuild the state record (STATE_FILE)"),
     ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
 )
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
