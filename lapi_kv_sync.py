@@ -1373,7 +1373,8 @@ class StateFile:
     def lock(self, wait: float) -> bool:
         """Hold the lock, waiting up to `wait` seconds; False if another run held it all along.
         OSError when the lock file cannot be opened."""
-        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a symlink planted in a shared directory must not get another file truncated.
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         give_up = self.clock.monotonic() + wait
         while True:
             try:
@@ -1424,8 +1425,12 @@ class StateFile:
         assert self.lock_fd is not None
         directory = os.path.dirname(os.path.abspath(self.path))
         tmp = f"{self.path}.tmp{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # one a killed run left (a pod's job is PID 1 every time), or a planted link
         try:
-            with open(tmp, "wb") as raw:
+            # O_EXCL|O_NOFOLLOW: never write through a symlink planted under that name.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(tmp, flags, 0o600), "wb") as raw:
                 with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as f:
                     lines = encode_record(record, kv_now)
                     while batch := "".join(itertools.islice(lines, 10_000)):

@@ -348,3 +348,17 @@ def test_the_record_carries_its_owner_and_usage_metrics_time(stack, run, state):
     stack.lapi.decisions.append(decision("192.0.2.2", 3600))
     assert run().code == 0
     assert read_record(state).usage_metrics_sent_at == 1_800_000_000.0
+
+
+@pytest.mark.parametrize("planted", [".lock", f".tmp{os.getpid()}"])
+def test_a_symlink_planted_beside_the_record_is_never_followed(stack, run, state, planted):
+    """Whoever can write STATE_FILE's directory (a shared /tmp, a shared volume) must not make the
+    job truncate or overwrite another file through its lock or temporary file."""
+    precious = state.parent.parent / "precious"
+    precious.write_text("not the job's\n")
+    os.symlink(precious, str(state) + planted)
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    result = run()
+    assert result.code == 0, result.err
+    assert len(ours(stack.kv)) == 5
+    assert precious.read_text() == "not the job's\n"
