@@ -212,6 +212,13 @@ def load_config(env: Mapping[str, str]) -> Config:
             problems.append(f"{name}: cannot read {path}")
         return path
 
+    def record_file(name: str) -> str:
+        path = text(name)
+        # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
+        if path and (path.endswith("/") or os.path.isdir(path)):
+            problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        return path
+
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
     lapi_client_key = readable_file("LAPI_CLIENT_KEY")
     if bool(lapi_client_cert) != bool(lapi_client_key):
@@ -246,7 +253,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         max_deletes=number("MAX_DELETES", None, 0, int),
         expand_ranges_max=number("EXPAND_RANGES_MAX", 0, 0, int),
         lapi_max_bytes=number("LAPI_MAX_BYTES", Config.lapi_max_bytes, 1024, int),
-        state_file=text("STATE_FILE"),
+        state_file=record_file("STATE_FILE"),
         audit_interval=number("AUDIT_INTERVAL", Config.audit_interval, 0),
     )
     if problems:
