@@ -1161,7 +1161,7 @@ def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledg
         ledger.written.append((sent, sent_at))
 
     send_all(cloudflare.bulk_put, plan.writes, write_key, bulk_item, "write", ledger, wrote, now)
-    if max_deletes is not None and len(plan.deletes) > max_deletes:
+    if guard_trips(plan, max_deletes):
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
     def deleted(sent: list[str], sent_at: float) -> None:
@@ -1169,6 +1169,11 @@ def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledg
 
     send_all(cloudflare.bulk_delete, plan.deletes, str, str, "delete", ledger, deleted, now)
     return Applied(len(plan.writes), len(plan.deletes), 0)
+
+
+def guard_trips(plan: Plan, max_deletes: int | None) -> bool:
+    """Whether MAX_DELETES holds back this plan's deletes (None: no guard, or --force)."""
+    return max_deletes is not None and len(plan.deletes) > max_deletes
 
 
 def write_key(write: Write) -> str:
@@ -1971,6 +1976,14 @@ def converge(
     report.unchanged = len(plan.unchanged)
     if dry_run:
         log_plan(log, plan)
+        if guard_trips(plan, None if force else config.max_deletes):
+            log.warning(
+                "delete_guard",
+                f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
+                f"MAX_DELETES={config.max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
+                planned_deletes=len(plan.deletes),
+                max_deletes=config.max_deletes,
+            )
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
