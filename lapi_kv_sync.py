@@ -212,6 +212,13 @@ def load_config(env: Mapping[str, str]) -> Config:
             problems.append(f"{name}: cannot read {path}")
         return path
 
+    def record_file(name: str) -> str:
+        path = text(name)
+        # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
+        if path and (path.endswith("/") or os.path.isdir(path)):
+            problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        return path
+
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
     lapi_client_key = readable_file("LAPI_CLIENT_KEY")
     if bool(lapi_client_cert) != bool(lapi_client_key):
@@ -246,7 +253,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         max_deletes=number("MAX_DELETES", None, 0, int),
         expand_ranges_max=number("EXPAND_RANGES_MAX", 0, 0, int),
         lapi_max_bytes=number("LAPI_MAX_BYTES", Config.lapi_max_bytes, 1024, int),
-        state_file=text("STATE_FILE"),
+        state_file=record_file("STATE_FILE"),
         audit_interval=number("AUDIT_INTERVAL", Config.audit_interval, 0),
     )
     if problems:
@@ -1168,7 +1175,7 @@ def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledg
         ledger.written.append((sent, sent_at))
 
     send_all(cloudflare.bulk_put, plan.writes, write_key, bulk_item, "write", ledger, wrote, now)
-    if max_deletes is not None and len(plan.deletes) > max_deletes:
+    if guard_trips(plan, max_deletes):
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
     def deleted(sent: list[str], sent_at: float) -> None:
@@ -1176,6 +1183,11 @@ def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledg
 
     send_all(cloudflare.bulk_delete, plan.deletes, str, str, "delete", ledger, deleted, now)
     return Applied(len(plan.writes), len(plan.deletes), 0)
+
+
+def guard_trips(plan: Plan, max_deletes: int | None) -> bool:
+    """Whether MAX_DELETES holds back this plan's deletes (None: no guard, or --force)."""
+    return max_deletes is not None and len(plan.deletes) > max_deletes
 
 
 def write_key(write: Write) -> str:
@@ -1387,7 +1399,8 @@ class StateFile:
     def lock(self, wait: float) -> bool:
         """Hold the lock, waiting up to `wait` seconds; False if another run held it all along.
         OSError when the lock file cannot be opened."""
-        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a symlink planted in a shared directory must not get another file truncated.
+        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         give_up = self.clock.monotonic() + wait
         while True:
             try:
@@ -1438,8 +1451,12 @@ class StateFile:
         assert self.lock_fd is not None
         directory = os.path.dirname(os.path.abspath(self.path))
         tmp = f"{self.path}.tmp{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # one a killed run left (a pod's job is PID 1 every time), or a planted link
         try:
-            with open(tmp, "wb") as raw:
+            # O_EXCL|O_NOFOLLOW: never write through a symlink planted under that name.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(tmp, flags, 0o600), "wb") as raw:
                 with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as f:
                     lines = encode_record(record, kv_now)
                     while batch := "".join(itertools.islice(lines, 10_000)):
@@ -1973,6 +1990,14 @@ def converge(
     report.unchanged = len(plan.unchanged)
     if dry_run:
         log_plan(log, plan)
+        if guard_trips(plan, None if force else config.max_deletes):
+            log.warning(
+                "delete_guard",
+                f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
+                f"MAX_DELETES={config.max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
+                planned_deletes=len(plan.deletes),
+                max_deletes=config.max_deletes,
+            )
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):

@@ -121,6 +121,29 @@ def test_the_cronjob_is_hardened_and_bounded(base):
     assert one(base, "ServiceAccount")["automountServiceAccountToken"] is False
 
 
+def readable_by_the_job(pod: dict, mode: int) -> bool:
+    """Whether the job's user can read a file the kubelet lays out from a Secret or ConfigMap with
+    `mode`: such files belong to root, and to the group fsGroup (made group-readable) only when
+    the pod sets fsGroup; runAsUser never owns them (kubernetes/kubernetes#81089)."""
+    context = pod["securityContext"]
+    return context.get("runAsUser", 0) == 0 or bool(mode & 0o004) or "fsGroup" in context
+
+
+@pytest.mark.parametrize("docs", ["base", "image_overlay"])
+def test_the_job_can_read_every_file_mounted_for_it(docs, request):
+    """A Secret mounted 0400 without fsGroup is root's alone: a non-root job reading its key there
+    would fail on every run, however well the same files work for a test running as root."""
+    pod = cronjob_pod(request.getfixturevalue(docs))
+    mounted = {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    for volume in pod["volumes"]:
+        source = volume.get("secret") or volume.get("configMap")
+        if source is None or volume["name"] not in mounted:
+            continue
+        modes = [item.get("mode", source.get("defaultMode", 0o644)) for item in source.get("items", [])]
+        for mode in modes or [source.get("defaultMode", 0o644)]:
+            assert readable_by_the_job(pod, mode), f"volume {volume['name']}: mode {mode:o} unreadable by the job"
+
+
 def test_the_network_policy_allows_only_dns_lapi_pushgateway_and_https(base):
     policy = one(base, "NetworkPolicy")["spec"]
     assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
@@ -609,6 +609,9 @@ def test_a_port_is_accepted_exactly_from_1_to_65535(port):
 def test_any_usable_secret_is_redacted_in_every_form(secret, fmt):
     import io
 
+    # Hypothesis also tries the string constants of the code under test: a secret that holds the
+    # marker itself cannot be told from it in the output (this failed about one run in twenty).
+    assume("[redacted]" not in secret)
     assert job.load_config({**BASE_ENV, "CF_API_TOKEN": secret}).cf_api_token == secret
     out = io.StringIO()
     still = job.Clock(now=lambda: 0.0)  # the same time in every line

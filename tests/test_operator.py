@@ -133,6 +133,19 @@ def test_delete_guard_holds_back_deletes_and_force_lifts_it(stack):
     assert stack.push.value("crowdsec_kv_sync_deletes_held_back") == 0
 
 
+def test_a_dry_run_says_when_the_delete_guard_would_trip(stack):
+    """The runbook's first step after the guard trips is a dry run: it must say so (issue 10)."""
+    stack.lapi.decisions = [decision(f"10.0.0.{i}") for i in range(20)]
+    assert stack.run().code == 0
+    stack.lapi.decisions = stack.lapi.decisions[:8]  # 12 un-bans
+    dry = stack.run("--dry-run", MAX_DELETES="10")
+    assert dry.code == 0
+    assert "MAX_DELETES=10" in dry.out + dry.err and "would" in dry.out + dry.err
+    assert stack.kv.deletes == 0
+    for quiet in (stack.run("--dry-run", MAX_DELETES="12"), stack.run("--dry-run", "--force", MAX_DELETES="10")):
+        assert quiet.code == 0 and "MAX_DELETES" not in quiet.out + quiet.err
+
+
 def test_ranges_expand_when_asked(stack):
     stack.lapi.decisions = [
         decision("198.51.100.0/24", 3600, scope="Range"),

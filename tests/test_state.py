@@ -272,13 +272,15 @@ def test_an_interrupted_run_leaves_a_record_the_next_run_does_not_trust(stack, r
 
 
 def test_a_record_that_cannot_be_written_is_a_warning_and_the_next_run_audits(stack, run, state):
-    state.mkdir(parents=True)  # a directory where the record should be: neither read nor replaced
+    # A directory where the in-process run's temporary file goes: the record cannot be replaced.
+    blocked = Path(f"{state}.tmp{os.getpid()}")
+    blocked.mkdir()
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
     result = run()
     assert result.code == 0, result.err
     assert "warning: STATE_FILE: cannot write" in result.err and "the next run audits" in result.err
-    assert len(ours(stack.kv)) == 5
-    os.rmdir(state)
+    assert len(ours(stack.kv)) == 5 and not state.exists()
+    blocked.rmdir()
     stack.kv.reset_counts()
     again = run()
     assert again.code == 0 and "audited: unfinished" in again.out  # the mark stayed
@@ -348,3 +350,30 @@ def test_the_record_carries_its_owner_and_usage_metrics_time(stack, run, state):
     stack.lapi.decisions.append(decision("192.0.2.2", 3600))
     assert run().code == 0
     assert read_record(state).usage_metrics_sent_at == 1_800_000_000.0
+
+
+@pytest.mark.parametrize("planted", [".lock", f".tmp{os.getpid()}"])
+def test_a_symlink_planted_beside_the_record_is_never_followed(stack, run, state, planted):
+    """Whoever can write STATE_FILE's directory (a shared /tmp, a shared volume) must not make the
+    job truncate or overwrite another file through its lock or temporary file."""
+    precious = state.parent.parent / "precious"
+    precious.write_text("not the job's\n")
+    os.symlink(precious, str(state) + planted)
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    result = run()
+    assert result.code == 0, result.err
+    assert len(ours(stack.kv)) == 5
+    assert precious.read_text() == "not the job's\n"
+
+
+@pytest.mark.parametrize("named", ["the directory", "a trailing slash"])
+def test_state_file_naming_a_directory_is_a_configuration_error(stack, state, named):
+    """STATE_FILE set to the volume's mount path would audit every run (a list per 1,000 keys, the
+    free plan's 1,000 a day gone by noon) behind a warning: exit 2, naming the variable."""
+    state.parent.mkdir()
+    path = str(state.parent) if named == "the directory" else str(state) + "/"
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    result = stack.run(STATE_FILE=path)
+    assert result.code == job.EXIT_CONFIG
+    assert "STATE_FILE names a directory" in result.err
+    assert dict(stack.kv.requests) == {} and stack.lapi.queries == []
