@@ -1684,12 +1684,16 @@ def os_release() -> dict[str, str]:
     return {"name": name[:MAX_USAGE_TEXT], "version": version[:MAX_USAGE_TEXT]}
 
 
+def usage_metrics_to_send(config: Config, report: Report, last_sent: float | None) -> bool:
+    return config.lapi_usage_metrics and report.success and usage_metrics_due(report.started, last_sent)
+
+
 def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, last_sent: float | None) -> float | None:
     """POST this run's usage metrics to LAPI when they are due after a run that converged; return
     the new `usage_metrics_sent_at` (the start of the run that tried, or `last_sent` unchanged).
     Best effort: one attempt, a short timeout within the run deadline; LAPI before 1.6.3 (404)
     or any error costs one debug line and never fails the run."""
-    if not (config.lapi_usage_metrics and report.success and usage_metrics_due(report.started, last_sent)):
+    if not usage_metrics_to_send(config, report, last_sent):
         return last_sent
     headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
     if config.lapi_key:
@@ -1970,7 +1974,6 @@ def converge(
     loaded = load()
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
-    report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests = cloudflare.requests
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
@@ -2022,6 +2025,8 @@ def converge(
     report.written, report.deleted, report.guarded = applied
     if not applied.guarded:
         report.success = True
+        if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
+            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
         if sent != last_sent and state is None and reason is None:
             state = state_file  # a trusted record, unchanged but for when usage metrics went
