@@ -1458,9 +1458,8 @@ class StateFile:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             with open(os.open(tmp, flags, 0o600), "wb") as raw:
                 with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as f:
-                    lines = encode_record(record, kv_now)
-                    while batch := "".join(itertools.islice(lines, 10_000)):
-                        f.write(batch.encode())
+                    for line in encode_record(record, kv_now):
+                        f.write(line.encode())
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, self.path)
