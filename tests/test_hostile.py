@@ -26,6 +26,12 @@ DEADLINE = 2
 MARGIN = 15
 
 
+def nothing_written(kv) -> bool:
+    """No bulk write or delete reached KV. (A listing may have: once LAPI's answer gives its first
+    decision the keys are listed beside it, and an answer that fails after that has cost it.)"""
+    return kv.requests["bulk_put"] == kv.requests["bulk_delete"] == 0
+
+
 def timed(run):
     started = time.monotonic()
     result = run()
@@ -65,7 +71,7 @@ def test_a_lapi_body_that_streams_forever_ends_at_the_deadline(stack):
     result, took = timed(lambda: stack.run(RUN_DEADLINE=str(DEADLINE)))
     assert result.code == job.EXIT_LAPI, result.err
     assert took < DEADLINE + MARGIN
-    assert "RUN_DEADLINE passed" in result.err and sum(stack.kv.requests.values()) == 0
+    assert "RUN_DEADLINE passed" in result.err and nothing_written(stack.kv)
     assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
 
 
@@ -393,7 +399,7 @@ def test_decisions_are_decoded_as_they_arrive_never_the_whole_body():
 
     tracemalloc.start()
     try:
-        seen = sum(1 for d in job.json_array_items(body(), object_hook=job.as_decision) if d.value == "192.0.2.1")
+        seen = sum(1 for d in job.json_array_items(body()) if d["value"] == "192.0.2.1")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -412,7 +418,7 @@ def test_an_answer_over_lapi_max_bytes_is_refused_and_kv_untouched(stack, how):
     result = stack.run(LAPI_MAX_BYTES="10000")
     assert result.code == job.EXIT_LAPI, result.err
     assert "too large" in result.err and "LAPI_MAX_BYTES" in result.err
-    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert stack.kv.snapshot() == before and nothing_written(stack.kv)
     assert stack.push.value(PREFIXED + "exit_code") == job.EXIT_LAPI
 
 
@@ -435,7 +441,7 @@ def test_an_answer_broken_off_part_way_leaves_kv_untouched(stack):
     stack.lapi.cut = 100_000  # of about 150 KB, the first 600 or so decisions
     result = stack.run()
     assert result.code == job.EXIT_LAPI and "broke off its answer part-way" in result.err
-    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert stack.kv.snapshot() == before and nothing_written(stack.kv)
 
 
 @pytest.mark.parametrize("body", [b'[{"value": "192.0.2.1"}] <html>', b'[{"value": "192.0.2.1"}, oops]', b"\xff[]"])
@@ -445,7 +451,7 @@ def test_junk_after_or_between_decisions_leaves_kv_untouched(stack, body):
     stack.lapi.answer = (200, body, "application/json")
     result = stack.run()
     assert result.code == job.EXIT_LAPI and "not a JSON list of decisions" in result.err
-    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert stack.kv.snapshot() == before and nothing_written(stack.kv)
 
 
 # --------------------------------------------------------------------------- errors that name their cause

@@ -146,6 +146,16 @@ def test_keys_without_metadata_or_expiration_are_rewritten_once(stack):
     assert stack.run().code == 0 and stack.kv.writes == 0
 
 
+def test_keys_with_metadata_of_any_shape_are_rewritten_not_a_crash(stack):
+    odd = [{"remediation": []}, {"remediation": {}}, {"remediation": 1}, [], "ban", {"remediation": "BAN"}]
+    stack.lapi.decisions = [decision(f"192.0.2.{i}") for i in range(len(odd))]
+    soon = int(time.time()) + 3600
+    stack.kv.store.update({f"ip:192.0.2.{i}": Entry("ban", soon, metadata) for i, metadata in enumerate(odd)})
+    result = stack.run()
+    assert result.code == 0, result.err
+    assert sorted(stack.kv.written_keys) == sorted(f"ip:192.0.2.{i}" for i in range(len(odd)))
+
+
 def test_a_skewed_local_clock_does_not_rewrite_every_key(stack):
     stack.kv.clock_offset = 600  # Cloudflare's clock ten minutes ahead of ours
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(20)]
@@ -439,3 +449,40 @@ def test_secret_echoed_by_a_server_is_redacted(stack):
     stack.lapi.answer = (500, f"bad key {LAPI_KEY}".encode(), "text/plain")
     result = stack.run()  # the run helper asserts no secret reached the output
     assert result.code == job.EXIT_LAPI and "[redacted]" in result.err
+
+
+# --------------------------------------------------------------------------- the listing beside LAPI's answer
+
+
+def test_a_listing_told_to_stop_sends_no_further_page(stack):
+    stack.kv.store.update({f"ip:10.1.{i >> 8}.{i & 255}": Entry("ban", int(time.time()) + 600) for i in range(3000)})
+    config = job.load_config(stack.env())
+    with job.Http(job.SYSTEM_CLOCK, 30, time.monotonic() + 60) as http:
+        cloudflare = job.Cloudflare(http, config)
+        assert len(cloudflare.list_keys("ip:").present) == 3000 and stack.kv.requests["list"] == 3
+        cloudflare.stop.set()
+        with pytest.raises(job.CloudflareError, match="stopped"):
+            cloudflare.list_keys("ip:")
+    assert stack.kv.requests["list"] == 3
+
+
+def test_two_threads_never_share_a_connection_and_leave_one_per_host(stack):
+    config = job.load_config(stack.env())
+    with job.Http(job.SYSTEM_CLOCK, 30, time.monotonic() + 60) as http:
+        cloudflare = job.Cloudflare(http, config)
+        stack.kv.store.update({f"ip:10.2.0.{i}": Entry("ban", int(time.time()) + 600) for i in range(200)})
+        listings = [job.Background(cloudflare.list_keys, "ip:") for _ in range(8)]
+        assert all(len(listing.result().present) == 200 for listing in listings)
+        opened = stack.kv.connections
+        assert 1 <= opened <= 8
+        for _ in range(5):  # one after another: the idle connections serve, no new one is opened
+            cloudflare.list_keys("ip:")
+        assert stack.kv.connections == opened
+
+
+def test_a_steady_run_without_state_lists_on_one_connection(stack):
+    stack.lapi.decisions = [decision(ip) for ip in ips(2500)]
+    assert stack.run().code == 0
+    stack.kv.reset_counts()
+    assert stack.run().code == 0
+    assert stack.kv.requests["list"] == 3 and stack.kv.writes == 0 and stack.kv.connections == 1
