@@ -21,12 +21,14 @@ import fcntl
 import functools
 import gc
 import gzip
+import hashlib
 import http.client
 import io
 import ipaddress
 import itertools
 import json
 import math
+import operator
 import os
 import platform
 import random
@@ -586,9 +588,9 @@ tuple_new = tuple.__new__
 
 
 class Decisions(NamedTuple):
-    # LAPI's decision objects, decoded as its answer arrives, to be iterated once; LapiUnreadable
-    # may come mid-way. Each batch of dicts goes as soon as it is projected.
-    rows: Iterable[Any]
+    # LAPI's answer as it arrives, to be read once (lapi_rows decodes it); TransportError,
+    # DeadlineExceeded or AnswerTooLarge may come mid-way.
+    chunks: Iterable[bytes]
     read_at: float  # wall time of the answer: LAPI durations count from here
 
 
@@ -616,10 +618,17 @@ def read_decisions(http: Http, config: Config) -> Decisions:
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
         raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
-    return Decisions(lapi_rows(response.chunks, config), read_at)
+    return Decisions(response.chunks, read_at)
+
+
+def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
+    """LAPI's whole answer, read before any of it is decoded; LapiUnreadable if it fails to come."""
+    with lapi_failures(config):
+        return list(chunks)
 
 
 def lapi_rows(chunks: Iterable[bytes], config: Config) -> Iterator[Any]:
+    """LAPI's decision objects, decoded as its answer arrives; LapiUnreadable may come mid-way."""
     with lapi_failures(config):
         try:
             yield from json_array_items(chunks)
@@ -743,6 +752,46 @@ def json_array_items(chunks: Iterable[bytes]) -> Iterator[Any]:
         raise junk("`null` or a list")
     if next_char():
         raise junk("the end of the answer")
+
+
+class AnswerDigest:
+    """A digest of LAPI's answer with every duration blanked, and of what else shapes the keys it
+    projects onto (the job's version, the prefix, range expansion, LAPI's query).
+
+    LAPI gives each decision's remaining time, so its answer changes every run however still LAPI
+    is; its end does not. Two answers with one digest hold the same decisions, with the same ends,
+    so they project onto the same keys: a run that finds the digest its record was written with
+    (by a run that converged) has nothing to plan. Blanked is only what a Go duration can hold
+    (`"duration":"3h59m58.3s"`), so an answer that differs in any other byte has another digest.
+    The digest does not depend on how the answer was cut into chunks."""
+
+    FIELD = re.compile(rb'"duration"[ \t\n\r]{0,8}:[ \t\n\r]{0,8}"(?:[-+.0-9a-z]|\xc2\xb5|\xce\xbc){0,40}"')
+    OPENING = b'"duration"'
+    LONGEST = len(OPENING) + 8 + 1 + 8 + 1 + 2 * 40 + 1  # a whole field, at most
+
+    def __init__(self, config: Config):
+        shaping = [__version__, config.kv_key_prefix, str(config.expand_ranges_max), lapi_query(config)]
+        self._hash = hashlib.blake2b(json.dumps(shaping).encode() + b"\n", digest_size=20)
+        self._held = b""
+
+    def passing(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The chunks, each added to the digest on its way."""
+        for chunk in chunks:
+            held = self._held + chunk
+            # Keep back a field that may go on in the next chunk: cut where it begins.
+            cut = max(0, len(held) - self.LONGEST)
+            began = held.rfind(self.OPENING, 0, cut + len(self.OPENING) - 1)
+            if began >= 0 and began + self.LONGEST > cut:
+                cut = began
+            self._hash.update(self.FIELD.sub(b'"duration":""', held[:cut]))
+            self._held = held[cut:]
+            yield chunk
+
+    def hexdigest(self) -> str:
+        """The digest of the whole answer: call once the chunks have all passed."""
+        final = self._hash.copy()
+        final.update(self.FIELD.sub(b'"duration":""', self._held))
+        return final.hexdigest()
 
 
 def snippet(body: bytes, limit: int = 120) -> str:
@@ -1275,6 +1324,23 @@ class Record(NamedTuple):
     clock_offset: float  # Cloudflare's clock minus ours, measured at that listing
     usage_metrics_sent_at: float | None
     keys: dict[str, Present]
+    # Set only by a run that converged (KV holds all it wanted): the digest of the LAPI answer it
+    # projected (AnswerDigest) and that projection's figures, for a run that finds the same answer.
+    lapi_digest: str | None = None
+    projected: Projected | None = None
+
+    def earliest_expiration(self) -> float:
+        """When the first of the keys expires on Cloudflare's clock (inf: none does)."""
+        expirations = map(operator.itemgetter(0), self.keys.values())
+        return min(filter(functools.partial(operator.is_not, None), expirations), default=math.inf)
+
+
+class Projected(NamedTuple):
+    """A projection's figures, as the summary line and the metrics give them."""
+
+    wanted: int
+    by_remediation: dict[str, int]
+    ignored: dict[str, int]
 
 
 class Loaded(NamedTuple):
@@ -1301,6 +1367,8 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "clock_offset": record.clock_offset,
         "usage_metrics_sent_at": record.usage_metrics_sent_at,
         "keys": len(alive),
+        "lapi_digest": record.lapi_digest,
+        "projected": record.projected._asdict() if record.projected else None,
     }
     yield json.dumps(header) + "\n"
     yield json.dumps([key for key, _ in alive], separators=(",", ":")) + "\n"
@@ -1327,7 +1395,15 @@ def decode_record(lines: Iterable[str]) -> Record:
         sent = header.get("usage_metrics_sent_at")
         usage_metrics_sent_at = None if sent is None else float(sent)
         count = int(header["keys"])
-    except (KeyError, TypeError, ValueError):
+        lapi_digest, projected = header.get("lapi_digest"), header.get("projected")
+        if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
+            raise TypeError
+        projected = (
+            Projected(int(projected["wanted"]), figures(projected["by_remediation"]), figures(projected["ignored"]))
+            if lapi_digest is not None
+            else None
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise RecordCorrupt("header lacks a field or holds a wrong type") from None
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
@@ -1352,7 +1428,16 @@ def decode_record(lines: Iterable[str]) -> Record:
         raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
-    return Record(account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys)
+    return Record(
+        account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected
+    )
+
+
+def figures(counts: Any) -> dict[str, int]:
+    """A record's counts by name; TypeError or ValueError for anything else."""
+    if not isinstance(counts, dict):
+        raise TypeError
+    return {str(name): int(count) for name, count in counts.items()}
 
 
 def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) -> tuple[str | None, str]:
@@ -1516,6 +1601,7 @@ class Report:
     audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
+    lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -1828,11 +1914,14 @@ def log_summary(log: Log, report: Report) -> None:
         audited=report.audit_reason is not None,
         audit_reason=report.audit_reason,
         state_trusted=report.record_trusted,
+        lapi_unchanged=report.lapi_unchanged,
         duration_seconds=round(report.duration, 3),
     )
 
 
 def audit_words(report: Report) -> str:
+    if report.lapi_unchanged:
+        return f"not audited ({report.audit_detail}), LAPI's answer unchanged since the record: nothing to plan"
     if report.audit_reason is None:
         return f"not audited ({report.audit_detail})"
     return f"audited: {report.audit_reason} ({report.audit_detail})"
@@ -1988,7 +2077,10 @@ def converge(
     The waits overlap: the record is read while LAPI prepares its answer, and the keys are listed
     (an audit) while LAPI's answer is projected. The listing begins only once LAPI's answer has
     given its first decision (or ended, a valid empty list), so a LAPI that answers with an error
-    page or junk costs none of the account's API budget."""
+    page or junk costs none of the account's API budget.
+
+    With a trusted record written by a run that converged, LAPI's answer is first read whole: when
+    it is that run's answer again (AnswerDigest), nothing has changed and nothing is planned."""
     reading = Background(load)
     decisions = read_decisions(http, config)
     loaded = reading.result()
@@ -1997,7 +2089,14 @@ def converge(
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
     sent = loaded.record.usage_metrics_sent_at if loaded.record else None
-    rows, listing = decisions.rows, []
+    answer = AnswerDigest(config)
+    chunks = answer.passing(decisions.chunks) if state is not None else decisions.chunks  # a record keeps it
+    if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
+        held = held_answer(chunks, config)
+        if answer.hexdigest() == loaded.record.lapi_digest:
+            return unchanged(report, loaded.record)
+        chunks = draining(held)
+    rows, listing = lapi_rows(chunks, config), []
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
         rows = once_flowing(rows, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
@@ -2009,9 +2108,11 @@ def converge(
     del decisions
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+    record_digest = None
     if listed is None:
         record = loaded.record
         present, now, offset, audited_at = record.keys, http.clock.now(), record.clock_offset, record.audited_at
+        record_digest = record.lapi_digest
     else:
         # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
         # so a skewed local clock cannot make every key look stale and be rewritten each run.
@@ -2036,19 +2137,21 @@ def converge(
     else:
         state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 
-    def record(ledger: Ledger) -> None:
+    def record(ledger: Ledger, converged: bool) -> None:
         if state is not None:
             keys = record_after(present, ledger, offset)
+            figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
             after = Record(
-                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys
-            )
+                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys,
+                *((answer.hexdigest(), figures) if converged else (None, None)),
+            )  # fmt: skip
             save_record(state, after, http.clock.now() + offset, log)
 
     ledger = Ledger()
     try:
         applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger)
     except Exception:
-        record(ledger)  # what landed before the failure, and the rest as it was
+        record(ledger, converged=False)  # what landed before the failure, and the rest as it was
         raise
     report.written, report.deleted, report.guarded = applied
     if not applied.guarded:
@@ -2056,9 +2159,9 @@ def converge(
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
             report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        if sent != last_sent and state is None and reason is None:
-            state = state_file  # a trusted record, unchanged but for when usage metrics went
-    record(ledger)
+        if state is None and reason is None and (sent != last_sent or answer.hexdigest() != record_digest):
+            state = state_file  # a trusted record, unchanged but for when usage metrics went or LAPI's digest
+    record(ledger, converged=not applied.guarded)
     if applied.guarded:
         log.error(
             "delete_guard",
@@ -2069,6 +2172,35 @@ def converge(
         )
         return EXIT_CLOUDFLARE
     return EXIT_OK
+
+
+def may_be_unchanged(record: Record, config: Config, started: float, now: float) -> bool:
+    """Whether a run planning against this trusted record may find nothing to do without planning,
+    if LAPI's answer is the one the record was written with: unless usage metrics are due (they
+    count the keys afresh), or a key has expired since (it may be one LAPI still wants, if a
+    decision's end was ever moved: then the plan writes it again)."""
+    return (
+        record.lapi_digest is not None
+        and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
+        and now + record.clock_offset < record.earliest_expiration()
+    )
+
+
+def unchanged(report: Report, record: Record) -> int:
+    """A run whose LAPI answer is the record's: the figures of the projection it would repeat."""
+    assert record.projected is not None
+    report.wanted = report.unchanged = record.projected.wanted
+    report.by_remediation = Counter(record.projected.by_remediation)
+    report.ignored = Counter(record.projected.ignored)
+    report.lapi_unchanged = report.success = True
+    return EXIT_OK
+
+
+def draining(held: list[bytes]) -> Iterator[bytes]:
+    """The chunks in order, each let go as it is taken."""
+    held.reverse()
+    while held:
+        yield held.pop()
 
 
 def once_flowing(rows: Iterable[Any], begin: Callable[[], None]) -> Iterator[Any]:

@@ -85,6 +85,51 @@ def test_a_steady_run_with_a_trusted_record_makes_no_cloudflare_request(stack, r
     assert stack.push.value(PREFIXED + "unchanged") == 2500
 
 
+def test_a_run_that_finds_lapi_as_the_record_has_it_plans_nothing(stack, run, state):
+    stack.lapi.decisions = [decision(ip, 3600 + i) for i, ip in enumerate(ips(300))]
+    stack.lapi.decisions += [decision("192.0.2.1", type="captcha"), decision("192.0.2.2", scope="Country")]
+    first = run()
+    assert first.code == 0 and "LAPI's answer unchanged" not in first.out
+    assert read_record(state).lapi_digest is not None
+    before = state.read_bytes()
+    stack.kv.reset_counts()
+    time.sleep(0.05)  # every duration in LAPI's answer is a little shorter now
+    second = run()
+    assert second.code == 0, second.err
+    assert "LAPI's answer unchanged since the record: nothing to plan" in second.out
+    assert "wanted 301 (ban 300, captcha 1), written 0, deleted 0, unchanged 301, ignored 1 (" in second.out
+    assert dict(stack.kv.requests) == {} and state.read_bytes() == before
+    assert stack.push.value(PREFIXED + "decisions") == 301 and stack.push.value(PREFIXED + "success") == 1
+    assert stack.push.value(PREFIXED + "unchanged") == 301
+    stack.lapi.decisions.append(decision("192.0.2.3"))  # a new ban: another answer
+    third = run()
+    assert third.code == 0 and "LAPI's answer unchanged" not in third.out and stack.kv.written_keys == ["ip:192.0.2.3"]
+    assert run().code == 0 and "LAPI's answer unchanged" in run().out
+    assert_kv_is_the_record(stack.kv, state)
+
+
+def test_a_decision_whose_end_moved_is_written_once_its_old_key_expires(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1", 120), decision("192.0.2.2", 7200)]
+    assert run().code == 0
+    stack.lapi.decisions[0]["until"] += 3600  # LAPI never does this, but if it did: the same bytes but the duration
+    stack.kv.reset_counts()
+    assert "LAPI's answer unchanged" in run().out and stack.kv.writes == 0  # its key still lives
+    stack.kv.clock_offset = 300  # five minutes later, on both clocks: the old key has expired
+    later = run(clock_offset=300)
+    assert later.code == 0 and "LAPI's answer unchanged" not in later.out
+    # (The other key is written too: LAPI's durations count on the real clock, the job's is moved.)
+    assert "ip:192.0.2.1" in stack.kv.written_keys and stack.kv.live()["ip:192.0.2.1"].value == "ban"
+
+
+def test_a_run_held_back_by_max_deletes_records_no_digest(stack, run, state):
+    stack.lapi.decisions = [decision(ip) for ip in ips(20)]
+    assert run().code == 0
+    stack.lapi.decisions = stack.lapi.decisions[:5]
+    assert run(MAX_DELETES="3").code == 1
+    assert read_record(state).lapi_digest is None
+    assert "LAPI's answer unchanged" not in run(MAX_DELETES="3").out  # planned again, and held back again
+
+
 def test_churn_costs_exactly_the_churn_and_no_list(stack, run, state):
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(30)]
     assert run().code == 0
@@ -236,6 +281,7 @@ def test_a_failure_after_the_first_bulk_call_leaves_a_record_the_next_run_can_tr
     known = [k for k, p in record.keys.items() if p.remediation is not None]
     unknown = [k for k, p in record.keys.items() if p.remediation is None]
     assert len(known) == 10_000 and len(unknown) == 10_000  # the refused chunk: may or may not have landed
+    assert record.lapi_digest is None and record.projected is None  # it did not converge
     assert set(known) <= set(stack.kv.live())
     del stack.kv.bulk_put
     if landed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -353,3 +354,121 @@ def test_the_record_after_apply_claims_only_what_cloudflare_confirmed(before, wr
 def test_expired_keys_in_a_record_are_gone(present):
     plan = job.make_plan({}, present, NOW, offset=0)
     assert set(plan.deletes) == {k for k, p in present.items() if p.expiration is None or p.expiration > NOW}
+
+
+# --------------------------------------------------------------------------- LAPI's answer, less its durations
+
+
+def answer_digest(chunks, config=CONFIG) -> str:
+    digest = job.AnswerDigest(config)
+    assert b"".join(digest.passing(chunks)) == b"".join(chunks)  # passed on as they came
+    return digest.hexdigest()
+
+
+def lapi_answer(durations, compact=True, **change) -> bytes:
+    rows = [
+        {
+            "duration": d,
+            "id": i,
+            "origin": "crowdsec",
+            "scenario": "s",
+            "scope": "Ip",
+            "type": "ban",
+            "value": f"192.0.2.{i}",
+        }
+        for i, d in enumerate(durations)
+    ]
+    rows[0].update(change)
+    # As Go writes it: `µ` as it is, not escaped.
+    text = (
+        json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+        if compact
+        else json.dumps(rows, indent=4, ensure_ascii=False)
+    )
+    return text.encode()
+
+
+go_durations = st.one_of(
+    st.floats(-10, 10**7).map(lambda f: job_go_duration(f)), st.sampled_from(["0s", "4h", "1.5ms", "500µs", "3μs"])
+)
+
+
+def job_go_duration(seconds: float) -> str:
+    from tests.standins import go_duration
+
+    return go_duration(seconds)
+
+
+@given(st.lists(go_durations, min_size=1, max_size=20), st.data(), st.booleans())
+def test_the_digest_ignores_durations_and_how_the_answer_was_cut(durations, data, compact):
+    body = lapi_answer(durations, compact)
+    later = lapi_answer([job_go_duration(3) for _ in durations], compact)  # the same decisions, later
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    assert (
+        answer_digest(pieces)
+        == answer_digest([body])
+        == answer_digest([later[i : i + 7] for i in range(0, len(later), 7)])
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"value": "192.0.2.99"},
+        {"type": "captcha"},
+        {"scope": "Range"},
+        {"origin": "cscli"},
+        {"scenario": "t"},
+        {"id": 77},
+        {"duration": "4h<b>"},  # not a Go duration: not blanked, so never taken for the last one
+        {"duration": "9" * 41 + "s"},
+        {"until": "2026-11-27T10:00:00Z"},
+    ],
+)
+def test_the_digest_changes_with_anything_but_a_duration(change):
+    assert answer_digest([lapi_answer(["4h"] * 3, **change)]) != answer_digest([lapi_answer(["4h"] * 3)])
+
+
+def test_the_digest_changes_with_a_decision_more_or_less_and_with_what_shapes_the_keys():
+    three, two = lapi_answer(["4h"] * 3), lapi_answer(["4h"] * 2)
+    assert answer_digest([three]) != answer_digest([two])
+    for other in (
+        job.Config(**{**CONFIG.__dict__, "kv_key_prefix": "ban:"}),
+        job.Config(**{**CONFIG.__dict__, "expand_ranges_max": 256}),
+        job.Config(**{**CONFIG.__dict__, "lapi_origins": ("cscli",)}),
+    ):
+        assert answer_digest([three], other) != answer_digest([three])
+
+
+def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
+    figures = job.Projected(3, {"ban": 2, "captcha": 1}, {"scope": 4})
+    keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:192.0.2.2": job.Present(None, None)}
+    original = record(keys, lapi_digest="d" * 40, projected=figures)
+    back = job.decode_record(line + "\n" for line in "".join(job.encode_record(original, NOW)).split("\n")[:-1])
+    assert back == original and back.earliest_expiration() == NOW + 60
+    assert record({}).earliest_expiration() == float("inf")
+
+
+@pytest.mark.parametrize("projected", [None, [], {"wanted": 1}, {"wanted": "x", "by_remediation": {}, "ignored": {}}])
+def test_a_digest_without_whole_figures_is_a_corrupt_record(projected):
+    lines = "".join(job.encode_record(record(lapi_digest="d" * 40, projected=job.Projected(1, {}, {})), NOW)).split(
+        "\n"
+    )
+    header = json.loads(lines[0])
+    header["projected"] = projected
+    with pytest.raises(job.RecordCorrupt):
+        job.decode_record([json.dumps(header) + "\n"] + [line + "\n" for line in lines[1:-1]])
+
+
+def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
+    figures = job.Projected(1, {"ban": 1}, {})
+    keys = {"ip:192.0.2.1": job.Present(NOW + 600, "ban")}
+    fresh = record(keys, lapi_digest="d" * 40, projected=figures, usage_metrics_sent_at=NOW - 60)
+    on = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": True})
+    assert job.may_be_unchanged(fresh, on, NOW, NOW)
+    assert not job.may_be_unchanged(fresh._replace(lapi_digest=None, projected=None), on, NOW, NOW)
+    assert not job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), on, NOW, NOW)  # they are due
+    off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
+    assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
+    assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
