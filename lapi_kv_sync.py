@@ -553,6 +553,29 @@ class Http:
         raise AssertionError("unreachable")
 
 
+class Background:
+    """A call run in a thread of its own: result() waits for it, and returns its value or raises
+    what it raised. A daemon thread, so a run that ends without waiting is not held up by it."""
+
+    def __init__(self, call: Callable[..., Any], *args: Any) -> None:
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self._thread = threading.Thread(target=self._run, args=(call, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._outcome = (call(*args), None)
+        except BaseException as e:  # noqa: BLE001  # handed to whoever waits for the result
+            self._outcome = (None, e)
+
+    def result(self) -> Any:
+        self._thread.join()
+        value, error = self._outcome
+        if error is not None:
+            raise error
+        return value
+
+
 def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
     """The TLS context for LAPI's host, when a CA bundle or a client certificate is configured;
     ConfigError naming the variable when a file is not what it should be."""
@@ -627,11 +650,12 @@ def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
         return list(chunks)
 
 
-def lapi_rows(chunks: Iterable[bytes], config: Config) -> Iterator[Any]:
-    """LAPI's decision objects, decoded as its answer arrives; LapiUnreadable may come mid-way."""
+def lapi_batches(chunks: Iterable[bytes], config: Config) -> Iterator[list[Any]]:
+    """LAPI's decision objects, a batch at a time, decoded as its answer arrives; LapiUnreadable
+    may come mid-way."""
     with lapi_failures(config):
         try:
-            yield from json_array_items(chunks)
+            yield from json_array_batches(chunks)
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
         except TransportError as e:  # not retried: its decisions are being projected already
@@ -662,8 +686,14 @@ _CUT_SHORT = 8
 
 
 def json_array_items(chunks: Iterable[bytes]) -> Iterator[Any]:
-    """The items of a JSON array (none for `null`), decoded from UTF-8 bytes as they arrive, with
-    only the item being decoded held; ValueError for anything else, wherever it is.
+    """The items of a JSON array (none for `null`): json_array_batches' one after another."""
+    return itertools.chain.from_iterable(json_array_batches(chunks))
+
+
+def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
+    """The items of a JSON array (none for `null`), decoded from UTF-8 bytes as they arrive, in
+    batches (lists, never empty), with only the batch being decoded held; ValueError for anything
+    else, wherever it is.
 
     An item that is not complete yet is tried again only once the text held has doubled, so one
     giant item costs linear time; junk is told from an item cut short by where the decoder fails.
@@ -720,7 +750,7 @@ def json_array_items(chunks: Iterable[bytes]) -> Iterator[Any]:
                     except (ValueError, RecursionError):
                         batches = False
                     else:
-                        yield from items
+                        yield items
                         pos = cut + 2  # past the `,`: the next item follows
                         continue
                 while True:
@@ -740,7 +770,7 @@ def json_array_items(chunks: Iterable[bytes]) -> Iterator[Any]:
                         raise ValueError(f"an item over {MAX_ITEM_CHARS} characters at {text[pos : pos + 40]!r}")
                     extend(2 * (len(text) - pos) + 1)
                 pos = end
-                yield item
+                yield [item]
                 following = next_char()
                 if following != ",":
                     break
@@ -1033,9 +1063,10 @@ class Cloudflare:
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
-    def call(self, operation: str, method: str, path: str, payload: Any = None) -> tuple[dict[str, Any], Response]:
+    def call(
+        self, operation: str, method: str, path: str, body: bytes | None = None
+    ) -> tuple[dict[str, Any], Response]:
         """Cloudflare's envelope of a successful answer; CloudflareError with its codes and messages otherwise."""
-        body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         try:
             response = self.http.request(
                 method,
@@ -1089,12 +1120,14 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
-    def bulk_put(self, items: list[dict[str, Any]]) -> list[str]:
-        envelope, _ = self.call("bulk_put", "PUT", "/bulk", items)
+    def bulk_put(self, body: bytes) -> list[str]:
+        """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
+        envelope, _ = self.call("bulk_put", "PUT", "/bulk", body)
         return unsuccessful_keys(envelope.get("result"))
 
-    def bulk_delete(self, names: list[str]) -> list[str]:
-        envelope, _ = self.call("bulk_delete", "POST", "/bulk/delete", names)
+    def bulk_delete(self, body: bytes) -> list[str]:
+        """One bulk delete of `body` (bulk_body's, of key names); the keys Cloudflare reports unsuccessful."""
+        envelope, _ = self.call("bulk_delete", "POST", "/bulk/delete", body)
         return unsuccessful_keys(envelope.get("result"))
 
 
@@ -1195,12 +1228,9 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
         ):
             unchanged.append(key)
         else:
-            writes.append(Write(key, remediation, math.ceil(ttl), origin, scenario))
-    deletes = [
-        key
-        for key, have in present.items()
-        if key not in wanted and (have.expiration is None or have.expiration > kv_now)
-    ]
+            writes.append(tuple_new(Write, (key, remediation, math.ceil(ttl), origin, scenario)))
+    gone = present.keys() - wanted.keys()  # a set operation in C: a pass over the keys in Python cost more
+    deletes = sorted(key for key in gone if present[key].expiration is None or present[key].expiration > kv_now)
     return Plan(writes, deletes, unchanged)
 
 
@@ -1262,11 +1292,21 @@ def write_key(write: Write) -> str:
 
 def bulk_item(write: Write) -> dict[str, Any]:
     """One pair of a bulk write, built only as its chunk is sent."""
-    return {"key": write.key, "value": write.remediation, "expiration_ttl": write.ttl, "metadata": metadata_for(write)}
+    key, remediation, ttl, origin, scenario = write
+    return {
+        "key": key,
+        "value": remediation,
+        "expiration_ttl": ttl,
+        "metadata": metadata_of(remediation, origin, scenario),
+    }
+
+
+def bulk_body(items: list[Any]) -> bytes:
+    return json.dumps(items, separators=(",", ":")).encode()
 
 
 def send_all(
-    send: Callable[[list[Any]], list[str]],
+    send: Callable[[bytes], list[str]],
     entries: list[Any],
     key: Callable[[Any], str],
     item: Callable[[Any], Any],
@@ -1276,16 +1316,22 @@ def send_all(
     now: Callable[[], float],
 ) -> None:
     """Send every entry in bulk chunks, again while Cloudflare reports some unsuccessful, telling
-    `confirmed` what each answer confirmed; CloudflareError when some still fail after UNSUCCESSFUL_ROUNDS."""
+    `confirmed` what each answer confirmed; CloudflareError when some still fail after UNSUCCESSFUL_ROUNDS.
+
+    One chunk is in flight at a time, sent from another thread, while this one builds the next
+    chunk's body: building it costs about as long as Cloudflare takes to answer."""
     pending = entries
     for _ in range(UNSUCCESSFUL_ROUNDS):
         failed: set[str] = set()
+        sending: tuple[list[Any], float, Background] | None = None
         for chunk in chunks(pending):
+            body = bulk_body([item(e) for e in chunk])
+            if sending:
+                failed |= settle(*sending, key, ledger, confirmed)
             ledger.in_flight, sent_at = [key(e) for e in chunk], now()
-            unsuccessful = set(send([item(e) for e in chunk]))
-            confirmed([e for e in chunk if key(e) not in unsuccessful] if unsuccessful else chunk, sent_at)
-            ledger.in_flight = []
-            failed |= unsuccessful
+            sending = (chunk, sent_at, Background(send, body))
+        if sending:
+            failed |= settle(*sending, key, ledger, confirmed)
         pending = [e for e in pending if key(e) in failed]
         if not pending:
             return
@@ -1294,6 +1340,21 @@ def send_all(
         f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, "
         f"e.g. {[key(e) for e in pending[:3]]}"
     )
+
+
+def settle(
+    chunk: list[Any],
+    sent_at: float,
+    sending: Background,
+    key: Callable[[Any], str],
+    ledger: Ledger,
+    confirmed: Callable[[list[Any], float], None],
+) -> set[str]:
+    """Wait for a chunk's answer: tell `confirmed` what landed; the keys Cloudflare reports unsuccessful."""
+    unsuccessful = set(sending.result())
+    confirmed([e for e in chunk if key(e) not in unsuccessful] if unsuccessful else chunk, sent_at)
+    ledger.in_flight = []
+    return unsuccessful
 
 
 # --------------------------------------------------------------------------- state file
@@ -2096,11 +2157,12 @@ def converge(
         if answer.hexdigest() == loaded.record.lapi_digest:
             return unchanged(report, loaded.record)
         chunks = draining(held)
-    rows, listing = lapi_rows(chunks, config), []
+    batches, listing = lapi_batches(chunks, config), []
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
-        rows = once_flowing(rows, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
+        batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
     try:
+        rows = itertools.chain.from_iterable(batches)
         projection = project(rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
         listed = listing[0].result() if listing else None
     finally:
@@ -2203,40 +2265,17 @@ def draining(held: list[bytes]) -> Iterator[bytes]:
         yield held.pop()
 
 
-def once_flowing(rows: Iterable[Any], begin: Callable[[], None]) -> Iterator[Any]:
-    """`rows`, with `begin` called once: when the first row has been decoded, or at their end if
+def once_flowing(batches: Iterable[list[Any]], begin: Callable[[], None]) -> Iterator[list[Any]]:
+    """`batches`, with `begin` called once: when the first has been decoded, or at their end if
     there is none."""
     begun = False
-    for row in rows:
+    for batch in batches:
         if not begun:
             begun = True
             begin()
-        yield row
+        yield batch
     if not begun:
         begin()
-
-
-class Background:
-    """A call run in a thread of its own: result() waits for it, and returns its value or raises
-    what it raised. A daemon thread, so a run that ends without waiting is not held up by it."""
-
-    def __init__(self, call: Callable[..., Any], *args: Any) -> None:
-        self._outcome: tuple[Any, BaseException | None] = (None, None)
-        self._thread = threading.Thread(target=self._run, args=(call, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[..., Any], *args: Any) -> None:
-        try:
-            self._outcome = (call(*args), None)
-        except BaseException as e:  # noqa: BLE001  # handed to whoever waits for the result
-            self._outcome = (None, e)
-
-    def result(self) -> Any:
-        self._thread.join()
-        value, error = self._outcome
-        if error is not None:
-            raise error
-        return value
 
 
 def mark_unfinished(state: StateFile, log: Log) -> StateFile | None:
