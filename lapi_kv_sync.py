@@ -2170,28 +2170,12 @@ def converge(
     del decisions
     report.wanted, report.ignored = len(projection.wanted), projection.ignored
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
-    record_digest = None
-    if listed is None:
-        record = loaded.record
-        present, now, offset, audited_at = record.keys, http.clock.now(), record.clock_offset, record.audited_at
-        record_digest = record.lapi_digest
-    else:
-        # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
-        # so a skewed local clock cannot make every key look stale and be rewritten each run.
-        offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-        present, now, audited_at = listed.present, listed.received_at, listed.received_at
-    plan = make_plan(projection.wanted, present, now, offset)
+    kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
+    present, offset = kv.present, kv.offset
+    plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
-        log_plan(log, plan)
-        if guard_trips(plan, None if force else config.max_deletes):
-            log.warning(
-                "delete_guard",
-                f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
-                f"MAX_DELETES={config.max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
-                planned_deletes=len(plan.deletes),
-                max_deletes=config.max_deletes,
-            )
+        log_dry_run(log, plan, None if force else config.max_deletes)
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
@@ -2204,7 +2188,7 @@ def converge(
             keys = record_after(present, ledger, offset)
             figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
             after = Record(
-                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys,
+                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
                 *((answer.hexdigest(), figures) if converged else (None, None)),
             )  # fmt: skip
             save_record(state, after, http.clock.now() + offset, log)
@@ -2221,7 +2205,7 @@ def converge(
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
             report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        if state is None and reason is None and (sent != last_sent or answer.hexdigest() != record_digest):
+        if state is None and reason is None and (sent != last_sent or answer.hexdigest() != kv.lapi_digest):
             state = state_file  # a trusted record, unchanged but for when usage metrics went or LAPI's digest
     record(ledger, converged=not applied.guarded)
     if applied.guarded:
@@ -2234,6 +2218,39 @@ def converge(
         )
         return EXIT_CLOUDFLARE
     return EXIT_OK
+
+
+class KnownKv(NamedTuple):
+    """What a run plans against: the keys KV holds under the prefix, as listed or as recorded."""
+
+    present: Mapping[str, Present]
+    now: float  # our wall time the keys were known at
+    offset: float  # Cloudflare's clock minus ours
+    audited_at: float  # when they were last listed
+    lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
+
+
+def kv_as_listed(listed: Listing) -> KnownKv:
+    # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
+    # so a skewed local clock cannot make every key look stale and be rewritten each run.
+    offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None)
+
+
+def kv_as_recorded(record: Record, now: float) -> KnownKv:
+    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest)
+
+
+def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
+    log_plan(log, plan)
+    if guard_trips(plan, max_deletes):
+        log.warning(
+            "delete_guard",
+            f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
+            f"MAX_DELETES={max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
+            planned_deletes=len(plan.deletes),
+            max_deletes=max_deletes,
+        )
 
 
 def may_be_unchanged(record: Record, config: Config, started: float, now: float) -> bool:
