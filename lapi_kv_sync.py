@@ -569,8 +569,9 @@ class Background:
             self._outcome = (None, e)
 
     def result(self) -> Any:
+        """The call's value, handed over: this object keeps no reference to it (it may be big)."""
         self._thread.join()
-        value, error = self._outcome
+        (value, error), self._outcome = self._outcome, (None, None)
         if error is not None:
             raise error
         return value
