@@ -380,14 +380,24 @@ class Http:
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._random = random.Random()
 
     def close(self) -> None:
+        """Close every connection, and open none from now on. One still checked out (a listing
+        the run no longer waits for, reading in its own thread) is shut down first: closing it
+        would wait for that thread's read to end, up to HTTP_TIMEOUT, past a pod's grace period."""
         with self._lock:
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
+            self._closed = True
+            idle = {id(conn) for conns in self._idle.values() for conn in conns}
+            opened, self._opened = self._opened, []
             self._idle.clear()
+        for conn in opened:
+            if id(conn) not in idle and conn.sock is not None:
+                with contextlib.suppress(OSError):  # the socket's own method: never TLS's, which drops its state
+                    socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        for conn in opened:
+            conn.close()
 
     def __enter__(self) -> Http:
         return self
@@ -407,6 +417,8 @@ class Http:
     def _checkout(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """An idle connection to the host, or a new one; it is this caller's until _release()."""
         with self._lock:
+            if self._closed:  # a thread the run left behind sends nothing once it is over
+                raise TransportError("the run is over: no new connection")
             idle = self._idle.get((scheme, netloc))
             if idle:
                 return idle.pop()
@@ -418,12 +430,17 @@ class Http:
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
         with self._lock:
+            if self._closed:
+                raise TransportError("the run is over: no new connection")
             self._opened.append(conn)
         return conn
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            self._idle.setdefault(conn.pool_key, []).append(conn)  # type: ignore[attr-defined]
+            if not self._closed:
+                self._idle.setdefault(conn.pool_key, []).append(conn)  # type: ignore[attr-defined]
+                return
+        conn.close()  # released after close(): nobody else will
 
     def _answer(self, conn: http.client.HTTPConnection, sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
         reader = _DeadlineReader(sock, conn.read_timeout, self._remaining)  # type: ignore[attr-defined]

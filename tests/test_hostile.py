@@ -629,3 +629,29 @@ def test_any_usable_secret_is_redacted_in_every_form(secret, fmt):
         if len(form) >= job.MIN_SECRET_LENGTH:
             for shown in (form, json.dumps(form)[1:-1]):
                 assert shown not in written or shown in frame
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_stalled_listing_exits_within_the_grace_period(stack, signum, code):
+    # An audit lists while LAPI's answer still flows; a list page stalls mid-answer. The signal
+    # must end the job promptly (the pod's grace period is 30 s), not after that page's timeout.
+    stack.lapi.endless = 0.2  # decisions keep coming: the run is in LAPI's answer when signalled
+    stack.kv.faults.append(Fault("stall", "list", times=-1, every=60))
+    environment = {"PATH": os.environ.get("PATH", ""), **stack.env(HTTP_TIMEOUT="30", RUN_DEADLINE="240")}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: stack.kv.requests["list"])
+        time.sleep(0.5)  # the page's head has come: its body is being read
+        sent = time.monotonic()
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == code, err
+    assert took < 10, f"exited {took:.1f}s after the signal"
+    assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
