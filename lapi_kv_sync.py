@@ -2154,13 +2154,19 @@ def converge(
     else:
         state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 
+    def converged_digest() -> str | None:
+        """The digest a run that converged records: none while a decision outlives MAX_TTL, as
+        its key is rewritten in time (MAX_TTL_REFRESH) with LAPI's answer unchanged."""
+        return None if outlives_max_ttl(projection.wanted, http.clock.now()) else answer.hexdigest()
+
     def record(ledger: Ledger, converged: bool) -> None:
         if state is not None:
             keys = record_after(present, ledger, offset)
             figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
+            digest = converged_digest() if converged else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, audited_at, offset, sent, keys,
-                *((answer.hexdigest(), figures) if converged else (None, None)),
+                *((digest, figures) if digest else (None, None)),
             )  # fmt: skip
             save_record(state, after, http.clock.now() + offset, log)
 
@@ -2176,7 +2182,7 @@ def converge(
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
             report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        if state is None and reason is None and (sent != last_sent or answer.hexdigest() != record_digest):
+        if state is None and reason is None and (sent != last_sent or converged_digest() != record_digest):
             state = state_file  # a trusted record, unchanged but for when usage metrics went or LAPI's digest
     record(ledger, converged=not applied.guarded)
     if applied.guarded:
@@ -2189,6 +2195,12 @@ def converge(
         )
         return EXIT_CLOUDFLARE
     return EXIT_OK
+
+
+def outlives_max_ttl(wanted: Mapping[str, Wanted], now: float) -> bool:
+    """Whether a decision lasts past MAX_TTL from `now`: its key is rewritten while LAPI's answer stays."""
+    latest = now + MAX_TTL
+    return any(w.end > latest for w in wanted.values())
 
 
 def may_be_unchanged(record: Record, config: Config, started: float, now: float) -> bool:
