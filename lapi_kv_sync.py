@@ -380,14 +380,24 @@ class Http:
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._random = random.Random()
 
     def close(self) -> None:
+        """Close every connection, and open none from now on. One still checked out (a listing
+        the run no longer waits for, reading in its own thread) is shut down first: closing it
+        would wait for that thread's read to end, up to HTTP_TIMEOUT, past a pod's grace period."""
         with self._lock:
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
+            self._closed = True
+            idle = {id(conn) for conns in self._idle.values() for conn in conns}
+            opened, self._opened = self._opened, []
             self._idle.clear()
+        for conn in opened:
+            if id(conn) not in idle and conn.sock is not None:
+                with contextlib.suppress(OSError):  # the socket's own method: never TLS's, which drops its state
+                    socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        for conn in opened:
+            conn.close()
 
     def __enter__(self) -> Http:
         return self
@@ -407,6 +417,8 @@ class Http:
     def _checkout(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """An idle connection to the host, or a new one; it is this caller's until _release()."""
         with self._lock:
+            if self._closed:  # a thread the run left behind sends nothing once it is over
+                raise TransportError("the run is over: no new connection")
             idle = self._idle.get((scheme, netloc))
             if idle:
                 return idle.pop()
@@ -418,12 +430,17 @@ class Http:
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
         with self._lock:
+            if self._closed:
+                raise TransportError("the run is over: no new connection")
             self._opened.append(conn)
         return conn
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            self._idle.setdefault(conn.pool_key, []).append(conn)  # type: ignore[attr-defined]
+            if not self._closed:
+                self._idle.setdefault(conn.pool_key, []).append(conn)  # type: ignore[attr-defined]
+                return
+        conn.close()  # released after close(): nobody else will
 
     def _answer(self, conn: http.client.HTTPConnection, sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
         reader = _DeadlineReader(sock, conn.read_timeout, self._remaining)  # type: ignore[attr-defined]
@@ -796,9 +813,18 @@ class AnswerDigest:
     (`"duration":"3h59m58.3s"`), so an answer that differs in any other byte has another digest.
     The digest does not depend on how the answer was cut into chunks."""
 
-    FIELD = re.compile(rb'"duration"[ \t\n\r]{0,8}:[ \t\n\r]{0,8}"(?:[-+.0-9a-z]|\xc2\xb5|\xce\xbc){0,40}"')
+    # What Go's Duration.String() writes (and ParseDuration reads): `0`, or up to 8 number-and-unit
+    # groups. Anything else in a duration (`bogus`, ``) is not blanked, so never taken for a
+    # valid duration of the last answer.
+    _NUMBER = rb"[0-9]{0,20}\.?[0-9]{1,20}"
+    _UNIT = rb"(?:h|ms|m|s|us|ns|\xc2\xb5s|\xce\xbcs)"
+    FIELD = re.compile(
+        rb'"duration"[ \t\n\r]{0,8}:[ \t\n\r]{0,8}"[-+]?(?:0|(?:' + _NUMBER + _UNIT + rb"){1,8})" + rb'"'
+    )
     OPENING = b'"duration"'
-    LONGEST = len(OPENING) + 8 + 1 + 8 + 1 + 2 * 40 + 1  # a whole field, at most
+    LONGEST = len(OPENING) + 8 + 1 + 8 + 2 + 8 * (20 + 1 + 20 + 3) + 1  # a whole field, at most
+    # A blanked field: a raw NUL never stands in a JSON string, so no answer holds this itself.
+    BLANKED = b'"duration":"\x00"'
 
     def __init__(self, config: Config):
         shaping = [__version__, config.kv_key_prefix, str(config.expand_ranges_max), lapi_query(config)]
@@ -814,14 +840,14 @@ class AnswerDigest:
             began = held.rfind(self.OPENING, 0, cut + len(self.OPENING) - 1)
             if began >= 0 and began + self.LONGEST > cut:
                 cut = began
-            self._hash.update(self.FIELD.sub(b'"duration":""', held[:cut]))
+            self._hash.update(self.FIELD.sub(self.BLANKED, held[:cut]))
             self._held = held[cut:]
             yield chunk
 
     def hexdigest(self) -> str:
         """The digest of the whole answer: call once the chunks have all passed."""
         final = self._hash.copy()
-        final.update(self.FIELD.sub(b'"duration":""', self._held))
+        final.update(self.FIELD.sub(self.BLANKED, self._held))
         return final.hexdigest()
 
 
@@ -1206,6 +1232,9 @@ class Plan(NamedTuple):
     writes: list[Write]
     deletes: list[str]
     unchanged: list[str]
+    # When, on Cloudflare's clock, the first key capped at MAX_TTL is due to be rewritten (inf:
+    # none is): until then a plan against the same LAPI answer finds nothing to do.
+    refresh_at: float = math.inf
 
 
 def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now: float, offset: float = 0.0) -> Plan:
@@ -1215,6 +1244,7 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     writes, unchanged = [], []
     kv_now = now + offset
     get_present, nothing = present.get, (None, None)
+    refresh_at = math.inf
     for key, (remediation, end, origin, scenario) in wanted.items():
         expiration, had = get_present(key, nothing)
         left = end - now
@@ -1230,9 +1260,12 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
             unchanged.append(key)
         else:
             writes.append(tuple_new(Write, (key, remediation, math.ceil(ttl), origin, scenario)))
+            expiration = expires
+        if left > MAX_TTL:  # capped: rewritten once it is MAX_TTL_REFRESH old
+            refresh_at = min(refresh_at, expiration - MAX_TTL + MAX_TTL_REFRESH)
     gone = present.keys() - wanted.keys()  # a set operation in C: a pass over the keys in Python cost more
     deletes = sorted(key for key in gone if present[key].expiration is None or present[key].expiration > kv_now)
-    return Plan(writes, deletes, unchanged)
+    return Plan(writes, deletes, unchanged, refresh_at)
 
 
 def chunks(items: list[Any], size: int = MAX_BULK_ITEMS) -> Iterator[list[Any]]:
@@ -1390,6 +1423,7 @@ class Record(NamedTuple):
     # projected (AnswerDigest) and that projection's figures, for a run that finds the same answer.
     lapi_digest: str | None = None
     projected: Projected | None = None
+    refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
 
     def earliest_expiration(self) -> float:
         """When the first of the keys expires on Cloudflare's clock (inf: none does)."""
@@ -1431,6 +1465,7 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "keys": len(alive),
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
+        "refresh_at": record.refresh_at,
     }
     yield json.dumps(header) + "\n"
     yield json.dumps([key for key, _ in alive], separators=(",", ":")) + "\n"
@@ -1465,6 +1500,10 @@ def decode_record(lines: Iterable[str]) -> Record:
             if lapi_digest is not None
             else None
         )
+        refresh_at = header.get("refresh_at")
+        refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
+        if refresh_at is not None and not math.isfinite(refresh_at):
+            raise ValueError
     except (KeyError, TypeError, ValueError, AttributeError):
         raise RecordCorrupt("header lacks a field or holds a wrong type") from None
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
@@ -1491,8 +1530,9 @@ def decode_record(lines: Iterable[str]) -> Record:
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
     return Record(
-        account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected
-    )
+        account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
+        refresh_at,
+    )  # fmt: skip
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -2188,9 +2228,10 @@ def converge(
         if state is not None:
             keys = record_after(present, ledger, offset)
             figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
+            refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
-                *((answer.hexdigest(), figures) if converged else (None, None)),
+                *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
             )  # fmt: skip
             save_record(state, after, http.clock.now() + offset, log)
 
@@ -2257,12 +2298,14 @@ def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
 def may_be_unchanged(record: Record, config: Config, started: float, now: float) -> bool:
     """Whether a run planning against this trusted record may find nothing to do without planning,
     if LAPI's answer is the one the record was written with: unless usage metrics are due (they
-    count the keys afresh), or a key has expired since (it may be one LAPI still wants, if a
-    decision's end was ever moved: then the plan writes it again)."""
+    count the keys afresh), a key capped at MAX_TTL is due to be rewritten, or a key has expired
+    since (it may be one LAPI still wants, if a decision's end was ever moved: then the plan
+    writes it again)."""
+    refresh_at = math.inf if record.refresh_at is None else record.refresh_at
     return (
         record.lapi_digest is not None
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
-        and now + record.clock_offset < record.earliest_expiration()
+        and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
     )
 
 

@@ -13,6 +13,7 @@ LAPI stand-in checks usage metrics against CrowdSec's swagger the same way.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import re
 import secrets
@@ -161,6 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body[:keep])
         self.drop()
+
+    def stall(self, body: bytes, keep: int, seconds: float) -> None:
+        """A 200 that sends its head and the first `keep` bytes of its body, then nothing for
+        `seconds` (or until the server stops), then closes: a KV edge that stalls mid-answer."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:keep])
+        self.wfile.flush()
+        self.server.owner.stopped.wait(seconds)
+        with contextlib.suppress(OSError):
+            self.drop()
 
     def drop(self) -> None:
         """Close the connection with no answer at all, as a reset proxy does."""
@@ -389,14 +403,14 @@ class Entry:
 @dataclass
 class Fault:
     # "429", "5xx", "drop", "html", "drip" (the real answer, slowly), "cut" (its first bytes),
-    # "raw" (status and body)
+    # "stall" (its head and first bytes, then nothing for `every` seconds), "raw" (status and body)
     kind: str
     operation: str | None = None  # list, bulk_put, bulk_delete; None: any
     status: int = 500
     retry_after: str | None = "1"
     times: int = 1  # how many requests it hits; -1: every one
     body: Any = None  # for "raw"
-    every: float = 0.5  # for "drip": seconds between bytes
+    every: float = 0.5  # for "drip": seconds between bytes; for "stall": how long it stalls
 
 
 def _error(code: int, message: str) -> dict:
@@ -532,10 +546,12 @@ class KvStandin(Standin):
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
-        if fault and fault.kind in ("drip", "cut"):
+        if fault and fault.kind in ("drip", "cut", "stall"):
             status, answer = getattr(self, operation)(query, body)
             if fault.kind == "cut":
                 return request.cut(json.dumps(answer).encode(), 20)
+            if fault.kind == "stall":
+                return request.stall(json.dumps(answer).encode(), 20, fault.every)
             return request.send(status, answer, drip=fault.every)
         if fault:
             if fault.kind == "raw":

@@ -225,6 +225,26 @@ def wait_for(condition, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
+def signalled(env: dict, signum: int, ready, settle: float = 0.0) -> tuple[int, str, str, float]:
+    """The job as a process, sent `signum` once `ready()` (and `settle` seconds more): its exit
+    code, stdout, stderr, and how long after the signal it exited."""
+    environment = {"PATH": os.environ.get("PATH", ""), **env}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(ready)
+        time.sleep(settle)
+        sent = time.monotonic()
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        return process.returncode, out, err, time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("waiting_on", ["lapi", "bulk_put"])
 def test_a_signal_stops_the_run_with_one_line_a_push_and_its_exit_code(stack, signum, code, waiting_on):
@@ -234,22 +254,11 @@ def test_a_signal_stops_the_run_with_one_line_a_push_and_its_exit_code(stack, si
         stack.lapi.drip = 0.5
     else:
         stack.kv.faults.append(Fault("drip", "bulk_put", every=0.5))
-    environment = {"PATH": os.environ.get("PATH", ""), **stack.env()}
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    returncode, out, err, took = signalled(
+        stack.env(), signum, lambda: stack.lapi.queries if waiting_on == "lapi" else stack.kv.requests["bulk_put"]
     )
-    try:
-        wait_for(lambda: stack.lapi.queries if waiting_on == "lapi" else stack.kv.requests["bulk_put"])
-        sent = time.monotonic()
-        process.send_signal(signum)
-        out, err = process.communicate(timeout=60)
-        took = time.monotonic() - sent
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert_no_secret(out, err)
-    assert process.returncode == code, err
+    assert returncode == code, err
     assert took < 20, "the pod's grace period is 30 s"
     assert out == "" and err.count("\n") == 1 and signal.Signals(signum).name in err and "Traceback" not in err
     last = stack.push.pushes[-1]
@@ -629,3 +638,17 @@ def test_any_usable_secret_is_redacted_in_every_form(secret, fmt):
         if len(form) >= job.MIN_SECRET_LENGTH:
             for shown in (form, json.dumps(form)[1:-1]):
                 assert shown not in written or shown in frame
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_stalled_listing_exits_within_the_grace_period(stack, signum, code):
+    # An audit lists while LAPI's answer still flows; a list page stalls mid-answer. The signal
+    # must end the job promptly (the pod's grace period is 30 s), not after that page's timeout.
+    stack.lapi.endless = 0.2  # decisions keep coming: the run is in LAPI's answer when signalled
+    stack.kv.faults.append(Fault("stall", "list", times=-1, every=60))
+    env = stack.env(HTTP_TIMEOUT="30", RUN_DEADLINE="240")
+    # After the first list request, half a second: the page's head has come, its body is being read.
+    returncode, out, err, took = signalled(env, signum, lambda: stack.kv.requests["list"], settle=0.5)
+    assert returncode == code, err
+    assert took < 10, f"exited {took:.1f}s after the signal"
+    assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code

@@ -171,3 +171,34 @@ def test_real_lapi_before_1_6_3_answers_404_to_usage_metrics_and_the_run_is_unaf
     assert set(real.kv.live()) == {"config:flag", "ip:192.0.2.1"}
     again = real.run(clock_offset=at_quarter(5), LAPI_USAGE_METRICS="true")  # LAPI still well after the 404
     assert again.code == 0 and "written 0" in again.out
+
+
+def test_a_second_run_against_real_lapi_with_nothing_changed_takes_the_shortcut(real, tmp_path):
+    # The shortcut only pays if the real LAPI's answer is byte-stable apart from its durations
+    # (the same order, the same spelling of every other field) from one read to the next.
+    real.lapi.add("-i", "192.0.2.1", "-d", "4h", "-R", "crowdsecurity/ssh-bf")
+    real.lapi.add("-i", "2001:0DB8:0000::0001", "-d", "4h")
+    real.lapi.add("-i", "192.0.2.3", "-d", "1h", "-t", "ban")
+    real.lapi.add("-i", "192.0.2.3", "-d", "10h", "-t", "captcha")
+    real.lapi.add("-i", "192.0.2.4", "-d", "4h", "-t", "throttle")
+    csv = tmp_path / "decisions.csv"
+    csv.write_text(
+        "duration,scope,type,value\n" + "".join(f"{1 + i % 5}h,ip,ban,10.0.{i >> 8}.{i & 255}\n" for i in range(2000))
+    )
+    real.lapi.import_csv(csv)
+    state = tmp_path / "state" / "record.gz"
+    state.parent.mkdir()
+    first = real.run(PUSHGATEWAY_URL="", STATE_FILE=str(state))
+    assert first.code == 0, first.err
+    assert "written 2003" in first.out
+    for _ in range(3):
+        time.sleep(0.3)  # every duration is a little shorter
+        real.kv.reset_counts()
+        again = real.run(PUSHGATEWAY_URL="", STATE_FILE=str(state))
+        assert again.code == 0, again.err
+        assert "LAPI's answer unchanged since the record: nothing to plan" in again.out, again.out
+        assert dict(real.kv.requests) == {}
+    real.lapi.cscli_run("decisions", "delete", "-i", "192.0.2.1")
+    changed = real.run(PUSHGATEWAY_URL="", STATE_FILE=str(state))
+    assert changed.code == 0 and "LAPI's answer unchanged" not in changed.out
+    assert real.kv.deleted_keys == ["ip:192.0.2.1"]

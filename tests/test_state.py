@@ -121,6 +121,33 @@ def test_a_decision_whose_end_moved_is_written_once_its_old_key_expires(stack, r
     assert "ip:192.0.2.1" in stack.kv.written_keys and stack.kv.live()["ip:192.0.2.1"].value == "ban"
 
 
+def test_a_key_capped_at_max_ttl_is_refreshed_though_lapi_is_unchanged(stack, run, state):
+    # A ten-year ban gets a key of MAX_TTL (a year), rewritten once under MAX_TTL - MAX_TTL_REFRESH
+    # is left, so that it lasts while the decision does. LAPI's answer does not change meanwhile
+    # (the duration is blanked), and the key is far from expiring: the shortcut must still let
+    # the refresh through, as a full plan would.
+    month = job.MAX_TTL_REFRESH + 86400
+    stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", month + 4 * 3600)]
+    rarely = {"AUDIT_INTERVAL": str(10 * month)}  # an audit would refresh it: this is between audits
+    assert run(**rarely).code == 0
+    stack.kv.reset_counts()
+    stack.kv.clock_offset = month
+    later = run(clock_offset=month, **rarely)  # LAPI's answer: the same but for its durations
+    assert later.code == 0, later.err
+    assert "ip:192.0.2.1" in stack.kv.written_keys, later.out
+    assert stack.kv.live()["ip:192.0.2.1"].expiration > time.time() + month + job.MAX_TTL - 3600
+
+
+def test_a_ban_longer_than_max_ttl_still_lets_steady_runs_plan_nothing(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", 4 * 3600)]
+    assert run().code == 0
+    refresh_at = read_record(state).refresh_at
+    assert abs(refresh_at - (time.time() + job.MAX_TTL_REFRESH)) < 60  # the capped key, a month on
+    stack.kv.reset_counts()
+    steady = run()
+    assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}
+
+
 def test_a_run_held_back_by_max_deletes_records_no_digest(stack, run, state):
     stack.lapi.decisions = [decision(ip) for ip in ips(20)]
     assert run().code == 0

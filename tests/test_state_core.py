@@ -422,6 +422,9 @@ def test_the_digest_ignores_durations_and_how_the_answer_was_cut(durations, data
         {"scenario": "t"},
         {"id": 77},
         {"duration": "4h<b>"},  # not a Go duration: not blanked, so never taken for the last one
+        {"duration": "bogus"},
+        {"duration": ""},
+        {"duration": "4hh"},
         {"duration": "9" * 41 + "s"},
         {"until": "2026-11-27T10:00:00Z"},
     ],
@@ -472,3 +475,14 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
     off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
     assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
     assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
+
+
+def test_the_plan_says_when_the_first_key_capped_at_max_ttl_is_due_again():
+    capped = job.Wanted("ban", NOW + 5 * job.MAX_TTL, "o", "s")
+    short = job.Wanted("ban", NOW + 3600, "o", "s")
+    assert job.make_plan({"ip:192.0.2.2": short}, {}, NOW).refresh_at == float("inf")
+    written = job.make_plan({"ip:192.0.2.1": capped, "ip:192.0.2.2": short}, {}, NOW, offset=2.0)
+    assert written.refresh_at == NOW + 2.0 + job.MAX_TTL_REFRESH
+    kept = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL - 86400, "ban")}  # written a day ago
+    plan = job.make_plan({"ip:192.0.2.1": capped}, kept, NOW)
+    assert plan.writes == [] and plan.refresh_at == NOW - 86400 + job.MAX_TTL_REFRESH

@@ -501,3 +501,21 @@ def test_background_hands_its_value_over_and_raises_what_the_call_raised():
     assert kept() is None  # a big old record read beside LAPI's answer is not kept for the whole run
     with pytest.raises(ZeroDivisionError):
         job.Background(lambda: 1 / 0).result()
+
+
+def test_a_run_that_ends_while_a_list_page_stalls_returns_at_once_and_lists_no_more(stack):
+    # LAPI breaks off after its first decisions: the audit's listing has begun, and its page
+    # stalls mid-answer. The run is over (exit 3); main() must not wait for that page, nor may
+    # the listing send anything once main() has returned.
+    stack.lapi.decisions = [decision(ip) for ip in ips(3000)]
+    stack.lapi.cut = 20_000
+    stack.kv.store.update({f"ip:10.1.0.{i}": Entry("ban", int(time.time()) + 600) for i in range(10)})
+    stack.kv.faults.append(Fault("stall", "list", times=-1, every=20))
+    started = time.monotonic()
+    result = stack.run()
+    took = time.monotonic() - started
+    assert result.code == job.EXIT_LAPI and "broke off" in result.err
+    assert took < 5, f"main() waited {took:.1f}s for a listing the run no longer wanted"
+    listed = stack.kv.requests["list"]
+    time.sleep(0.5)
+    assert stack.kv.requests["list"] == listed <= 1
