@@ -133,7 +133,7 @@ class Bench:
             "CF_API_URL": kv.api_url,
             "RUN_DEADLINE": "900",  # 1,000,000 cold takes longer than the CronJob's 240 s
             # LAPI's answer at 1,000,000 decisions is over the default cap, which fits the
-            # CronJob's 256Mi (about 300,000): the bench sizes the memory limit past it.
+            # CronJob's 320Mi (about 300,000): the bench sizes the memory limit past it.
             "LAPI_MAX_BYTES": str(1 << 30),
         }
         if ca_file:
