@@ -113,7 +113,7 @@ class Config:
     lapi_usage_metrics: bool = True
     # What every decision in LAPI's answer projects to is kept (and with a trusted state record
     # the answer itself, until it is known to have changed): 48 MiB is about 300,000 decisions
-    # (LAPI sends 150-200 bytes each); runs of 300,000 peak at 124-218 MiB, an answer at this cap
+    # (LAPI sends 150-200 bytes each); runs of 300,000 peak at 129-224 MiB, an answer at this cap
     # at about 252 MiB, inside the CronJob's 320Mi memory limit.
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
