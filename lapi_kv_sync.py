@@ -815,8 +815,9 @@ class AnswerDigest:
 
     # What Go's Duration.String() writes (and ParseDuration reads): `0`, or up to 8 number-and-unit
     # groups. Anything else in a duration (`bogus`, ``) is not blanked, so never taken for a
-    # valid duration of the last answer.
-    _NUMBER = rb"[0-9]{0,20}\.?[0-9]{1,20}"
+    # valid duration of the last answer. A number reads one way only (`[0-9]*\.?[0-9]+` reads
+    # `111` as 1+11, 11+1...: a field of 8 groups of 20 digits not followed by a quote took hours).
+    _NUMBER = rb"(?:[0-9]{1,20}(?:\.[0-9]{1,20})?|\.[0-9]{1,20})"
     _UNIT = rb"(?:h|ms|m|s|us|ns|\xc2\xb5s|\xce\xbcs)"
     FIELD = re.compile(
         rb'"duration"[ \t\n\r]{0,8}:[ \t\n\r]{0,8}"[-+]?(?:0|(?:' + _NUMBER + _UNIT + rb"){1,8})" + rb'"'

@@ -433,6 +433,16 @@ def test_the_digest_changes_with_anything_but_a_duration(change):
     assert answer_digest([lapi_answer(["4h"] * 3, **change)]) != answer_digest([lapi_answer(["4h"] * 3)])
 
 
+@pytest.mark.parametrize("junk", [("1" * 20 + "h") * 6 + "x", "1" * 20 + "." + "1" * 20 + "x"])
+def test_the_digest_takes_no_time_over_a_duration_that_is_almost_a_go_duration(junk):
+    # Each number could be split two ways ([0-9]*, an optional dot, [0-9]+): six groups of 20
+    # digits cost the blanking 20^6 tries, ten seconds (eight, hours), with no deadline or signal
+    # able to stop it. LAPI's answer with a trusted record is digested whole before it is decoded.
+    started = time.monotonic()
+    assert answer_digest([lapi_answer([junk] * 2)]) != answer_digest([lapi_answer(["4h"] * 2)])
+    assert time.monotonic() - started < 1
+
+
 def test_the_digest_changes_with_a_decision_more_or_less_and_with_what_shapes_the_keys():
     three, two = lapi_answer(["4h"] * 3), lapi_answer(["4h"] * 2)
     assert answer_digest([three]) != answer_digest([two])
