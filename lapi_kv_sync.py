@@ -859,7 +859,9 @@ def snippet(body: bytes, limit: int = 120) -> str:
 
 # --------------------------------------------------------------------------- projection
 
-_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+# A number reads one way only, and each group is matched where the last ended: `[0-9]*\.?[0-9]+`
+# searched for at every position took cubic time over a long run of digits.
+_GO_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # What LAPI sends for almost every decision (`3h59m58.349167242s`): one match instead of a loop.
 _GO_HMS = re.compile(r"(-?)(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+(?:\.[0-9]+)?)s)?")
@@ -892,9 +894,7 @@ def parse_go_duration(text: str) -> float:
     if body == "0":
         return 0.0
     total, end = 0.0, 0
-    for match in _GO_DURATION.finditer(body):
-        if match.start() != end:
-            break
+    while match := _GO_DURATION.match(body, end):
         total += float(match.group(1)) * _GO_UNITS[match.group(2)]
         end = match.end()
     if end == 0 or end != len(body):

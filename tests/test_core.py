@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -55,6 +56,16 @@ def test_go_durations_parse(text, seconds):
 def test_junk_is_not_a_duration(text):
     with pytest.raises(ValueError):
         job.parse_go_duration(text)
+
+
+@pytest.mark.parametrize("text", ["1" * 2000 + "x", "1" * 2000, "1s" + "1" * 2000 + "x"])
+def test_a_long_run_of_digits_is_refused_at_once(text):
+    # A decision may be up to 2^20 characters: scanning for `[0-9]*\.?[0-9]+` at every position
+    # took cubic time (2,000 digits: 16 s, 10,000: most of an hour), in C, past any deadline.
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        job.parse_go_duration(text)
+    assert time.monotonic() - started < 1
 
 
 @given(
