@@ -2250,8 +2250,13 @@ def converge(
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
             report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        if state is None and reason is None and (sent != last_sent or answer.hexdigest() != kv.lapi_digest):
-            state = state_file  # a trusted record, unchanged but for when usage metrics went or LAPI's digest
+        refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
+        if (
+            state is None
+            and reason is None
+            and (sent != last_sent or answer.hexdigest() != kv.lapi_digest or refresh_at != kv.refresh_at)
+        ):  # a trusted record, unchanged but for when usage metrics went, LAPI's digest or when a key is due
+            state = state_file
     record(ledger, converged=not applied.guarded)
     if applied.guarded:
         log.error(
@@ -2273,17 +2278,18 @@ class KnownKv(NamedTuple):
     offset: float  # Cloudflare's clock minus ours
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
+    refresh_at: float | None  # the record's (None after a listing)
 
 
 def kv_as_listed(listed: Listing) -> KnownKv:
     # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
     # so a skewed local clock cannot make every key look stale and be rewritten each run.
     offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None)
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None)
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
-    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest)
+    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
 
 
 def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:

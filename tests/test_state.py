@@ -148,6 +148,25 @@ def test_a_ban_longer_than_max_ttl_still_lets_steady_runs_plan_nothing(stack, ru
     assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}
 
 
+def test_a_capped_key_no_longer_capped_at_its_refresh_gives_the_shortcut_back(stack, run, state):
+    # Written capped with under EXPIRATION_SLACK past MAX_TTL left: at its refresh the key is no
+    # longer capped and already ends with its decision, so nothing is written. The record's
+    # refresh_at, now past, must not stay behind, or no run takes the shortcut again.
+    month = job.MAX_TTL_REFRESH + 60
+    rarely = {"AUDIT_INTERVAL": str(10 * month)}  # between audits
+    stack.lapi.decisions = [decision("192.0.2.1", job.MAX_TTL + 30), decision("192.0.2.2", 2 * month)]
+    assert run(**rarely).code == 0 and read_record(state).refresh_at is not None
+    for d in stack.lapi.decisions:
+        d["until"] -= month  # a month on for LAPI too: the same decisions, the same ends
+    stack.kv.clock_offset = month
+    stack.kv.reset_counts()
+    due = run(clock_offset=month, **rarely)
+    assert due.code == 0 and "LAPI's answer unchanged" not in due.out and stack.kv.writes == 0
+    assert read_record(state).refresh_at is None
+    steady = run(clock_offset=month, **rarely)
+    assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}
+
+
 def test_a_run_held_back_by_max_deletes_records_no_digest(stack, run, state):
     stack.lapi.decisions = [decision(ip) for ip in ips(20)]
     assert run().code == 0
