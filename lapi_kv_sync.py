@@ -629,7 +629,7 @@ tuple_new = tuple.__new__
 
 
 class Decisions(NamedTuple):
-    # LAPI's answer as it arrives, to be read once (lapi_rows decodes it); TransportError,
+    # LAPI's answer as it arrives, to be read once (lapi_batches decodes it); TransportError,
     # DeadlineExceeded or AnswerTooLarge may come mid-way.
     chunks: Iterable[bytes]
     read_at: float  # wall time of the answer: LAPI durations count from here
@@ -701,11 +701,6 @@ MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an
 # How close to the end of the text a decoding error may be and still mean "not all here yet":
 # the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
 _CUT_SHORT = 8
-
-
-def json_array_items(chunks: Iterable[bytes]) -> Iterator[Any]:
-    """The items of a JSON array (none for `null`): json_array_batches' one after another."""
-    return itertools.chain.from_iterable(json_array_batches(chunks))
 
 
 def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
@@ -942,21 +937,21 @@ def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
     return [str(a) for a in network]
 
 
-class Lowered(dict):
-    """Each field's lower case, computed once per distinct value; "" for one that is not a string."""
-
-    def __missing__(self, text: Any) -> str:
-        self[text] = lowered = sys.intern(text.lower()) if type(text) is str else ""
-        return lowered
-
-
 class Shared(dict):
     """One string object per distinct value of a field ("" for one that is not a string), so that
     100,000 keys hold a handful of origins and scenarios, not 100,000 copies of each."""
 
+    spelling = staticmethod(str.__str__)  # how the value is kept
+
     def __missing__(self, text: Any) -> str:
-        self[text] = shared = sys.intern(text) if type(text) is str else ""
+        self[text] = shared = sys.intern(self.spelling(text)) if type(text) is str else ""
         return shared
+
+
+class Lowered(Shared):
+    """Shared, in lower case: each distinct spelling (`Ip`, `BAN`) lowered once."""
+
+    spelling = staticmethod(str.lower)
 
 
 # The longest canonical address (an IPv6 with an embedded IPv4 tail): with a prefix of at most
@@ -1031,13 +1026,9 @@ def merge(old: Wanted | None, new: Wanted) -> Wanted:
     return strongest._replace(end=max(old.end, new.end))
 
 
-def metadata_for(wanted: Wanted | Write) -> dict[str, str]:
-    """What a run needs to compare KV with LAPI from the key list alone, cut to Cloudflare's limit."""
-    return metadata_of(wanted.remediation, wanted.origin, wanted.scenario)
-
-
 @functools.lru_cache(maxsize=4096)
 def metadata_of(remediation: str, origin: str, scenario: str) -> dict[str, str]:
+    """What a run needs to compare KV with LAPI from the key list alone, cut to Cloudflare's limit."""
     # Cached: a run writes many keys with the same few origins and scenarios, and measuring the
     # JSON each time cost a sixth of a cold run. Callers only serialise the dict, never change it.
     metadata = {"remediation": remediation, "origin": origin[:64], "scenario": scenario[:256]}

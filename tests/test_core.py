@@ -178,7 +178,7 @@ def test_expanded_ranges_merge_with_ip_decisions():
 
 def test_metadata_fits_cloudflare_limit():
     wanted = job.Wanted("ban", NOW, "o" * 5000, "é" * 5000)
-    metadata = job.metadata_for(wanted)
+    metadata = job.metadata_of(wanted.remediation, wanted.origin, wanted.scenario)
     assert metadata["remediation"] == "ban"
     assert len(json.dumps(metadata).encode()) <= job.MAX_METADATA_BYTES
     assert metadata["scenario"].startswith("é")
