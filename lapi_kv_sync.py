@@ -315,6 +315,10 @@ class DeadlineExceeded(Exception):
         self.response = response  # the last answer, when there was one (a 429, a 5xx)
 
 
+class LookupTimeout(TimeoutError):
+    """A host's name lookup did not end in time."""
+
+
 class AnswerTooLarge(Exception):
     """An answer's body went past the size it may have."""
 
@@ -429,11 +433,41 @@ class Http:
             conn = http.client.HTTPConnection(netloc)
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
+        conn._create_connection = self._connect  # type: ignore[attr-defined]
         with self._lock:
             if self._closed:
                 raise TransportError("the run is over: no new connection")
             self._opened.append(conn)
         return conn
+
+    def _connect(self, address: tuple[str, int], timeout: Any, source_address: Any = None) -> socket.socket:
+        """socket.create_connection, with the name lookup bounded as well: getaddrinfo takes no
+        timeout, and a cluster DNS that does not answer would hold the run past RUN_DEADLINE, deaf
+        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time."""
+        host, port = address
+        timeout = timeout if isinstance(timeout, (int, float)) else self.timeout
+
+        def left() -> float:
+            return max(0.01, min(timeout, self._remaining()))
+
+        lookup = Background(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        try:
+            addresses = lookup.result(timeout=left())
+        except TimeoutError:
+            raise LookupTimeout(f"the name lookup of {host}") from None
+        error: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, sockaddr in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(left())
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -449,10 +483,12 @@ class Http:
     def _failure(self, error: Exception, read_timeout: float) -> Exception:
         """What a failed exchange means: the run deadline reached, or a transport failure, named."""
         if isinstance(error, TimeoutError):
+            awaited = f"{error} was" if isinstance(error, LookupTimeout) else "its answer was"
             if self._remaining() <= 0.01:
-                return DeadlineExceeded("RUN_DEADLINE passed while its answer was still awaited")
+                return DeadlineExceeded(f"RUN_DEADLINE passed while {awaited} still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
-            return TransportError(f"timed out ({limit} {read_timeout:g}s)")
+            lookup = f"{error} " if isinstance(error, LookupTimeout) else ""
+            return TransportError(f"{lookup}timed out ({limit} {read_timeout:g}s)")
         return TransportError(f"{type(error).__name__}: {error}")
 
     def _once(
@@ -585,9 +621,12 @@ class Background:
         except BaseException as e:  # noqa: BLE001  # handed to whoever waits for the result
             self._outcome = (None, e)
 
-    def result(self) -> Any:
-        """The call's value, handed over: this object keeps no reference to it (it may be big)."""
-        self._thread.join()
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's value, handed over: this object keeps no reference to it (it may be big).
+        TimeoutError when the call has not ended within `timeout` seconds."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"not done within {timeout:g}s")
         (value, error), self._outcome = self._outcome, (None, None)
         if error is not None:
             raise error
@@ -2069,7 +2108,7 @@ ENVIRONMENT = (
     ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
-    ("HTTP_TIMEOUT", f"seconds any one connect or read may wait (default {Config.http_timeout:g})"),
+    ("HTTP_TIMEOUT", f"seconds any one name lookup, connect or read may wait (default {Config.http_timeout:g})"),
     ("LOG_FORMAT", "text or json (default text)"),
 )
 

@@ -7,9 +7,12 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 
 import pytest
 from hypothesis import assume, given
@@ -96,6 +99,75 @@ def test_the_push_allowance_is_a_cap_too(stack, monkeypatch):
     assert result.code == job.EXIT_OK, result.err
     assert took < 1 + MARGIN
     assert "warning: Pushgateway at" in result.err
+
+
+@pytest.fixture
+def stuck_lookup(monkeypatch):
+    """socket.getaddrinfo that never answers for hosts ending in `.stuck`, as a cluster DNS that is
+    down, and fails at once for `.fails`; the real one for every other host. The lookups left
+    waiting end with the test."""
+    real, released = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if str(host).endswith(".stuck"):
+            released.wait(120)
+        if str(host).endswith((".stuck", ".fails")):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    released.set()
+
+
+ONCE = job.Retry(attempts=1, backoff=0.0, max_wait=0.0)
+
+
+def get(url: str, timeout: float, deadline: float, retry: job.Retry = ONCE) -> Exception:
+    """What one GET through the job's Http layer raised (an AssertionError if it raised nothing)."""
+    with job.Http(job.SYSTEM_CLOCK, timeout, job.SYSTEM_CLOCK.monotonic() + deadline) as http:
+        try:
+            http.request("GET", url, headers={}, retry=retry)
+        except Exception as e:  # noqa: BLE001  # the subject
+            return e
+    raise AssertionError(f"GET {url} raised nothing")
+
+
+def test_a_name_lookup_that_never_ends_is_bounded_by_the_deadline(stuck_lookup):
+    error = get("http://lapi.stuck:8080/", 30.0, DEADLINE, job.LAPI_RETRY)
+    assert isinstance(error, job.DeadlineExceeded)
+    assert str(error) == "RUN_DEADLINE passed while the name lookup of lapi.stuck was still awaited"
+
+
+def test_a_name_lookup_that_never_ends_is_bounded_by_http_timeout(stuck_lookup):
+    error = get("http://lapi.stuck:8080/", 0.3, 120)  # the timeout is the subject
+    assert isinstance(error, job.TransportError)
+    assert str(error) == "the name lookup of lapi.stuck timed out (HTTP_TIMEOUT 0.3s)"
+
+
+def test_a_failed_name_lookup_is_named(stuck_lookup):
+    error = get("http://lapi.fails:8080/", 30.0, 120)
+    assert isinstance(error, job.TransportError)
+    assert str(error) == "gaierror: [Errno -3] Temporary failure in name resolution"
+
+
+@pytest.mark.parametrize(
+    "variable, code, named",
+    [
+        ("LAPI_URL", job.EXIT_LAPI, "LAPI at http://lap.stuck:"),
+        ("CF_API_URL", job.EXIT_CLOUDFLARE, "Cloudflare: list: "),
+    ],
+)
+def test_a_dns_that_does_not_answer_ends_the_run_at_its_deadline(stack, stuck_lookup, variable, code, named):
+    stack.lapi.decisions = [decision(ip) for ip in ips(5)]
+    url = urllib.parse.urlsplit(stack.env()[variable])
+    stuck = url._replace(netloc=f"{variable[:3].lower()}.stuck:{url.port}").geturl()
+    result, took = timed(lambda: stack.run(RUN_DEADLINE=str(DEADLINE), **{variable: stuck}))
+    assert result.code == code, result.err
+    assert took < DEADLINE + MARGIN
+    assert named in result.err and "RUN_DEADLINE passed while the name lookup of " in result.err
+    assert nothing_written(stack.kv)
+    assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
 
 
 # --------------------------------------------------------------------------- item 3: secrets
@@ -226,12 +298,14 @@ def wait_for(condition, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def signalled(env: dict, signum: int, ready, settle: float = 0.0) -> tuple[int, str, str, float]:
-    """The job as a process, sent `signum` once `ready()` (and `settle` seconds more): its exit
-    code, stdout, stderr, and how long after the signal it exited."""
+def signalled(
+    env: dict, signum: int, ready, settle: float = 0.0, command: tuple[str, ...] = (str(SCRIPT),)
+) -> tuple[int, str, str, float]:
+    """The job as a process (python `command`), sent `signum` once `ready()` (and `settle` seconds
+    more): its exit code, stdout, stderr, and how long after the signal it exited."""
     environment = {"PATH": os.environ.get("PATH", ""), **env}
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *command], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_for(ready)
@@ -270,6 +344,36 @@ def test_a_signal_stops_the_run_with_one_line_a_push_and_its_exit_code(stack, si
     stack.kv.faults.clear()
     assert stack.run().code == job.EXIT_OK
     assert set(stack.kv.live()) == {f"ip:{ip}" for ip in wanted}
+
+
+# The job, with a resolver that never answers for LAPI's host and says so in a file when asked.
+STUCK_RESOLVER = """
+import pathlib, runpy, signal, socket, sys, time
+real, asked = socket.getaddrinfo, pathlib.Path(sys.argv[1])
+def getaddrinfo(host, *args, **kwargs):
+    if host == "lapi.stuck":
+        # glibc's resolver polls again on EINTR: in the thread it runs in, a signal waits for it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        asked.touch()
+        time.sleep(600)
+    return real(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_name_lookup_that_never_ends_stops_the_run(stack, tmp_path, signum, code):
+    asked = tmp_path / "asked"
+    env = stack.env(LAPI_URL=f"http://lapi.stuck:{urllib.parse.urlsplit(stack.lapi.url).port}", RUN_DEADLINE="240")
+    command = ("-c", STUCK_RESOLVER, str(asked), str(SCRIPT))
+    returncode, out, err, took = signalled(env, signum, asked.exists, settle=0.2, command=command)
+    assert returncode == code, err
+    assert took < 10, f"exited {took:.1f}s after the signal"
+    assert err.count("\n") == 1 and signal.Signals(signum).name in err and "Traceback" not in err
+    assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
+    assert sum(stack.kv.requests.values()) == 0
 
 
 def test_the_signal_handlers_are_put_back_after_a_run(stack):
