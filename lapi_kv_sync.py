@@ -133,6 +133,17 @@ def valid_port(parts: urllib.parse.SplitResult) -> bool:
     return port is None or port > 0
 
 
+def unresolvable(host: str) -> str:
+    """Why socket.getaddrinfo cannot look this host up ("" when it can): it encodes the name as
+    IDNA first, and a name that cannot be (an empty label, one over 63 characters) fails there with
+    a UnicodeError, not as a lookup."""
+    try:
+        host.encode("idna")
+    except UnicodeError as e:
+        return str(e)
+    return ""
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Read the configuration once from an environment mapping; raise ConfigError naming every bad variable."""
     problems: list[str] = []
@@ -183,6 +194,8 @@ def load_config(env: Mapping[str, str]) -> Config:
                 problems.append(f"{name} must not carry credentials in the URL")
             elif not valid_port(parts):
                 problems.append(f"{name} must have a port from 1 to 65535 (or none), got {value!r}")
+            elif why := unresolvable(hostname):
+                problems.append(f"{name}: {hostname!r} is not a host name: {why}")
         return value
 
     def number(name: str, default: float | None, minimum: float, kind: type = float) -> Any:
@@ -315,6 +328,9 @@ class DeadlineExceeded(Exception):
         self.response = response  # the last answer, when there was one (a 429, a 5xx)
 
 
+RUN_OVER = "the run is over: no new connection"
+
+
 class LookupTimeout(TimeoutError):
     """A host's name lookup did not end in time."""
 
@@ -380,6 +396,7 @@ class Http:
 
     def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
+        self.deadline_name = "RUN_DEADLINE"  # what the errors call it
         self.tls = dict(tls or {})
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
@@ -412,17 +429,16 @@ class Http:
     def _remaining(self) -> float:
         return self.deadline - self.clock.monotonic()
 
-    def grant(self, seconds: float) -> None:
+    def grant(self, seconds: float, name: str) -> None:
         """Exactly `seconds` more from now, past the run deadline if need be: reporting a run that
         ran out of time must not be stopped by the same deadline, nor outlast the pod's grace
-        period (30 s) after a SIGTERM."""
-        self.deadline = self.clock.monotonic() + seconds
+        period (30 s) after a SIGTERM. Errors call the new deadline `name`."""
+        self.deadline, self.deadline_name = self.clock.monotonic() + seconds, name
 
     def _checkout(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """An idle connection to the host, or a new one; it is this caller's until _release()."""
         with self._lock:
-            if self._closed:  # a thread the run left behind sends nothing once it is over
-                raise TransportError("the run is over: no new connection")
+            self._still_open()  # a thread the run left behind sends nothing once it is over
             idle = self._idle.get((scheme, netloc))
             if idle:
                 return idle.pop()
@@ -435,10 +451,13 @@ class Http:
         conn.response_class = functools.partial(self._answer, conn)
         conn._create_connection = self._connect  # type: ignore[attr-defined]
         with self._lock:
-            if self._closed:
-                raise TransportError("the run is over: no new connection")
+            self._still_open()
             self._opened.append(conn)
         return conn
+
+    def _still_open(self) -> None:
+        if self._closed:
+            raise TransportError(RUN_OVER)
 
     def _connect(self, address: tuple[str, int], timeout: Any, source_address: Any = None) -> socket.socket:
         """socket.create_connection, with the name lookup bounded as well: getaddrinfo takes no
@@ -455,19 +474,33 @@ class Http:
             addresses = lookup.result(timeout=left())
         except TimeoutError:
             raise LookupTimeout(f"the name lookup of {host}") from None
-        error: OSError = OSError(f"no address for {host}")
+        except ValueError as e:  # a name IDNA refuses: a failed lookup, not a crash
+            raise OSError(f"cannot look {host!r} up: {e}") from None
+        self._still_open()  # a run that ended while this thread looked the host up sends nothing
+        error: OSError | None = None
         for family, kind, proto, _, sockaddr in addresses:
-            sock = socket.socket(family, kind, proto)
+            sock = None
             try:
+                sock = socket.socket(
+                    family, kind, proto
+                )  # in the try: an unsupported family is the next address's turn
                 sock.settimeout(left())
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(sockaddr)
-                return sock
             except OSError as e:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 error = e
-        raise error
+                continue
+            if self._closed:  # nor one that ended while it connected
+                sock.close()
+                raise TransportError(RUN_OVER)
+            return sock
+        try:
+            raise error or OSError(f"no address for {host}")
+        finally:
+            error = None  # the traceback holds this frame: no cycle left for a run with the GC paused
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -485,7 +518,7 @@ class Http:
         if isinstance(error, TimeoutError):
             awaited = f"{error} was" if isinstance(error, LookupTimeout) else "its answer was"
             if self._remaining() <= 0.01:
-                return DeadlineExceeded(f"RUN_DEADLINE passed while {awaited} still awaited")
+                return DeadlineExceeded(f"{self.deadline_name} passed while {awaited} still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
             lookup = f"{error} " if isinstance(error, LookupTimeout) else ""
             return TransportError(f"{lookup}timed out ({limit} {read_timeout:g}s)")
@@ -578,7 +611,8 @@ class Http:
         read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
             if self._remaining() <= 0:
-                raise DeadlineExceeded(f"{cause}; RUN_DEADLINE passed" if cause else "RUN_DEADLINE had passed")
+                name = self.deadline_name
+                raise DeadlineExceeded(f"{cause}; {name} passed" if cause else f"{name} had passed")
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
@@ -600,7 +634,7 @@ class Http:
                 step = min(retry.max_wait, retry.backoff * 2 ** (attempt - 1))
                 wait = self._random.uniform(step / 2, step)
             if wait > self._remaining():
-                retry_text = f"a retry in {round(wait, 1):g}s{told} would pass RUN_DEADLINE"
+                retry_text = f"a retry in {round(wait, 1):g}s{told} would pass {self.deadline_name}"
                 raise DeadlineExceeded(f"{cause}, and {retry_text}" if cause else retry_text, response)
             self.clock.sleep(wait)
         raise AssertionError("unreachable")
@@ -1828,7 +1862,7 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
     method = "PUT" if report.success else "POST"
     url = f"{config.pushgateway_url}/metrics/job/{JOB_NAME}"
     headers = {"User-Agent": USER_AGENT, "Content-Type": "text/plain; version=0.0.4"}
-    http.grant(PUSH_GRACE)
+    http.grant(PUSH_GRACE, f"the push's {PUSH_GRACE:g}s")
     try:
         response = http.request(
             method, url, headers=headers, body=exposition(metric_samples(report)).encode(), retry=PUSH_RETRY
