@@ -480,10 +480,8 @@ class Http:
         error: OSError | None = None
         for family, kind, proto, _, sockaddr in addresses:
             sock = None
-            try:
-                sock = socket.socket(
-                    family, kind, proto
-                )  # in the try: an unsupported family is the next address's turn
+            try:  # socket() too: a family this node lacks (IPv6 off) is the next address's turn
+                sock = socket.socket(family, kind, proto)
                 sock.settimeout(left())
                 if source_address:
                     sock.bind(source_address)
@@ -516,12 +514,11 @@ class Http:
     def _failure(self, error: Exception, read_timeout: float) -> Exception:
         """What a failed exchange means: the run deadline reached, or a transport failure, named."""
         if isinstance(error, TimeoutError):
-            awaited = f"{error} was" if isinstance(error, LookupTimeout) else "its answer was"
+            lookup = str(error) if isinstance(error, LookupTimeout) else ""  # "the name lookup of <host>"
             if self._remaining() <= 0.01:
-                return DeadlineExceeded(f"{self.deadline_name} passed while {awaited} still awaited")
+                return DeadlineExceeded(f"{self.deadline_name} passed while {lookup or 'its answer'} was still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
-            lookup = f"{error} " if isinstance(error, LookupTimeout) else ""
-            return TransportError(f"{lookup}timed out ({limit} {read_timeout:g}s)")
+            return TransportError(f"{lookup} timed out ({limit} {read_timeout:g}s)".lstrip())
         return TransportError(f"{type(error).__name__}: {error}")
 
     def _once(
