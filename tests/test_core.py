@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import email.utils
+import inspect
 import ipaddress
 import json
 import time
@@ -12,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
+from tests.test_cli import variables_read
 
 NOW = 1_800_000_000.0
 
@@ -182,6 +186,20 @@ def test_metadata_fits_cloudflare_limit():
     assert metadata["remediation"] == "ban"
     assert len(json.dumps(metadata).encode()) <= job.MAX_METADATA_BYTES
     assert metadata["scenario"].startswith("é")
+
+
+def test_a_bulk_item_carries_the_key_value_ttl_and_the_whole_metadata():
+    # Origin and scenario, not only the remediation: the README documents all three, and the
+    # Worker's analytics and CrowdSec's usage metrics read them.
+    wanted = {"ip:192.0.2.1": job.Wanted("captcha", NOW + 3600, "cscli", "crowdsecurity/ssh-bf")}
+    (write,) = job.make_plan(wanted, {}, NOW).writes
+    assert write == job.Write("ip:192.0.2.1", "captcha", 3600, "cscli", "crowdsecurity/ssh-bf")
+    assert job.bulk_item(write) == {
+        "key": "ip:192.0.2.1",
+        "value": "captcha",
+        "expiration_ttl": 3600,
+        "metadata": {"remediation": "captcha", "origin": "cscli", "scenario": "crowdsecurity/ssh-bf"},
+    }
 
 
 def test_key_over_512_bytes_is_not_written():
@@ -396,17 +414,69 @@ def test_bad_values_are_named(extra, named):
     assert named in str(caught.value)
 
 
+NUMBER_PROBE = "2048"  # a value every number setting takes as it is
+
+
+def number_settings() -> set[str]:
+    """Every variable load_config reads as a number: those it hands to its `number()` parser, and
+    any other it turns into a number of the Config (found by setting each variable it reads)."""
+    parsed = {
+        call.args[0].value
+        for call in ast.walk(ast.parse(inspect.getsource(job.load_config)))
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "number" and call.args
+    }
+    base = job.load_config(BASE_ENV)
+    found = set()
+    for name in variables_read() - set(BASE_ENV):
+        try:
+            config = job.load_config({**BASE_ENV, name: NUMBER_PROBE})
+        except job.ConfigError:
+            continue
+        if any(
+            type(value) in (int, float) and value == float(NUMBER_PROBE) and value != getattr(base, key)
+            for key, value in vars(config).items()
+        ):
+            found.add(name)
+    return parsed | found
+
+
+def test_number_settings_are_found():
+    """The scan finds what it must, so the test below covers every number setting."""
+    assert {"RUN_DEADLINE", "HTTP_TIMEOUT", "AUDIT_INTERVAL", "MAX_DELETES", "EXPAND_RANGES_MAX"} <= number_settings()
+    assert "LOG_FORMAT" not in number_settings() and "CF_ACCOUNT_ID" not in number_settings()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "Infinity", "-inf", "NaN", "+Infinity", "-nan", "1e999", " inf "])
+def test_infinity_and_nan_are_refused_for_every_number_setting_naming_it(value):
+    # RUN_DEADLINE=inf would be no deadline at all, AUDIT_INTERVAL=nan an audit every run.
+    for name in sorted(number_settings()):
+        with pytest.raises(job.ConfigError) as caught:
+            job.load_config({**BASE_ENV, name: value})
+        assert [p.split()[0] for p in caught.value.problems] == [name], caught.value.problems
+
+
 def test_retry_after_in_seconds_or_http_date():
     assert job.retry_after_seconds("7", NOW) == 7
     assert job.retry_after_seconds("Fri, 15 Jan 2027 08:00:10 GMT", 1_800_000_000.0) == pytest.approx(
         1_800_000_000.0 - NOW + 0, abs=1e7
     )
-    import email.utils
 
     date = email.utils.formatdate(NOW + 30, usegmt=True)
     assert job.retry_after_seconds(date, NOW) == pytest.approx(30)
     assert job.retry_after_seconds("soon", NOW) is None
     assert job.retry_after_seconds(None, NOW) is None
+
+
+@pytest.mark.parametrize("ago", [1, 30, 3600, 10 * 365 * 86400])
+def test_a_retry_after_date_already_past_means_retry_at_once(ago):
+    # Our clock ahead of Cloudflare's: time.sleep() raises ValueError on a negative wait.
+    assert job.retry_after_seconds(email.utils.formatdate(NOW - ago, usegmt=True), NOW) == 0
+
+
+@given(st.integers(-(10**8), 10**8))
+def test_a_retry_after_date_is_the_wait_until_then_never_negative(offset):
+    wait = job.retry_after_seconds(email.utils.formatdate(NOW + offset, usegmt=True), NOW)
+    assert wait == max(0, offset)
 
 
 go_parts = st.lists(

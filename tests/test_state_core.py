@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import ipaddress
 import json
 import time
@@ -452,6 +455,78 @@ def test_the_digest_changes_with_a_decision_more_or_less_and_with_what_shapes_th
         job.Config(**{**CONFIG.__dict__, "lapi_origins": ("cscli",)}),
     ):
         assert answer_digest([three], other) != answer_digest([three])
+
+
+# Each setting that shapes the keys a LAPI answer projects onto, with two values that are not the
+# default, and whether the two keep LAPI's query the same (then only the digest can tell them apart).
+SHAPES_THE_KEYS = {
+    "kv_key_prefix": ("ban:", "cs/", True),
+    "expand_ranges_max": (16, 256, True),
+    "lapi_origins": (("crowdsec",), ("cscli",), False),
+    "lapi_scenarios_containing": (("ssh",), ("http",), False),
+    "lapi_scenarios_not_containing": (("ssh",), ("http",), False),
+}
+# Every other setting, and why it need not be in the digest.
+SHAPES_NO_KEY = {
+    "cf_account_id": "the record's own: a record for another account is not trusted (audit_reason)",
+    "cf_namespace_id": "the record's own, as the account",
+    "cf_api_token": "a credential",
+    "lapi_key": "a credential",
+    "lapi_url": "another LAPI answers with its own decisions, which are digested",
+    "cf_api_url": "where the keys go, not which",
+    "pushgateway_url": "metrics",
+    "run_deadline": "time, not keys",
+    "http_timeout": "time, not keys",
+    "lapi_ca_cert": "TLS to LAPI",
+    "lapi_client_cert": "TLS to LAPI",
+    "lapi_client_key": "TLS to LAPI",
+    "max_deletes": "a run it holds back does not converge, so records no digest",
+    "log_format": "output",
+    "lapi_usage_metrics": "may_be_unchanged() plans again when usage metrics are due",
+    "lapi_max_bytes": "an answer over it is unreadable: no run, no digest",
+    "state_file": "where the record is",
+    "audit_interval": "when the record is trusted, not what it holds",
+}
+
+
+def config_fields_read(node: ast.AST) -> set[str]:
+    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "config"}
+
+
+def settings_the_projection_reads() -> set[str]:
+    """Read from the code: the settings handed to project() wherever it is called, and those that
+    make LAPI's query (which decisions LAPI answers with)."""
+    module = ast.parse(inspect.getsource(job))
+    fields = config_fields_read(ast.parse(inspect.getsource(job.lapi_query)))
+    for call in ast.walk(module):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "project":
+            fields |= config_fields_read(call)
+    return fields
+
+
+def test_every_setting_is_known_to_shape_the_keys_or_not():
+    settings = {f.name for f in dataclasses.fields(job.Config)}
+    unknown = settings - set(SHAPES_THE_KEYS) - set(SHAPES_NO_KEY)
+    assert not unknown, f"a new setting: put it in SHAPES_THE_KEYS (and in AnswerDigest) or SHAPES_NO_KEY: {unknown}"
+    assert set(SHAPES_THE_KEYS) | set(SHAPES_NO_KEY) <= settings  # no setting that is gone
+    read = settings_the_projection_reads()
+    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins"} <= read  # the scan finds what it must
+    assert read <= set(SHAPES_THE_KEYS), (
+        f"the projection reads {read - set(SHAPES_THE_KEYS)}: add it to SHAPES_THE_KEYS"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES_THE_KEYS))
+def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
+    # A trusted record whose digest matched would make the run plan nothing: with a digest blind to
+    # EXPAND_RANGES_MAX (16 -> 256) none of the newly allowed keys would be written until the next audit.
+    one, other, same_query = SHAPES_THE_KEYS[name]
+    configs = [job.Config(**{**CONFIG.__dict__, name: value}) for value in (one, other)]
+    assert all(getattr(c, name) != getattr(CONFIG, name) for c in configs)  # neither is the default
+    assert (job.lapi_query(configs[0]) == job.lapi_query(configs[1])) == same_query
+    answer = [lapi_answer(["4h"] * 3)]
+    assert answer_digest(answer, configs[0]) != answer_digest(answer, configs[1])
+    assert answer_digest(answer, configs[0]) == answer_digest(answer, configs[0])
 
 
 def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
