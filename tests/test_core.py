@@ -180,6 +180,13 @@ def test_expanded_ranges_merge_with_ip_decisions():
     assert p.ignored == Counter(range_too_large=2)
 
 
+def test_a_range_is_expanded_with_its_host_bits_cleared_up_to_exactly_the_limit():
+    # ip_network(strict=False): LAPI keeps a range as written (`198.51.100.7/30`).
+    p = job.project([row("198.51.100.7/30", scope="Range"), row("203.0.113.0/29", scope="Range")], NOW, "ip:", 4)
+    assert sorted(p.wanted) == [f"ip:198.51.100.{i}" for i in range(4, 8)]
+    assert p.ignored == Counter(range_too_large=1)  # 8 addresses, over 4
+
+
 def test_metadata_fits_cloudflare_limit():
     wanted = job.Wanted("ban", NOW, "o" * 5000, "é" * 5000)
     metadata = job.metadata_of(wanted.remediation, wanted.origin, wanted.scenario)
@@ -257,6 +264,7 @@ def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():
 
 def test_present_keys_reads_what_it_can_and_marks_the_rest_stale():
     page = [
+        "junk",  # skipped, not the end of the page
         {"name": "ip:a", "expiration": 1_800_003_600, "metadata": {"remediation": "ban", "origin": "o"}},
         {"name": "ip:b", "expiration": "soon", "metadata": {"remediation": "block"}},
         {"name": "ip:c", "metadata": "ban"},
@@ -269,6 +277,19 @@ def test_present_keys_reads_what_it_can_and_marks_the_rest_stale():
         "ip:b": job.Present(None, None),
         "ip:c": job.Present(None, None),
     }
+
+
+def test_unsuccessful_keys_are_the_strings_cloudflare_lists():
+    assert job.unsuccessful_keys({"successful_key_count": 1, "unsuccessful_keys": ["ip:a", 3, None, "ip:b"]}) == [
+        "ip:a",
+        "ip:b",
+    ]
+    assert job.unsuccessful_keys({"unsuccessful_keys": None}) == job.unsuccessful_keys(None) == []
+
+
+def test_an_http_date_is_a_unix_time_and_anything_else_none():
+    assert job.http_date("Fri, 15 Jan 2027 08:00:10 GMT") == 1_800_000_010
+    assert job.http_date(None) is job.http_date("") is job.http_date("soon") is None
 
 
 def test_chunks_never_exceed_the_bulk_limit():
@@ -340,6 +361,18 @@ def test_exposition_is_valid_text_format():
     assert 'crowdsec_kv_sync_ignored{reason="scope"} 4' in lines
     assert 'crowdsec_kv_sync_keys{remediation="captcha"} 1' in lines
     assert "crowdsec_kv_sync_decisions 3" in lines
+
+
+def test_exposition_gives_each_family_one_help_and_type_then_its_samples():
+    samples = [
+        ("a_total", "What a is.", {}, 3.0),
+        ("b", "What b is.", {"x": "1", "y": "2"}, 0.5),
+        ("b", "What b is.", {"x": "3", "y": "4"}, 1e20),
+    ]
+    assert job.exposition(samples) == (
+        "# HELP a_total What a is.\n# TYPE a_total gauge\na_total 3\n"
+        '# HELP b What b is.\n# TYPE b gauge\nb{x="1",y="2"} 0.5\nb{x="3",y="4"} 100000000000000000000\n'
+    )
 
 
 def test_failed_run_reports_only_success_last_run_and_duration():

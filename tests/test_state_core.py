@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import ipaddress
 import json
+import math
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -269,6 +270,55 @@ def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
         job.decode_record([*lines, "more\n"])
 
 
+def three_keys() -> list[str]:
+    keys = {f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}
+    figures = job.Projected(3, {"ban": 3}, {})
+    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW), 0))
+
+
+def with_header(**changes) -> list[str]:
+    lines = three_keys()
+    return [json.dumps({**json.loads(lines[0]), **changes}) + "\n", *lines[1:]]
+
+
+def with_column(column: int, text: str) -> list[str]:
+    lines = three_keys()
+    return [*lines[:column], text, *lines[column + 1 :]]
+
+
+NOT_WHOLE = "the key columns are not whole"
+
+
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        ([], "not a lapi-kv-sync state record"),
+        (["junk\n"], "not a lapi-kv-sync state record"),
+        (with_header(format=2), "format 2, this version reads 1"),
+        (with_header(keys="three"), "header lacks a field or holds a wrong type"),
+        (with_header(refresh_at=math.inf), "header lacks a field or holds a wrong type"),
+        (with_header(audited_at=math.inf), "header holds a number out of range"),
+        (with_header(clock_offset=math.nan), "header holds a number out of range"),
+        ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more than four lines)"),
+        (
+            with_column(1, '{"ip:10.0.0.0":1,"ip:10.0.0.1":1,"ip:10.0.0.2":1}\n'),
+            f"{NOT_WHOLE} (not as many keys as the header says)",
+        ),
+        (with_column(2, '{"a":1,"b":2,"c":3}\n'), f"{NOT_WHOLE} (not as many keys as the header says)"),
+        (with_column(3, "bb\n"), f"{NOT_WHOLE} (columns of different lengths)"),
+        (with_column(2, "[1,2,3.5]\n"), f"{NOT_WHOLE} (an expiration that is not a whole number)"),
+        (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'), f"{NOT_WHOLE} (a key outside the prefix)"),
+        (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'), "a key appears twice"),
+    ],
+)
+def test_a_corrupt_record_says_what_is_wrong(lines, says):
+    # The warning of the run that audits because of it quotes this.
+    assert job.decode_record(three_keys()).refresh_at == NOW  # whole, it reads
+    with pytest.raises(job.RecordCorrupt) as caught:
+        job.decode_record(lines)
+    assert str(caught.value) == says
+
+
 # --------------------------------------------------------------------------- when to audit
 
 
@@ -299,6 +349,25 @@ def test_audit_reasons(loaded, config, requested, reason):
     assert found == reason and words
     assert (found in job.TRUSTED_AUDITS) == (reason in (None, "requested", "interval"))
     assert found is None or found in job.AUDIT_REASONS
+
+
+def test_audit_reasons_say_why_in_words():
+    def reason(loaded, config=CONFIG, requested=False):
+        return job.audit_reason(loaded, config, NOW, requested)
+
+    assert reason(job.Loaded(record(), None), job.Config("a", "b", "t")) == (
+        "no_state_file",
+        "every run without STATE_FILE",
+    )
+    assert reason(job.Loaded(None, None)) == ("no_record", "no record yet")
+    assert reason(job.Loaded(None, "unreadable", "record unreadable (x)")) == ("unreadable", "record unreadable (x)")
+    assert reason(job.Loaded(record(account="c" * 32, prefix="cs/"), None))[1] == (
+        "record written for another CF_ACCOUNT_ID, KV_KEY_PREFIX"
+    )
+    assert reason(job.Loaded(record(namespace="c" * 32), None))[1] == "record written for another CF_KV_NAMESPACE_ID"
+    assert reason(job.Loaded(record(), None), requested=True)[1] == "--audit, last audit 100s ago"
+    assert reason(job.Loaded(record(audited_at=NOW - 900.4), None))[1] == "last audit 900s ago, AUDIT_INTERVAL=900"
+    assert reason(job.Loaded(record(), None)) == (None, "record trusted, last audit 100s ago")
 
 
 # --------------------------------------------------------------------------- applying confirmed results
@@ -436,6 +505,14 @@ def test_the_digest_changes_with_anything_but_a_duration(change):
     assert answer_digest([lapi_answer(["4h"] * 3, **change)]) != answer_digest([lapi_answer(["4h"] * 3)])
 
 
+@pytest.mark.parametrize("size", [1, 7, 64, 383, 1000])
+def test_the_digest_of_rows_longer_than_a_duration_field_ignores_the_chunks_too(size):
+    # Rows far apart (a long scenario): a field cut by a chunk's end is the only one held back.
+    body = lapi_answer(["3h59m58.349167242s"] * 4, scenario="s" * 2000)
+    later = lapi_answer(["3h58m1.5s"] * 4, scenario="s" * 2000)
+    assert answer_digest([body[i : i + size] for i in range(0, len(body), size)]) == answer_digest([later])
+
+
 @pytest.mark.parametrize("junk", [("1" * 20 + "h") * 6 + "x", "1" * 20 + "." + "1" * 20 + "x"])
 def test_the_digest_takes_no_time_over_a_duration_that_is_almost_a_go_duration(junk):
     # Each number could be split two ways ([0-9]*, an optional dot, [0-9]+): six groups of 20
@@ -532,10 +609,17 @@ def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
 def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
     figures = job.Projected(3, {"ban": 2, "captcha": 1}, {"scope": 4})
     keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:192.0.2.2": job.Present(None, None)}
-    original = record(keys, lapi_digest="d" * 40, projected=figures)
+    original = record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW + 86400.5)
     back = job.decode_record(line + "\n" for line in "".join(job.encode_record(original, NOW)).split("\n")[:-1])
     assert back == original and back.earliest_expiration() == NOW + 60
     assert record({}).earliest_expiration() == float("inf")
+    assert record({"ip:192.0.2.1": job.Present(0, "ban")}).earliest_expiration() == 0  # 0 is an expiration too
+
+
+def test_a_key_expiring_at_the_moment_the_record_is_written_is_left_out():
+    keys = {"ip:192.0.2.1": job.Present(int(NOW), "ban"), "ip:192.0.2.2": job.Present(int(NOW) + 1, "ban")}
+    written = job.decode_record(job.encode_record(record(keys), NOW))
+    assert list(written.keys) == ["ip:192.0.2.2"]  # as make_plan counts a key gone at its expiration
 
 
 @pytest.mark.parametrize("projected", [None, [], {"wanted": 1}, {"wanted": "x", "by_remediation": {}, "ignored": {}}])
@@ -560,6 +644,9 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
     off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
     assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
     assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
+    due = fresh._replace(refresh_at=NOW + 300)  # a key capped at MAX_TTL is due to be rewritten then
+    assert job.may_be_unchanged(due, off, NOW, NOW + 299 - fresh.clock_offset)
+    assert not job.may_be_unchanged(due, off, NOW, NOW + 300 - fresh.clock_offset)
 
 
 def test_the_plan_says_when_the_first_key_capped_at_max_ttl_is_due_again():
