@@ -408,6 +408,161 @@ def test_config_names_every_missing_variable():
     assert len(caught.value.problems) == 4
 
 
+def test_config_reads_each_setting_as_given():
+    env = {
+        **BASE_ENV,
+        "LAPI_URL": " https://lapi.example:8443/ ",
+        "CF_API_URL": "http://127.0.0.1:1/client/v4//",
+        "PUSHGATEWAY_URL": "http://[::1]:65535",
+        "KV_KEY_PREFIX": "k" * 64,
+        "LOG_FORMAT": "JSON",
+        "LAPI_USAGE_METRICS": "FALSE",
+        "LAPI_ORIGINS": " crowdsec, ,cscli ",
+        "LAPI_SCENARIOS_CONTAINING": "ssh",
+        "LAPI_SCENARIOS_NOT_CONTAINING": "http,,",
+        # Each number at its smallest allowed value.
+        "RUN_DEADLINE": "1",
+        "HTTP_TIMEOUT": "0.1",
+        "MAX_DELETES": "0",
+        "EXPAND_RANGES_MAX": "0",
+        "LAPI_MAX_BYTES": "1024",
+        "AUDIT_INTERVAL": "0",
+        "STATE_FILE": "/state/record.gz",
+        "LAPI_KEY": "k" * job.MIN_SECRET_LENGTH,  # as short as a secret may be
+    }
+    config = job.load_config(env)
+    assert (config.lapi_url, config.cf_api_url, config.pushgateway_url) == (
+        "https://lapi.example:8443",
+        "http://127.0.0.1:1/client/v4",
+        "http://[::1]:65535",
+    )
+    assert (config.kv_key_prefix, config.log_format, config.lapi_usage_metrics) == ("k" * 64, "json", False)
+    assert config.lapi_origins == ("crowdsec", "cscli")
+    assert (config.lapi_scenarios_containing, config.lapi_scenarios_not_containing) == (("ssh",), ("http",))
+    numbers = (config.run_deadline, config.http_timeout, config.max_deletes, config.expand_ranges_max)
+    assert numbers == (1, 0.1, 0, 0) and (config.lapi_max_bytes, config.audit_interval) == (1024, 0)
+    assert (config.state_file, config.lapi_key) == ("/state/record.gz", "k" * job.MIN_SECRET_LENGTH)
+    assert type(config.max_deletes) is int and type(config.run_deadline) is float
+    defaults = job.load_config(BASE_ENV)
+    assert (defaults.run_deadline, defaults.http_timeout, defaults.audit_interval) == (240, 30, 900)
+    assert (defaults.expand_ranges_max, defaults.lapi_max_bytes) == (0, 48 * 1024 * 1024)
+    assert (defaults.log_format, defaults.lapi_usage_metrics, defaults.state_file) == ("text", True, "")
+    assert defaults.lapi_origins == defaults.lapi_scenarios_containing == defaults.lapi_scenarios_not_containing == ()
+
+
+def test_config_takes_a_client_certificate_instead_of_a_bouncer_key(tmp_path):
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    env = {
+        **BASE_ENV,
+        "LAPI_KEY": "",
+        "LAPI_CLIENT_CERT": str(tmp_path / "c.pem"),
+        "LAPI_CLIENT_KEY": str(tmp_path / "k.pem"),
+    }
+    config = job.load_config(env)
+    assert (config.lapi_key, config.lapi_client_cert, config.lapi_client_key) == (
+        "",
+        env["LAPI_CLIENT_CERT"],
+        env["LAPI_CLIENT_KEY"],
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, problems",
+    [
+        ({"LAPI_KEY": ""}, ["LAPI_KEY (or LAPI_KEY_FILE) is not set, and no LAPI_CLIENT_CERT is given"]),
+        ({"CF_API_TOKEN": " "}, ["CF_API_TOKEN (or CF_API_TOKEN_FILE) is not set"]),
+        ({"CF_ACCOUNT_ID": ""}, ["CF_ACCOUNT_ID is not set"]),
+        (
+            {"CF_KV_NAMESPACE_ID": "b" * 33},
+            [f"CF_KV_NAMESPACE_ID must be a Cloudflare identifier (up to 32 letters and digits), got {'b' * 33!r}"],
+        ),
+        ({"LAPI_KEY_FILE": "/k"}, ["LAPI_KEY and LAPI_KEY_FILE are both set: set only one"]),
+        (
+            {"CF_API_TOKEN_FILE": "/nonexistent/t", "CF_API_TOKEN": ""},
+            ["CF_API_TOKEN_FILE: cannot read /nonexistent/t: No such file or directory"],
+        ),
+        ({"LAPI_KEY": "k" * 7}, ["LAPI_KEY: the secret is under 8 characters, too short to be a real key"]),
+        (
+            {"LAPI_KEY": "k" * 20 + "\nx"},
+            ["LAPI_KEY: the secret holds more than one line; it must be one line of visible ASCII characters"],
+        ),
+        (
+            {"CF_API_TOKEN": "t" * 20 + "\rx"},
+            ["CF_API_TOKEN: the secret holds more than one line; it must be one line of visible ASCII characters"],
+        ),
+        (
+            {"LAPI_KEY": "k" * 20 + " x"},
+            [
+                "LAPI_KEY: the secret holds a character that is not visible ASCII; it must be one line of visible ASCII characters"
+            ],
+        ),
+        ({"LAPI_URL": "ftp://x"}, ["LAPI_URL must be an http:// or https:// URL, got 'ftp://x'"]),
+        ({"LAPI_URL": "http://[::1"}, ["LAPI_URL must be an http:// or https:// URL, got 'http://[::1'"]),
+        ({"CF_API_URL": "https://"}, ["CF_API_URL must be an http:// or https:// URL, got 'https:'"]),
+        ({"PUSHGATEWAY_URL": "http://u:p@h"}, ["PUSHGATEWAY_URL must not carry credentials in the URL"]),
+        ({"PUSHGATEWAY_URL": "http://u@h"}, ["PUSHGATEWAY_URL must not carry credentials in the URL"]),
+        ({"LAPI_URL": "http://h:0"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:0'"]),
+        ({"LAPI_URL": "http://h:65536"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:65536'"]),
+        ({"LAPI_URL": "http://h:port"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:port'"]),
+        ({"RUN_DEADLINE": "0.5"}, ["RUN_DEADLINE must be a number >= 1, got '0.5'"]),
+        ({"HTTP_TIMEOUT": "0.09"}, ["HTTP_TIMEOUT must be a number >= 0.1, got '0.09'"]),
+        ({"LAPI_MAX_BYTES": "1023"}, ["LAPI_MAX_BYTES must be a whole number >= 1024, got '1023'"]),
+        ({"MAX_DELETES": "-1"}, ["MAX_DELETES must be a whole number >= 0, got '-1'"]),
+        ({"AUDIT_INTERVAL": "-0.5"}, ["AUDIT_INTERVAL must be a number >= 0, got '-0.5'"]),
+        ({"KV_KEY_PREFIX": "k" * 65}, [f"KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got {'k' * 65!r}"]),
+        ({"KV_KEY_PREFIX": "é" * 33}, [f"KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got {'é' * 33!r}"]),
+        ({"KV_KEY_PREFIX": "ip: "}, ["KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got 'ip: '"]),
+        ({"LOG_FORMAT": "XML"}, ["LOG_FORMAT must be text or json, got 'xml'"]),
+        ({"LAPI_USAGE_METRICS": "No"}, ["LAPI_USAGE_METRICS must be true or false, got 'no'"]),
+        ({"LAPI_CA_CERT": "/nonexistent/ca.pem"}, ["LAPI_CA_CERT: cannot read /nonexistent/ca.pem"]),
+        (
+            {"LAPI_CLIENT_CERT": "/etc/hostname"},
+            ["LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither"],
+        ),
+        (
+            {"LAPI_CLIENT_KEY": "/etc/hostname"},
+            ["LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither"],
+        ),
+        (
+            {"STATE_FILE": "/state/"},
+            ["STATE_FILE names a directory (/state/): name a file in it, e.g. /state/record.gz"],
+        ),
+        ({"STATE_FILE": "/"}, ["STATE_FILE names a directory (/): name a file in it, e.g. /record.gz"]),
+        ({"STATE_FILE": "/etc"}, ["STATE_FILE names a directory (/etc): name a file in it, e.g. /etc/record.gz"]),
+    ],
+)
+def test_each_bad_setting_is_one_message_naming_it(extra, problems):
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, **extra})
+    assert caught.value.problems == problems
+    assert str(caught.value) == "; ".join(problems)
+
+
+def test_a_host_name_lookup_cannot_take_is_named_with_why():
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, "LAPI_URL": "http://a..b"})
+    (problem,) = caught.value.problems
+    assert problem.startswith("LAPI_URL: 'a..b' is not a host name: ") and "label" in problem
+
+
+def test_secret_files_are_read_without_a_byte_order_mark_and_checked_like_values(tmp_path):
+    (tmp_path / "bom").write_bytes("\ufefffrom-file-key\n".encode())
+    (tmp_path / "empty").write_text(" \n")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9-key-1234")
+    (tmp_path / "two-lines").write_text("line-one-key\nline-two-key\n")
+    env = {k: v for k, v in BASE_ENV.items() if k != "LAPI_KEY"}  # LAPI_KEY not set at all
+    assert job.load_config({**env, "LAPI_KEY_FILE": str(tmp_path / "bom")}).lapi_key == "from-file-key"
+    for name, says in {
+        "empty": "is empty",
+        "latin1": "is not UTF-8 text",
+        "two-lines": ": the secret holds more than one line; it must be one line of visible ASCII characters",
+    }.items():
+        with pytest.raises(job.ConfigError) as caught:
+            job.load_config({**env, "LAPI_KEY_FILE": str(tmp_path / name)})
+        assert caught.value.problems == [f"LAPI_KEY_FILE ({tmp_path / name}) {says}".replace(") :", "):")]
+
+
 def test_config_reads_secrets_from_files(tmp_path):
     (tmp_path / "key").write_text("from-file-key\n")
     (tmp_path / "token").write_text("from-file-token")
