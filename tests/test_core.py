@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import email.utils
 import inspect
 import ipaddress
@@ -15,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.test_cli import variables_read
+from tests.conftest import UNDER_MUTATION
+from tests.test_cli import Recording, variables_read
 
 NOW = 1_800_000_000.0
 
@@ -608,14 +610,21 @@ NUMBER_PROBE = "2048"  # a value every number setting takes as it is
 def number_settings() -> set[str]:
     """Every variable load_config reads as a number: those it hands to its `number()` parser, and
     any other it turns into a number of the Config (found by setting each variable it reads)."""
-    parsed = {
-        call.args[0].value
-        for call in ast.walk(ast.parse(inspect.getsource(job.load_config)))
-        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "number" and call.args
-    }
+    if UNDER_MUTATION:  # no source to read: the names looked up on an empty environment (every one: it reports all)
+        parsed, empty = set(), Recording({})
+        with contextlib.suppress(job.ConfigError):
+            job.load_config(empty)
+        names = empty.asked
+    else:
+        parsed = {
+            call.args[0].value
+            for call in ast.walk(ast.parse(inspect.getsource(job.load_config)))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "number" and call.args
+        }
+        names = variables_read()
     base = job.load_config(BASE_ENV)
     found = set()
-    for name in variables_read() - set(BASE_ENV):
+    for name in names - set(BASE_ENV):
         try:
             config = job.load_config({**BASE_ENV, name: NUMBER_PROBE})
         except job.ConfigError:
