@@ -369,6 +369,7 @@ def test_audit_reasons_say_why_in_words():
     assert reason(job.Loaded(record(), None), requested=True)[1] == "--audit, last audit 100s ago"
     assert reason(job.Loaded(record(audited_at=NOW - 900.4), None))[1] == "last audit 900s ago, AUDIT_INTERVAL=900"
     assert reason(job.Loaded(record(), None)) == (None, "record trusted, last audit 100s ago")
+    assert reason(job.Loaded(record(audited_at=NOW), None)) == (None, "record trusted, last audit 0s ago")  # just now
 
 
 # --------------------------------------------------------------------------- applying confirmed results
