@@ -414,7 +414,8 @@ def test_config_reads_each_setting_as_given():
     env = {
         **BASE_ENV,
         "LAPI_URL": " https://lapi.example:8443/ ",
-        "CF_API_URL": "http://127.0.0.1:1/client/v4//",
+        "CF_API_URL": "http://127.0.0.1:1/kvX//",
+        "CF_ACCOUNT_ID": "Ab0" + "c" * 29,  # upper case, digits, 32 of them
         "PUSHGATEWAY_URL": "http://[::1]:65535",
         "KV_KEY_PREFIX": "k" * 64,
         "LOG_FORMAT": "JSON",
@@ -435,7 +436,7 @@ def test_config_reads_each_setting_as_given():
     config = job.load_config(env)
     assert (config.lapi_url, config.cf_api_url, config.pushgateway_url) == (
         "https://lapi.example:8443",
-        "http://127.0.0.1:1/client/v4",
+        "http://127.0.0.1:1/kvX",
         "http://[::1]:65535",
     )
     assert (config.kv_key_prefix, config.log_format, config.lapi_usage_metrics) == ("k" * 64, "json", False)
@@ -444,6 +445,7 @@ def test_config_reads_each_setting_as_given():
     numbers = (config.run_deadline, config.http_timeout, config.max_deletes, config.expand_ranges_max)
     assert numbers == (1, 0.1, 0, 0) and (config.lapi_max_bytes, config.audit_interval) == (1024, 0)
     assert (config.state_file, config.lapi_key) == ("/state/record.gz", "k" * job.MIN_SECRET_LENGTH)
+    assert config.cf_account_id == "Ab0" + "c" * 29
     assert type(config.max_deletes) is int and type(config.run_deadline) is float
     defaults = job.load_config(BASE_ENV)
     assert (defaults.run_deadline, defaults.http_timeout, defaults.audit_interval) == (240, 30, 900)
@@ -527,8 +529,8 @@ def test_config_takes_a_client_certificate_instead_of_a_bouncer_key(tmp_path):
             ["LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither"],
         ),
         (
-            {"STATE_FILE": "/state/"},
-            ["STATE_FILE names a directory (/state/): name a file in it, e.g. /state/record.gz"],
+            {"STATE_FILE": "/stateX/"},
+            ["STATE_FILE names a directory (/stateX/): name a file in it, e.g. /stateX/record.gz"],
         ),
         ({"STATE_FILE": "/"}, ["STATE_FILE names a directory (/): name a file in it, e.g. /record.gz"]),
         ({"STATE_FILE": "/etc"}, ["STATE_FILE names a directory (/etc): name a file in it, e.g. /etc/record.gz"]),
@@ -650,6 +652,23 @@ def test_infinity_and_nan_are_refused_for_every_number_setting_naming_it(value):
         with pytest.raises(job.ConfigError) as caught:
             job.load_config({**BASE_ENV, name: value})
         assert [p.split()[0] for p in caught.value.problems] == [name], caught.value.problems
+
+
+def test_lapi_query_asks_for_the_scopes_and_filters_configured():
+    base = job.load_config(BASE_ENV)
+    assert job.lapi_query(base) == "scopes=ip"
+    filtered = job.Config(
+        **{
+            **base.__dict__,
+            "expand_ranges_max": 16,
+            "lapi_origins": ("crowdsec", "cscli"),
+            "lapi_scenarios_containing": ("ssh",),
+            "lapi_scenarios_not_containing": ("http", "smb"),
+        }
+    )
+    assert job.lapi_query(filtered) == (
+        "scopes=ip,range&origins=crowdsec,cscli&scenarios_containing=ssh&scenarios_not_containing=http,smb"
+    )
 
 
 def test_retry_after_in_seconds_or_http_date():
