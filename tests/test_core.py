@@ -211,6 +211,18 @@ def test_a_bulk_item_carries_the_key_value_ttl_and_the_whole_metadata():
     }
 
 
+def test_a_decision_with_under_a_second_left_is_written_and_fields_that_are_not_text_are_empty():
+    p = job.project([row(duration="500ms", origin=None, scenario=5)], NOW, "ip:")
+    assert p.wanted == {"ip:192.0.2.1": job.Wanted("ban", NOW + 0.5, "", "")}
+
+
+def test_a_key_of_exactly_512_bytes_is_written_and_each_longer_one_counted():
+    # 10.0.0.8/29: 10.0.0.8 and .9 make keys of 512 bytes; .10 to .15 one byte more each.
+    p = job.project([row("10.0.0.8/29", scope="Range")], NOW, "x" * 504, 8)
+    assert sorted(p.wanted) == ["x" * 504 + "10.0.0.8", "x" * 504 + "10.0.0.9"]
+    assert p.ignored == Counter(invalid=6)
+
+
 def test_key_over_512_bytes_is_not_written():
     p = job.project([row("2001:db8::1")], NOW, "x" * 502)
     assert p.wanted == {} and p.ignored == Counter(invalid=1)
@@ -254,6 +266,20 @@ def test_expiration_within_slack_is_unchanged():
     plan = job.make_plan({k: wanted_of() for k in present}, present, NOW)
     assert plan.unchanged == ["ip:a"]
     assert [w.key for w in plan.writes] == ["ip:b", "ip:c"]
+
+
+def test_an_expiration_exactly_a_slack_off_is_unchanged_and_a_key_gone_at_its_expiration_is_not_deleted():
+    within = {"ip:a": job.Present(NOW + 3600 - 60, "ban"), "ip:b": job.Present(NOW + 3600 + 60, "ban")}
+    plan = job.make_plan({k: wanted_of() for k in within}, {**within, "ip:gone": job.Present(NOW, "ban")}, NOW)
+    assert (plan.unchanged, plan.writes, plan.deletes) == (["ip:a", "ip:b"], [], [])
+
+
+def test_a_decision_of_exactly_max_ttl_is_not_capped():
+    exact = {"ip:a": wanted_of(seconds=job.MAX_TTL)}
+    plan = job.make_plan(exact, {}, NOW)
+    assert [w.ttl for w in plan.writes] == [job.MAX_TTL] and plan.refresh_at == float("inf")
+    an_hour_short = {"ip:a": job.Present(NOW + job.MAX_TTL - 3600, "ban")}  # off by more than the slack
+    assert [w.key for w in job.make_plan(exact, an_hour_short, NOW).writes] == ["ip:a"]
 
 
 def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():
