@@ -58,6 +58,12 @@ def test_go_durations_parse(text, seconds):
     assert job.parse_go_duration(text) == pytest.approx(seconds, abs=1e-9)
 
 
+@pytest.mark.parametrize("text", ["2562047h47m16.854775807s", "9223372036854775807ns"])
+def test_the_longest_go_duration_is_one(text):
+    # time.Duration's maximum, 2^63 - 1 ns, as Go writes it and in nanoseconds: the fast path and the loop.
+    assert job.parse_go_duration(text) == job.GO_MAX_SECONDS
+
+
 @pytest.mark.parametrize("text", ["", "h", "5", "5x", "1h 2m", "--1s", "1s2", "s1", "1.2.3s", "-", "1hh"])
 def test_junk_is_not_a_duration(text):
     with pytest.raises(ValueError):
