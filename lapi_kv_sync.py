@@ -131,7 +131,7 @@ class Config:
     audit_interval: float = 900.0
     scope_table: bool = True
     # A Worker parses the whole document (the reference one once a minute per isolate): smaller
-    # is cheaper in its CPU time. 4 MiB is about 60,000 IPv4 ranges.
+    # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
     scope_table_max_bytes: int = 4 * 1024 * 1024
 
     @property
@@ -1033,6 +1033,7 @@ class Projection(NamedTuple):
 _AS_NUMBER = re.compile(r"(?:[Aa][Ss])?([0-9]{1,10})")
 _COUNTRY = re.compile(r"[A-Za-z]{2}")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
 def table_entry(scope: str, value: Any) -> tuple[str, str]:
@@ -1043,6 +1044,10 @@ def table_entry(scope: str, value: Any) -> tuple[str, str]:
     if scope == "range":
         if "%" in value:  # a zone id: no client address carries one
             raise ValueError(f"not a range: {value!r}")
+        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+            host_bits = (1 << (32 - int(cidr[2]))) - 1
+            if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
+                return scope, value
         network = ipaddress.ip_network(value, strict=False)
         if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
             network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
@@ -1208,7 +1213,8 @@ def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> Sc
     sections: dict[str, dict[str, list[Any]]] = {}
     size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
     for scope, name, remediation, end in rounded:
-        item = len(json.dumps(name)) + len(json.dumps([remediation, end], separators=(",", ":"))) + 1  # "name":[...]
+        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
+        item = len(name) + len(remediation) + len(str(end)) + 8
         # The first entry of a scope opens it (`,"range":{}`), the others follow a comma.
         cost = item + (len(scope) + 6 if scope not in sections else 1)
         if size + cost > max_bytes:
