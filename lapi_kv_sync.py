@@ -1753,7 +1753,7 @@ def decode_record(lines: Iterable[str]) -> Record:
                 int(projected["wanted"]),
                 figures(projected["by_remediation"]),
                 figures(projected["ignored"]),
-                figures(projected.get("table", {})),  # absent from a record written before the scope table
+                table_figures(projected.get("table", {})),  # absent from a record written before the scope table
                 int(projected.get("table_bytes", 0)),
             )
             if lapi_digest is not None
@@ -1808,6 +1808,16 @@ def recorded_table(table: Any) -> Present | None:
     if not (expiration is None or type(expiration) is int):
         raise TypeError
     return Present(expiration, digest)
+
+
+def table_figures(counts: Any) -> dict[str, int]:
+    """A record's scope table entries by `scope:remediation`; TypeError or ValueError for anything else."""
+    counts = figures(counts)
+    for name in counts:
+        scope, _, remediation = name.partition(":")
+        if scope not in TABLE_SCOPES or remediation not in REMEDIATION_RANK:
+            raise ValueError(name)
+    return counts
 
 
 def figures(counts: Any) -> dict[str, int]:

@@ -129,6 +129,27 @@ def test_no_entries_no_document():
 # --------------------------------------------------------------------------- against a straightforward version
 
 
+def plain_entry(scope, value):
+    """A Range, Country or AS decision's value made canonical the obvious way; ValueError if it is not one."""
+    try:
+        if scope == "range":
+            assert "%" not in value
+            network = ipaddress.ip_network(value, strict=False)
+            if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
+                mapped = network.network_address.ipv4_mapped
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            return str(network)
+        if scope == "country":
+            assert len(value) == 2 and all(c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" for c in value)
+            return value.upper()
+        digits = value[2:] if value[:2].lower() == "as" else value
+        assert 1 <= len(digits) <= 10 and all(c in "0123456789" for c in digits)
+        assert 0 < int(digits) < 2**32
+        return str(int(digits))
+    except (AssertionError, TypeError) as e:
+        raise ValueError(value) from e
+
+
 def plain_table(rows, read_at, max_bytes):
     """The scope table written the obvious way: each decision checked, made canonical and merged
     in turn; then entries added strongest first while the whole document still fits."""
@@ -144,26 +165,9 @@ def plain_table(rows, read_at, max_bytes):
         if remaining <= 0:
             ignored["expired"] += 1
             continue
-        value = r["value"]
         try:
-            if scope == "range":
-                assert "%" not in value
-                network = ipaddress.ip_network(value, strict=False)
-                if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
-                    mapped = network.network_address.ipv4_mapped
-                    network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-                name = str(network)
-            elif scope == "country":
-                assert len(value) == 2 and all(
-                    c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" for c in value
-                )
-                name = value.upper()
-            else:
-                digits = value[2:] if value[:2].lower() == "as" else value
-                assert 1 <= len(digits) <= 10 and all(c in "0123456789" for c in digits)
-                assert 0 < int(digits) < 2**32
-                name = str(int(digits))
-        except (AssertionError, ValueError, TypeError):
+            name = plain_entry(scope, r["value"])
+        except ValueError:
             ignored["invalid"] += 1
             continue
         end = read_at + remaining
@@ -307,6 +311,12 @@ def test_the_record_keeps_the_table_in_its_header_and_reads_an_older_record():
     for junk in (["x", 1], [digest], [digest, 1.5], 5, {"digest": digest}):
         with pytest.raises(job.RecordCorrupt):
             job.decode_record([json.dumps({**header, "table": junk}), *lines[1:]])
+    projected = {"wanted": 1, "by_remediation": {"ban": 1}, "ignored": {}, "table": {"range:ban": 2}}
+    header = {**header, "lapi_digest": "d", "projected": projected}
+    assert job.decode_record([json.dumps(header), *lines[1:]]).projected.table == {"range:ban": 2}
+    for junk in ({"range": 2}, {"ip:ban": 1}, {"range:throttle": 1}, {"range:ban": "x"}, []):
+        with pytest.raises(job.RecordCorrupt):  # the shortcut reports these figures: no junk in them
+            job.decode_record([json.dumps({**header, "projected": {**projected, "table": junk}}), *lines[1:]])
 
 
 # --------------------------------------------------------------------------- whole runs
