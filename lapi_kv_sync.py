@@ -2352,7 +2352,7 @@ def log_table(log: Log, report: Report, table: ScopeTable, dry_run: bool) -> Non
     """The scope table's line of a dry run, with a sample of its entries."""
     sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
     more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
-    action = {"written": "write", "deleted": "delete"}.get(report.table_action or "", report.table_action or "none")
+    action = {"to write": "write", "to delete": "delete"}.get(report.table_action or "", report.table_action or "none")
     log.info(
         "plan",
         f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
@@ -2565,7 +2565,8 @@ def converge(
         projection.ignored["table_full"] += table.full
         log.warning(
             "table_full",
-            f"scope table: {table.full} entries left out, past SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} "
+            f"scope table: {table.full} entries left out (table_full), past "
+            f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} "
             f"(kept {len(table.kept)}: bans first, then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
             left_out=table.full,
         )
@@ -2575,9 +2576,11 @@ def converge(
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     table_key = config.kv_key_prefix + TABLE_NAME
-    plan, report.table_action = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
-    table_keys = Counter({report.table_action: 1})  # the table's key, left out of the address keys' figures
+    plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
+    table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
     report.unchanged = len(plan.unchanged) - table_keys["unchanged"]
+    # Until Cloudflare confirms it, a failed run's summary says what was to be done.
+    report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
         log_dry_run(log, plan, None if force else config.max_deletes)
         log_table(log, report, table, dry_run=True)
@@ -2614,8 +2617,7 @@ def converge(
         raise
     report.written, report.deleted = applied.written - table_keys["written"], applied.deleted - table_keys["deleted"]
     report.guarded = applied.guarded
-    if applied.guarded and report.table_action == "deleted":
-        report.table_action = "delete held back"
+    report.table_action = "delete held back" if applied.guarded and planned == "deleted" else planned
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent

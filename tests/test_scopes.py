@@ -19,7 +19,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.standins import Entry, decision, go_duration
+from tests.standins import Entry, Fault, decision, go_duration
 
 NOW = 1_800_000_000.0
 PREFIXED = "crowdsec_kv_sync_"
@@ -437,7 +437,7 @@ def test_table_full_writes_what_fits_and_says_so(stack):
     document = stack.kv.live()["ip:scopes"].value
     assert len(document) <= 2048 and "country" not in json.loads(document)  # bans first
     kept = len(json.loads(document)["range"])
-    assert f"{201 - kept} entries left out, past SCOPE_TABLE_MAX_BYTES=2048" in result.err
+    assert f"{201 - kept} entries left out (table_full), past SCOPE_TABLE_MAX_BYTES=2048" in result.err
     assert f"table_full {201 - kept})" in result.out
     assert stack.push.value(PREFIXED + "ignored", 'reason="table_full"') == 201 - kept
     stack.kv.reset_counts()
@@ -493,3 +493,23 @@ def test_the_record_holds_the_table_as_kv_does(stack, tmp_path):
     assert live.expiration - 5 <= record.keys["ip:scopes"].expiration <= live.expiration
     assert record.projected.table == {"range:ban": 3, "country:captcha": 1, "as:ban": 1}
     assert time.time() < record.keys["ip:scopes"].expiration
+
+
+def test_a_failed_write_is_not_reported_as_written(stack):
+    stack.lapi.decisions = table_decisions()
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400, times=-1))
+    failed = stack.run()
+    assert failed.code == job.EXIT_CLOUDFLARE
+    assert "run FAILED (exit 1)" in failed.err and "scope table to write (5 entries" in failed.err
+    assert "ip:scopes" not in stack.kv.live()
+
+
+def test_the_shortcut_is_not_taken_when_the_table_settings_change(stack, tmp_path):
+    state = str(tmp_path / "record.gz")
+    stack.lapi.decisions = table_decisions(30)
+    assert stack.run(STATE_FILE=state).code == 0
+    assert "LAPI's answer unchanged" in stack.run(STATE_FILE=state).out
+    capped = stack.run(STATE_FILE=state, SCOPE_TABLE_MAX_BYTES="1024")
+    assert capped.code == 0 and "LAPI's answer unchanged" not in capped.out and "table_full" in capped.err
+    off = stack.run(STATE_FILE=state, SCOPE_TABLE="false")
+    assert off.code == 0 and "LAPI's answer unchanged" not in off.out and "scope table deleted" in off.out
