@@ -1464,9 +1464,6 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     return Plan(writes, deletes, unchanged, refresh_at)
 
 
-TABLE_ACTIONS = ("written", "unchanged", "deleted", "delete held back")
-
-
 def make_plan_with_table(
     wanted: dict[str, Wanted], key: str, table: ScopeTable, present: Mapping[str, Present], now: float, offset: float
 ) -> tuple[Plan, str | None]:
@@ -1474,7 +1471,7 @@ def make_plan_with_table(
     (so the plan rewrites it when its content changes, and only then), the latest end among its
     entries for the end (so its expiration is capped and refreshed as a key's). A table with no
     entries is not wanted: a key present is deleted, as a stray key is. Also what becomes of the
-    table's key (a TABLE_ACTIONS entry, None when it is neither wanted nor present)."""
+    table's key: "written", "unchanged", "deleted", or None when it is neither wanted nor present."""
     if table.document:  # added to `wanted` for the plan and taken out again: a copy would cost a pass
         wanted[key] = tuple_new(Wanted, (table.digest, table.end, "", ""))
     try:
@@ -1992,7 +1989,8 @@ class Report:
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
     lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
-    # The scope table: what the run did with its key (TABLE_ACTIONS; None: no table and no key),
+    # The scope table: what the run did with its key ("written", "unchanged", "deleted", "delete
+    # held back"; "to write", "to delete" until Cloudflare confirms; None: no table and no key),
     # its entries by (scope, remediation) and its size. Not in the figures of address keys above.
     table_action: str | None = None
     table_entries: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -2326,7 +2324,7 @@ def log_summary(log: Log, report: Report) -> None:
         ignored=dict(ignored),
         scope_table={
             "action": report.table_action,
-            "entries": {f"{scope}:{remediation}": n for (scope, remediation), n in report.table_entries.items()},
+            "entries": entries_by_name(report.table_entries),
             "bytes": report.table_bytes,
         },
         cloudflare_requests=dict(report.cloudflare_requests),
@@ -2336,6 +2334,11 @@ def log_summary(log: Log, report: Report) -> None:
         lapi_unchanged=report.lapi_unchanged,
         duration_seconds=round(report.duration, 3),
     )
+
+
+def entries_by_name(entries: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Scope table entries by `scope:remediation`, as JSON logs and the state record hold them."""
+    return {f"{scope}:{remediation}": n for (scope, remediation), n in entries.items()}
 
 
 def table_words(report: Report, action: str | None = None) -> str:
@@ -2348,11 +2351,13 @@ def table_words(report: Report, action: str | None = None) -> str:
     return f"scope table {action} ({sum(by_scope.values())} entries: {entries}; {report.table_bytes} bytes)"
 
 
-def log_table(log: Log, report: Report, table: ScopeTable, dry_run: bool) -> None:
-    """The scope table's line of a dry run, with a sample of its entries."""
+def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
+    """The scope table's line of a dry run, with a sample of its entries (none without a table or a key)."""
+    if planned is None and not table.kept:
+        return
     sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
     more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
-    action = {"to write": "write", "to delete": "delete"}.get(report.table_action or "", report.table_action or "none")
+    action = {"written": "write", "deleted": "delete"}.get(planned or "", planned or "none")
     log.info(
         "plan",
         f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
@@ -2583,7 +2588,7 @@ def converge(
     report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
         log_dry_run(log, plan, None if force else config.max_deletes)
-        log_table(log, report, table, dry_run=True)
+        log_table_plan(log, report, table, planned)
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
@@ -2598,7 +2603,7 @@ def converge(
                 report.wanted,
                 dict(report.by_remediation),
                 dict(report.ignored),
-                {f"{scope}:{remediation}": n for (scope, remediation), n in report.table_entries.items()},
+                entries_by_name(report.table_entries),
                 report.table_bytes,
             )
             refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
