@@ -514,3 +514,20 @@ def test_the_shortcut_is_not_taken_when_the_table_settings_change(stack, tmp_pat
     assert capped.code == 0 and "LAPI's answer unchanged" not in capped.out and "table_full" in capped.err
     off = stack.run(STATE_FILE=state, SCOPE_TABLE="false")
     assert off.code == 0 and "LAPI's answer unchanged" not in off.out and "scope table deleted" in off.out
+
+
+def test_the_settings_are_checked():
+    env = {"CF_ACCOUNT_ID": "a" * 32, "CF_KV_NAMESPACE_ID": "b" * 32, "CF_API_TOKEN": "t" * 40, "LAPI_KEY": "k" * 32}
+    config = job.load_config(env)
+    assert (config.scope_table, config.scope_table_max_bytes) == (True, 4 * 1024 * 1024)
+    config = job.load_config({**env, "SCOPE_TABLE": "FALSE", "SCOPE_TABLE_MAX_BYTES": str(20 * 1024 * 1024)})
+    assert (config.scope_table, config.scope_table_max_bytes) == (False, 20 * 1024 * 1024)
+    assert job.lapi_query(config) == "scopes=ip"
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**env, "SCOPE_TABLE": "no", "SCOPE_TABLE_MAX_BYTES": str(20 * 1024 * 1024 + 1)})
+    assert refused.value.problems == [
+        "SCOPE_TABLE must be true or false, got 'no'",
+        "SCOPE_TABLE_MAX_BYTES must be at most 20971520 (20 MiB), got 20971521",
+    ]
+    with pytest.raises(job.ConfigError, match="SCOPE_TABLE_MAX_BYTES must be a whole number >= 1024"):
+        job.load_config({**env, "SCOPE_TABLE_MAX_BYTES": "1000"})
