@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -498,3 +499,38 @@ def test_without_a_dataset_bound_nothing_is_counted_and_nothing_breaks(keys):
     answers = drive(config=wrangler(**TURNSTILE), keys=keys, requests=work)["responses"]
     assert is_ban_page(answers[0]) and is_challenge(answers[1]) and answers[2]["status"] == 303
     assert all(a["points"] == [] for a in answers)
+
+
+def test_pass_ttl_sets_how_long_a_pass_lasts(keys):
+    now = int(time.time())
+    work = [answer("solved|site.test"), visit(signed_pass(CAPTCHA_ADDRESS, "site.test", now + 600))]
+    short, junk = (
+        drive(config=wrangler(**TURNSTILE, PASS_TTL=ttl), keys=keys, requests=work)["responses"]
+        for ttl in ("60", "1e9")
+    )
+    assert "Max-Age=60;" in short[0]["headers"]["set-cookie"] and is_challenge(short[1])  # 600 s is past 60
+    assert "Max-Age=7200;" in junk[0]["headers"]["set-cookie"] and passed_unchanged(junk[1])  # not a number: 2 h
+
+
+def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):
+    node()
+    # wrangler.toml as shipped, with the optional Analytics Engine dataset switched on.
+    toml = (WORKER / "wrangler.toml").read_text()
+    assert "# [[analytics_engine_datasets]]\n# binding" in toml and "SECRET" not in str(tomllib.loads(toml)["vars"])
+    toml = re.sub(r"^# (\[\[analytics_engine_datasets\]\]|binding =|dataset =)", r"\1", toml, flags=re.MULTILINE)
+    toml = toml.replace('main = "worker.js"', f"main = {json.dumps(str(WORKER / 'worker.js'))}")
+    (tmp_path / "wrangler.toml").write_text(toml)
+    done = subprocess.run(
+        [WORKER / "node_modules" / ".bin" / "wrangler", "deploy", "--dry-run", "--outdir", tmp_path / "out"]
+        + ["--config", tmp_path / "wrangler.toml"],
+        capture_output=True,
+        text=True,
+        cwd=WORKER,
+        env={**os.environ, "WRANGLER_SEND_METRICS": "false"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "wrangler 4.86.0" in done.stdout
+    assert all(f"env.{name} " in done.stdout for name in ("DECISIONS", "METRICS", "TURNSTILE_SITE_KEY", "PASS_TTL"))
+    bundle = (tmp_path / "out" / "worker.js").read_text()
+    assert all(part in bundle for part in ("function canonicalAddress", "crowdsec-pass-v1", "function challengePage"))
