@@ -110,13 +110,13 @@ PASS_COOKIE = "__Host-crowdsec_pass"
 CAPTCHA_ADDRESS = "2001:db8::1:0:0:7"  # CAPTCHA_V6 as the job and the Worker spell it
 
 
-def is_challenge(response: dict, failed: bool = False) -> bool:
+def is_challenge(response: dict, failed: bool = False, site_key: str = "site-key-123") -> bool:
     """The Turnstile challenge: the widget with the site key, in a form posting back to the same URL."""
     body = response["body"]
     return (
         response["status"] == 403
         and not response["origin"]
-        and 'class="cf-turnstile" data-sitekey="site-key-123"' in body
+        and f'class="cf-turnstile" data-sitekey="{site_key}"' in body
         and '<form method="post">' in body  # no action: the same URL
         and "https://challenges.cloudflare.com/turnstile/v0/api.js" in body
         and ("The check did not go through" in body) == failed
@@ -437,6 +437,7 @@ def test_answers_that_are_not_one_token_never_reach_siteverify(keys):
         ({"CAPTCHA_FALLBACK": "Allow "}, True),  # not a value it knows: ban
         ({"CAPTCHA_FALLBACK": "allow", "TURNSTILE_SITE_KEY": "site-key-123"}, False),  # one key is no key
         ({"TURNSTILE_SECRET_KEY": TURNSTILE_SECRET}, True),
+        ({"TURNSTILE_SITE_KEY": " ", "TURNSTILE_SECRET_KEY": TURNSTILE_SECRET}, True),  # blank is no key
     ],
 )
 def test_without_both_turnstile_keys_a_captcha_is_the_fallback(keys, settings, banned):
@@ -457,7 +458,7 @@ def _as_sent(response: dict) -> dict:
 
 
 def test_log_only_enforces_nothing_and_logs_what_it_would_have_done(keys):
-    config = wrangler(**TURNSTILE, LOG_ONLY="true")
+    config = wrangler(**TURNSTILE, LOG_ONLY=" True")  # as an operator might type it
     result = drive(config=config, keys=keys, requests=requests(BANNED_V4, CAPTCHA_ADDRESS, "192.0.2.8"), analytics=True)
     assert all(passed_unchanged(a) for a in result["responses"])
     logged = [json.loads(log["message"]) for log in result["logs"] if log["message"].startswith("{")]
@@ -494,11 +495,21 @@ def test_behind_pseudo_ipv4_the_real_ipv6_address_is_looked_up(keys):
     ]
 
 
-def test_without_a_dataset_bound_nothing_is_counted_and_nothing_breaks(keys):
+@pytest.mark.parametrize("metrics", [None, "not a dataset"])
+def test_without_a_dataset_bound_nothing_is_counted_and_nothing_breaks(keys, metrics):
+    # Also: a site key that would break out of its attribute stays in it, escaped.
+    settings = {**TURNSTILE, "TURNSTILE_SITE_KEY": 'k"><script>alert(1)</script>'}
+    if metrics is not None:
+        settings["METRICS"] = metrics  # something else under the dataset's name: writes fail, the pages do not
     work = [visit(address=BANNED_V4), visit(), answer("solved|site.test")]
-    answers = drive(config=wrangler(**TURNSTILE), keys=keys, requests=work)["responses"]
-    assert is_ban_page(answers[0]) and is_challenge(answers[1]) and answers[2]["status"] == 303
-    assert all(a["points"] == [] for a in answers)
+    result = drive(config=wrangler(**settings), keys=keys, requests=work)
+    banned, challenge, solved = result["responses"]
+    assert is_ban_page(banned) and solved["status"] == 303
+    assert is_challenge(challenge, site_key="k&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;")
+    assert "<script>alert" not in challenge["body"]
+    assert all(a["points"] == [] for a in result["responses"])
+    failed_writes = [log for log in result["logs"] if "Analytics Engine write failed" in log["message"]]
+    assert len(failed_writes) == (0 if metrics is None else 3)
 
 
 def test_pass_ttl_sets_how_long_a_pass_lasts(keys):

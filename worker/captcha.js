@@ -16,7 +16,7 @@ const MAX_PASS_TTL = 30 * 24 * 3600;
 
 /** Both keys set: the Worker can show a challenge and check its answer. */
 export function turnstileConfigured(env) {
-  return Boolean(env.TURNSTILE_SITE_KEY) && Boolean(env.TURNSTILE_SECRET_KEY);
+  return [env.TURNSTILE_SITE_KEY, env.TURNSTILE_SECRET_KEY].every((key) => String(key ?? "").trim() !== "");
 }
 
 /** The client holds a pass for this address and host that has not run out. */

@@ -22,7 +22,7 @@ export default {
     if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
     if (remediation === null) return fetch(request); // no decision: on to the origin, unchanged
 
-    if (env.LOG_ONLY === "true") {
+    if (String(env.LOG_ONLY).trim().toLowerCase() === "true") {
       console.log(JSON.stringify({ logOnly: true, wouldDo: remediation, address, host }));
       count(env, "log_only", remediation, host);
       return fetch(request);

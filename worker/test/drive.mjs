@@ -104,7 +104,7 @@ export default {
     const kv = [];
     const points = [];
     const observed = { ...env, ${JSON.stringify(config.binding)}: watched(env[${JSON.stringify(config.binding)}], kv, (name, args) => [name, String(args[0])]) };
-    if (env.METRICS) observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
+    if (typeof env.METRICS === "object") observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
     const response = await worker.fetch(request, observed, ctx);
     const seen = new Response(response.body, response);
     seen.headers.set("X-Test-KV", JSON.stringify(kv));
