@@ -297,6 +297,16 @@ def test_the_worker_spells_every_address_as_the_job_does():
     assert not differ, f"WORKER_PROPERTY_SEED={seed}: (text, job, worker) {differ[:20]}"
 
 
+def test_strongest_ranks_ban_over_captcha_over_none():
+    # How any other source of decisions joins the address key's (worker.js): whatever it is, a
+    # ban wins, and a value that is neither counts as none.
+    values = ["ban", "captcha", None, "", "Ban", "allow", "__proto__", "constructor"]
+    pairs = [[a, b] for a in values for b in values]
+    rank = {"ban": 2, "captcha": 1}
+    expected = [max((v for v in pair if v in rank), key=rank.get, default=None) for pair in pairs]
+    assert drive(config=wrangler(), pairs=pairs)["strongest"] == expected
+
+
 # --------------------------------------------------------------------------- the captcha, with Turnstile
 
 ANOTHER_CAPTCHA = "203.0.113.5"

@@ -14,11 +14,12 @@ const DEFAULT_CACHE_TTL = 60; // seconds; Cloudflare's own default for a KV read
 const MIN_CACHE_TTL = 30; // KV refuses a smaller cacheTtl: the read would throw and every request pass
 
 export default {
-  async fetch(request, env) {
+  async fetch(request, env, ctx) {
     const address = clientAddress(request.headers); // null: not one address, nothing to look up
     const host = new URL(request.url).hostname;
     let remediation = address === null ? null : await lookUp(env, address);
-    // Any other source of decisions joins here, one line each: remediation = strongest(remediation, …);
+    // Any other source of decisions joins here, one line each: remediation = strongest(remediation, …(ctx)).
+    // Everything below treats the result alike, whatever its source: a pass only ever lifts a captcha.
     if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
     if (remediation === null) return fetch(request); // no decision: on to the origin, unchanged
 

@@ -7,12 +7,13 @@
 //   brokenKv:  true binds a KV namespace whose every read throws
 //   analytics: true binds an Analytics Engine dataset as METRICS (Miniflare's own, which drops the points)
 //   addresses: [text] run through the Worker's own canonicalAddress, in workerd
+//   pairs:     [[a, b]] of remediations, run through the Worker's own strongest, in workerd
 // Output (JSON on stdout):
 //   responses: [{ status, headers, body, origin, kv, points }]: kv, every call the Worker made on its
 //              KV binding ([method, key]); points, every Analytics Engine data point it wrote
 //   siteverify: [{ response, remoteip, secretOk, fields }]: what reached the Turnstile stand-in
 //   logs:      [{ level, message }]: what the Worker logged
-//   canonical: [text | null]
+//   canonical: [text | null]; strongest: [remediation | null]
 import { readdirSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -128,18 +129,22 @@ function enforcer() {
   return [{ ...worker, kvNamespaces: [config.binding] }];
 }
 
-// A Worker that imports the Worker's main module and answers with its canonicalAddress of each text.
+// A Worker that imports the Worker's main module and answers with its canonicalAddress of each
+// text and its strongest of each pair.
 const canonicalHarness = {
   name: "canonical",
   modulesRoot: root,
   modules: workerModules({
     type: "ESModule",
     path: join(root, "test/canonical-harness.js"),
-    contents: `import { canonicalAddress } from "../${config.main}";
+    contents: `import { canonicalAddress, strongest } from "../${config.main}";
 export default {
   async fetch(request) {
-    const texts = await request.json();
-    return Response.json(texts.map((text) => canonicalAddress(text)));
+    const { texts, pairs } = await request.json();
+    return Response.json({
+      canonical: texts.map((text) => canonicalAddress(text)),
+      strongest: pairs.map(([a, b]) => strongest(a, b)),
+    });
   },
 };`,
   }),
@@ -168,7 +173,7 @@ async function send(mf, { url, address, method = "GET", body, headers: extra = {
 const logs = [];
 const logging = { structuredWorkerdLogs: true, handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }) };
 
-const output = { responses: [], siteverify: siteverifyCalls, logs, canonical: [] };
+const output = { responses: [], siteverify: siteverifyCalls, logs, canonical: [], strongest: [] };
 if (input.requests?.length) {
   const mf = new Miniflare({ workers: enforcer(), ...logging });
   try {
@@ -183,15 +188,15 @@ if (input.requests?.length) {
     await mf.dispose();
   }
 }
-if (input.addresses?.length) {
+if (input.addresses?.length || input.pairs?.length) {
   const mf = new Miniflare({ workers: [canonicalHarness], ...logging });
   try {
     const response = await mf.dispatchFetch("http://canonical.test/", {
       method: "POST",
-      body: JSON.stringify(input.addresses),
+      body: JSON.stringify({ texts: input.addresses ?? [], pairs: input.pairs ?? [] }),
     });
     if (!response.ok) throw new Error(`canonical harness: ${response.status} ${await response.text()}`);
-    output.canonical = await response.json();
+    Object.assign(output, await response.json());
   } finally {
     await mf.dispose();
   }
