@@ -2,7 +2,7 @@
 // answer with Turnstile's siteverify, and the pass that lets a client through afterwards.
 // Nothing here writes KV: a pass lives in the client's cookie, signed, not in a store.
 
-export const SITEVERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
+const SITEVERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
 const SITEVERIFY_TIMEOUT_MS = 5000; // siteverify answers in well under a second; past this, the check failed
 const MAX_VERDICT_BYTES = 16 * 1024; // its answer is a small JSON object
 const MAX_FORM_BYTES = 8 * 1024; // the form carries one token, at most 2,048 characters
@@ -22,7 +22,7 @@ export function turnstileConfigured(env) {
 /** The client holds a pass for this address and host that has not run out. */
 export async function holdsPass(request, env, address, host) {
   const now = nowSeconds();
-  const latest = now + passTtl(env); // a pass issued under a longer PASS_TTL ends when the new one says
+  const latest = now + passTtl(env); // one reaching further (given under a longer PASS_TTL) is refused
   for (const value of cookieValues(request.headers.get("Cookie"), PASS_COOKIE).slice(0, MAX_PASS_COOKIES)) {
     const parts = PASS_FORMAT.exec(value);
     if (parts === null) continue;
@@ -82,7 +82,8 @@ export async function passGranted(request, env, address, host) {
   const expiry = nowSeconds() + ttl;
   const key = await passKey(env.TURNSTILE_SECRET_KEY);
   const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, passMessage(address, host, expiry)));
-  const cookie = `${PASS_COOKIE}=${expiry}.${bytesBase64url(mac)}; Max-Age=${ttl}; Path=/; Secure; HttpOnly; SameSite=Lax`;
+  const value = `${expiry}.${bytesBase64url(mac)}`;
+  const cookie = `${PASS_COOKIE}=${value}; Max-Age=${ttl}; Path=/; Secure; HttpOnly; SameSite=Lax`;
   return new Response(null, {
     status: 303,
     headers: { Location: request.url, "Set-Cookie": cookie, "Cache-Control": "no-store" },

@@ -1,7 +1,7 @@
 // The pages the Worker answers with instead of the origin. Change the wording freely; keep the
 // headers: nothing here may be cached, framed, or run a script other than Turnstile's.
 
-export const TURNSTILE_ORIGIN = "https://challenges.cloudflare.com";
+const TURNSTILE_ORIGIN = "https://challenges.cloudflare.com";
 const TURNSTILE_SCRIPT = `${TURNSTILE_ORIGIN}/turnstile/v0/api.js`;
 
 // The one script and frame the challenge needs (Turnstile's own CSP guidance); the form may post
@@ -15,7 +15,13 @@ const CHALLENGE_POLICY = [
   "base-uri 'none'",
   "frame-ancestors 'none'",
 ].join("; ");
-const STATIC_POLICY = "default-src 'none'; style-src 'unsafe-inline'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'";
+const STATIC_POLICY = [
+  "default-src 'none'",
+  "style-src 'unsafe-inline'",
+  "form-action 'none'",
+  "base-uri 'none'",
+  "frame-ancestors 'none'",
+].join("; ");
 
 export function banPage() {
   return page(403, STATIC_POLICY, "Access denied", "<p>This site has blocked your address.</p>");

@@ -77,7 +77,7 @@ async function lookUp(env, address) {
 function captchaFallback(env) {
   const fallback = String(env.CAPTCHA_FALLBACK ?? "").trim() || "ban";
   if (fallback === "allow") return null;
-  if (fallback !== "ban") console.warn(`CAPTCHA_FALLBACK=${JSON.stringify(fallback)} is not "ban" or "allow": ban`);
+  if (fallback !== "ban") console.warn(`CAPTCHA_FALLBACK=${JSON.stringify(fallback)}: not "ban" or "allow", so ban`);
   return "ban";
 }
 
@@ -86,6 +86,7 @@ function captchaFallback(env) {
 function count(env, event, remediation, host) {
   if (!env.METRICS) return;
   try {
+    // An index is at most 96 bytes; a host name is ASCII (punycode) and up to 253.
     env.METRICS.writeDataPoint({ indexes: [host.slice(0, 96)], blobs: [event, remediation, host], doubles: [1] });
   } catch (error) {
     console.error(`Analytics Engine write failed: ${error}`);

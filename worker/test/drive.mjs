@@ -88,6 +88,7 @@ const enforcerHarness = {
   type: "ESModule",
   path: join(root, "test/enforcer-harness.js"),
   contents: `import worker from "../${config.main}";
+const BINDING = ${JSON.stringify(config.binding)};
 function watched(binding, calls, record) {
   return new Proxy(binding, {
     get(target, name) {
@@ -104,8 +105,11 @@ export default {
   async fetch(request, env, ctx) {
     const kv = [];
     const points = [];
-    const observed = { ...env, ${JSON.stringify(config.binding)}: watched(env[${JSON.stringify(config.binding)}], kv, (name, args) => [name, String(args[0])]) };
-    if (typeof env.METRICS === "object") observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
+    const observed = { ...env };
+    observed[BINDING] = watched(env[BINDING], kv, (name, args) => [name, String(args[0])]);
+    if (typeof env.METRICS === "object") {
+      observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
+    }
     const response = await worker.fetch(request, observed, ctx);
     const seen = new Response(response.body, response);
     seen.headers.set("X-Test-KV", JSON.stringify(kv));
@@ -171,7 +175,10 @@ async function send(mf, { url, address, method = "GET", body, headers: extra = {
 
 // What the Worker logged (console.*), kept off stdout, which carries the output.
 const logs = [];
-const logging = { structuredWorkerdLogs: true, handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }) };
+const logging = {
+  structuredWorkerdLogs: true,
+  handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }),
+};
 
 const output = { responses: [], siteverify: siteverifyCalls, logs, canonical: [], strongest: [] };
 if (input.requests?.length) {
