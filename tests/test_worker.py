@@ -399,6 +399,7 @@ FAILING_TOKENS = [
     "junk",  # not JSON
     "truthy|site.test",  # success: "true", not true
     "huge|site.test",  # a success buried in a megabyte
+    "redirect|site.test",  # to where the same question would pass: not followed
 ]
 
 

@@ -57,7 +57,8 @@ export async function answerVerified(request, env, address, host) {
   const deadline = new AbortController();
   const timer = setTimeout(() => deadline.abort(new Error("no answer in time")), SITEVERIFY_TIMEOUT_MS);
   try {
-    const answer = await fetch(SITEVERIFY_URL, { method: "POST", body: question, signal: deadline.signal });
+    const asked = { method: "POST", body: question, redirect: "manual", signal: deadline.signal };
+    const answer = await fetch(SITEVERIFY_URL, asked); // a redirect is not an answer: !ok
     const text = await readAtMost(answer, MAX_VERDICT_BYTES);
     if (!answer.ok || text === null) return refused(`siteverify answered HTTP ${answer.status}`);
     verdict = JSON.parse(text);

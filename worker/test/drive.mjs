@@ -34,6 +34,7 @@ async function siteverify(request) {
   const [kind, hostname = ""] = token.split("|");
   const solved = { success: true, "error-codes": [], challenge_ts: new Date().toISOString(), hostname, action: "" };
   if (!secretOk) return Response.json({ success: false, "error-codes": ["invalid-input-secret"] });
+  if (request.url.endsWith("?again")) return Response.json(solved); // where "redirect" sends it
   switch (kind) {
     case "solved":
       return Response.json(solved);
@@ -41,6 +42,8 @@ async function siteverify(request) {
       throw new Error("siteverify stand-in: connection refused");
     case "5xx":
       return new Response("<h1>502 Bad Gateway</h1>", { status: 502, headers: { "Content-Type": "text/html" } });
+    case "redirect": // elsewhere, where the same question would pass
+      return Response.redirect(`${SITEVERIFY}?again`, 307);
     case "junk":
       return new Response("<html>not JSON</html>", { headers: { "Content-Type": "application/json" } });
     case "truthy": // "true" is not true
@@ -62,7 +65,7 @@ async function siteverify(request) {
 
 // The origin behind the Worker: answers 200 and says what reached it.
 async function origin(request) {
-  if (request.url === SITEVERIFY) return siteverify(request);
+  if (request.url.startsWith(SITEVERIFY)) return siteverify(request);
   const seen = { method: request.method, url: request.url, body: await request.text(), tag: request.headers.get("X-Tag") };
   return Response.json(seen, { headers: { "X-Origin": "reached" } });
 }
