@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -233,6 +234,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
         if path and (path.endswith("/") or os.path.isdir(path)):
             problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        elif path and not os.path.isdir(directory := os.path.dirname(os.path.abspath(path))):
+            # Not a warning: the job would then list every key on every run, as if it had no STATE_FILE.
+            problems.append(f"{name}: the directory {directory} of {path} does not exist (is the volume mounted?)")
         return path
 
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
@@ -2151,6 +2155,37 @@ RUN_FLAGS = (
     ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
 )
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+# Every variable the job reads, from the two lists above (a test checks they hold all that
+# load_config reads): what a misspelling is measured against.
+KNOWN_VARIABLES = frozenset(name for name, _ in ENVIRONMENT) | {variable for _, variable, _ in RUN_FLAGS}
+# How alike (difflib's ratio) a name must be to a known one to be taken for a misspelling of it:
+# DRYRUN/DRY_RUN is 0.92, MAX_DELETE/MAX_DELETES 0.95, LAPI_KEYFILE/LAPI_KEY_FILE 0.96; no
+# variable a container commonly has (HOSTNAME, PYTHON_VERSION, GPG_KEY, KUBERNETES_*) comes near.
+MISSPELLING_CUTOFF = 0.85
+# What Kubernetes sets for each Service in the namespace (enableServiceLinks): a Service named
+# `lapi` gives LAPI_PORT, LAPI_SERVICE_HOST, LAPI_PORT_8080_TCP_ADDR... They are not the operator's.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+_VARIABLE_SHAPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABLES) -> tuple[list[str], list[str]]:
+    """Variables set but not read: the misspellings of known ones (problems: the job would run
+    without a setting its operator meant, DRYRUN=true making a real run), and the rest that carry
+    one of the job's prefixes (a known name's first word and `_`: LAPI_, CF_, KV_...), to warn of.
+    Names of another shape, and Kubernetes' Service links, are none of the job's business."""
+    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in known if "_" in name}))
+    misspelled, unknown = [], []
+    for name in sorted(names):
+        if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
+        elif name.startswith(prefixes):
+            unknown.append(name)
+    return misspelled, unknown
 
 
 def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -2183,9 +2218,10 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
     return args
 
 
-def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config]:
-    """The command line and the configuration, read once; one ConfigError names every bad variable in either."""
-    problems: list[str] = []
+def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config, list[str]]:
+    """The command line and the configuration, read once, and the variables with the job's prefixes
+    it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
+    problems, unknown = unread_variables(env.keys())
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
@@ -2196,7 +2232,7 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return args, config
+    return args, config, unknown
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
@@ -2525,7 +2561,7 @@ def main(
     env = os.environ if env is None else env
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        args, config = configure(argv, env)
+        args, config, unknown = configure(argv, env)
         tls = lapi_tls(config)
     except ConfigError as e:
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
@@ -2533,6 +2569,8 @@ def main(
         Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
         return EXIT_CONFIG
     log = Log(out, err, config.log_format, config.secrets, clock)
+    if unknown:
+        log.warning("configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown)
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),
