@@ -2570,7 +2570,9 @@ def main(
         return EXIT_CONFIG
     log = Log(out, err, config.log_format, config.secrets, clock)
     if unknown:
-        log.warning("configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown)
+        log.warning(
+            "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
+        )
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),

@@ -182,7 +182,7 @@ def test_the_script_runs_the_same_from_its_file(stack):
 
 def test_the_known_variables_are_exactly_those_the_job_reads():
     """One list: what a misspelling is measured against is what load_config and the flags read."""
-    assert job.KNOWN_VARIABLES == variables_read() | {variable for _, variable, _ in job.RUN_FLAGS}
+    assert variables_read() | {variable for _, variable, _ in job.RUN_FLAGS} == job.KNOWN_VARIABLES
 
 
 @pytest.mark.parametrize(
@@ -209,12 +209,45 @@ def test_an_unknown_variable_with_the_jobs_prefix_gets_one_warning(stack):
 def test_a_containers_usual_environment_trips_nothing():
     """What a python image, Kubernetes (a Service per name in the namespace, `lapi` one of them)
     and a shell put in the environment is none of the job's business."""
-    usual = """HOSTNAME HOME PATH LANG TERM PWD SHLVL TZ PYTHONPATH PYTHONUNBUFFERED PYTHON_VERSION
-    PYTHON_SHA256 PYTHON_PIP_VERSION GPG_KEY KUBERNETES_SERVICE_HOST KUBERNETES_SERVICE_PORT
-    KUBERNETES_SERVICE_PORT_HTTPS KUBERNETES_PORT KUBERNETES_PORT_443_TCP KUBERNETES_PORT_443_TCP_ADDR
-    KUBERNETES_PORT_443_TCP_PORT KUBERNETES_PORT_443_TCP_PROTO LAPI_SERVICE_HOST LAPI_SERVICE_PORT LAPI_PORT
-    LAPI_PORT_8080_TCP LAPI_PORT_8080_TCP_ADDR LAPI_KV_SYNC_SERVICE_HOST https_proxy NO_PROXY SSL_CERT_FILE
-    CLOUDFLARE_API_TOKEN CLOUDFLARE_ACCOUNT_ID POD_NAMESPACE STATE FORCE_COLOR PYTEST_CURRENT_TEST""".split()
+    usual = [
+        "HOSTNAME",
+        "HOME",
+        "PATH",
+        "LANG",
+        "TERM",
+        "PWD",
+        "SHLVL",
+        "TZ",
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "PYTHON_VERSION",
+        "PYTHON_SHA256",
+        "PYTHON_PIP_VERSION",
+        "GPG_KEY",
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+        "KUBERNETES_SERVICE_PORT_HTTPS",
+        "KUBERNETES_PORT",
+        "KUBERNETES_PORT_443_TCP",
+        "KUBERNETES_PORT_443_TCP_ADDR",
+        "KUBERNETES_PORT_443_TCP_PORT",
+        "KUBERNETES_PORT_443_TCP_PROTO",
+        "LAPI_SERVICE_HOST",
+        "LAPI_SERVICE_PORT",
+        "LAPI_PORT",
+        "LAPI_PORT_8080_TCP",
+        "LAPI_PORT_8080_TCP_ADDR",
+        "LAPI_KV_SYNC_SERVICE_HOST",
+        "https_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "CLOUDFLARE_API_TOKEN",
+        "CLOUDFLARE_ACCOUNT_ID",
+        "POD_NAMESPACE",
+        "STATE",
+        "FORCE_COLOR",
+        "PYTEST_CURRENT_TEST",
+    ]
     assert job.unread_variables(usual) == ([], [])
 
 
