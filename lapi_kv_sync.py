@@ -732,7 +732,7 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
     return Decisions(response.chunks, read_at)
 
 
@@ -921,9 +921,17 @@ class AnswerDigest:
         return final.hexdigest()
 
 
-def snippet(body: bytes, limit: int = 120) -> str:
-    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
-    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+def snippet(body: bytes, secrets: Iterable[str] = (), limit: int = 120) -> str:
+    """An answer's body quoted in a message: `secrets` redacted first, then cut to `limit`
+    characters (cut first, a secret the body echoes would lose its end and no longer be found),
+    as a repr, so no control character of it reaches a log line."""
+    return repr(quoted(body.decode("utf-8", "replace").strip().replace("\n", " "), secrets, limit))
+
+
+def quoted(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Text from outside as a message may quote it: `secrets` redacted, then cut to `limit` characters."""
+    text = redacted(text, secret_forms(secrets))
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 # --------------------------------------------------------------------------- projection
@@ -1152,6 +1160,7 @@ class Cloudflare:
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
         }
+        self.secrets = config.secrets  # redacted from a quoted answer before it is cut
         # Every request sent, retries included: what the account's API budget is charged.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
@@ -1172,11 +1181,11 @@ class Cloudflare:
         except TransportError as e:
             raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
         except DeadlineExceeded as e:
-            answered = f"{read_envelope(e.response)[1]}; " if e.response else ""
+            answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
             raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
-        envelope, problem = read_envelope(response)
+        envelope, problem = read_envelope(response, self.secrets)
         if problem:
             raise CloudflareError(f"{operation}: {problem}")
         return envelope, response
@@ -1224,7 +1233,7 @@ class Cloudflare:
         return unsuccessful_keys(envelope.get("result"))
 
 
-def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
+def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
     """Cloudflare's envelope of an answer, and what is wrong with it ("" for a success): the codes and
     messages Cloudflare gave and what to check, or how the answer is not an envelope at all."""
     try:
@@ -1233,16 +1242,16 @@ def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
         envelope = None
     status = f"HTTP {response.status}"
     if not isinstance(envelope, dict):
-        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body, secrets)}"
     shape = {"success": (bool,), "errors": (list, type(None)), "result_info": (dict, type(None))}
     for name, kinds in shape.items():
         if not isinstance(envelope.get(name), kinds):
             kind = type(envelope.get(name)).__name__ if name in envelope else "missing"
-            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body)}"
+            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body, secrets)}"
     if response.status == 200 and envelope["success"]:
         return envelope, ""
     errors = [e for e in envelope.get("errors") or [] if isinstance(e, dict)]
-    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "no error given"
+    text = quoted("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors), secrets, 500) or "no error given"
     codes = [e.get("code") for e in errors]
     hints = {CLOUDFLARE_HINTS[c] for c in codes if isinstance(c, int) and c in CLOUDFLARE_HINTS}
     if response.status in (401, 403):
@@ -1872,7 +1881,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
-        log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
+        log.warning(
+            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+        )
 
 
 # --------------------------------------------------------------------------- CrowdSec usage metrics
@@ -1983,7 +1994,8 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
         log.debug("usage_metrics", "usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)")
     elif response.status >= 300:
         log.debug(
-            "usage_metrics", f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body)}"
+            "usage_metrics",
+            f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}",
         )
     return report.started
 
@@ -2011,6 +2023,23 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def redacted(text: str, forms: Iterable[str]) -> str:
+    """`text` with each of the forms (secret_forms') replaced by `[redacted]`."""
+    for form in forms:
+        text = text.replace(form, "[redacted]")
+    return text
+
+
+# What could end or forge a line of a text log, or drive a terminal: C0 controls but the tab, DEL,
+# C1 controls, and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped_controls(text: str) -> str:
+    """`text` with each control character written as Python writes it in a repr (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2021,9 +2050,7 @@ class Log:
         self.secrets = secret_forms(secrets)
 
     def redact(self, text: str) -> str:
-        for form in self.secrets:
-            text = text.replace(form, "[redacted]")
-        return text
+        return redacted(text, self.secrets)
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
         message = self.redact(message)  # before JSON escapes it once more
@@ -2037,6 +2064,9 @@ class Log:
             }
             line = json.dumps(record, sort_keys=False, default=str)
         else:
+            # One event, one line: what a message quotes from outside (an error message, a body,
+            # a header) cannot start a line of its own, nor a traceback spread over several.
+            message = escaped_controls(message)
             line = f"lapi-kv-sync: {message}" if level == "info" else f"lapi-kv-sync: {level}: {message}"
         stream.write(self.redact(line) + "\n")
         stream.flush()

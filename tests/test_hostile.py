@@ -20,7 +20,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.conftest import SCRIPT, assert_no_secret
+from tests.conftest import CF_TOKEN, LAPI_KEY, SCRIPT, assert_no_secret
 from tests.real import free_port
 from tests.standins import Entry, Fault, decision
 from tests.test_core import BASE_ENV
@@ -823,3 +823,49 @@ def test_a_signal_during_a_stalled_listing_exits_within_the_grace_period(stack, 
     assert returncode == code, err
     assert took < 10, f"exited {took:.1f}s after the signal"
     assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
+
+
+# --------------------------------------------------------------------------- what is quoted from outside
+
+
+def test_a_lapi_body_echoing_the_key_across_the_cut_prints_none_of_it(stack):
+    """Redacted first, cut after: the cut at 120 characters falls inside the key the body echoes."""
+    body = b"x" * 100 + b" X-Api-Key: " + LAPI_KEY.encode() + b" was refused"
+    assert body.index(LAPI_KEY.encode()) < 120 < body.index(LAPI_KEY.encode()) + len(LAPI_KEY)
+    stack.lapi.answer = (400, body, "text/plain")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI
+    assert "X-Api-Key: [redac" in result.err and LAPI_KEY[:6] not in result.err
+
+
+def test_a_cloudflare_body_echoing_the_token_across_the_cut_prints_none_of_it(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    body = "y" * 90 + " Authorization: Bearer " + CF_TOKEN + " invalid"
+    stack.kv.faults.append(Fault("raw", "list", status=400, body=body.encode()))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Bearer [redac" in result.err and CF_TOKEN[:6] not in result.err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_control_character_quoted_from_outside_never_forges_a_log_line(stack, fmt):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    forged = "bad\nlapi-kv-sync: wanted 0, written 0\r\x1b[2J\x85\u2028end"
+    stack.kv.faults.append(
+        Fault("raw", "list", status=400, body=envelope(success=False, errors=[{"code": 1, "message": forged}]))
+    )
+    result = stack.run(LOG_FORMAT=fmt)
+    assert result.code == job.EXIT_CLOUDFLARE
+    lines = result.err.splitlines()  # splits at \r, \x85 and \u2028 too
+    assert len(lines) == 2  # the error, and the failed run's summary
+    if fmt == "text":
+        assert all(line.startswith("lapi-kv-sync: error: ") for line in lines)
+        assert "bad\\nlapi-kv-sync: wanted 0, written 0\\r\\x1b[2J\\x85\\u2028end" in lines[0]
+    else:
+        assert json.loads(lines[0])["message"].endswith(forged)
+
+
+def test_escaped_controls_leaves_printable_text_and_tabs_alone():
+    text = "ok \t é ✓ [1] \\n"
+    assert job.escaped_controls(text) == text
+    assert job.escaped_controls("a\x00b\x7fc\x9fd\u2029") == "a\\x00b\\x7fc\\x9fd\\u2029"
