@@ -601,13 +601,14 @@ class Http:
         limit: int = MAX_ANSWER_BYTES,
         on_attempt: Callable[[], None] | None = None,
         timeout: float | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> Response:
         """The first answer that is not a 429 or 5xx, or the last one. TransportError when none came,
         DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
         AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
         (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
-        called for every request sent: retries, and the reconnect after an idle close, included.
-        `timeout` (per read) may only shorten HTTP_TIMEOUT."""
+        called for every request tried: retries, and the reconnect after an idle close, included;
+        `on_answer` for every answer's head received. `timeout` (per read) may only shorten HTTP_TIMEOUT."""
         cause = ""  # why the last attempt failed, when no answer came
         read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
@@ -617,6 +618,8 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                if on_answer:
+                    on_answer()
                 if stream and answer.status == 200:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
@@ -1161,8 +1164,10 @@ class Cloudflare:
             "Content-Type": "application/json",
         }
         self.secrets = config.secrets  # redacted from a quoted answer before it is cut
-        # Every request sent, retries included: what the account's API budget is charged.
+        # Every request tried, retries included: what the account's API budget is charged at
+        # most (one that never connected is tried, and not charged); and the HTTP answers they got.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
+        self.answers: Counter[str] = Counter()
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
     def call(
@@ -1177,6 +1182,7 @@ class Cloudflare:
                 body=body,
                 retry=CLOUDFLARE_RETRY,
                 on_attempt=lambda: self.requests.update((operation,)),
+                on_answer=lambda: self.answers.update((operation,)),
             )
         except TransportError as e:
             raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
@@ -1774,7 +1780,8 @@ class Report:
     unchanged: int = 0
     guarded: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
-    cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    cloudflare_requests: Counter[str] = field(default_factory=Counter)  # tried, by operation
+    cloudflare_answers: Counter[str] = field(default_factory=Counter)  # HTTP answers they got
     exit_code: int = EXIT_OK
     active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
     audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
@@ -1829,7 +1836,12 @@ def metric_samples(report: Report) -> list[Sample]:
         for r in IGNORE_REASONS
     ]
     samples += [
-        (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
+        (
+            p + "cloudflare_requests",
+            "Cloudflare API requests tried this run, retries included, by operation.",
+            {"operation": op},
+            n,
+        )
         for op, n in sorted(report.cloudflare_requests.items())
     ]
     samples += [
@@ -2095,7 +2107,8 @@ def log_summary(log: Log, report: Report) -> None:
         f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
-        f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
     )
     if not report.success:
@@ -2111,6 +2124,7 @@ def log_summary(log: Log, report: Report) -> None:
         held_back=report.guarded,
         ignored=dict(ignored),
         cloudflare_requests=dict(report.cloudflare_requests),
+        cloudflare_answers=sum(report.cloudflare_answers.values()),
         audited=report.audit_reason is not None,
         audit_reason=report.audit_reason,
         state_trusted=report.record_trusted,
@@ -2317,7 +2331,7 @@ def converge(
     decisions = read_decisions(http, config)
     loaded = reading.result()
     cloudflare = Cloudflare(http, config)
-    report.cloudflare_requests = cloudflare.requests
+    report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
     sent = loaded.record.usage_metrics_sent_at if loaded.record else None
@@ -2335,12 +2349,13 @@ def converge(
     try:
         rows = itertools.chain.from_iterable(batches)
         projection = project(rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+        # Counted before the listing is awaited: a run that fails there read LAPI all the same.
+        report.wanted, report.ignored = len(projection.wanted), projection.ignored
+        report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
     del decisions
-    report.wanted, report.ignored = len(projection.wanted), projection.ignored
-    report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     plan = make_plan(projection.wanted, present, kv.now, offset)

@@ -645,7 +645,26 @@ def test_cloudflare_requests_count_every_attempt_retries_included(stack):
     assert (stack.kv.requests["list"], stack.kv.requests["bulk_put"]) == (3, 2)
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="list"') == 3
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="bulk_put"') == 2
-    assert "cloudflare requests 5 (list 3, bulk_put 2, bulk_delete 0)" in result.out
+    # The dropped bulk_put got no answer; the two 503s did.
+    assert "cloudflare attempts 5 (list 3, bulk_put 2, bulk_delete 0), answers 4," in result.out
+
+
+def test_a_refused_token_still_counts_what_lapi_held(stack):
+    """The projection happened while the listing was refused: the summary says what was read."""
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2"), decision("192.0.2.3", type="captcha")]
+    result = stack.run(CF_API_TOKEN="a-revoked-token-0123456789")
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "run FAILED (exit 1), figures so far: wanted 3 (ban 2, captcha 1)," in result.err
+    assert "cloudflare attempts 1 (list 1, bulk_put 0, bulk_delete 0), answers 1," in result.err
+
+
+def test_an_unreachable_cloudflare_counts_attempts_and_no_answers(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(CF_API_URL=f"http://127.0.0.1:{free_port()}/client/v4")
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "wanted 1 (ban 1, captcha 0)," in result.err
+    attempts = job.CLOUDFLARE_RETRY.attempts
+    assert f"cloudflare attempts {attempts} (list {attempts}, bulk_put 0, bulk_delete 0), answers 0," in result.err
 
 
 @pytest.mark.parametrize("operation", ["list", "bulk_put"])
