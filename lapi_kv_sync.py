@@ -2141,20 +2141,25 @@ def audit_words(report: Report) -> str:
     return f"audited: {report.audit_reason} ({report.audit_detail})"
 
 
-def log_plan(log: Log, plan: Plan) -> None:
-    for action, keys in (
-        ("write", [w.key for w in plan.writes]),
-        ("delete", plan.deletes),
-        ("unchanged", plan.unchanged),
+def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mapping[str, Present]) -> None:
+    """Each action's count and its first SAMPLE_KEYS keys, each with its remediation: the one a
+    write or an unchanged key has, the one a deleted key held (`unknown`: none of ours)."""
+    for action, keys, remediation in (
+        ("write", [w.key for w in plan.writes], lambda key: wanted[key].remediation),
+        ("delete", plan.deletes, lambda key: present[key].remediation or "unknown"),
+        ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
     ):
         sample = keys[:SAMPLE_KEYS]
+        remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
+        listed = " ".join(f"{key} ({r})" for key, r in zip(sample, remediations, strict=True))
         log.info(
             "plan",
-            f"dry run: {action} {len(keys)}: {' '.join(sample)}{more}".rstrip(": "),
+            f"dry run: {action} {len(keys)}: {listed}{more}".rstrip(": "),
             action=action,
             count=len(keys),
             keys=sample,
+            remediations=remediations,
         )
 
 
@@ -2361,7 +2366,7 @@ def converge(
     plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
-        log_dry_run(log, plan, None if force else config.max_deletes)
+        log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, kv, report)
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
@@ -2421,21 +2426,49 @@ class KnownKv(NamedTuple):
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
     refresh_at: float | None  # the record's (None after a listing)
+    listed: bool = False  # as listed this run, not as recorded
 
 
 def kv_as_listed(listed: Listing) -> KnownKv:
     # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
     # so a skewed local clock cannot make every key look stale and be rewritten each run.
     offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None)
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None, listed=True)
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
     return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
 
 
-def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
-    log_plan(log, plan)
+def log_dry_run(
+    log: Log, plan: Plan, max_deletes: int | None, wanted: Mapping[str, Wanted], kv: KnownKv, report: Report
+) -> None:
+    """The plan, and what it rests on: a listing of KV or the state record (which a change made
+    to KV behind the job's back does not show), the decisions left out, the requests it costs."""
+    if kv.listed:
+        log.info("plan", f"dry run: compared with a listing of KV ({audit_words(report)})", compared_with="listing")
+    else:
+        age = kv.now - kv.audited_at
+        log.info(
+            "plan",
+            f"dry run: compared with the state record, not with KV itself: the keys as runs recorded them, "
+            f"last checked against a listing {age:.0f}s ago; --audit --dry-run lists KV",
+            compared_with="record",
+            record_age_seconds=round(age),
+        )
+    log_plan(log, plan, wanted, kv.present)
+    ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
+    log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
+    bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
+    log.info(
+        "plan",
+        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
+        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
+        f"({counts(report.cloudflare_requests)})",
+        cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
+    )
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
