@@ -745,12 +745,28 @@ def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
         return list(chunks)
 
 
+# LAPI's answer is unreadable, not empty, once at least this many of its rows are not JSON objects
+# and they are more than half of the rows read so far. LAPI sends objects; a list of junk comes from
+# something else (a proxy, a wrong URL), would take minutes to read at LAPI_MAX_BYTES, and would
+# then plan to delete every key.
+JUNK_ROWS_MIN = 1000
+
+
 def lapi_batches(chunks: Iterable[bytes], config: Config) -> Iterator[list[Any]]:
     """LAPI's decision objects, a batch at a time, decoded as its answer arrives; LapiUnreadable
-    may come mid-way."""
+    may come mid-way, also when the rows are mostly junk (JUNK_ROWS_MIN)."""
+    rows = junk = 0
     with lapi_failures(config):
         try:
-            yield from json_array_batches(chunks)
+            for batch in json_array_batches(chunks):
+                rows += len(batch)
+                junk += len(batch) - list(map(type, batch)).count(dict)
+                if junk >= JUNK_ROWS_MIN and 2 * junk > rows:
+                    raise LapiUnreadable(
+                        f"LAPI answered with a list that is mostly not decisions: {junk} of its first {rows} rows "
+                        "are not JSON objects"
+                    )
+                yield batch
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
         except TransportError as e:  # not retried: its decisions are being projected already
@@ -774,6 +790,7 @@ def lapi_failures(config: Config) -> Iterator[None]:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_CUT_TRIES = 8  # `{` tried from the end of the held text for a cut: an object list's last one is its last item's
 MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an item is junk
 # How close to the end of the text a decoding error may be and still mean "not all here yet":
 # the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
@@ -788,17 +805,20 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
     An item that is not complete yet is tried again only once the text held has doubled, so one
     giant item costs linear time; junk is told from an item cut short by where the decoder fails.
 
-    LAPI's compact list (`[{…},{…}]`) goes faster: the items held up to the last `},{` are decoded
-    in one call. That cut is only a guess (a string may hold `},{`), but a wrong one leaves a string
-    or a nesting open, which fails to decode: then it is item by item for the rest of the answer."""
+    A list of objects (`[{…},{…}]`, with any white space between them) goes faster: the items
+    held up to the last `}`, `,`, `{` are decoded in one call. That cut is only a guess (a string
+    may hold `},{`), but a wrong one leaves a string or a nesting open, which fails to decode:
+    then it is item by item for the rest of the answer. The held text is searched for a cut once
+    each time it grows, never once per item: an answer with no cut goes item by item in linear time."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
     source = iter(chunks)
     text, pos, ended, batches = "", 0, False, True
+    searched = False  # the held text has no cut past `pos` (it was searched, and has not grown since)
 
     def extend(at_least: int) -> None:
         """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
-        nonlocal text, pos, ended
+        nonlocal text, pos, ended, searched
         pieces, held = [text[pos:]], len(text) - pos
         while held < at_least and not ended:
             chunk = next(source, None)
@@ -806,7 +826,31 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
             piece = utf8.decode(chunk or b"", final=ended)
             pieces.append(piece)
             held += len(piece)
-        text, pos = "".join(pieces), 0
+        text, pos, searched = "".join(pieces), 0, False
+
+    def last_cut() -> tuple[int, int]:
+        """Where the held text's last `}`, `,`, `{` (white space around the comma) is past `pos`:
+        the `}`'s index and the comma's, or (-1, -1). Only the last few `{` are tried."""
+        nonlocal searched
+        start = len(text)
+        for _ in range(_CUT_TRIES):
+            start = text.rfind("{", pos, start)
+            if start <= pos:
+                break
+            comma = before(start)
+            if text[comma] == ",":
+                close = before(comma)
+                if close > pos and text[close] == "}":
+                    return close, comma
+        searched = True
+        return -1, -1
+
+    def before(at: int) -> int:
+        """The index of the last character before `at` that is not white space (`pos` at least)."""
+        at -= 1
+        while at > pos and text[at] in " \t\n\r":
+            at -= 1
+        return at
 
     def next_char() -> str:
         """The next character that is not white space ("" at the end), left unconsumed."""
@@ -833,7 +877,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
         else:
             while True:
                 next_char()
-                cut = text.rfind("},{", pos) if batches else -1
+                cut, comma = last_cut() if batches and not searched else (-1, -1)
                 if cut > pos:
                     try:
                         items = decoder.decode("[" + text[pos : cut + 1] + "]")
@@ -841,7 +885,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
                         batches = False
                     else:
                         yield items
-                        pos = cut + 2  # past the `,`: the next item follows
+                        pos = comma + 1  # past the `,`: the next item follows
                         continue
                 while True:
                     try:

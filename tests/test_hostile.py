@@ -485,6 +485,40 @@ def test_compact_lists_decoded_in_batches_are_what_json_loads_gives(rows, size):
     assert items(text, size) == json.loads(text)
 
 
+spacings = st.sampled_from(["", " ", "\n", "\r\n  ", "\t"])
+
+
+@given(compact_rows, st.integers(1, 40), spacings, spacings)
+def test_object_lists_with_any_spacing_decoded_in_batches_are_what_json_loads_gives(rows, size, before, after):
+    text = "[" + f"{before},{after}".join(json.dumps(row) for row in rows) + "]"
+    assert items(text, size) == json.loads(text)
+
+
+@pytest.mark.parametrize("separator", [",", ", ", ",\n  ", " ,\r\n\t"])
+def test_an_object_list_goes_in_batches_whatever_its_spacing(monkeypatch, separator):
+    """A proxy's or another LAPI's `}, {` is no reason to decode item by item: a few items are
+    decoded one at a time (at each chunk's end), the rest in batches."""
+    single, batched = [], []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            single.append(idx)
+            return super().raw_decode(s, idx)
+
+        def decode(self, s, *args):
+            batched.append(len(s))
+            return super().decode(s, *args)
+
+    monkeypatch.setattr(job.json, "JSONDecoder", Counting)
+    rows = [
+        {"value": f"10.0.{i // 256}.{i % 256}", "type": "ban", "scope": "Ip", "duration": "3h"} for i in range(20_000)
+    ]
+    text = "[" + separator.join(json.dumps(row) for row in rows) + "]"
+    chunks = -(-len(text) // 65536)
+    assert items(text, 65536) == rows
+    assert len(single) - len(batched) <= 2 * chunks + 2 and len(batched) <= chunks + 1  # decode() calls raw_decode()
+
+
 def test_a_batch_cut_inside_a_string_falls_back_to_item_by_item():
     text = '[{"a":"x"},{"b":"},{"},{"c":"},{\\"},{"}]'
     assert items(text, 64) == json.loads(text) and items(text, 3) == json.loads(text)
@@ -888,3 +922,33 @@ def test_escaped_controls_leaves_printable_text_and_tabs_alone():
     text = "ok \t é ✓ [1] \\n"
     assert job.escaped_controls(text) == text
     assert job.escaped_controls("a\x00b\x7fc\x9fd\u2029") == "a\\x00b\\x7fc\\x9fd\\u2029"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" + b"1," * 3_000_000 + b"1]",  # 6 MB of junk rows
+        b"["
+        + b",".join([b'{"scope":"Ip","type":"ban","value":"192.0.2.1","duration":"1h"}'] * 999 + [b'"x"'] * 1001)
+        + b"]",
+    ],
+)
+def test_an_answer_of_mostly_junk_rows_is_unreadable_and_kv_untouched(stack, body):
+    """Not an empty answer (which would plan to delete every key), and read only until the rule
+    is met: JUNK_ROWS_MIN rows that are not objects, more than half of those read."""
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.answer = (200, body, "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI
+    assert f"{job.JUNK_ROWS_MIN} of its first " in result.err and "rows are not JSON objects" in result.err
+    assert stack.kv.snapshot() == before and stack.kv.writes == stack.kv.deletes == 0
+
+
+@pytest.mark.parametrize(("good", "junk"), [(0, job.JUNK_ROWS_MIN - 1), (1500, 1500), (2, 1)])
+def test_junk_rows_under_the_rule_are_ignored_as_invalid(stack, good, junk):
+    stack.lapi.decisions = [decision(f"10.0.{i // 256}.{i % 256}") for i in range(good)]
+    stack.lapi.answer = (200, json.dumps(json.loads(stack.lapi.body()) + [[1]] * junk).encode(), "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert len(stack.kv.live()) == good and f"invalid {junk}," in result.out
