@@ -82,6 +82,24 @@ _SECRET_TEXT = re.compile(r"[\x21-\x7e]+")
 MIN_SECRET_LENGTH = 8
 
 
+# Values the examples once shipped (k8s/examples, worker/wrangler.toml, k8s/secret.example.yaml):
+# they pass for real ones, so a deployment that kept one failed on every run with a 404 or 403.
+# The examples now use `<…>` placeholders, which no setting accepts either.
+EXAMPLE_VALUES = frozenset(
+    {
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+        "REPLACE-WITH-THE-BOUNCER-KEY",
+        "REPLACE-WITH-THE-CLOUDFLARE-API-TOKEN",
+    }
+)
+
+
+def placeholder(value: str) -> bool:
+    """Whether a setting still holds an example's placeholder (`<your-account-id>`)."""
+    return value.startswith("<") and value.endswith(">") or value in EXAMPLE_VALUES
+
+
 class ConfigError(Exception):
     """Every problem found in the configuration, reported together."""
 
@@ -172,6 +190,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             if not value:
                 problems.append(f"{source} is empty")
         # Never the value in a message: only what is wrong with it.
+        if value and placeholder(value):
+            problems.append(f"{source} holds the example's placeholder, not a real key: set it")
+            return ""
         if value and not _SECRET_TEXT.fullmatch(value):
             what = "more than one line" if "\n" in value or "\r" in value else "a character that is not visible ASCII"
             problems.append(f"{source}: the secret holds {what}; it must be one line of visible ASCII characters")
@@ -216,6 +237,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         value = text(name)
         if not value:
             problems.append(f"{name} is not set")
+        elif placeholder(value):
+            problems.append(f"{name} is still the example's placeholder {value!r}: set it to yours")
         elif not re.fullmatch(r"[0-9A-Za-z]{1,32}", value):
             problems.append(f"{name} must be a Cloudflare identifier (up to 32 letters and digits), got {value!r}")
         return value
