@@ -1295,6 +1295,10 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
+    def namespace(self) -> None:
+        """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
+        self.call("namespace", "GET", "")
+
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
         envelope, _ = self.call("bulk_put", "PUT", "/bulk", body)
@@ -2412,6 +2416,7 @@ def converge(
     if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
         held = held_answer(chunks, config)
         if answer.hexdigest() == loaded.record.lapi_digest:
+            check_token(cloudflare, config, loaded.record.audited_at, http.clock.now(), state, log)
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
@@ -2436,6 +2441,8 @@ def converge(
         log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, kv, report)
         return EXIT_OK
     state_file = state
+    if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
+        check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
         state = mark_unfinished(state, log)
     else:
@@ -2558,6 +2565,36 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
         and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
     )
+
+
+# A run planning against a trusted record that sends Cloudflare nothing would not notice a token
+# revoked (or stripped of its KV permission) until the next audit: the run in the minute past half
+# of AUDIT_INTERVAL (with the CronJob's one run a minute, one run an interval) asks Cloudflare for
+# the namespace, which the token's permission covers and which is none of the key operations
+# (reads, writes, deletes, lists) the plans count.
+TOKEN_CHECK_SLOT = 60
+
+
+def token_check_due(audited_at: float, config: Config, now: float) -> bool:
+    """Whether a run that sends Cloudflare nothing, with a record audited at `audited_at`, checks its token."""
+    half = config.audit_interval / 2
+    return half <= now - audited_at < half + TOKEN_CHECK_SLOT
+
+
+def check_token(
+    cloudflare: Cloudflare, config: Config, audited_at: float, now: float, state: StateFile | None, log: Log
+) -> None:
+    """Ask Cloudflare for the namespace when token_check_due; CloudflareError when it is refused,
+    after marking the record untrusted, so that every run after this one audits (and fails alike
+    until the token works again): the failure lasts, for the alert on failed runs to see."""
+    if not token_check_due(audited_at, config, now):
+        return
+    try:
+        cloudflare.namespace()
+    except CloudflareError:
+        if state is not None:
+            mark_unfinished(state, log)
+        raise
 
 
 def unchanged(report: Report, record: Record) -> int:

@@ -511,3 +511,45 @@ def test_state_file_naming_a_directory_is_a_configuration_error(stack, state, na
     assert result.code == job.EXIT_CONFIG
     assert "STATE_FILE names a directory" in result.err
     assert dict(stack.kv.requests) == {} and stack.lapi.queries == []
+
+
+# --------------------------------------------------------------------------- a revoked token
+
+
+def age_record(state: Path, seconds: float) -> None:
+    write_record(state, read_record(state)._replace(audited_at=time.time() - seconds))
+
+
+def test_a_token_revoked_between_audits_fails_the_run_past_half_the_interval_and_every_run_after(stack, run, state):
+    """A steady run sends Cloudflare nothing; the one in the minute past AUDIT_INTERVAL / 2 asks
+    for the namespace. Refused, the run exits 1 and leaves the record untrusted: the runs after it
+    audit and fail alike, so the alert on failed runs sees a failure that lasts."""
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    assert run().code == 0
+    stack.kv.reset_counts()
+    age_record(state, 400)  # before half of the default 900 s: no check, no request
+    revoked = {"CF_API_TOKEN": "a-revoked-token-0123456789"}
+    assert run(**revoked).code == 0 and dict(stack.kv.requests) == {}
+    age_record(state, 460)
+    result = run(**revoked)
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Cloudflare: namespace: HTTP 403" in result.err and "Workers KV Storage: Edit" in result.err
+    assert "cloudflare attempts 1 (list 0, bulk_put 0, bulk_delete 0, namespace 1), answers 1" in result.err
+    after = run(**revoked)  # out of the check's minute, yet it fails: it audits
+    assert after.code == job.EXIT_CLOUDFLARE and "audited: unfinished" in after.err
+    assert run().code == 0 and ours(stack.kv) == {"ip:192.0.2.1": "ban"}  # a working token again
+
+
+@pytest.mark.parametrize("lapi_changed", [False, True])
+def test_with_a_working_token_the_check_costs_one_request_an_interval(stack, run, state, lapi_changed):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    assert run().code == 0
+    if lapi_changed:  # planned, but nothing to write: the check happens on that path too
+        stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2", type="throttle")]
+    stack.kv.reset_counts()
+    age_record(state, 455)
+    assert run().code == 0
+    assert dict(stack.kv.requests) == {"namespace": 1}
+    age_record(state, 520)  # past the minute: no check
+    stack.kv.reset_counts()
+    assert run().code == 0 and dict(stack.kv.requests) == {}
