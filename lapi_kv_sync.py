@@ -2259,7 +2259,7 @@ ENVIRONMENT = (
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
-    ("STATE_FILE", "job's record of its KV keys: steady runs call no Cloudflare API (default: none: every run lists)"),
+    ("STATE_FILE", "job's record of its KV keys, in a directory that exists: steady runs list nothing (default: none)"),
     ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
@@ -2317,6 +2317,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         prog="lapi-kv-sync",
         description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
         epilog=f"environment (the configuration):\n{environment}{flags}\n"
+        "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
+        "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
         "143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
