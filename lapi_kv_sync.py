@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -79,6 +80,24 @@ SAMPLE_KEYS = 20
 # real key, and redacting it from every log line would blank ordinary words.
 _SECRET_TEXT = re.compile(r"[\x21-\x7e]+")
 MIN_SECRET_LENGTH = 8
+
+
+# Values the examples once shipped (k8s/examples, worker/wrangler.toml, k8s/secret.example.yaml):
+# they pass for real ones, so a deployment that kept one failed on every run with a 404 or 403.
+# The examples now use `<…>` placeholders, which no setting accepts either.
+EXAMPLE_VALUES = frozenset(
+    {
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+        "REPLACE-WITH-THE-BOUNCER-KEY",
+        "REPLACE-WITH-THE-CLOUDFLARE-API-TOKEN",
+    }
+)
+
+
+def placeholder(value: str) -> bool:
+    """Whether a setting still holds an example's placeholder (`<your-account-id>`)."""
+    return value.startswith("<") and value.endswith(">") or value in EXAMPLE_VALUES
 
 
 class ConfigError(Exception):
@@ -171,6 +190,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             if not value:
                 problems.append(f"{source} is empty")
         # Never the value in a message: only what is wrong with it.
+        if value and placeholder(value):
+            problems.append(f"{source} holds the example's placeholder, not a real key: set it")
+            return ""
         if value and not _SECRET_TEXT.fullmatch(value):
             what = "more than one line" if "\n" in value or "\r" in value else "a character that is not visible ASCII"
             problems.append(f"{source}: the secret holds {what}; it must be one line of visible ASCII characters")
@@ -215,6 +237,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         value = text(name)
         if not value:
             problems.append(f"{name} is not set")
+        elif placeholder(value):
+            problems.append(f"{name} is still the example's placeholder {value!r}: set it to yours")
         elif not re.fullmatch(r"[0-9A-Za-z]{1,32}", value):
             problems.append(f"{name} must be a Cloudflare identifier (up to 32 letters and digits), got {value!r}")
         return value
@@ -233,6 +257,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
         if path and (path.endswith("/") or os.path.isdir(path)):
             problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        elif path and not os.path.isdir(directory := os.path.dirname(os.path.abspath(path))):
+            # Not a warning: the job would then list every key on every run, as if it had no STATE_FILE.
+            problems.append(f"{name}: the directory {directory} of {path} does not exist (is the volume mounted?)")
         return path
 
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
@@ -597,13 +624,14 @@ class Http:
         limit: int = MAX_ANSWER_BYTES,
         on_attempt: Callable[[], None] | None = None,
         timeout: float | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> Response:
         """The first answer that is not a 429 or 5xx, or the last one. TransportError when none came,
         DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
         AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
         (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
-        called for every request sent: retries, and the reconnect after an idle close, included.
-        `timeout` (per read) may only shorten HTTP_TIMEOUT."""
+        called for every request tried: retries, and the reconnect after an idle close, included;
+        `on_answer` for every answer's head received. `timeout` (per read) may only shorten HTTP_TIMEOUT."""
         cause = ""  # why the last attempt failed, when no answer came
         read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
@@ -613,6 +641,8 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                if on_answer:
+                    on_answer()
                 if stream and answer.status == 200:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
@@ -728,7 +758,7 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
     return Decisions(response.chunks, read_at)
 
 
@@ -738,12 +768,28 @@ def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
         return list(chunks)
 
 
+# LAPI's answer is unreadable, not empty, once at least this many of its rows are not JSON objects
+# and they are more than half of the rows read so far. LAPI sends objects; a list of junk comes from
+# something else (a proxy, a wrong URL), would take minutes to read at LAPI_MAX_BYTES, and would
+# then plan to delete every key.
+JUNK_ROWS_MIN = 1000
+
+
 def lapi_batches(chunks: Iterable[bytes], config: Config) -> Iterator[list[Any]]:
     """LAPI's decision objects, a batch at a time, decoded as its answer arrives; LapiUnreadable
-    may come mid-way."""
+    may come mid-way, also when the rows are mostly junk (JUNK_ROWS_MIN)."""
+    rows = junk = 0
     with lapi_failures(config):
         try:
-            yield from json_array_batches(chunks)
+            for batch in json_array_batches(chunks):
+                rows += len(batch)
+                junk += len(batch) - list(map(type, batch)).count(dict)
+                if junk >= JUNK_ROWS_MIN and 2 * junk > rows:
+                    raise LapiUnreadable(
+                        f"LAPI answered with a list that is mostly not decisions: {junk} of its first {rows} rows "
+                        "are not JSON objects"
+                    )
+                yield batch
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
         except TransportError as e:  # not retried: its decisions are being projected already
@@ -767,6 +813,7 @@ def lapi_failures(config: Config) -> Iterator[None]:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_CUT_TRIES = 8  # `{` tried from the end of the held text for a cut: an object list's last one is its last item's
 MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an item is junk
 # How close to the end of the text a decoding error may be and still mean "not all here yet":
 # the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
@@ -781,17 +828,20 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
     An item that is not complete yet is tried again only once the text held has doubled, so one
     giant item costs linear time; junk is told from an item cut short by where the decoder fails.
 
-    LAPI's compact list (`[{…},{…}]`) goes faster: the items held up to the last `},{` are decoded
-    in one call. That cut is only a guess (a string may hold `},{`), but a wrong one leaves a string
-    or a nesting open, which fails to decode: then it is item by item for the rest of the answer."""
+    A list of objects (`[{…},{…}]`, with any white space between them) goes faster: the items
+    held up to the last `}`, `,`, `{` are decoded in one call. That cut is only a guess (a string
+    may hold `},{`), but a wrong one leaves a string or a nesting open, which fails to decode:
+    then it is item by item for the rest of the answer. The held text is searched for a cut once
+    each time it grows, never once per item: an answer with no cut goes item by item in linear time."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
     source = iter(chunks)
     text, pos, ended, batches = "", 0, False, True
+    searched = False  # the held text has no cut past `pos` (it was searched, and has not grown since)
 
     def extend(at_least: int) -> None:
         """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
-        nonlocal text, pos, ended
+        nonlocal text, pos, ended, searched
         pieces, held = [text[pos:]], len(text) - pos
         while held < at_least and not ended:
             chunk = next(source, None)
@@ -799,7 +849,31 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
             piece = utf8.decode(chunk or b"", final=ended)
             pieces.append(piece)
             held += len(piece)
-        text, pos = "".join(pieces), 0
+        text, pos, searched = "".join(pieces), 0, False
+
+    def last_cut() -> tuple[int, int]:
+        """Where the held text's last `}`, `,`, `{` (white space around the comma) is past `pos`:
+        the `}`'s index and the comma's, or (-1, -1). Only the last few `{` are tried."""
+        nonlocal searched
+        start = len(text)
+        for _ in range(_CUT_TRIES):
+            start = text.rfind("{", pos, start)
+            if start <= pos:
+                break
+            comma = before(start)
+            if text[comma] == ",":
+                close = before(comma)
+                if close > pos and text[close] == "}":
+                    return close, comma
+        searched = True
+        return -1, -1
+
+    def before(at: int) -> int:
+        """The index of the last character before `at` that is not white space (`pos` at least)."""
+        at -= 1
+        while at > pos and text[at] in " \t\n\r":
+            at -= 1
+        return at
 
     def next_char() -> str:
         """The next character that is not white space ("" at the end), left unconsumed."""
@@ -826,7 +900,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
         else:
             while True:
                 next_char()
-                cut = text.rfind("},{", pos) if batches else -1
+                cut, comma = last_cut() if batches and not searched else (-1, -1)
                 if cut > pos:
                     try:
                         items = decoder.decode("[" + text[pos : cut + 1] + "]")
@@ -834,7 +908,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
                         batches = False
                     else:
                         yield items
-                        pos = cut + 2  # past the `,`: the next item follows
+                        pos = comma + 1  # past the `,`: the next item follows
                         continue
                 while True:
                     try:
@@ -917,9 +991,17 @@ class AnswerDigest:
         return final.hexdigest()
 
 
-def snippet(body: bytes, limit: int = 120) -> str:
-    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
-    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+def snippet(body: bytes, secrets: Iterable[str] = (), limit: int = 120) -> str:
+    """An answer's body quoted in a message: `secrets` redacted first, then cut to `limit`
+    characters (cut first, a secret the body echoes would lose its end and no longer be found),
+    as a repr, so no control character of it reaches a log line."""
+    return repr(quoted(body.decode("utf-8", "replace").strip().replace("\n", " "), secrets, limit))
+
+
+def quoted(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Text from outside as a message may quote it: `secrets` redacted, then cut to `limit` characters."""
+    text = redacted(text, secret_forms(secrets))
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 # --------------------------------------------------------------------------- projection
@@ -1148,8 +1230,11 @@ class Cloudflare:
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
         }
-        # Every request sent, retries included: what the account's API budget is charged.
+        self.secrets = config.secrets  # redacted from a quoted answer before it is cut
+        # Every request tried, retries included: what the account's API budget is charged at
+        # most (one that never connected is tried, and not charged); and the HTTP answers they got.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
+        self.answers: Counter[str] = Counter()
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
     def call(
@@ -1164,15 +1249,16 @@ class Cloudflare:
                 body=body,
                 retry=CLOUDFLARE_RETRY,
                 on_attempt=lambda: self.requests.update((operation,)),
+                on_answer=lambda: self.answers.update((operation,)),
             )
         except TransportError as e:
             raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
         except DeadlineExceeded as e:
-            answered = f"{read_envelope(e.response)[1]}; " if e.response else ""
+            answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
             raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
-        envelope, problem = read_envelope(response)
+        envelope, problem = read_envelope(response, self.secrets)
         if problem:
             raise CloudflareError(f"{operation}: {problem}")
         return envelope, response
@@ -1209,6 +1295,10 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
+    def namespace(self) -> None:
+        """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
+        self.call("namespace", "GET", "")
+
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
         envelope, _ = self.call("bulk_put", "PUT", "/bulk", body)
@@ -1220,7 +1310,7 @@ class Cloudflare:
         return unsuccessful_keys(envelope.get("result"))
 
 
-def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
+def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
     """Cloudflare's envelope of an answer, and what is wrong with it ("" for a success): the codes and
     messages Cloudflare gave and what to check, or how the answer is not an envelope at all."""
     try:
@@ -1229,16 +1319,16 @@ def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
         envelope = None
     status = f"HTTP {response.status}"
     if not isinstance(envelope, dict):
-        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body, secrets)}"
     shape = {"success": (bool,), "errors": (list, type(None)), "result_info": (dict, type(None))}
     for name, kinds in shape.items():
         if not isinstance(envelope.get(name), kinds):
             kind = type(envelope.get(name)).__name__ if name in envelope else "missing"
-            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body)}"
+            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body, secrets)}"
     if response.status == 200 and envelope["success"]:
         return envelope, ""
     errors = [e for e in envelope.get("errors") or [] if isinstance(e, dict)]
-    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "no error given"
+    text = quoted("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors), secrets, 500) or "no error given"
     codes = [e.get("code") for e in errors]
     hints = {CLOUDFLARE_HINTS[c] for c in codes if isinstance(c, int) and c in CLOUDFLARE_HINTS}
     if response.status in (401, 403):
@@ -1761,7 +1851,8 @@ class Report:
     unchanged: int = 0
     guarded: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
-    cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    cloudflare_requests: Counter[str] = field(default_factory=Counter)  # tried, by operation
+    cloudflare_answers: Counter[str] = field(default_factory=Counter)  # HTTP answers they got
     exit_code: int = EXIT_OK
     active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
     audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
@@ -1816,7 +1907,12 @@ def metric_samples(report: Report) -> list[Sample]:
         for r in IGNORE_REASONS
     ]
     samples += [
-        (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
+        (
+            p + "cloudflare_requests",
+            "Cloudflare API requests tried this run, retries included, by operation.",
+            {"operation": op},
+            n,
+        )
         for op, n in sorted(report.cloudflare_requests.items())
     ]
     samples += [
@@ -1868,7 +1964,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
-        log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
+        log.warning(
+            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+        )
 
 
 # --------------------------------------------------------------------------- CrowdSec usage metrics
@@ -1979,7 +2077,8 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
         log.debug("usage_metrics", "usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)")
     elif response.status >= 300:
         log.debug(
-            "usage_metrics", f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body)}"
+            "usage_metrics",
+            f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}",
         )
     return report.started
 
@@ -2007,6 +2106,23 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def redacted(text: str, forms: Iterable[str]) -> str:
+    """`text` with each of the forms (secret_forms') replaced by `[redacted]`."""
+    for form in forms:
+        text = text.replace(form, "[redacted]")
+    return text
+
+
+# What could end or forge a line of a text log, or drive a terminal: C0 controls but the tab, DEL,
+# C1 controls, and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped_controls(text: str) -> str:
+    """`text` with each control character written as Python writes it in a repr (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2017,9 +2133,7 @@ class Log:
         self.secrets = secret_forms(secrets)
 
     def redact(self, text: str) -> str:
-        for form in self.secrets:
-            text = text.replace(form, "[redacted]")
-        return text
+        return redacted(text, self.secrets)
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
         message = self.redact(message)  # before JSON escapes it once more
@@ -2033,6 +2147,9 @@ class Log:
             }
             line = json.dumps(record, sort_keys=False, default=str)
         else:
+            # One event, one line: what a message quotes from outside (an error message, a body,
+            # a header) cannot start a line of its own, nor a traceback spread over several.
+            message = escaped_controls(message)
             line = f"lapi-kv-sync: {message}" if level == "info" else f"lapi-kv-sync: {level}: {message}"
         stream.write(self.redact(line) + "\n")
         stream.flush()
@@ -2061,7 +2178,8 @@ def log_summary(log: Log, report: Report) -> None:
         f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
-        f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
     )
     if not report.success:
@@ -2077,6 +2195,7 @@ def log_summary(log: Log, report: Report) -> None:
         held_back=report.guarded,
         ignored=dict(ignored),
         cloudflare_requests=dict(report.cloudflare_requests),
+        cloudflare_answers=sum(report.cloudflare_answers.values()),
         audited=report.audit_reason is not None,
         audit_reason=report.audit_reason,
         state_trusted=report.record_trusted,
@@ -2093,20 +2212,25 @@ def audit_words(report: Report) -> str:
     return f"audited: {report.audit_reason} ({report.audit_detail})"
 
 
-def log_plan(log: Log, plan: Plan) -> None:
-    for action, keys in (
-        ("write", [w.key for w in plan.writes]),
-        ("delete", plan.deletes),
-        ("unchanged", plan.unchanged),
+def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mapping[str, Present]) -> None:
+    """Each action's count and its first SAMPLE_KEYS keys, each with its remediation: the one a
+    write or an unchanged key has, the one a deleted key held (`unknown`: none of ours)."""
+    for action, keys, remediation in (
+        ("write", [w.key for w in plan.writes], lambda key: wanted[key].remediation),
+        ("delete", plan.deletes, lambda key: present[key].remediation or "unknown"),
+        ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
     ):
         sample = keys[:SAMPLE_KEYS]
+        remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
+        listed = " ".join(f"{key} ({r})" for key, r in zip(sample, remediations, strict=True))
         log.info(
             "plan",
-            f"dry run: {action} {len(keys)}: {' '.join(sample)}{more}".rstrip(": "),
+            f"dry run: {action} {len(keys)}: {listed}{more}".rstrip(": "),
             action=action,
             count=len(keys),
             keys=sample,
+            remediations=remediations,
         )
 
 
@@ -2135,7 +2259,7 @@ ENVIRONMENT = (
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
-    ("STATE_FILE", "job's record of its KV keys: steady runs call no Cloudflare API (default: none: every run lists)"),
+    ("STATE_FILE", "job's record of its KV keys, in a directory that exists: steady runs list nothing (default: none)"),
     ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
@@ -2151,6 +2275,37 @@ RUN_FLAGS = (
     ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
 )
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+# Every variable the job reads, from the two lists above (a test checks they hold all that
+# load_config reads): what a misspelling is measured against.
+KNOWN_VARIABLES = frozenset(name for name, _ in ENVIRONMENT) | {variable for _, variable, _ in RUN_FLAGS}
+# How alike (difflib's ratio) a name must be to a known one to be taken for a misspelling of it:
+# DRYRUN/DRY_RUN is 0.92, MAX_DELETE/MAX_DELETES 0.95, LAPI_KEYFILE/LAPI_KEY_FILE 0.96; no
+# variable a container commonly has (HOSTNAME, PYTHON_VERSION, GPG_KEY, KUBERNETES_*) comes near.
+MISSPELLING_CUTOFF = 0.85
+# What Kubernetes sets for each Service in the namespace (enableServiceLinks): a Service named
+# `lapi` gives LAPI_PORT, LAPI_SERVICE_HOST, LAPI_PORT_8080_TCP_ADDR... They are not the operator's.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+_VARIABLE_SHAPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABLES) -> tuple[list[str], list[str]]:
+    """Variables set but not read: the misspellings of known ones (problems: the job would run
+    without a setting its operator meant, DRYRUN=true making a real run), and the rest that carry
+    one of the job's prefixes (a known name's first word and `_`: LAPI_, CF_, KV_...), to warn of.
+    Names of another shape, and Kubernetes' Service links, are none of the job's business."""
+    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in known if "_" in name}))
+    misspelled, unknown = [], []
+    for name in sorted(names):
+        if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
+        elif name.startswith(prefixes):
+            unknown.append(name)
+    return misspelled, unknown
 
 
 def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -2162,6 +2317,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         prog="lapi-kv-sync",
         description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
         epilog=f"environment (the configuration):\n{environment}{flags}\n"
+        "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
+        "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
         "143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2183,9 +2340,10 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
     return args
 
 
-def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config]:
-    """The command line and the configuration, read once; one ConfigError names every bad variable in either."""
-    problems: list[str] = []
+def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config, list[str]]:
+    """The command line and the configuration, read once, and the variables with the job's prefixes
+    it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
+    problems, unknown = unread_variables(env.keys())
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
@@ -2196,7 +2354,7 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return args, config
+    return args, config, unknown
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
@@ -2251,7 +2409,7 @@ def converge(
     decisions = read_decisions(http, config)
     loaded = reading.result()
     cloudflare = Cloudflare(http, config)
-    report.cloudflare_requests = cloudflare.requests
+    report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
     sent = loaded.record.usage_metrics_sent_at if loaded.record else None
@@ -2260,6 +2418,7 @@ def converge(
     if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
         held = held_answer(chunks, config)
         if answer.hexdigest() == loaded.record.lapi_digest:
+            check_token(cloudflare, config, loaded.record.audited_at, http.clock.now(), state, log)
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
@@ -2269,20 +2428,23 @@ def converge(
     try:
         rows = itertools.chain.from_iterable(batches)
         projection = project(rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+        # Counted before the listing is awaited: a run that fails there read LAPI all the same.
+        report.wanted, report.ignored = len(projection.wanted), projection.ignored
+        report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
     del decisions
-    report.wanted, report.ignored = len(projection.wanted), projection.ignored
-    report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
-        log_dry_run(log, plan, None if force else config.max_deletes)
+        log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, kv, report)
         return EXIT_OK
     state_file = state
+    if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
+        check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
         state = mark_unfinished(state, log)
     else:
@@ -2340,21 +2502,49 @@ class KnownKv(NamedTuple):
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
     refresh_at: float | None  # the record's (None after a listing)
+    listed: bool = False  # as listed this run, not as recorded
 
 
 def kv_as_listed(listed: Listing) -> KnownKv:
     # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
     # so a skewed local clock cannot make every key look stale and be rewritten each run.
     offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None)
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None, listed=True)
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
     return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
 
 
-def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
-    log_plan(log, plan)
+def log_dry_run(
+    log: Log, plan: Plan, max_deletes: int | None, wanted: Mapping[str, Wanted], kv: KnownKv, report: Report
+) -> None:
+    """The plan, and what it rests on: a listing of KV or the state record (which a change made
+    to KV behind the job's back does not show), the decisions left out, the requests it costs."""
+    if kv.listed:
+        log.info("plan", f"dry run: compared with a listing of KV ({audit_words(report)})", compared_with="listing")
+    else:
+        age = kv.now - kv.audited_at
+        log.info(
+            "plan",
+            f"dry run: compared with the state record, not with KV itself: the keys as runs recorded them, "
+            f"last checked against a listing {age:.0f}s ago; --audit --dry-run lists KV",
+            compared_with="record",
+            record_age_seconds=round(age),
+        )
+    log_plan(log, plan, wanted, kv.present)
+    ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
+    log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
+    bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
+    log.info(
+        "plan",
+        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
+        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
+        f"({counts(report.cloudflare_requests)})",
+        cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
+    )
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
@@ -2377,6 +2567,36 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
         and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
     )
+
+
+# A run planning against a trusted record that sends Cloudflare nothing would not notice a token
+# revoked (or stripped of its KV permission) until the next audit: the run in the minute past half
+# of AUDIT_INTERVAL (with the CronJob's one run a minute, one run an interval) asks Cloudflare for
+# the namespace, which the token's permission covers and which is none of the key operations
+# (reads, writes, deletes, lists) the plans count.
+TOKEN_CHECK_SLOT = 60
+
+
+def token_check_due(audited_at: float, config: Config, now: float) -> bool:
+    """Whether a run that sends Cloudflare nothing, with a record audited at `audited_at`, checks its token."""
+    half = config.audit_interval / 2
+    return half <= now - audited_at < half + TOKEN_CHECK_SLOT
+
+
+def check_token(
+    cloudflare: Cloudflare, config: Config, audited_at: float, now: float, state: StateFile | None, log: Log
+) -> None:
+    """Ask Cloudflare for the namespace when token_check_due; CloudflareError when it is refused,
+    after marking the record untrusted, so that every run after this one audits (and fails alike
+    until the token works again): the failure lasts, for the alert on failed runs to see."""
+    if not token_check_due(audited_at, config, now):
+        return
+    try:
+        cloudflare.namespace()
+    except CloudflareError:
+        if state is not None:
+            mark_unfinished(state, log)
+        raise
 
 
 def unchanged(report: Report, record: Record) -> int:
@@ -2525,7 +2745,7 @@ def main(
     env = os.environ if env is None else env
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        args, config = configure(argv, env)
+        args, config, unknown = configure(argv, env)
         tls = lapi_tls(config)
     except ConfigError as e:
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
@@ -2533,6 +2753,10 @@ def main(
         Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
         return EXIT_CONFIG
     log = Log(out, err, config.log_format, config.secrets, clock)
+    if unknown:
+        log.warning(
+            "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
+        )
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),

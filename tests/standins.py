@@ -469,7 +469,12 @@ class SchemaCheck:
 class KvStandin(Standin):
     """Cloudflare's Workers KV API for one namespace, strict to its limits, with faults on demand."""
 
-    OPERATIONS = {("GET", "/keys"): "list", ("PUT", "/bulk"): "bulk_put", ("POST", "/bulk/delete"): "bulk_delete"}
+    OPERATIONS = {
+        ("GET", "/keys"): "list",
+        ("PUT", "/bulk"): "bulk_put",
+        ("POST", "/bulk/delete"): "bulk_delete",
+        ("GET", ""): "namespace",  # Get a Namespace: not in the KV schema of ../shared/reference
+    }
 
     def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool | None = None) -> None:
         super().__init__()
@@ -543,6 +548,8 @@ class KvStandin(Standin):
             body = json.loads(raw) if raw else None
         except ValueError:
             return self.answer(request, method, suffix, 400, _error(10002, "request body is not valid JSON"))
+        if operation == "namespace":
+            return self.namespace(request, query, raw)
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
@@ -581,6 +588,21 @@ class KvStandin(Standin):
                 checked = {**body, "result_info": {k: v for k, v in body["result_info"].items() if k != "cursor"}}
             self.violations += self.schema.response(method, suffix, status, checked, legacy)
         request.send(status, body)
+
+    def namespace(self, request: _Handler, query: dict[str, str], raw: bytes) -> None:
+        """GET /accounts/{account_id}/storage/kv/namespaces/{namespace_id}: no query, no body; the
+        envelope with the namespace (id, title, supports_url_encoding), as Cloudflare documents it."""
+        if query or raw:
+            with self.lock:
+                self.violations.append(f"namespace: a GET with a query or a body: {query} {raw[:40]!r}")
+            return request.send(400, _error(10001, "a GET takes no query or body"))
+        fault = self.fault_for("namespace")
+        if fault and fault.kind == "raw":
+            return request.send(fault.status, fault.body)
+        if fault:
+            return request.send(fault.status, _error(10500, "Internal server error"))
+        result = {"id": NAMESPACE, "title": "crowdsec-decisions", "supports_url_encoding": True}
+        request.send(200, {"success": True, "errors": [], "messages": [], "result": result})
 
     def list(self, query: dict[str, str], body: Any) -> tuple[int, dict]:
         try:

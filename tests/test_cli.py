@@ -175,3 +175,99 @@ def test_the_script_runs_the_same_from_its_file(stack):
     result = stack.run_process("--help")
     assert result.code == 0 and all(name in result.out for name, _ in job.ENVIRONMENT)
     assert SCRIPT.name == "lapi_kv_sync.py"
+
+
+# --------------------------------------------------------------------------- variables set but not read
+
+
+def test_the_known_variables_are_exactly_those_the_job_reads():
+    """One list: what a misspelling is measured against is what load_config and the flags read."""
+    assert variables_read() | {variable for _, variable, _ in job.RUN_FLAGS} == job.KNOWN_VARIABLES
+
+
+@pytest.mark.parametrize(
+    ("set_as", "meant", "value"),
+    [("DRYRUN", "DRY_RUN", "true"), ("MAX_DELETE", "MAX_DELETES", "1"), ("dry_run", "DRY_RUN", "true")],
+)
+def test_a_misspelled_variable_is_a_configuration_error_naming_both(stack, set_as, meant, value):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(**{set_as: value})
+    assert result.code == job.EXIT_CONFIG
+    assert f"{set_as} is not a variable this job reads: did you mean {meant}?" in result.err
+    assert stack.kv.writes == 0 and stack.lapi.queries == []
+
+
+def test_an_unknown_variable_with_the_jobs_prefix_gets_one_warning(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(CF_ZONE_ID="abc", LAPI_PORT_NAME="x", KV_PREFIX="ip:")
+    assert result.code == 0, result.err
+    (line,) = [line for line in result.err.splitlines() if "not read" in line]
+    assert line.startswith("lapi-kv-sync: warning:") and "CF_ZONE_ID, KV_PREFIX, LAPI_PORT_NAME" in line
+    assert set(stack.kv.live()) == {"ip:192.0.2.1"}
+
+
+def test_a_containers_usual_environment_trips_nothing():
+    """What a python image, Kubernetes (a Service per name in the namespace, `lapi` one of them)
+    and a shell put in the environment is none of the job's business."""
+    usual = [
+        "HOSTNAME",
+        "HOME",
+        "PATH",
+        "LANG",
+        "TERM",
+        "PWD",
+        "SHLVL",
+        "TZ",
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "PYTHON_VERSION",
+        "PYTHON_SHA256",
+        "PYTHON_PIP_VERSION",
+        "GPG_KEY",
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+        "KUBERNETES_SERVICE_PORT_HTTPS",
+        "KUBERNETES_PORT",
+        "KUBERNETES_PORT_443_TCP",
+        "KUBERNETES_PORT_443_TCP_ADDR",
+        "KUBERNETES_PORT_443_TCP_PORT",
+        "KUBERNETES_PORT_443_TCP_PROTO",
+        "LAPI_SERVICE_HOST",
+        "LAPI_SERVICE_PORT",
+        "LAPI_PORT",
+        "LAPI_PORT_8080_TCP",
+        "LAPI_PORT_8080_TCP_ADDR",
+        "LAPI_KV_SYNC_SERVICE_HOST",
+        "https_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "CLOUDFLARE_API_TOKEN",
+        "CLOUDFLARE_ACCOUNT_ID",
+        "POD_NAMESPACE",
+        "STATE",
+        "FORCE_COLOR",
+        "PYTEST_CURRENT_TEST",
+    ]
+    assert job.unread_variables(usual) == ([], [])
+
+
+@given(st.sampled_from(sorted(job.KNOWN_VARIABLES)), st.data())
+def test_one_letter_dropped_or_doubled_in_a_long_name_is_caught(name, data):
+    """Any known name of 8 letters or more, one character dropped or doubled, is a misspelling of it."""
+    if len(name) < 8:
+        return
+    at = data.draw(st.integers(0, len(name) - 1))
+    typo = data.draw(st.sampled_from([name[:at] + name[at + 1 :], name[:at] + name[at] + name[at:]]))
+    if typo in job.KNOWN_VARIABLES:
+        return
+    misspelled, unknown = job.unread_variables([typo])
+    assert len(misspelled) == 1 and misspelled[0].startswith(f"{typo} is not a variable") and unknown == []
+
+
+def test_a_state_file_in_a_directory_that_does_not_exist_is_a_configuration_error(stack, tmp_path):
+    path = tmp_path / "not-mounted" / "record.gz"
+    result = stack.run(STATE_FILE=str(path))
+    assert result.code == job.EXIT_CONFIG
+    assert f"STATE_FILE: the directory {path.parent} of {path} does not exist" in result.err
+    assert sum(stack.kv.requests.values()) == 0 and stack.lapi.queries == []
+    assert stack.run(STATE_FILE=str(tmp_path / "record.gz")).code == 0  # its directory exists

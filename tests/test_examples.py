@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 import urllib.parse
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import lapi_kv_sync as job
 from tests.conftest import ROOT
 from tests.standins import decision
 from tests.test_cli import variables_read
+from tests.test_core import BASE_ENV
 from tests.test_deploy import container, cronjob_pod, kubectl, one, render, run_pod
 
 EXAMPLE = ROOT / "k8s" / "examples" / "overlay" / "kustomization.yaml"
@@ -195,3 +197,37 @@ def test_the_recipe_makes_a_job_that_dry_runs(example, stack, tmp_path):
 
 def test_kubectl_is_at_hand():
     assert shutil.which("kubectl") or os.environ.get("CI") != "true"
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+def test_the_examples_placeholders_are_refused_at_start_naming_each_setting(tmp_path):
+    """Left as they are, the example's ids, the Secret's values and wrangler.toml's namespace id
+    stop the job at start (exit 2) naming the setting, not with a 404 or 403 every minute."""
+    secret = yaml.safe_load((ROOT / "k8s" / "secret.example.yaml").read_text())["stringData"]
+    files = {}
+    for key, variable in (("lapi-key", "LAPI_KEY_FILE"), ("cf-api-token", "CF_API_TOKEN_FILE")):
+        (tmp_path / key).write_text(secret[key] + "\n")
+        files[variable] = str(tmp_path / key)
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**literals(), **files})
+    named = {problem.split()[0] for problem in refused.value.problems}
+    assert named == {"CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE"}
+    assert all("placeholder" in problem for problem in refused.value.problems)
+
+    namespace_id = tomllib.loads((ROOT / "worker" / "wrangler.toml").read_text())["kv_namespaces"][0]["id"]
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**BASE_ENV, "CF_KV_NAMESPACE_ID": namespace_id})
+    assert refused.value.problems == [
+        f"CF_KV_NAMESPACE_ID is still the example's placeholder {namespace_id!r}: set it to yours"
+    ]
+
+
+@pytest.mark.parametrize("value", sorted(job.EXAMPLE_VALUES))
+def test_the_values_older_examples_shipped_are_refused_too(value):
+    for name in ("CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "CF_API_TOKEN", "LAPI_KEY"):
+        with pytest.raises(job.ConfigError) as refused:
+            job.load_config({**BASE_ENV, name: value})
+        (problem,) = refused.value.problems
+        assert problem.startswith(name) and "placeholder" in problem

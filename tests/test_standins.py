@@ -111,3 +111,14 @@ def test_lapi_usage_metrics_answered_and_checked_as_crowdsec_does():
         lapi.usage_metrics_supported = False  # LAPI before 1.6.3
         assert post_usage(lapi, good) == 404
         assert len(lapi.usage_metrics) == 2 and lapi.queries == []  # not counted as decision reads
+
+
+def test_the_namespace_get_is_served_as_cloudflare_documents_it_and_nothing_else(kv):
+    status, answer = call(kv, "GET", "")
+    assert status == 200 and answer["success"] is True and answer["result"]["id"] == kv.base.rsplit("/", 1)[1]
+    assert set(answer["result"]) == {"id", "title", "supports_url_encoding"}
+    assert call(kv, "GET", "", token="a-revoked-token-0123")[0] == 403
+    assert call(kv, "GET", "?x=1")[0] == 400 and kv.violations  # a GET that carries a query
+    kv.violations.clear()
+    assert call(kv, "DELETE", "")[0] == 404 and call(kv, "PUT", "", body={})[0] == 404
+    assert kv.requests["namespace"] == 3
