@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tests.real import require
 from tests.standins import ACCOUNT, NAMESPACE, decision
 
 K8S = ROOT / "k8s"
+ALERTS = K8S / "alerts" / "prometheusrule.yaml"  # the alert rules' one copy
 
 
 def kubectl() -> str:
@@ -251,17 +253,50 @@ def test_the_unconfigured_base_fails_with_a_clear_message(base, stack, tmp_path)
     assert "LAPI_KEY" not in result.err and "CF_API_TOKEN" not in result.err  # the mounted files are enough
 
 
-def test_alert_rules_pass_promtool():
-    (promtool,) = require("promtool")
+def plain_rules_command() -> list[str]:
+    """The README's command that prints the rules file for a Prometheus without the Operator."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "annotate --local -f" in line]
+    command = shlex.split(line.strip().split(" > ")[0])
+    assert command[0] == "kubectl" and "k8s/alerts/prometheusrule.yaml" in command
+    return command
+
+
+def plain_rules(folder: Path) -> Path:
+    """The rules file the README's command makes, written into `folder`."""
     done = subprocess.run(
-        [promtool, "check", "rules", str(K8S / "alerts" / "lapi-kv-sync.rules.yml")], capture_output=True, text=True
+        [kubectl(), *plain_rules_command()[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": os.devnull},  # no cluster: --local needs none
     )
+    assert done.returncode == 0, done.stderr
+    path = folder / "lapi-kv-sync.rules.json"
+    path.write_text(done.stdout)
+    return path
+
+
+def rendered_rules(folder: Path) -> Path:
+    """The `spec` of the PrometheusRule that k8s/components/prometheus-rule renders in an
+    overlay, as a rules file in `folder`: the rules the cluster gets."""
+    rule = one(render(overlay(folder / "overlay", "prometheus-rule")), "PrometheusRule")
+    path = folder / "lapi-kv-sync.rules.yml"
+    path.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    return path
+
+
+def test_alert_rules_pass_promtool(tmp_path):
+    """The rules file a plain Prometheus loads, made by the README's command, passes promtool."""
+    (promtool,) = require("promtool")
+    rules = plain_rules(tmp_path)
+    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 8 rules found" in done.stdout
 
 
 def test_alerts_use_only_metrics_the_job_pushes():
-    rules = yaml.safe_load((K8S / "alerts" / "lapi-kv-sync.rules.yml").read_text())
+    rules = yaml.safe_load(ALERTS.read_text())["spec"]
     pushed = {name for name, *_ in job.metric_samples(job.Report(started=0.0, success=True))}
     alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
     for name, expr in alerts.items():
