@@ -75,6 +75,77 @@ def container(docs: list[dict]) -> dict:
     return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
 
 
+# Settings that name a file the job reads (R) or writes (W) inside the pod.
+FILE_SETTINGS = {"LAPI_KEY_FILE": "R", "CF_API_TOKEN_FILE": "R", "LAPI_CA_CERT": "R", "STATE_FILE": "W"}
+
+
+def assert_the_cluster_can_run(docs: list[dict]) -> None:
+    """What the cluster does with the rendered objects, checked before it does it: every name
+    the CronJob's pod refers to exists (ServiceAccount, ConfigMaps, claims; the Secret is the
+    user's, lapi-kv-sync), every mount has its volume and every volume is mounted, each file a
+    setting names lies on a mount (writable where the job writes), every NetworkPolicy selects
+    the job's pods, and every object is in one namespace."""
+    pod = cronjob_pod(docs)
+    spec = pod["containers"][0]
+    named = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("ServiceAccount", pod["serviceAccountName"]) in named
+    for source in spec["envFrom"]:
+        assert ("ConfigMap", source["configMapRef"]["name"]) in named
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for volume in volumes.values():
+        if "configMap" in volume:
+            assert ("ConfigMap", volume["configMap"]["name"]) in named, volume
+        if "persistentVolumeClaim" in volume:
+            assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in named, volume
+        if "secret" in volume:
+            assert volume["secret"]["secretName"] in {"lapi-kv-sync", "lapi-tls"}, volume  # the user creates them
+    mounts = {m["mountPath"]: m for m in spec["volumeMounts"]}
+    assert len(mounts) == len(spec["volumeMounts"]), "two mounts at one path"
+    assert {m["name"] for m in mounts.values()} == set(volumes), "a mount without its volume, or a volume unmounted"
+    settings = container_settings(docs)
+    for name, access in FILE_SETTINGS.items():
+        path = settings.get(name, "")
+        if not path:
+            continue
+        on = [m for at, m in mounts.items() if path.startswith(at.rstrip("/") + "/")]
+        assert on, f"{name}={path} is on no mount (the root filesystem is read-only)"
+        assert access == "R" or not on[0].get("readOnly", False), f"{name}={path} is on a read-only mount"
+    labels = pod_template_labels(docs)
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), policy["metadata"]["name"]
+    assert len({d["metadata"].get("namespace") for d in docs}) == 1
+
+
+def container_settings(docs: list[dict]) -> dict[str, str]:
+    """The environment the job's container starts with: its ConfigMaps, then its `env`."""
+    spec = container(docs)
+    settings = {}
+    for source in spec["envFrom"]:
+        settings |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]
+    return settings | {e["name"]: e.get("value", "") for e in spec.get("env", [])}
+
+
+def pod_template_labels(docs: list[dict]) -> dict[str, str]:
+    return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {})
+
+
+@pytest.mark.parametrize("docs", ["base", "image_overlay"])
+def test_the_cluster_can_run_what_renders(docs, request):
+    assert_the_cluster_can_run(request.getfixturevalue(docs))
+
+
+def test_the_consistency_check_sees_a_broken_reference(base):
+    """assert_the_cluster_can_run fails on what a cluster would fail on."""
+    broken = yaml.safe_load(yaml.safe_dump(base))
+    cronjob_pod(broken)["volumes"][0]["configMap"]["name"] = "no-such-configmap"
+    with pytest.raises(AssertionError):
+        assert_the_cluster_can_run(broken)
+    broken = yaml.safe_load(yaml.safe_dump(base))
+    one(broken, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] = {"app": "other"}
+    with pytest.raises(AssertionError):
+        assert_the_cluster_can_run(broken)
+
+
 def test_the_configmap_holds_exactly_the_script(base):
     script = one(base, "ConfigMap", "lapi-kv-sync-script-")
     assert list(script["data"]) == ["lapi_kv_sync.py"]
