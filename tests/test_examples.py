@@ -113,10 +113,11 @@ def test_the_example_renders_and_validates(example, example_with_image):
 
 def test_the_example_keeps_its_state_on_the_claim(example):
     claim = one(example, "PersistentVolumeClaim")["metadata"]["name"]
-    (volume,) = [v["name"] for v in cronjob_pod(example)["volumes"] if "persistentVolumeClaim" in v]
-    (mount,) = [m["mountPath"] for m in container(example)["volumeMounts"] if m["name"] == volume]
-    assert cronjob_pod(example)["volumes"][-1]["persistentVolumeClaim"]["claimName"] == claim
-    assert container_settings(example)["STATE_FILE"].startswith(mount + "/")
+    volumes = cronjob_pod(example)["volumes"]
+    (volume,) = [v["name"] for v in volumes if v.get("persistentVolumeClaim", {}).get("claimName") == claim]
+    (mount,) = [m for m in container(example)["volumeMounts"] if m["name"] == volume]
+    assert not mount.get("readOnly", False)
+    assert container_settings(example)["STATE_FILE"].startswith(mount["mountPath"] + "/")
 
 
 def free_plan_note() -> str:
@@ -139,8 +140,9 @@ def test_the_free_plan_note_names_state_origins_and_schedule_and_each_takes_effe
 
 
 def test_the_optional_patches_render_as_they_say(tmp_path):
-    """The node preference and StorageClass for the state volume, the PrometheusRule's label:
-    uncommented, each reaches its object, and the objects still validate."""
+    """The node preference and StorageClass for the state volume, the monitoring components and
+    the PrometheusRule's label: uncommented, each reaches its object, and the objects still
+    validate, all in the overlay's namespace."""
     import kubernetes_validate
 
     folder = copied_example(
@@ -149,6 +151,7 @@ def test_the_optional_patches_render_as_they_say(tmp_path):
         "EDIT-a-storage-class",
         component("prometheus-rule"),
         "EDIT-your-release",
+        component("grafana-dashboard"),
     )
     docs = render(folder)
     affinity = cronjob_pod(docs)["affinity"]["nodeAffinity"]
@@ -157,6 +160,7 @@ def test_the_optional_patches_render_as_they_say(tmp_path):
     assert "requiredDuringSchedulingIgnoredDuringExecution" not in affinity  # runs elsewhere when the node is gone
     assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == "EDIT-a-storage-class"
     assert one(docs, "PrometheusRule")["metadata"]["labels"]["release"] == "EDIT-your-release"
+    assert one(docs, "ConfigMap", "lapi-kv-sync-dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
     version = kubernetes_validate.utils.latest_version()
     for doc in docs:
         if doc["kind"] != "PrometheusRule":  # a CRD: tests/test_deploy_monitoring.py checks its shape
