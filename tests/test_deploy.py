@@ -76,7 +76,14 @@ def container(docs: list[dict]) -> dict:
 
 
 # Settings that name a file the job reads (R) or writes (W) inside the pod.
-FILE_SETTINGS = {"LAPI_KEY_FILE": "R", "CF_API_TOKEN_FILE": "R", "LAPI_CA_CERT": "R", "STATE_FILE": "W"}
+FILE_SETTINGS = {
+    "LAPI_KEY_FILE": "R",
+    "CF_API_TOKEN_FILE": "R",
+    "LAPI_CA_CERT": "R",
+    "LAPI_CLIENT_CERT": "R",
+    "LAPI_CLIENT_KEY": "R",
+    "STATE_FILE": "W",
+}
 
 
 def assert_the_cluster_can_run(docs: list[dict]) -> None:
@@ -107,9 +114,10 @@ def assert_the_cluster_can_run(docs: list[dict]) -> None:
         path = settings.get(name, "")
         if not path:
             continue
-        on = [m for at, m in mounts.items() if path.startswith(at.rstrip("/") + "/")]
+        on = [at for at in mounts if path.startswith(at.rstrip("/") + "/")]
         assert on, f"{name}={path} is on no mount (the root filesystem is read-only)"
-        assert access == "R" or not on[0].get("readOnly", False), f"{name}={path} is on a read-only mount"
+        mount = mounts[max(on, key=len)]  # the innermost mount holds the file
+        assert access == "R" or not mount.get("readOnly", False), f"{name}={path} is on a read-only mount"
     labels = pod_template_labels(docs)
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), policy["metadata"]["name"]
@@ -144,6 +152,11 @@ def test_the_consistency_check_sees_a_broken_reference(base):
     one(broken, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] = {"app": "other"}
     with pytest.raises(AssertionError):
         assert_the_cluster_can_run(broken)
+    for state_file in ("/app/record.gz", "/var/lib/lapi-kv-sync/record.gz"):  # read-only; on no mount
+        broken = yaml.safe_load(yaml.safe_dump(base))
+        one(broken, "ConfigMap", "lapi-kv-sync-settings-")["data"]["STATE_FILE"] = state_file
+        with pytest.raises(AssertionError):
+            assert_the_cluster_can_run(broken)
 
 
 def test_the_configmap_holds_exactly_the_script(base):
