@@ -27,10 +27,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import lapi_kv_sync as job
 from tests.real import RealPushgateway, bounded, find, free_port, stop, wait_until_ready
 from tests.standins import decision
 from tests.test_alerts import CLOUDFLARE_REFUSED, LAPI_REFUSED, OK, Run, SimClock, healthy, timeline
-from tests.test_dashboard import DASHBOARD, panels, promql
+from tests.test_dashboard import DASHBOARD, panels, promql, summed_at_new_successes
 
 OUT = DASHBOARD.with_suffix(".png")
 EPOCH = datetime(2026, 12, 1, 8, 0, tzinfo=UTC).timestamp()  # minute 0 of the runs
@@ -240,6 +241,11 @@ def main(argv: list[str]) -> int:
         end = EPOCH + 60 * MINUTES
         with Prometheus(work / "data") as prometheus:
             drawn = {p["id"]: answers(prometheus, p, end) for p in panels()}
+    # The picture shows what the runs did: the audits panel against the scrapes themselves.
+    (audits,) = [p["id"] for p in panels() if p["title"] == "Audits by reason"]
+    shown = {name: counts[-1] for name, _, counts in drawn[audits]}
+    done = {r: summed_at_new_successes(values, "crowdsec_kv_sync_audited", reason=r) for r in job.AUDIT_REASONS}
+    assert shown == done, f"Prometheus answered {shown}, the runs made {done}"
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels())
     unit = 0.3  # inches per grid row
     figure = plt.figure(figsize=(16, rows * unit + 0.5), facecolor=BACKGROUND)
