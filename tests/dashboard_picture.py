@@ -26,11 +26,13 @@ import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import lapi_kv_sync as job
+from tests import test_alerts as alerts
 from tests.real import RealPushgateway, bounded, find, free_port, stop, wait_until_ready
 from tests.standins import decision
-from tests.test_alerts import CLOUDFLARE_REFUSED, LAPI_REFUSED, OK, Run, SimClock, healthy, timeline
+from tests.test_alerts import CLOUDFLARE_REFUSED, LAPI_REFUSED, OK, Run, SimClock, healthy
 from tests.test_dashboard import DASHBOARD, panels, promql, summed_at_new_successes
 
 OUT = DASHBOARD.with_suffix(".png")
@@ -42,10 +44,11 @@ BACKGROUND, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 
 
 class ElapsedClock(SimClock):
-    """The simulated clock, moving as real time does within a run, so that durations are real."""
+    """The simulated clock from EPOCH on (the alert tests' starts at 0, where promtool's series
+    do), moving as real time does within a run, so that durations are real."""
 
     def __init__(self, at: float) -> None:
-        super().__init__(at)
+        super().__init__(EPOCH + at)
         self.started = time.monotonic()
 
     def now(self) -> float:
@@ -190,6 +193,7 @@ def draw(figure, panel: dict, drawn: list, box: tuple[float, float, float, float
     for spine in inner.spines.values():
         spine.set_visible(False)
     if panel["type"] == "bargauge":
+        drawn = sorted(drawn)  # Prometheus answers in no set order
         names = [name for name, _, _ in drawn]
         values = [v[-1] for _, _, v in drawn]
         inner.barh(names, values, color=COLORS["blue"], height=0.6)
@@ -230,8 +234,9 @@ def main(argv: list[str]) -> int:
     promtool = find("promtool")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        with RealPushgateway() as pushgateway:
-            values = timeline(scenario(work / "record.gz"), pushgateway, epoch=EPOCH, clock=ElapsedClock)
+        # timeline() gives each run a SimClock: here, this one.
+        with RealPushgateway() as pushgateway, mock.patch.object(alerts, "SimClock", ElapsedClock):
+            values = alerts.timeline(scenario(work / "record.gz"), pushgateway)
         (work / "scrapes.om").write_text(openmetrics(values))
         subprocess.run(
             [promtool, "tsdb", "create-blocks-from", "openmetrics", str(work / "scrapes.om"), str(work / "data")],

@@ -108,15 +108,9 @@ def scrape(pushgateway: RealPushgateway) -> dict[str, str]:
     return scraped
 
 
-def timeline(
-    runs_by_minute: list[Run | list[Run] | None],
-    pushgateway: RealPushgateway,
-    epoch: float = 0.0,
-    clock: Callable[[float], SimClock] = SimClock,
-) -> dict[str, list[str]]:
+def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPushgateway) -> dict[str, list[str]]:
     """Run the job as scheduled, scrape every minute; each series' values for promtool, where
-    index k is the scrape at minute k (the runs of minutes before k have pushed). Minute 0 is
-    Unix time `epoch` (promtool's series start at 0); each run's clock is `clock(its start)`."""
+    index k is the scrape at minute k (the runs of minutes before k have pushed)."""
     scrapes = []
     with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv:
         stack = Stack(lapi, kv, pushgateway)
@@ -127,7 +121,7 @@ def timeline(
                 if run.stray_key:
                     kv.store.setdefault("ip:203.0.113.9", Entry("ban", None, {"remediation": "ban"}))
                 out, err = io.StringIO(), io.StringIO()
-                at = clock(epoch + minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
+                at = SimClock(minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
                 code = job.main(list(run.args), stack.env(**dict(run.env)), out, err, at.clock())
                 assert_no_secret(out.getvalue(), err.getvalue())
                 assert code == run.exit_code, err.getvalue()
