@@ -25,17 +25,18 @@ import pytest
 import yaml
 
 import lapi_kv_sync as job
-from tests.conftest import CF_TOKEN, LAPI_KEY, ROOT, Stack, assert_no_secret
+from tests.conftest import CF_TOKEN, LAPI_KEY, Stack, assert_no_secret
 from tests.real import RealPushgateway, require
 from tests.standins import Entry, KvStandin, LapiStandin, decision
+from tests.test_deploy import ALERTS, rendered_rules
 
-RULES = ROOT / "k8s" / "alerts" / "lapi-kv-sync.rules.yml"
 JOB = job.JOB_NAME
 START = 5  # seconds past the minute a CronJob's run starts (scheduling, pod start)
 
 
 def alert_rules() -> dict[str, dict]:
-    return {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    groups = yaml.safe_load(ALERTS.read_text())["spec"]["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
 
 
 def minutes(duration: str | None) -> int:
@@ -249,8 +250,11 @@ def promtool_test(scenario: Scenario, series: dict[str, list[str]], rules: dict[
 
 @pytest.fixture(scope="module")
 def promtool_file(tmp_path_factory) -> Path:
-    """The promtool test file of every scenario, from the job's real pushes."""
+    """The promtool test file of every scenario, from the job's real pushes, for the rules the
+    PrometheusRule component renders (tests/test_deploy_monitoring.py: the same as the plain
+    rules file)."""
     require("promtool")
+    rules_file = rendered_rules(tmp_path_factory.mktemp("rules"))
     rules = alert_rules()
     tests = []
     for scenario in SCENARIOS:
@@ -259,7 +263,7 @@ def promtool_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("alerts") / "lapi-kv-sync.test.yml"
     path.write_text(
         yaml.safe_dump(
-            {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False, width=10**6
+            {"rule_files": [str(rules_file)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False, width=10**6
         )
     )
     return path
@@ -293,4 +297,4 @@ def selector(name: str, labels: dict[str, str]) -> str:
 
 
 def test_the_rules_say_they_need_honor_labels():
-    assert "honor_labels: true" in RULES.read_text()
+    assert "honor_labels: true" in ALERTS.read_text()
