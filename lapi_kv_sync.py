@@ -2007,6 +2007,14 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def rfc3339(seconds: float) -> str:
+    """Unix time as RFC 3339 in UTC with milliseconds (`2026-12-02T10:35:58.123Z`): what log
+    pipelines (Loki, Elasticsearch, Fluent Bit, Vector) parse as a timestamp without configuration."""
+    millis = round(seconds * 1000)  # whole milliseconds first, so .9996 carries into the next second
+    whole = time.gmtime(millis // 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{millis % 1000:03d}Z"
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2025,7 +2033,7 @@ class Log:
         message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
-                "time": round(self.clock.now(), 3),
+                "time": rfc3339(self.clock.now()),
                 "level": level,
                 "event": event,
                 "message": message,
