@@ -1,4 +1,4 @@
-"""Local stand-ins for CrowdSec LAPI, Cloudflare Workers KV and the Pushgateway.
+"""Local stand-ins for CrowdSec LAPI, Cloudflare Workers KV, the Pushgateway and an HTTP proxy.
 
 Each is a real HTTP/1.1 server with keep-alive on 127.0.0.1, started in a daemon thread,
 counting the connections it accepts. They stop when their `with` block ends, and on their
@@ -12,11 +12,15 @@ LAPI stand-in checks usage metrics against CrowdSec's swagger the same way.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
+import http.client
 import json
 import re
 import secrets
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -192,6 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self.server.owner.handle(self, "DELETE")
+
+    def do_CONNECT(self) -> None:
+        self.server.owner.handle(self, "CONNECT")
 
 
 class Standin:
@@ -770,3 +777,81 @@ class PushgatewayStandin(Standin):
             if series == (f"{name}{{{labels}}}" if labels else name):
                 return float(value)
         return None
+
+
+# --------------------------------------------------------------------------- HTTP proxy
+
+
+@dataclass
+class Proxied:
+    method: str  # CONNECT, or the method of a plain HTTP request sent on
+    target: str  # host:port for CONNECT, the whole URL otherwise
+    authorization: str | None  # the Proxy-Authorization header as it came
+
+
+class ProxyStandin(Standin):
+    """An HTTP proxy as Squid or a corporate proxy is: CONNECT tunnels (then bytes both ways,
+    untouched: TLS stays between the client and the target) and plain HTTP requests in absolute
+    form, sent on. It records what it was asked in `requests`. `hosts` maps a target's name to
+    the address it connects to (a name no DNS knows then reaches a stand-in on 127.0.0.1);
+    `refuse` answers every request with that status instead; `credentials` ("user:password")
+    makes it answer 407 to a request without them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Proxied] = []
+        self.hosts: dict[str, str] = {}
+        self.refuse: int | None = None
+        self.credentials: str | None = None
+        self.silent = False  # read a CONNECT, then answer nothing until the client goes away
+
+    def handle(self, request: _Handler, method: str) -> None:
+        authorization = request.headers.get("Proxy-Authorization")
+        with self.lock:
+            self.requests.append(Proxied(method, request.path, authorization))
+        body = request.body()
+        expected = None
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(self.credentials.encode()).decode()
+        if self.refuse or (expected is not None and authorization != expected):
+            status = self.refuse or 407
+            headers = {"Proxy-Authenticate": 'Basic realm="proxy"'} if status == 407 else {}
+            request.close_connection = True
+            return request.send(status, f"{status} from the proxy", "text/plain", headers)
+        if method == "CONNECT" and self.silent:
+            request.close_connection = True
+            self.stopped.wait(LIFETIME)
+            return None
+        if method == "CONNECT":
+            return self.tunnel(request)
+        url = urllib.parse.urlsplit(request.path)
+        upstream = http.client.HTTPConnection(self.hosts.get(url.hostname, url.hostname), url.port, timeout=60)
+        try:
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "proxy-authorization"}
+            upstream.request(method, urllib.parse.urlunsplit(("", "", url.path, url.query, "")), body, headers)
+            answer = upstream.getresponse()
+            request.send(answer.status, answer.read(), answer.getheader("Content-Type", "text/plain"))
+        finally:
+            upstream.close()
+
+    def tunnel(self, request: _Handler) -> None:
+        request.close_connection = True
+        host, _, port = request.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((self.hosts.get(host, host), int(port)), timeout=10)
+        except OSError:
+            return request.send(502, "cannot reach the target", "text/plain")
+        with upstream:
+            request.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            request.wfile.flush()
+            ends = (request.connection, upstream)
+            while not self.stopped.is_set():
+                readable, _, _ = select.select(ends, [], [], 0.1)
+                for end in readable:
+                    try:
+                        data = end.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    (upstream if end is request.connection else request.connection).sendall(data)
