@@ -4,10 +4,10 @@ Each is a real HTTP/1.1 server with keep-alive on 127.0.0.1, started in a daemon
 counting the connections it accepts. They stop when their `with` block ends, and on their
 own after `LIFETIME` seconds in any case, so a stuck test never leaves a server behind.
 
-The KV stand-in is strict to Cloudflare's published limits and, where `../shared/reference`
-is present, checks every request it gets and every answer it gives against Cloudflare's own
-OpenAPI schema; what does not fit lands in `violations`, which the tests assert is empty. The
-LAPI stand-in checks usage metrics against CrowdSec's swagger the same way.
+The KV stand-in is strict to Cloudflare's published limits and checks every request it gets
+and every answer it gives against Cloudflare's own OpenAPI schema (tests/reference); what does
+not fit lands in `violations`, which the tests assert is empty. The LAPI stand-in checks usage
+metrics against CrowdSec's swagger the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 LIFETIME = 900
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "reference"  # the published schemas: tests/reference/README.md
 KV_SCHEMA = REFERENCE / "cloudflare" / "workers-kv-openapi.json"
 KV_SCHEMA_2024 = REFERENCE / "cloudflare" / "workers-kv-openapi-2024-08-06.json"
 USAGE_SCHEMA = REFERENCE / "crowdsec-lapi-swagger" / "usage-metrics.json"
@@ -281,7 +281,7 @@ def decision(value: str, seconds: float = 3600, type: str = "ban", scope: str = 
 class UsageSchemaCheck:
     """Validates a `POST /v1/usage-metrics` body against CrowdSec's swagger (Swagger 2.0 schemas
     are JSON Schema draft 4: an integer is not 1.0, as Go's int64 is not), plus what CrowdSec's
-    code and bouncer-metrics spec add (../shared/reference/README.md)."""
+    code and bouncer-metrics spec add (tests/reference/README.md)."""
 
     def __init__(self, path: Path = USAGE_SCHEMA) -> None:
         from jsonschema import Draft4Validator
@@ -310,10 +310,10 @@ class UsageSchemaCheck:
 class LapiStandin(Standin):
     """GET /v1/decisions with X-Api-Key. `decisions` (None answers `null`), or `answer` to misbehave.
     POST /v1/usage-metrics as CrowdSec 1.6.3+ takes it (201), bodies kept in `usage_metrics` and
-    checked against CrowdSec's schema where ../shared is present; `usage_answer` to misbehave,
+    checked against CrowdSec's schema (unless `schema=False`); `usage_answer` to misbehave,
     `usage_metrics_supported = False` to answer 404 as LAPI before 1.6.3 does."""
 
-    def __init__(self, key: str = "lapi-test-key-0123456789", schema: bool | None = None) -> None:
+    def __init__(self, key: str = "lapi-test-key-0123456789", schema: bool = True) -> None:
         super().__init__()
         self.key = key
         self.decisions: list[dict] | None = []
@@ -329,7 +329,7 @@ class LapiStandin(Standin):
         self.usage_delay = 0.0
         self.usage_drop = False
         self.violations: list[str] = []
-        self.usage_schema = UsageSchemaCheck() if (USAGE_SCHEMA.exists() if schema is None else schema) else None
+        self.usage_schema = UsageSchemaCheck() if schema else None
 
     def body(self) -> bytes:
         if self.decisions is None:
@@ -478,7 +478,7 @@ class KvStandin(Standin):
 
     OPERATIONS = {("GET", "/keys"): "list", ("PUT", "/bulk"): "bulk_put", ("POST", "/bulk/delete"): "bulk_delete"}
 
-    def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool | None = None) -> None:
+    def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool = True) -> None:
         super().__init__()
         self.token = token
         self.store: dict[str, Entry] = {}
@@ -497,8 +497,7 @@ class KvStandin(Standin):
         self._cursors: dict[str, tuple[str, str]] = {}
         self._names: list[str] = []
         self._metadata_sizes: dict[tuple, int] = {}
-        use_schema = KV_SCHEMA.exists() if schema is None else schema
-        self.schema = SchemaCheck() if use_schema else None
+        self.schema = SchemaCheck() if schema else None
         self.base = f"/client/v4/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}"
 
     @property
