@@ -212,8 +212,8 @@ class Standin:
         self.stopped = threading.Event()
         self.server = _Server(self, _Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._timer = threading.Timer(LIFETIME, self.stop)
-        self._timer.daemon = True
+        self.lifetime = LIFETIME  # seconds until it stops by itself (the playground sets its own)
+        self._timer: threading.Timer | None = None
 
     scheme = "http"
 
@@ -231,12 +231,15 @@ class Standin:
 
     def start(self) -> Standin:
         self._thread.start()
+        self._timer = threading.Timer(self.lifetime, self.stop)
+        self._timer.daemon = True
         self._timer.start()
         return self
 
     def stop(self) -> None:
         self.stopped.set()
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self.server.shutdown()
         self.server.server_close()
 
