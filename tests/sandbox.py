@@ -182,7 +182,8 @@ def serve(where: Path, lifetime: float | None) -> int:
     for standin in (lapi, kv, push, control):
         standin.lifetime = lifetime or 365 * 24 * 3600.0  # the playground runs until Ctrl-C
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())  # as Ctrl-C: clean up, exit 0
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (twice, too) or kill: clean up, exit 0
+        signal.signal(signum, lambda signum, frame: stop.set())
     try:
         with lapi, kv, push, control:
             print(f"lapi-kv-sync sandbox: LAPI {lapi.url}, KV {kv.api_url}, Pushgateway {push.url}")
@@ -198,8 +199,7 @@ def serve(where: Path, lifetime: float | None) -> int:
             print("      python3 -m tests.sandbox add 192.0.2.99 ban 4h | remove 192.0.2.99 | decisions")
             print("Ctrl-C stops the sandbox.", flush=True)
             where.write_text(json.dumps({"control": control.url, "pid": os.getpid()}))
-            with contextlib.suppress(KeyboardInterrupt):
-                stop.wait(lifetime)
+            stop.wait(lifetime)
     finally:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(where.read_text()).get("pid") == os.getpid():  # another sandbox's file stays
