@@ -119,7 +119,7 @@ class Config:
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
-    proxies: Proxies = field(default_factory=lambda: Proxies())
+    proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -674,7 +674,7 @@ class Http:
         """A socket to the proxy; with `tunnel`, one that CONNECT has joined to `address`."""
         try:
             sock = self._connect((proxy.host, proxy.port), timeout, source_address)
-        except (LookupTimeout, TransportError):
+        except LookupTimeout:  # it names the proxy's host
             raise
         except TimeoutError:
             raise NamedTimeout(f"the connection to {proxy}") from None
@@ -711,6 +711,10 @@ class Http:
                     raise ProxyError(f"{proxy} answered CONNECT {authority} with a head over {MAX_PROXY_HEAD} bytes")
         except TimeoutError:
             raise NamedTimeout(f"the answer of {proxy} to CONNECT {authority}") from None
+        except ProxyError:
+            raise
+        except OSError as e:  # reset, broken pipe: the proxy is what failed, say so
+            raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
         status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
         if status is None:
             raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
