@@ -14,6 +14,7 @@ Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
 import contextlib
 import difflib
@@ -137,10 +138,124 @@ class Config:
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
+    proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.lapi_key, self.cf_api_token) if s)
+        return tuple(s for s in (self.lapi_key, self.cf_api_token, *self.proxies.secrets) if s)
+
+
+class Proxy(NamedTuple):
+    """An HTTP proxy, from HTTPS_PROXY or HTTP_PROXY: spoken to in plain HTTP, an https:// target
+    reached through a CONNECT tunnel with TLS still end to end with the target."""
+
+    host: str
+    port: int
+    variable: str  # the variable it came from, for messages
+    user: str = ""
+    password: str = ""
+
+    def __str__(self) -> str:  # what messages show: never the credentials
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"the proxy {host}:{self.port} ({self.variable})"
+
+    __repr__ = __str__  # a Config in a traceback must not show the password either
+
+    @property
+    def authorization(self) -> str:
+        """The Proxy-Authorization header's value; "" without credentials."""
+        if not (self.user or self.password):
+            return ""
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode("ascii")
+
+
+class Proxies(NamedTuple):
+    https: Proxy | None = None
+    http: Proxy | None = None
+    no_proxy: tuple[str, ...] = ()  # NO_PROXY's entries, lower case, leading dots stripped
+
+    def for_url(self, scheme: str, host: str, port: int) -> Proxy | None:
+        """The proxy a request to this URL goes through; None to go direct."""
+        proxy = self.https if scheme == "https" else self.http
+        return None if proxy is None or bypasses_proxy(self.no_proxy, host, port) else proxy
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        proxies = [p for p in (self.https, self.http) if p is not None]
+        return tuple(s for p in proxies for s in (p.password, p.authorization.removeprefix("Basic ")) if s)
+
+
+# Each proxy variable as curl and Python read them: the lower-case name wins when both are set
+# (even empty: `https_proxy=` turns HTTPS_PROXY off), as urllib.request.getproxies_environment does.
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
+
+
+def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
+    """The variable that sets this proxy setting (lower case first) and its value."""
+    for variable in (name.lower(), name):
+        if variable in env:
+            return variable, env[variable].strip()
+    return name, ""
+
+
+def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
+    """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
+    curl and Python take it), and what is wrong with it ("" when nothing is). The message never
+    holds the credentials."""
+    if not value:
+        return None, ""
+    must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
+    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
+    if scheme.lower() != "http":
+        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    try:
+        parts = urllib.parse.urlsplit("http://" + rest)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
+        parts, host, port = None, None, None
+    if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
+        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
+        return None, f"{must}, got {shown!r}"
+    if why := unresolvable(host):
+        return None, f"{variable}: {host!r} is not a host name: {why}"
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    if any(not c.isprintable() for c in user + password):
+        return None, f"{variable}: the proxy credentials hold a control character"
+    return Proxy(host, port, variable, user, password), ""
+
+
+def no_proxy_entries(value: str) -> tuple[str, ...]:
+    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+
+
+def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:
+    """Whether NO_PROXY's entries send this host direct, as curl and Python decide: `*` for every
+    host, a name for itself and every name under it (`example.com`, `.example.com`), an address
+    for itself, `host:port` for that port only, and (as curl does) a CIDR for the addresses in it.
+    Host names are compared as written: nothing is looked up."""
+    host = host.lower().strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        name, entry_port = entry, None
+        if bracketed := re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?", entry):  # [IPv6] or [IPv6]:port
+            name, entry_port = bracketed[1], bracketed[2]
+        elif entry.count(":") == 1:  # host:port (more colons: an IPv6 address or network)
+            name, entry_port = entry.split(":")
+        if entry_port is not None and entry_port != str(port):
+            continue
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
 def valid_port(parts: urllib.parse.SplitResult) -> bool:
@@ -283,7 +398,15 @@ def load_config(env: Mapping[str, str]) -> Config:
     usage_metrics = text("LAPI_USAGE_METRICS", "true").lower()
     if usage_metrics not in ("true", "false"):
         problems.append(f"LAPI_USAGE_METRICS must be true or false, got {usage_metrics!r}")
+    proxies = {}
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        proxies[name], problem = parse_proxy(*proxy_variable(env, name))
+        if problem:
+            problems.append(problem)
     config = dict(
+        proxies=Proxies(
+            proxies["HTTPS_PROXY"], proxies["HTTP_PROXY"], no_proxy_entries(proxy_variable(env, "NO_PROXY")[1])
+        ),
         lapi_url=url("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
         pushgateway_url=url("PUSHGATEWAY_URL"),
@@ -344,7 +467,12 @@ class Response(NamedTuple):
 
 
 class TransportError(Exception):
-    """No HTTP answer at all: refused, reset, timed out."""
+    """No HTTP answer at all: refused, reset, timed out; `retry` False when trying again cannot help
+    (a proxy that refused the tunnel)."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 class DeadlineExceeded(Exception):
@@ -358,8 +486,24 @@ class DeadlineExceeded(Exception):
 RUN_OVER = "the run is over: no new connection"
 
 
-class LookupTimeout(TimeoutError):
+class NamedTimeout(TimeoutError):
+    """A wait that did not end in time; its message names what was awaited."""
+
+
+class LookupTimeout(NamedTimeout):
     """A host's name lookup did not end in time."""
+
+
+class ProxyError(OSError):
+    """A proxy that cannot be reached or refused the tunnel; `retry` False when its answer is final."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+# The head of a proxy's answer to CONNECT: a status line and a few headers.
+MAX_PROXY_HEAD = 16 * 1024
 
 
 class AnswerTooLarge(Exception):
@@ -421,10 +565,18 @@ class Http:
     at once); timeouts, retries, a run deadline that holds while an answer arrives, a size limit
     on every answer."""
 
-    def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
+    def __init__(
+        self,
+        clock: Clock,
+        timeout: float,
+        deadline: float,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+        proxies: Proxies | None = None,
+    ):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
         self.deadline_name = "RUN_DEADLINE"  # what the errors call it
         self.tls = dict(tls or {})
+        self.proxies = proxies or Proxies()
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -476,7 +628,12 @@ class Http:
             conn = http.client.HTTPConnection(netloc)
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
-        conn._create_connection = self._connect  # type: ignore[attr-defined]
+        # Through a proxy the connection's host is still the target's, so TLS checks the target's
+        # name and certificate (in the tunnel): only the socket under it goes to the proxy.
+        proxy = self.proxies.for_url(scheme, conn.host, conn.port)
+        conn.forward_proxy = proxy if scheme == "http" else None  # type: ignore[attr-defined]
+        connect = functools.partial(self._connect, proxy=proxy, tunnel=scheme == "https") if proxy else self._connect
+        conn._create_connection = connect  # type: ignore[attr-defined]
         with self._lock:
             self._still_open()
             self._opened.append(conn)
@@ -486,10 +643,21 @@ class Http:
         if self._closed:
             raise TransportError(RUN_OVER)
 
-    def _connect(self, address: tuple[str, int], timeout: Any, source_address: Any = None) -> socket.socket:
+    def _connect(
+        self,
+        address: tuple[str, int],
+        timeout: Any,
+        source_address: Any = None,
+        proxy: Proxy | None = None,
+        tunnel: bool = False,
+    ) -> socket.socket:
         """socket.create_connection, with the name lookup bounded as well: getaddrinfo takes no
         timeout, and a cluster DNS that does not answer would hold the run past RUN_DEADLINE, deaf
-        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time."""
+        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time.
+        With a proxy, the socket goes to the proxy (its name looked up the same way) and, with
+        `tunnel`, through a CONNECT to `address`."""
+        if proxy is not None:
+            return self._through(proxy, address, timeout, source_address, tunnel)
         host, port = address
         timeout = timeout if isinstance(timeout, (int, float)) else self.timeout
 
@@ -527,6 +695,64 @@ class Http:
         finally:
             error = None  # the traceback holds this frame: no cycle left for a run with the GC paused
 
+    def _through(
+        self, proxy: Proxy, address: tuple[str, int], timeout: Any, source_address: Any, tunnel: bool
+    ) -> socket.socket:
+        """A socket to the proxy; with `tunnel`, one that CONNECT has joined to `address`."""
+        try:
+            sock = self._connect((proxy.host, proxy.port), timeout, source_address)
+        except LookupTimeout:  # it names the proxy's host
+            raise
+        except TimeoutError:
+            raise NamedTimeout(f"the connection to {proxy}") from None
+        except OSError as e:
+            raise ProxyError(f"cannot connect to {proxy}: {type(e).__name__}: {e}") from None
+        if not tunnel:
+            return sock
+        try:
+            self._tunnel(sock, proxy, address, timeout if isinstance(timeout, (int, float)) else self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _tunnel(self, sock: socket.socket, proxy: Proxy, address: tuple[str, int], timeout: float) -> None:
+        """CONNECT to `address` on `sock`, bounded by `timeout` per read and by the run's deadline.
+        The answer's head is read a byte at a time, so nothing past it (the target's TLS) is taken."""
+        host, port = address
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        answer = bytearray()
+        try:
+            sock.settimeout(max(0.01, min(timeout, self._remaining())))
+            sock.sendall((head + "\r\n").encode())
+            while not answer.endswith(b"\r\n\r\n"):
+                sock.settimeout(max(0.01, min(timeout, self._remaining())))
+                byte = sock.recv(1)
+                if not byte:
+                    raise ProxyError(f"{proxy} closed the connection without answering CONNECT {authority}")
+                answer += byte
+                if len(answer) > MAX_PROXY_HEAD:
+                    raise ProxyError(f"{proxy} answered CONNECT {authority} with a head over {MAX_PROXY_HEAD} bytes")
+        except TimeoutError:
+            raise NamedTimeout(f"the answer of {proxy} to CONNECT {authority}") from None
+        except ProxyError:
+            raise
+        except OSError as e:  # reset, broken pipe: the proxy is what failed, say so
+            raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
+        status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
+        if status is None:
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+        code = int(status[1])
+        if 200 <= code < 300:
+            return
+        reason = snippet(status[2])
+        hint = PROXY_HINTS.get(code, "")
+        # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
+        raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
+
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed:
@@ -540,8 +766,10 @@ class Http:
 
     def _failure(self, error: Exception, read_timeout: float) -> Exception:
         """What a failed exchange means: the run deadline reached, or a transport failure, named."""
+        if isinstance(error, ProxyError):
+            return TransportError(str(error), retry=error.retry)
         if isinstance(error, TimeoutError):
-            lookup = str(error) if isinstance(error, LookupTimeout) else ""  # "the name lookup of <host>"
+            lookup = str(error) if isinstance(error, NamedTimeout) else ""  # "the name lookup of <host>"
             if self._remaining() <= 0.01:
                 return DeadlineExceeded(f"{self.deadline_name} passed while {lookup or 'its answer'} was still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
@@ -562,6 +790,10 @@ class Http:
         parts = urllib.parse.urlsplit(url)
         conn = self._checkout(parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        if proxy := conn.forward_proxy:  # type: ignore[attr-defined]  # plain HTTP through a proxy: the whole URL
+            target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         conn.read_timeout = read_timeout  # type: ignore[attr-defined]  # for the answer's reader
         timeout = max(0.01, min(read_timeout, self._remaining()))
         # A kept-alive socket the server closed while idle fails before any answer;
@@ -647,7 +879,7 @@ class Http:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
             except TransportError as e:
-                if attempt == retry.attempts:
+                if attempt == retry.attempts or not e.retry:
                     raise
                 cause = str(e)
             else:
@@ -711,6 +943,13 @@ def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
                 [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a PEM certificate and its matching key ({e.reason})"]
             ) from None
     return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
+
+
+# What to check when a proxy refuses a tunnel with these statuses.
+PROXY_HINTS = {
+    403: " (the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster one)",
+    407: " (the proxy wants credentials: http://user:password@host:port in the variable)",
+}
 
 
 # --------------------------------------------------------------------------- LAPI
@@ -1252,7 +1491,8 @@ class Cloudflare:
                 on_answer=lambda: self.answers.update((operation,)),
             )
         except TransportError as e:
-            raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
+            retried = " after retries" if e.retry else ""
+            raise CloudflareError(f"{operation}: no answer from Cloudflare{retried}: {e}") from None
         except DeadlineExceeded as e:
             answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
@@ -2123,6 +2363,14 @@ def escaped_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def rfc3339(seconds: float) -> str:
+    """Unix time as RFC 3339 in UTC with milliseconds (`2026-12-02T10:35:58.123Z`): what log
+    pipelines (Loki, Elasticsearch, Fluent Bit, Vector) parse as a timestamp without configuration."""
+    millis = round(seconds * 1000)  # whole milliseconds first, so .9996 carries into the next second
+    whole = time.gmtime(millis // 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{millis % 1000:03d}Z"
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2139,7 +2387,7 @@ class Log:
         message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
-                "time": round(self.clock.now(), 3),
+                "time": rfc3339(self.clock.now()),
                 "level": level,
                 "event": event,
                 "message": message,
@@ -2265,6 +2513,9 @@ ENVIRONMENT = (
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
     ("HTTP_TIMEOUT", f"seconds any one name lookup, connect or read may wait (default {Config.http_timeout:g})"),
     ("LOG_FORMAT", "text or json (default text)"),
+    ("HTTPS_PROXY", "proxy for https:// (Cloudflare): http://[user:password@]host:port, a CONNECT tunnel"),
+    ("HTTP_PROXY", "proxy for http:// URLs (default: none; https_proxy, http_proxy, no_proxy win if set)"),
+    ("NO_PROXY", "hosts reached direct: names and their subdomains, addresses, CIDRs, host:port, or *"),
 )
 
 # Each flag and the environment variable that does the same: a one-off Job made with
@@ -2277,7 +2528,11 @@ RUN_FLAGS = (
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
 # Every variable the job reads, from the two lists above (a test checks they hold all that
 # load_config reads): what a misspelling is measured against.
-KNOWN_VARIABLES = frozenset(name for name, _ in ENVIRONMENT) | {variable for _, variable, _ in RUN_FLAGS}
+KNOWN_VARIABLES = (
+    frozenset(name for name, _ in ENVIRONMENT)
+    | {variable for _, variable, _ in RUN_FLAGS}
+    | {name.lower() for name in PROXY_VARIABLES}  # read in both cases, as curl and Python do
+)
 # How alike (difflib's ratio) a name must be to a known one to be taken for a misspelling of it:
 # DRYRUN/DRY_RUN is 0.92, MAX_DELETE/MAX_DELETES 0.95, LAPI_KEYFILE/LAPI_KEY_FILE 0.96; no
 # variable a container commonly has (HOSTNAME, PYTHON_VERSION, GPG_KEY, KUBERNETES_*) comes near.
@@ -2295,7 +2550,9 @@ def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABL
     without a setting its operator meant, DRYRUN=true making a real run), and the rest that carry
     one of the job's prefixes (a known name's first word and `_`: LAPI_, CF_, KV_...), to warn of.
     Names of another shape, and Kubernetes' Service links, are none of the job's business."""
-    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in known if "_" in name}))
+    # Not the proxies' HTTP_ and NO_: those name many variables of other tools (NO_COLOR).
+    mine = (name for name in known if "_" in name and name.upper() not in PROXY_VARIABLES)
+    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in mine}))
     misspelled, unknown = [], []
     for name in sorted(names):
         if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
@@ -2760,7 +3017,7 @@ def main(
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),
-        Http(clock, config.http_timeout, started + config.run_deadline, tls) as http,
+        Http(clock, config.http_timeout, started + config.run_deadline, tls, config.proxies) as http,
         Signals() as signals,
     ):
         try:

