@@ -14,8 +14,11 @@ Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable
 from __future__ import annotations
 
 import argparse
+import base64
+import bisect
 import codecs
 import contextlib
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -42,7 +45,7 @@ import time
 import traceback
 import urllib.parse
 import zlib
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
@@ -69,7 +72,17 @@ MAX_TTL = 365 * 24 * 3600
 MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
-IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
+IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large", "table_full")
+# The scope table: Range, Country and AS decisions in one document, `<KV_KEY_PREFIX>scopes`.
+TABLE_NAME = "scopes"  # never an address, so never an address key
+TABLE_SCOPES = ("range", "country", "as")
+TABLE_FORMAT = 1  # the document's "v"
+# Ends in the document are rounded up to a whole hour on the job's clock: an end computed from
+# LAPI's remaining duration moves by milliseconds from one run to the next, and the document must
+# change only when its content does. An entry outlives its decision by under this only if the job
+# stops running: a run removes an entry as soon as LAPI drops the decision.
+TABLE_END_STEP = 3600
+TABLE_MAX_BYTES_LIMIT = 20 * 1024 * 1024  # KV takes values up to 25 MiB; the bulk body escapes quotes
 SAMPLE_KEYS = 20
 
 
@@ -79,6 +92,24 @@ SAMPLE_KEYS = 20
 # real key, and redacting it from every log line would blank ordinary words.
 _SECRET_TEXT = re.compile(r"[\x21-\x7e]+")
 MIN_SECRET_LENGTH = 8
+
+
+# Values the examples once shipped (k8s/examples, worker/wrangler.toml, k8s/secret.example.yaml):
+# they pass for real ones, so a deployment that kept one failed on every run with a 404 or 403.
+# The examples now use `<…>` placeholders, which no setting accepts either.
+EXAMPLE_VALUES = frozenset(
+    {
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+        "REPLACE-WITH-THE-BOUNCER-KEY",
+        "REPLACE-WITH-THE-CLOUDFLARE-API-TOKEN",
+    }
+)
+
+
+def placeholder(value: str) -> bool:
+    """Whether a setting still holds an example's placeholder (`<your-account-id>`)."""
+    return value.startswith("<") and value.endswith(">") or value in EXAMPLE_VALUES
 
 
 class ConfigError(Exception):
@@ -118,10 +149,128 @@ class Config:
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
+    scope_table: bool = True
+    # A Worker parses the whole document (the reference one once a minute per isolate): smaller
+    # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
+    scope_table_max_bytes: int = 4 * 1024 * 1024
+    proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.lapi_key, self.cf_api_token) if s)
+        return tuple(s for s in (self.lapi_key, self.cf_api_token, *self.proxies.secrets) if s)
+
+
+class Proxy(NamedTuple):
+    """An HTTP proxy, from HTTPS_PROXY or HTTP_PROXY: spoken to in plain HTTP, an https:// target
+    reached through a CONNECT tunnel with TLS still end to end with the target."""
+
+    host: str
+    port: int
+    variable: str  # the variable it came from, for messages
+    user: str = ""
+    password: str = ""
+
+    def __str__(self) -> str:  # what messages show: never the credentials
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"the proxy {host}:{self.port} ({self.variable})"
+
+    __repr__ = __str__  # a Config in a traceback must not show the password either
+
+    @property
+    def authorization(self) -> str:
+        """The Proxy-Authorization header's value; "" without credentials."""
+        if not (self.user or self.password):
+            return ""
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode("ascii")
+
+
+class Proxies(NamedTuple):
+    https: Proxy | None = None
+    http: Proxy | None = None
+    no_proxy: tuple[str, ...] = ()  # NO_PROXY's entries, lower case, leading dots stripped
+
+    def for_url(self, scheme: str, host: str, port: int) -> Proxy | None:
+        """The proxy a request to this URL goes through; None to go direct."""
+        proxy = self.https if scheme == "https" else self.http
+        return None if proxy is None or bypasses_proxy(self.no_proxy, host, port) else proxy
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        proxies = [p for p in (self.https, self.http) if p is not None]
+        return tuple(s for p in proxies for s in (p.password, p.authorization.removeprefix("Basic ")) if s)
+
+
+# Each proxy variable as curl and Python read them: the lower-case name wins when both are set
+# (even empty: `https_proxy=` turns HTTPS_PROXY off), as urllib.request.getproxies_environment does.
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
+
+
+def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
+    """The variable that sets this proxy setting (lower case first) and its value."""
+    for variable in (name.lower(), name):
+        if variable in env:
+            return variable, env[variable].strip()
+    return name, ""
+
+
+def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
+    """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
+    curl and Python take it), and what is wrong with it ("" when nothing is). The message never
+    holds the credentials."""
+    if not value:
+        return None, ""
+    must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
+    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
+    if scheme.lower() != "http":
+        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    try:
+        parts = urllib.parse.urlsplit("http://" + rest)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
+        parts, host, port = None, None, None
+    if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
+        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
+        return None, f"{must}, got {shown!r}"
+    if why := unresolvable(host):
+        return None, f"{variable}: {host!r} is not a host name: {why}"
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    if any(not c.isprintable() for c in user + password):
+        return None, f"{variable}: the proxy credentials hold a control character"
+    return Proxy(host, port, variable, user, password), ""
+
+
+def no_proxy_entries(value: str) -> tuple[str, ...]:
+    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+
+
+def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:
+    """Whether NO_PROXY's entries send this host direct, as curl and Python decide: `*` for every
+    host, a name for itself and every name under it (`example.com`, `.example.com`), an address
+    for itself, `host:port` for that port only, and (as curl does) a CIDR for the addresses in it.
+    Host names are compared as written: nothing is looked up."""
+    host = host.lower().strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        name, entry_port = entry, None
+        if bracketed := re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?", entry):  # [IPv6] or [IPv6]:port
+            name, entry_port = bracketed[1], bracketed[2]
+        elif entry.count(":") == 1:  # host:port (more colons: an IPv6 address or network)
+            name, entry_port = entry.split(":")
+        if entry_port is not None and entry_port != str(port):
+            continue
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
 def valid_port(parts: urllib.parse.SplitResult) -> bool:
@@ -171,6 +320,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             if not value:
                 problems.append(f"{source} is empty")
         # Never the value in a message: only what is wrong with it.
+        if value and placeholder(value):
+            problems.append(f"{source} holds the example's placeholder, not a real key: set it")
+            return ""
         if value and not _SECRET_TEXT.fullmatch(value):
             what = "more than one line" if "\n" in value or "\r" in value else "a character that is not visible ASCII"
             problems.append(f"{source}: the secret holds {what}; it must be one line of visible ASCII characters")
@@ -215,6 +367,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         value = text(name)
         if not value:
             problems.append(f"{name} is not set")
+        elif placeholder(value):
+            problems.append(f"{name} is still the example's placeholder {value!r}: set it to yours")
         elif not re.fullmatch(r"[0-9A-Za-z]{1,32}", value):
             problems.append(f"{name} must be a Cloudflare identifier (up to 32 letters and digits), got {value!r}")
         return value
@@ -233,6 +387,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
         if path and (path.endswith("/") or os.path.isdir(path)):
             problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        elif path and not os.path.isdir(directory := os.path.dirname(os.path.abspath(path))):
+            # Not a warning: the job would then list every key on every run, as if it had no STATE_FILE.
+            problems.append(f"{name}: the directory {directory} of {path} does not exist (is the volume mounted?)")
         return path
 
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
@@ -256,7 +413,23 @@ def load_config(env: Mapping[str, str]) -> Config:
     usage_metrics = text("LAPI_USAGE_METRICS", "true").lower()
     if usage_metrics not in ("true", "false"):
         problems.append(f"LAPI_USAGE_METRICS must be true or false, got {usage_metrics!r}")
+    scope_table = text("SCOPE_TABLE", "true").lower()
+    if scope_table not in ("true", "false"):
+        problems.append(f"SCOPE_TABLE must be true or false, got {scope_table!r}")
+    table_max_bytes = number("SCOPE_TABLE_MAX_BYTES", Config.scope_table_max_bytes, 1024, int)
+    if table_max_bytes > TABLE_MAX_BYTES_LIMIT:
+        problems.append(
+            f"SCOPE_TABLE_MAX_BYTES must be at most {TABLE_MAX_BYTES_LIMIT} (20 MiB), got {table_max_bytes}"
+        )
+    proxies = {}
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        proxies[name], problem = parse_proxy(*proxy_variable(env, name))
+        if problem:
+            problems.append(problem)
     config = dict(
+        proxies=Proxies(
+            proxies["HTTPS_PROXY"], proxies["HTTP_PROXY"], no_proxy_entries(proxy_variable(env, "NO_PROXY")[1])
+        ),
         lapi_url=url("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
         pushgateway_url=url("PUSHGATEWAY_URL"),
@@ -284,6 +457,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         kv_key_prefix=prefix,
         log_format=log_format,
         lapi_usage_metrics=usage_metrics != "false",
+        scope_table=scope_table != "false",
+        scope_table_max_bytes=table_max_bytes,
         **config,
     )
 
@@ -317,7 +492,12 @@ class Response(NamedTuple):
 
 
 class TransportError(Exception):
-    """No HTTP answer at all: refused, reset, timed out."""
+    """No HTTP answer at all: refused, reset, timed out; `retry` False when trying again cannot help
+    (a proxy that refused the tunnel)."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 class DeadlineExceeded(Exception):
@@ -331,8 +511,24 @@ class DeadlineExceeded(Exception):
 RUN_OVER = "the run is over: no new connection"
 
 
-class LookupTimeout(TimeoutError):
+class NamedTimeout(TimeoutError):
+    """A wait that did not end in time; its message names what was awaited."""
+
+
+class LookupTimeout(NamedTimeout):
     """A host's name lookup did not end in time."""
+
+
+class ProxyError(OSError):
+    """A proxy that cannot be reached or refused the tunnel; `retry` False when its answer is final."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+# The head of a proxy's answer to CONNECT: a status line and a few headers.
+MAX_PROXY_HEAD = 16 * 1024
 
 
 class AnswerTooLarge(Exception):
@@ -394,10 +590,18 @@ class Http:
     at once); timeouts, retries, a run deadline that holds while an answer arrives, a size limit
     on every answer."""
 
-    def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
+    def __init__(
+        self,
+        clock: Clock,
+        timeout: float,
+        deadline: float,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+        proxies: Proxies | None = None,
+    ):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
         self.deadline_name = "RUN_DEADLINE"  # what the errors call it
         self.tls = dict(tls or {})
+        self.proxies = proxies or Proxies()
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -449,7 +653,12 @@ class Http:
             conn = http.client.HTTPConnection(netloc)
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
-        conn._create_connection = self._connect  # type: ignore[attr-defined]
+        # Through a proxy the connection's host is still the target's, so TLS checks the target's
+        # name and certificate (in the tunnel): only the socket under it goes to the proxy.
+        proxy = self.proxies.for_url(scheme, conn.host, conn.port)
+        conn.forward_proxy = proxy if scheme == "http" else None  # type: ignore[attr-defined]
+        connect = functools.partial(self._connect, proxy=proxy, tunnel=scheme == "https") if proxy else self._connect
+        conn._create_connection = connect  # type: ignore[attr-defined]
         with self._lock:
             self._still_open()
             self._opened.append(conn)
@@ -459,10 +668,21 @@ class Http:
         if self._closed:
             raise TransportError(RUN_OVER)
 
-    def _connect(self, address: tuple[str, int], timeout: Any, source_address: Any = None) -> socket.socket:
+    def _connect(
+        self,
+        address: tuple[str, int],
+        timeout: Any,
+        source_address: Any = None,
+        proxy: Proxy | None = None,
+        tunnel: bool = False,
+    ) -> socket.socket:
         """socket.create_connection, with the name lookup bounded as well: getaddrinfo takes no
         timeout, and a cluster DNS that does not answer would hold the run past RUN_DEADLINE, deaf
-        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time."""
+        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time.
+        With a proxy, the socket goes to the proxy (its name looked up the same way) and, with
+        `tunnel`, through a CONNECT to `address`."""
+        if proxy is not None:
+            return self._through(proxy, address, timeout, source_address, tunnel)
         host, port = address
         timeout = timeout if isinstance(timeout, (int, float)) else self.timeout
 
@@ -500,6 +720,64 @@ class Http:
         finally:
             error = None  # the traceback holds this frame: no cycle left for a run with the GC paused
 
+    def _through(
+        self, proxy: Proxy, address: tuple[str, int], timeout: Any, source_address: Any, tunnel: bool
+    ) -> socket.socket:
+        """A socket to the proxy; with `tunnel`, one that CONNECT has joined to `address`."""
+        try:
+            sock = self._connect((proxy.host, proxy.port), timeout, source_address)
+        except LookupTimeout:  # it names the proxy's host
+            raise
+        except TimeoutError:
+            raise NamedTimeout(f"the connection to {proxy}") from None
+        except OSError as e:
+            raise ProxyError(f"cannot connect to {proxy}: {type(e).__name__}: {e}") from None
+        if not tunnel:
+            return sock
+        try:
+            self._tunnel(sock, proxy, address, timeout if isinstance(timeout, (int, float)) else self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _tunnel(self, sock: socket.socket, proxy: Proxy, address: tuple[str, int], timeout: float) -> None:
+        """CONNECT to `address` on `sock`, bounded by `timeout` per read and by the run's deadline.
+        The answer's head is read a byte at a time, so nothing past it (the target's TLS) is taken."""
+        host, port = address
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        answer = bytearray()
+        try:
+            sock.settimeout(max(0.01, min(timeout, self._remaining())))
+            sock.sendall((head + "\r\n").encode())
+            while not answer.endswith(b"\r\n\r\n"):
+                sock.settimeout(max(0.01, min(timeout, self._remaining())))
+                byte = sock.recv(1)
+                if not byte:
+                    raise ProxyError(f"{proxy} closed the connection without answering CONNECT {authority}")
+                answer += byte
+                if len(answer) > MAX_PROXY_HEAD:
+                    raise ProxyError(f"{proxy} answered CONNECT {authority} with a head over {MAX_PROXY_HEAD} bytes")
+        except TimeoutError:
+            raise NamedTimeout(f"the answer of {proxy} to CONNECT {authority}") from None
+        except ProxyError:
+            raise
+        except OSError as e:  # reset, broken pipe: the proxy is what failed, say so
+            raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
+        status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
+        if status is None:
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+        code = int(status[1])
+        if 200 <= code < 300:
+            return
+        reason = snippet(status[2])
+        hint = PROXY_HINTS.get(code, "")
+        # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
+        raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
+
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed:
@@ -513,8 +791,10 @@ class Http:
 
     def _failure(self, error: Exception, read_timeout: float) -> Exception:
         """What a failed exchange means: the run deadline reached, or a transport failure, named."""
+        if isinstance(error, ProxyError):
+            return TransportError(str(error), retry=error.retry)
         if isinstance(error, TimeoutError):
-            lookup = str(error) if isinstance(error, LookupTimeout) else ""  # "the name lookup of <host>"
+            lookup = str(error) if isinstance(error, NamedTimeout) else ""  # "the name lookup of <host>"
             if self._remaining() <= 0.01:
                 return DeadlineExceeded(f"{self.deadline_name} passed while {lookup or 'its answer'} was still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
@@ -535,6 +815,10 @@ class Http:
         parts = urllib.parse.urlsplit(url)
         conn = self._checkout(parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        if proxy := conn.forward_proxy:  # type: ignore[attr-defined]  # plain HTTP through a proxy: the whole URL
+            target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         conn.read_timeout = read_timeout  # type: ignore[attr-defined]  # for the answer's reader
         timeout = max(0.01, min(read_timeout, self._remaining()))
         # A kept-alive socket the server closed while idle fails before any answer;
@@ -597,13 +881,14 @@ class Http:
         limit: int = MAX_ANSWER_BYTES,
         on_attempt: Callable[[], None] | None = None,
         timeout: float | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> Response:
         """The first answer that is not a 429 or 5xx, or the last one. TransportError when none came,
         DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
         AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
         (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
-        called for every request sent: retries, and the reconnect after an idle close, included.
-        `timeout` (per read) may only shorten HTTP_TIMEOUT."""
+        called for every request tried: retries, and the reconnect after an idle close, included;
+        `on_answer` for every answer's head received. `timeout` (per read) may only shorten HTTP_TIMEOUT."""
         cause = ""  # why the last attempt failed, when no answer came
         read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
@@ -613,11 +898,13 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                if on_answer:
+                    on_answer()
                 if stream and answer.status == 200:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
             except TransportError as e:
-                if attempt == retry.attempts:
+                if attempt == retry.attempts or not e.retry:
                     raise
                 cause = str(e)
             else:
@@ -683,6 +970,13 @@ def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
     return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
 
 
+# What to check when a proxy refuses a tunnel with these statuses.
+PROXY_HINTS = {
+    403: " (the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster one)",
+    407: " (the proxy wants credentials: http://user:password@host:port in the variable)",
+}
+
+
 # --------------------------------------------------------------------------- LAPI
 
 
@@ -706,7 +1000,11 @@ class Decisions(NamedTuple):
 
 
 def lapi_query(config: Config) -> str:
-    params = {"scopes": "ip,range" if config.expand_ranges_max else "ip"}
+    if config.scope_table:
+        scopes = ("ip", *TABLE_SCOPES)
+    else:
+        scopes = ("ip", "range") if config.expand_ranges_max else ("ip",)
+    params = {"scopes": ",".join(scopes)}
     if config.lapi_origins:
         params["origins"] = ",".join(config.lapi_origins)
     if config.lapi_scenarios_containing:
@@ -728,7 +1026,7 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
     return Decisions(response.chunks, read_at)
 
 
@@ -738,12 +1036,28 @@ def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
         return list(chunks)
 
 
+# LAPI's answer is unreadable, not empty, once at least this many of its rows are not JSON objects
+# and they are more than half of the rows read so far. LAPI sends objects; a list of junk comes from
+# something else (a proxy, a wrong URL), would take minutes to read at LAPI_MAX_BYTES, and would
+# then plan to delete every key.
+JUNK_ROWS_MIN = 1000
+
+
 def lapi_batches(chunks: Iterable[bytes], config: Config) -> Iterator[list[Any]]:
     """LAPI's decision objects, a batch at a time, decoded as its answer arrives; LapiUnreadable
-    may come mid-way."""
+    may come mid-way, also when the rows are mostly junk (JUNK_ROWS_MIN)."""
+    rows = junk = 0
     with lapi_failures(config):
         try:
-            yield from json_array_batches(chunks)
+            for batch in json_array_batches(chunks):
+                rows += len(batch)
+                junk += len(batch) - list(map(type, batch)).count(dict)
+                if junk >= JUNK_ROWS_MIN and 2 * junk > rows:
+                    raise LapiUnreadable(
+                        f"LAPI answered with a list that is mostly not decisions: {junk} of its first {rows} rows "
+                        "are not JSON objects"
+                    )
+                yield batch
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
         except TransportError as e:  # not retried: its decisions are being projected already
@@ -767,6 +1081,7 @@ def lapi_failures(config: Config) -> Iterator[None]:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_CUT_TRIES = 8  # `{` tried from the end of the held text for a cut: an object list's last one is its last item's
 MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an item is junk
 # How close to the end of the text a decoding error may be and still mean "not all here yet":
 # the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
@@ -781,17 +1096,20 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
     An item that is not complete yet is tried again only once the text held has doubled, so one
     giant item costs linear time; junk is told from an item cut short by where the decoder fails.
 
-    LAPI's compact list (`[{…},{…}]`) goes faster: the items held up to the last `},{` are decoded
-    in one call. That cut is only a guess (a string may hold `},{`), but a wrong one leaves a string
-    or a nesting open, which fails to decode: then it is item by item for the rest of the answer."""
+    A list of objects (`[{…},{…}]`, with any white space between them) goes faster: the items
+    held up to the last `}`, `,`, `{` are decoded in one call. That cut is only a guess (a string
+    may hold `},{`), but a wrong one leaves a string or a nesting open, which fails to decode:
+    then it is item by item for the rest of the answer. The held text is searched for a cut once
+    each time it grows, never once per item: an answer with no cut goes item by item in linear time."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
     source = iter(chunks)
     text, pos, ended, batches = "", 0, False, True
+    searched = False  # the held text has no cut past `pos` (it was searched, and has not grown since)
 
     def extend(at_least: int) -> None:
         """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
-        nonlocal text, pos, ended
+        nonlocal text, pos, ended, searched
         pieces, held = [text[pos:]], len(text) - pos
         while held < at_least and not ended:
             chunk = next(source, None)
@@ -799,7 +1117,31 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
             piece = utf8.decode(chunk or b"", final=ended)
             pieces.append(piece)
             held += len(piece)
-        text, pos = "".join(pieces), 0
+        text, pos, searched = "".join(pieces), 0, False
+
+    def last_cut() -> tuple[int, int]:
+        """Where the held text's last `}`, `,`, `{` (white space around the comma) is past `pos`:
+        the `}`'s index and the comma's, or (-1, -1). Only the last few `{` are tried."""
+        nonlocal searched
+        start = len(text)
+        for _ in range(_CUT_TRIES):
+            start = text.rfind("{", pos, start)
+            if start <= pos:
+                break
+            comma = before(start)
+            if text[comma] == ",":
+                close = before(comma)
+                if close > pos and text[close] == "}":
+                    return close, comma
+        searched = True
+        return -1, -1
+
+    def before(at: int) -> int:
+        """The index of the last character before `at` that is not white space (`pos` at least)."""
+        at -= 1
+        while at > pos and text[at] in " \t\n\r":
+            at -= 1
+        return at
 
     def next_char() -> str:
         """The next character that is not white space ("" at the end), left unconsumed."""
@@ -826,7 +1168,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
         else:
             while True:
                 next_char()
-                cut = text.rfind("},{", pos) if batches else -1
+                cut, comma = last_cut() if batches and not searched else (-1, -1)
                 if cut > pos:
                     try:
                         items = decoder.decode("[" + text[pos : cut + 1] + "]")
@@ -834,7 +1176,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
                         batches = False
                     else:
                         yield items
-                        pos = cut + 2  # past the `,`: the next item follows
+                        pos = comma + 1  # past the `,`: the next item follows
                         continue
                 while True:
                     try:
@@ -869,7 +1211,8 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
 
 class AnswerDigest:
     """A digest of LAPI's answer with every duration blanked, and of what else shapes the keys it
-    projects onto (the job's version, the prefix, range expansion, LAPI's query).
+    projects onto (the job's version, the prefix, range expansion, LAPI's query, the scope table
+    and its cap).
 
     LAPI gives each decision's remaining time, so its answer changes every run however still LAPI
     is; its end does not. Two answers with one digest hold the same decisions, with the same ends,
@@ -894,6 +1237,7 @@ class AnswerDigest:
 
     def __init__(self, config: Config):
         shaping = [__version__, config.kv_key_prefix, str(config.expand_ranges_max), lapi_query(config)]
+        shaping += [str(config.scope_table), str(config.scope_table_max_bytes)]
         self._hash = hashlib.blake2b(json.dumps(shaping).encode() + b"\n", digest_size=20)
         self._held = b""
 
@@ -917,9 +1261,17 @@ class AnswerDigest:
         return final.hexdigest()
 
 
-def snippet(body: bytes, limit: int = 120) -> str:
-    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
-    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+def snippet(body: bytes, secrets: Iterable[str] = (), limit: int = 120) -> str:
+    """An answer's body quoted in a message: `secrets` redacted first, then cut to `limit`
+    characters (cut first, a secret the body echoes would lose its end and no longer be found),
+    as a repr, so no control character of it reaches a log line."""
+    return repr(quoted(body.decode("utf-8", "replace").strip().replace("\n", " "), secrets, limit))
+
+
+def quoted(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Text from outside as a message may quote it: `secrets` redacted, then cut to `limit` characters."""
+    text = redacted(text, secret_forms(secrets))
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 # --------------------------------------------------------------------------- projection
@@ -994,6 +1346,38 @@ class Wanted(NamedTuple):
 class Projection(NamedTuple):
     wanted: dict[str, Wanted]
     ignored: Counter[str]
+    # The scope table's entries, by (scope, canonical value), ends not rounded yet; empty when
+    # the table is off.
+    table: dict[tuple[str, str], Wanted] = {}  # noqa: RUF012  # never changed: project() passes its own
+
+
+_AS_NUMBER = re.compile(r"(?:[Aa][Ss])?([0-9]{1,10})")
+_COUNTRY = re.compile(r"[A-Za-z]{2}")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
+
+
+def table_entry(scope: str, value: Any) -> tuple[str, str]:
+    """Where a Range, Country or AS decision goes in the scope table: (scope, canonical value).
+    ValueError when the value is not one of that scope."""
+    if type(value) is not str:
+        raise ValueError(f"not a {scope}: {value!r}")
+    if scope == "range":
+        if "%" in value:  # a zone id: no client address carries one
+            raise ValueError(f"not a range: {value!r}")
+        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+            host_bits = (1 << (32 - int(cidr[2]))) - 1
+            if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
+                return scope, value
+        network = ipaddress.ip_network(value, strict=False)
+        if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
+        return scope, str(network)
+    if scope == "country" and _COUNTRY.fullmatch(value):
+        return scope, value.upper()
+    if scope == "as" and (number := _AS_NUMBER.fullmatch(value)) and 0 < int(number[1]) < 2**32:
+        return scope, str(int(number[1]))
+    raise ValueError(f"not a {scope}: {value!r}")
 
 
 def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
@@ -1029,14 +1413,20 @@ class Lowered(Shared):
 LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
 
 
-def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0) -> Projection:
-    """The keys KV should hold for these LAPI decisions (JSON objects), and what was left out, by reason.
+def project(
+    decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0, scope_table: bool = False
+) -> Projection:
+    """The keys KV should hold for these LAPI decisions (JSON objects), and what was left out, by
+    reason; with `scope_table`, the scope table's entries too (a small range, with
+    `expand_ranges_max`, is then both an entry and address keys).
 
     Iterates `decisions` once (it may be a stream decoded as it arrives, and may raise
     LapiUnreadable midway), and does the least Python work per row: this is the hot loop. A row
     that is not an object, or has a list or an object where a string belongs, is invalid."""
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
+    table: dict[tuple[str, str], Wanted] = {}
+    table_scopes = TABLE_SCOPES if scope_table else ()
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered, shared = Lowered(), Shared()  # LAPI repeats a few spellings (`Ip`, `ban`, `crowdsec`)
     get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
@@ -1048,7 +1438,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         except (AttributeError, TypeError):  # not an object; an unhashable field
             ignored["invalid"] += 1
             continue
-        if scope != "ip" and (scope != "range" or not expand_ranges_max):
+        if scope != "ip" and scope not in table_scopes and (scope != "range" or not expand_ranges_max):
             ignored["scope"] += 1
             continue
         if remediation not in REMEDIATION_RANK:
@@ -1065,6 +1455,12 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         value = get("value")
         try:
             if scope != "ip":
+                if table_scopes:  # so the scope is one of the table's
+                    entry = table_entry(scope, value)
+                    new = tuple_new(Wanted, (remediation, read_at + remaining, origin, scenario))
+                    table[entry] = merge(table.get(entry), new)
+                    if scope != "range" or not expand_ranges_max:
+                        continue
                 addresses = expand_range(value, expand_ranges_max)
             elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
                 addresses = (value,)
@@ -1074,7 +1470,8 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             ignored["invalid"] += 1
             continue
         if not addresses:
-            ignored["range_too_large"] += 1
+            if not table_scopes:  # with the table the range is in it, not left out
+                ignored["range_too_large"] += 1
             continue
         end = read_at + remaining
         for address in addresses:
@@ -1085,7 +1482,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             old = get_wanted(key)
             new = tuple_new(Wanted, (remediation, end, origin, scenario))
             wanted[key] = new if old is None else merge(old, new)
-    return Projection(wanted, ignored)
+    return Projection(wanted, ignored, table)
 
 
 def merge(old: Wanted | None, new: Wanted) -> Wanted:
@@ -1105,6 +1502,54 @@ def metadata_of(remediation: str, origin: str, scenario: str) -> dict[str, str]:
     while len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
         metadata["scenario"] = metadata["scenario"][: len(metadata["scenario"]) // 2]
     return metadata
+
+
+class ScopeTable(NamedTuple):
+    """The scope table as it goes into KV: the document, and what the plan and the figures need."""
+
+    document: bytes  # canonical JSON, ASCII; b"" when there are no entries (then no key)
+    digest: str  # of the document: the key's metadata carries it, and the plan compares it
+    end: float  # the latest end among the entries (0 when none): the key's own expiration
+    entries: Counter[tuple[str, str]]  # entries written, by (scope, remediation)
+    full: int  # entries left out: the document would have passed the cap
+    kept: list[tuple[str, str]] = []  # noqa: RUF012  # the entries written, as (scope, value); never changed
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
+
+
+def table_end(end: float) -> int:
+    """An entry's end as the document holds it: rounded up to a whole TABLE_END_STEP."""
+    return math.ceil(end / TABLE_END_STEP) * TABLE_END_STEP
+
+
+def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> ScopeTable:
+    """The document for these entries, at most `max_bytes` long: `{"v":1,"range":{...},
+    "country":{...},"as":{...}}`, each value `[remediation, end]`, a scope present only when it has
+    entries. Past the cap it holds what fits, bans first, then the longest ends."""
+    rounded = [(scope, name, w.remediation, table_end(w.end)) for (scope, name), w in entries.items()]
+    # Strongest first; ties in a fixed order, so the same entries always make the same document.
+    rounded.sort(key=lambda e: (-REMEDIATION_RANK[e[2]], -e[3], e[0], e[1]))
+    sections: dict[str, dict[str, list[Any]]] = {}
+    size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
+    for scope, name, remediation, end in rounded:
+        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
+        item = len(name) + len(remediation) + len(str(end)) + 8
+        # The first entry of a scope opens it (`,"range":{}`), the others follow a comma.
+        cost = item + (len(scope) + 6 if scope not in sections else 1)
+        if size + cost > max_bytes:
+            break
+        sections.setdefault(scope, {})[name] = [remediation, end]
+        size += cost
+        kept.append((scope, name))
+    counted = Counter((scope, value[0]) for scope, names in sections.items() for value in names.values())
+    if not sections:
+        return ScopeTable(b"", "", 0.0, counted, len(rounded))
+    document = json.dumps({"v": TABLE_FORMAT, **sections}, sort_keys=True, separators=(",", ":")).encode("ascii")
+    digest = hashlib.sha256(document).hexdigest()[:32]
+    end = max(end for names in sections.values() for _, end in names.values())
+    return ScopeTable(document, digest, float(end), counted, len(rounded) - len(kept), kept)
 
 
 # --------------------------------------------------------------------------- Cloudflare
@@ -1128,7 +1573,9 @@ class CloudflareError(Exception):
 
 class Present(NamedTuple):
     expiration: float | None
-    remediation: str | None  # from the key's metadata; None when the key has none of ours
+    # From the key's metadata; None when the key has none of ours. The scope table's key holds
+    # its document's digest here, so the plan compares it as it compares a remediation.
+    remediation: str | None
 
 
 class Listing(NamedTuple):
@@ -1148,8 +1595,11 @@ class Cloudflare:
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
         }
-        # Every request sent, retries included: what the account's API budget is charged.
+        self.secrets = config.secrets  # redacted from a quoted answer before it is cut
+        # Every request tried, retries included: what the account's API budget is charged at
+        # most (one that never connected is tried, and not charged); and the HTTP answers they got.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
+        self.answers: Counter[str] = Counter()
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
     def call(
@@ -1164,15 +1614,17 @@ class Cloudflare:
                 body=body,
                 retry=CLOUDFLARE_RETRY,
                 on_attempt=lambda: self.requests.update((operation,)),
+                on_answer=lambda: self.answers.update((operation,)),
             )
         except TransportError as e:
-            raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
+            retried = " after retries" if e.retry else ""
+            raise CloudflareError(f"{operation}: no answer from Cloudflare{retried}: {e}") from None
         except DeadlineExceeded as e:
-            answered = f"{read_envelope(e.response)[1]}; " if e.response else ""
+            answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
             raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
-        envelope, problem = read_envelope(response)
+        envelope, problem = read_envelope(response, self.secrets)
         if problem:
             raise CloudflareError(f"{operation}: {problem}")
         return envelope, response
@@ -1209,6 +1661,10 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
+    def namespace(self) -> None:
+        """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
+        self.call("namespace", "GET", "")
+
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
         envelope, _ = self.call("bulk_put", "PUT", "/bulk", body)
@@ -1220,7 +1676,7 @@ class Cloudflare:
         return unsuccessful_keys(envelope.get("result"))
 
 
-def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
+def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
     """Cloudflare's envelope of an answer, and what is wrong with it ("" for a success): the codes and
     messages Cloudflare gave and what to check, or how the answer is not an envelope at all."""
     try:
@@ -1229,16 +1685,16 @@ def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
         envelope = None
     status = f"HTTP {response.status}"
     if not isinstance(envelope, dict):
-        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body, secrets)}"
     shape = {"success": (bool,), "errors": (list, type(None)), "result_info": (dict, type(None))}
     for name, kinds in shape.items():
         if not isinstance(envelope.get(name), kinds):
             kind = type(envelope.get(name)).__name__ if name in envelope else "missing"
-            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body)}"
+            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body, secrets)}"
     if response.status == 200 and envelope["success"]:
         return envelope, ""
     errors = [e for e in envelope.get("errors") or [] if isinstance(e, dict)]
-    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "no error given"
+    text = quoted("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors), secrets, 500) or "no error given"
     codes = [e.get("code") for e in errors]
     hints = {CLOUDFLARE_HINTS[c] for c in codes if isinstance(c, int) and c in CLOUDFLARE_HINTS}
     if response.status in (401, 403):
@@ -1249,20 +1705,28 @@ def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
 def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
     """Our keys in one list page, as the plan compares them; what we cannot read counts as stale."""
     present = {}
+    table = prefix + TABLE_NAME
     for key in page:
         if type(key) is not dict:
             continue
         name, expiration, metadata = key.get("name"), key.get("expiration"), key.get("metadata")
         if type(name) is str and name.startswith(prefix):
             remediation = metadata.get("remediation") if type(metadata) is dict else None
-            present[name] = tuple_new(
-                Present,
-                (
-                    expiration if type(expiration) in (int, float) else None,
-                    remediation if type(remediation) is str and remediation in REMEDIATION_RANK else None,
-                ),
-            )
+            if type(remediation) is not str or remediation not in REMEDIATION_RANK:
+                remediation = table_digest(metadata) if name == table else None
+            present[name] = tuple_new(Present, (expiration if type(expiration) in (int, float) else None, remediation))
     return present
+
+
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
+def table_digest(metadata: Any) -> str | None:
+    """The digest the scope table's metadata carries; None when it is not ours (then the plan rewrites it)."""
+    if type(metadata) is not dict or type(metadata.get("table")) is not int or metadata["table"] != TABLE_FORMAT:
+        return None
+    digest = metadata.get("digest")
+    return digest if type(digest) is str and _DIGEST.fullmatch(digest) else None
 
 
 def unsuccessful_keys(result: Any) -> list[str]:
@@ -1330,6 +1794,29 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     return Plan(writes, deletes, unchanged, refresh_at)
 
 
+def make_plan_with_table(
+    wanted: dict[str, Wanted], key: str, table: ScopeTable, present: Mapping[str, Present], now: float, offset: float
+) -> tuple[Plan, str | None]:
+    """make_plan, with the scope table's key as one more key: its digest stands for the remediation
+    (so the plan rewrites it when its content changes, and only then), the latest end among its
+    entries for the end (so its expiration is capped and refreshed as a key's). A table with no
+    entries is not wanted: a key present is deleted, as a stray key is. Also what becomes of the
+    table's key: "written", "unchanged", "deleted", or None when it is neither wanted nor present."""
+    if table.document:  # added to `wanted` for the plan and taken out again: a copy would cost a pass
+        wanted[key] = tuple_new(Wanted, (table.digest, table.end, "", ""))
+    try:
+        plan = make_plan(wanted, present, now, offset)
+    finally:
+        wanted.pop(key, None)
+    # make_plan goes through `wanted` in order, so the table's key, added last, comes last.
+    if plan.writes and plan.writes[-1].key == key:
+        return plan, "written"
+    if plan.unchanged and plan.unchanged[-1] == key:
+        return plan, "unchanged"
+    at = bisect.bisect_left(plan.deletes, key)  # deletes are sorted
+    return plan, "deleted" if at < len(plan.deletes) and plan.deletes[at] == key else None
+
+
 def chunks(items: list[Any], size: int = MAX_BULK_ITEMS) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -1358,15 +1845,22 @@ class Ledger:
     uncertain: list[str] = field(default_factory=list)  # still unsuccessful after every round
 
 
-def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledger: Ledger | None = None) -> Applied:
-    """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
+def apply_plan(
+    cloudflare: Cloudflare,
+    plan: Plan,
+    max_deletes: int | None,
+    ledger: Ledger | None = None,
+    item: Callable[[Write], dict[str, Any]] | None = None,
+) -> Applied:
+    """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful.
+    `item` makes each pair of a bulk write (default bulk_item; table_item when the scope table is written)."""
     ledger = Ledger() if ledger is None else ledger
     now = cloudflare.http.clock.now
 
     def wrote(sent: list[Write], sent_at: float) -> None:
         ledger.written.append((sent, sent_at))
 
-    send_all(cloudflare.bulk_put, plan.writes, write_key, bulk_item, "write", ledger, wrote, now)
+    send_all(cloudflare.bulk_put, plan.writes, write_key, item or bulk_item, "write", ledger, wrote, now)
     if guard_trips(plan, max_deletes):
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
@@ -1394,6 +1888,22 @@ def bulk_item(write: Write) -> dict[str, Any]:
         "expiration_ttl": ttl,
         "metadata": metadata_of(remediation, origin, scenario),
     }
+
+
+def table_item(key: str, table: ScopeTable) -> Callable[[Write], dict[str, Any]]:
+    """bulk_item, but for the scope table's key: its document, with the digest in its metadata."""
+
+    def item(write: Write) -> dict[str, Any]:
+        if write.key != key:
+            return bulk_item(write)
+        return {
+            "key": key,
+            "value": table.document.decode("ascii"),
+            "expiration_ttl": write.ttl,
+            "metadata": table.metadata,
+        }
+
+    return item
 
 
 def bulk_body(items: list[Any]) -> bytes:
@@ -1498,6 +2008,8 @@ class Projected(NamedTuple):
     wanted: int
     by_remediation: dict[str, int]
     ignored: dict[str, int]
+    table: dict[str, int] = {}  # noqa: RUF012  # scope table entries by "scope:remediation"; never changed
+    table_bytes: int = 0
 
 
 class Loaded(NamedTuple):
@@ -1515,6 +2027,12 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     that reading a million keys back is a few C-level passes rather than a Python loop."""
     alive = [(key, *have) for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
     names, expirations, remediations = zip(*alive, strict=True) if alive else ((), (), ())
+    # The scope table's key goes in the header: its "remediation" is its document's digest.
+    table = None
+    if (table_key := record.prefix + TABLE_NAME) in names:
+        i = names.index(table_key)
+        table = [remediations[i], None if expirations[i] is None else int(expirations[i])]
+        names, expirations, remediations = (c[:i] + c[i + 1 :] for c in (names, expirations, remediations))
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -1524,7 +2042,8 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "audited_at": record.audited_at,
         "clock_offset": record.clock_offset,
         "usage_metrics_sent_at": record.usage_metrics_sent_at,
-        "keys": len(alive),
+        "keys": len(names),
+        "table": table,
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
         "refresh_at": record.refresh_at,
@@ -1557,10 +2076,17 @@ def decode_record(lines: Iterable[str]) -> Record:
         if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
             raise TypeError
         projected = (
-            Projected(int(projected["wanted"]), figures(projected["by_remediation"]), figures(projected["ignored"]))
+            Projected(
+                int(projected["wanted"]),
+                figures(projected["by_remediation"]),
+                figures(projected["ignored"]),
+                table_figures(projected.get("table", {})),  # absent from a record written before the scope table
+                int(projected.get("table_bytes", 0)),
+            )
             if lapi_digest is not None
             else None
         )
+        table = recorded_table(header.get("table"))
         refresh_at = header.get("refresh_at")
         refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
         if refresh_at is not None and not math.isfinite(refresh_at):
@@ -1590,10 +2116,35 @@ def decode_record(lines: Iterable[str]) -> Record:
         raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
+    if table is not None:
+        keys[prefix + TABLE_NAME] = table
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
         refresh_at,
     )  # fmt: skip
+
+
+def recorded_table(table: Any) -> Present | None:
+    """The scope table's key as a record's header holds it (`[digest, expiration]`, either null
+    when unknown), or None when there is none; TypeError for anything else."""
+    if table is None:
+        return None
+    digest, expiration = table  # TypeError or ValueError unless a pair
+    if not (digest is None or (type(digest) is str and _DIGEST.fullmatch(digest))):
+        raise TypeError
+    if not (expiration is None or type(expiration) is int):
+        raise TypeError
+    return Present(expiration, digest)
+
+
+def table_figures(counts: Any) -> dict[str, int]:
+    """A record's scope table entries by `scope:remediation`; TypeError or ValueError for anything else."""
+    counts = figures(counts)
+    for name in counts:
+        scope, _, remediation = name.partition(":")
+        if scope not in TABLE_SCOPES or remediation not in REMEDIATION_RANK:
+            raise ValueError(name)
+    return counts
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -1761,13 +2312,20 @@ class Report:
     unchanged: int = 0
     guarded: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
-    cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    cloudflare_requests: Counter[str] = field(default_factory=Counter)  # tried, by operation
+    cloudflare_answers: Counter[str] = field(default_factory=Counter)  # HTTP answers they got
     exit_code: int = EXIT_OK
     active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
     audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
     lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
+    # The scope table: what the run did with its key ("written", "unchanged", "deleted", "delete
+    # held back"; "to write", "to delete" until Cloudflare confirms; None: no table and no key),
+    # its entries by (scope, remediation) and its size. Not in the figures of address keys above.
+    table_action: str | None = None
+    table_entries: Counter[tuple[str, str]] = field(default_factory=Counter)
+    table_bytes: int = 0
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -1816,7 +2374,25 @@ def metric_samples(report: Report) -> list[Sample]:
         for r in IGNORE_REASONS
     ]
     samples += [
-        (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
+        (
+            p + "table_entries",
+            "Entries in the scope table (Range, Country, AS decisions), by scope and remediation.",
+            {"scope": scope, "remediation": r},
+            report.table_entries[scope, r],
+        )
+        for scope in TABLE_SCOPES
+        for r in REMEDIATION_RANK
+    ]
+    samples.append(
+        (p + "table_bytes", "Size of the scope table's document in bytes (0: none).", {}, report.table_bytes)
+    )
+    samples += [
+        (
+            p + "cloudflare_requests",
+            "Cloudflare API requests tried this run, retries included, by operation.",
+            {"operation": op},
+            n,
+        )
         for op, n in sorted(report.cloudflare_requests.items())
     ]
     samples += [
@@ -1868,7 +2444,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
-        log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
+        log.warning(
+            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+        )
 
 
 # --------------------------------------------------------------------------- CrowdSec usage metrics
@@ -1900,16 +2478,21 @@ def usage_metrics_due(now: float, last_sent: float | None) -> bool:
     return not 0 <= now - last_sent < USAGE_METRICS_INTERVAL
 
 
-def active_decisions(wanted: Mapping[str, Wanted], prefix: str) -> Counter[tuple[str, str]]:
+def active_decisions(
+    wanted: Mapping[str, Wanted], prefix: str, ranges: Iterable[tuple[str, Wanted]] = ()
+) -> Counter[tuple[str, str]]:
     """Keys by (origin, ip_type) as CrowdSec's own bouncers count them: a blocklist's decisions
-    (origin `lists`) as `lists:<scenario>`, the list's name."""
+    (origin `lists`) as `lists:<scenario>`, the list's name. The scope table's ranges (canonical
+    networks) count one each, as a firewall bouncer's set counts a range; its countries and AS
+    have no place in CrowdSec's `active_decisions`, which counts by IP type."""
     start = len(prefix)
+    addresses = ((key[start:], w) for key, w in wanted.items())
     return Counter(
         (
             (f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT],
-            "ipv6" if ":" in key[start:] else "ipv4",
+            "ipv6" if ":" in value else "ipv4",
         )
-        for key, w in wanted.items()
+        for value, w in itertools.chain(addresses, ranges)
     )
 
 
@@ -1979,7 +2562,8 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
         log.debug("usage_metrics", "usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)")
     elif response.status >= 300:
         log.debug(
-            "usage_metrics", f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body)}"
+            "usage_metrics",
+            f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}",
         )
     return report.started
 
@@ -2007,6 +2591,31 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def redacted(text: str, forms: Iterable[str]) -> str:
+    """`text` with each of the forms (secret_forms') replaced by `[redacted]`."""
+    for form in forms:
+        text = text.replace(form, "[redacted]")
+    return text
+
+
+# What could end or forge a line of a text log, or drive a terminal: C0 controls but the tab, DEL,
+# C1 controls, and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped_controls(text: str) -> str:
+    """`text` with each control character written as Python writes it in a repr (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix time as RFC 3339 in UTC with milliseconds (`2026-12-02T10:35:58.123Z`): what log
+    pipelines (Loki, Elasticsearch, Fluent Bit, Vector) parse as a timestamp without configuration."""
+    millis = round(seconds * 1000)  # whole milliseconds first, so .9996 carries into the next second
+    whole = time.gmtime(millis // 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{millis % 1000:03d}Z"
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2017,15 +2626,13 @@ class Log:
         self.secrets = secret_forms(secrets)
 
     def redact(self, text: str) -> str:
-        for form in self.secrets:
-            text = text.replace(form, "[redacted]")
-        return text
+        return redacted(text, self.secrets)
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
         message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
-                "time": round(self.clock.now(), 3),
+                "time": rfc3339(self.clock.now()),
                 "level": level,
                 "event": event,
                 "message": message,
@@ -2033,6 +2640,9 @@ class Log:
             }
             line = json.dumps(record, sort_keys=False, default=str)
         else:
+            # One event, one line: what a message quotes from outside (an error message, a body,
+            # a header) cannot start a line of its own, nor a traceback spread over several.
+            message = escaped_controls(message)
             line = f"lapi-kv-sync: {message}" if level == "info" else f"lapi-kv-sync: {level}: {message}"
         stream.write(self.redact(line) + "\n")
         stream.flush()
@@ -2061,7 +2671,9 @@ def log_summary(log: Log, report: Report) -> None:
         f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
-        f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"{table_words(report) + ', ' if report.table_action or report.table_entries else ''}"
+        f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
     )
     if not report.success:
@@ -2076,12 +2688,49 @@ def log_summary(log: Log, report: Report) -> None:
         unchanged=report.unchanged,
         held_back=report.guarded,
         ignored=dict(ignored),
+        scope_table={
+            "action": report.table_action,
+            "entries": entries_by_name(report.table_entries),
+            "bytes": report.table_bytes,
+        },
         cloudflare_requests=dict(report.cloudflare_requests),
+        cloudflare_answers=sum(report.cloudflare_answers.values()),
         audited=report.audit_reason is not None,
         audit_reason=report.audit_reason,
         state_trusted=report.record_trusted,
         lapi_unchanged=report.lapi_unchanged,
         duration_seconds=round(report.duration, 3),
+    )
+
+
+def entries_by_name(entries: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Scope table entries by `scope:remediation`, as JSON logs and the state record hold them."""
+    return {f"{scope}:{remediation}": n for (scope, remediation), n in entries.items()}
+
+
+def table_words(report: Report, action: str | None = None) -> str:
+    """The scope table in a few words: what became of its key, its entries by scope and its size."""
+    by_scope: Counter[str] = Counter()
+    for (scope, _), n in report.table_entries.items():
+        by_scope[scope] += n
+    entries = counts({scope: by_scope[scope] for scope in TABLE_SCOPES})
+    action = action or report.table_action or "none"
+    return f"scope table {action} ({sum(by_scope.values())} entries: {entries}; {report.table_bytes} bytes)"
+
+
+def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
+    """The scope table's line of a dry run, with a sample of its entries (none without a table or a key)."""
+    if planned is None and not table.kept:
+        return
+    sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
+    more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
+    action = {"written": "write", "deleted": "delete"}.get(planned or "", planned or "none")
+    log.info(
+        "plan",
+        f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
+        action=action,
+        count=len(table.kept),
+        keys=sample,
     )
 
 
@@ -2093,20 +2742,25 @@ def audit_words(report: Report) -> str:
     return f"audited: {report.audit_reason} ({report.audit_detail})"
 
 
-def log_plan(log: Log, plan: Plan) -> None:
-    for action, keys in (
-        ("write", [w.key for w in plan.writes]),
-        ("delete", plan.deletes),
-        ("unchanged", plan.unchanged),
+def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mapping[str, Present]) -> None:
+    """Each action's count and its first SAMPLE_KEYS keys, each with its remediation: the one a
+    write or an unchanged key has, the one a deleted key held (`unknown`: none of ours)."""
+    for action, keys, remediation in (
+        ("write", [w.key for w in plan.writes], lambda key: wanted[key].remediation),
+        ("delete", plan.deletes, lambda key: present[key].remediation or "unknown"),
+        ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
     ):
         sample = keys[:SAMPLE_KEYS]
+        remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
+        listed = " ".join(f"{key} ({r})" for key, r in zip(sample, remediations, strict=True))
         log.info(
             "plan",
-            f"dry run: {action} {len(keys)}: {' '.join(sample)}{more}".rstrip(": "),
+            f"dry run: {action} {len(keys)}: {listed}{more}".rstrip(": "),
             action=action,
             count=len(keys),
             keys=sample,
+            remediations=remediations,
         )
 
 
@@ -2127,7 +2781,15 @@ ENVIRONMENT = (
     ("LAPI_SCENARIOS_NOT_CONTAINING", "no scenario containing one of these words, comma-separated"),
     ("LAPI_MAX_BYTES", f"most bytes of LAPI's answer; more skips the run (default {Config.lapi_max_bytes}: 48 MiB)"),
     ("LAPI_USAGE_METRICS", "false: send CrowdSec no usage metrics (default true)"),
-    ("EXPAND_RANGES_MAX", "one key per address for IPv4 ranges up to this size (default 0: off)"),
+    (
+        "EXPAND_RANGES_MAX",
+        "one key per address for IPv4 ranges up to this size, also with the scope table (default 0: off)",
+    ),
+    ("SCOPE_TABLE", "false: no scope table (Range, Country, AS decisions in <KV_KEY_PREFIX>scopes); default true"),
+    (
+        "SCOPE_TABLE_MAX_BYTES",
+        f"most bytes of the scope table; past it bans first (default {Config.scope_table_max_bytes}: 4 MiB, at most 20 MiB)",
+    ),
     ("CF_ACCOUNT_ID", "Cloudflare account id (required)"),
     ("CF_KV_NAMESPACE_ID", "Workers KV namespace id (required)"),
     ("CF_API_TOKEN", "API token with Workers KV Storage: Edit (required)"),
@@ -2135,12 +2797,15 @@ ENVIRONMENT = (
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
-    ("STATE_FILE", "job's record of its KV keys: steady runs call no Cloudflare API (default: none: every run lists)"),
+    ("STATE_FILE", "job's record of its KV keys, in a directory that exists: steady runs list nothing (default: none)"),
     ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
     ("HTTP_TIMEOUT", f"seconds any one name lookup, connect or read may wait (default {Config.http_timeout:g})"),
     ("LOG_FORMAT", "text or json (default text)"),
+    ("HTTPS_PROXY", "proxy for https:// (Cloudflare): http://[user:password@]host:port, a CONNECT tunnel"),
+    ("HTTP_PROXY", "proxy for http:// URLs (default: none; https_proxy, http_proxy, no_proxy win if set)"),
+    ("NO_PROXY", "hosts reached direct: names and their subdomains, addresses, CIDRs, host:port, or *"),
 )
 
 # Each flag and the environment variable that does the same: a one-off Job made with
@@ -2151,6 +2816,43 @@ RUN_FLAGS = (
     ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
 )
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+# Every variable the job reads, from the two lists above (a test checks they hold all that
+# load_config reads): what a misspelling is measured against.
+KNOWN_VARIABLES = (
+    frozenset(name for name, _ in ENVIRONMENT)
+    | {variable for _, variable, _ in RUN_FLAGS}
+    | {name.lower() for name in PROXY_VARIABLES}  # read in both cases, as curl and Python do
+)
+# How alike (difflib's ratio) a name must be to a known one to be taken for a misspelling of it:
+# DRYRUN/DRY_RUN is 0.92, MAX_DELETE/MAX_DELETES 0.95, LAPI_KEYFILE/LAPI_KEY_FILE 0.96; no
+# variable a container commonly has (HOSTNAME, PYTHON_VERSION, GPG_KEY, KUBERNETES_*) comes near.
+MISSPELLING_CUTOFF = 0.85
+# What Kubernetes sets for each Service in the namespace (enableServiceLinks): a Service named
+# `lapi` gives LAPI_PORT, LAPI_SERVICE_HOST, LAPI_PORT_8080_TCP_ADDR... They are not the operator's.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+_VARIABLE_SHAPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABLES) -> tuple[list[str], list[str]]:
+    """Variables set but not read: the misspellings of known ones (problems: the job would run
+    without a setting its operator meant, DRYRUN=true making a real run), and the rest that carry
+    one of the job's prefixes (a known name's first word and `_`: LAPI_, CF_, KV_...), to warn of.
+    Names of another shape, and Kubernetes' Service links, are none of the job's business."""
+    # Not the proxies' HTTP_ and NO_: those name many variables of other tools (NO_COLOR).
+    mine = (name for name in known if "_" in name and name.upper() not in PROXY_VARIABLES)
+    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in mine}))
+    misspelled, unknown = [], []
+    for name in sorted(names):
+        if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
+        elif name.startswith(prefixes):
+            unknown.append(name)
+    return misspelled, unknown
 
 
 def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -2162,6 +2864,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         prog="lapi-kv-sync",
         description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
         epilog=f"environment (the configuration):\n{environment}{flags}\n"
+        "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
+        "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
         "143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2183,9 +2887,10 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
     return args
 
 
-def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config]:
-    """The command line and the configuration, read once; one ConfigError names every bad variable in either."""
-    problems: list[str] = []
+def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config, list[str]]:
+    """The command line and the configuration, read once, and the variables with the job's prefixes
+    it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
+    problems, unknown = unread_variables(env.keys())
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
@@ -2196,7 +2901,7 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return args, config
+    return args, config, unknown
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
@@ -2251,7 +2956,7 @@ def converge(
     decisions = read_decisions(http, config)
     loaded = reading.result()
     cloudflare = Cloudflare(http, config)
-    report.cloudflare_requests = cloudflare.requests
+    report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
     sent = loaded.record.usage_metrics_sent_at if loaded.record else None
@@ -2260,6 +2965,7 @@ def converge(
     if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
         held = held_answer(chunks, config)
         if answer.hexdigest() == loaded.record.lapi_digest:
+            check_token(cloudflare, config, loaded.record.audited_at, http.clock.now(), state, log)
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
@@ -2268,21 +2974,46 @@ def converge(
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
     try:
         rows = itertools.chain.from_iterable(batches)
-        projection = project(rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+        projection = project(
+            rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max, config.scope_table
+        )
+        table = scope_table(projection.table, config.scope_table_max_bytes)
+        if table.full:
+            projection.ignored["table_full"] += table.full
+            log.warning(
+                "table_full",
+                f"scope table: {table.full} entries left out (table_full), past "
+                f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} (kept {len(table.kept)}: bans first, "
+                f"then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
+                left_out=table.full,
+            )
+        # Counted before the listing is awaited: a run that fails there read LAPI all the same.
+        report.wanted, report.ignored = len(projection.wanted), projection.ignored
+        report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+        report.table_entries, report.table_bytes = table.entries, len(table.document)
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
     del decisions
-    report.wanted, report.ignored = len(projection.wanted), projection.ignored
-    report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
-    plan = make_plan(projection.wanted, present, kv.now, offset)
-    report.unchanged = len(plan.unchanged)
+    table_key = config.kv_key_prefix + TABLE_NAME
+    plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
+    table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
+    report.unchanged = len(plan.unchanged) - table_keys["unchanged"]
+    # Until Cloudflare confirms it, a failed run's summary says what was to be done.
+    report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
-        log_dry_run(log, plan, None if force else config.max_deletes)
+        # The table's key among the address keys' samples, shown as the scope table it is.
+        shown = {table_key: tuple_new(Wanted, ("scope table", table.end, "", ""))}
+        kv = kv._replace(present=ChainMap({table_key: Present(None, "scope table")}, kv.present))
+        wanted = ChainMap(shown, projection.wanted)
+        log_dry_run(log, plan, None if force else config.max_deletes, wanted, kv, report)
+        log_table_plan(log, report, table, planned)
         return EXIT_OK
     state_file = state
+    if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
+        check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
         state = mark_unfinished(state, log)
     else:
@@ -2291,7 +3022,13 @@ def converge(
     def record(ledger: Ledger, converged: bool) -> None:
         if state is not None:
             keys = record_after(present, ledger, offset)
-            figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
+            figures = Projected(
+                report.wanted,
+                dict(report.by_remediation),
+                dict(report.ignored),
+                entries_by_name(report.table_entries),
+                report.table_bytes,
+            )
             refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
@@ -2300,16 +3037,20 @@ def converge(
             save_record(state, after, http.clock.now() + offset, log)
 
     ledger = Ledger()
+    item = table_item(table_key, table) if table_keys["written"] else None
     try:
-        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger)
+        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger, item)
     except Exception:
         record(ledger, converged=False)  # what landed before the failure, and the rest as it was
         raise
-    report.written, report.deleted, report.guarded = applied
+    report.written, report.deleted = applied.written - table_keys["written"], applied.deleted - table_keys["deleted"]
+    report.guarded = applied.guarded
+    report.table_action = "delete held back" if applied.guarded and planned == "deleted" else planned
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
-            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
+            ranges = ((name, projection.table["range", name]) for scope, name in table.kept if scope == "range")
+            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix, ranges)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
         refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
         if (
@@ -2340,21 +3081,49 @@ class KnownKv(NamedTuple):
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
     refresh_at: float | None  # the record's (None after a listing)
+    listed: bool = False  # as listed this run, not as recorded
 
 
 def kv_as_listed(listed: Listing) -> KnownKv:
     # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
     # so a skewed local clock cannot make every key look stale and be rewritten each run.
     offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None)
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None, listed=True)
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
     return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
 
 
-def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
-    log_plan(log, plan)
+def log_dry_run(
+    log: Log, plan: Plan, max_deletes: int | None, wanted: Mapping[str, Wanted], kv: KnownKv, report: Report
+) -> None:
+    """The plan, and what it rests on: a listing of KV or the state record (which a change made
+    to KV behind the job's back does not show), the decisions left out, the requests it costs."""
+    if kv.listed:
+        log.info("plan", f"dry run: compared with a listing of KV ({audit_words(report)})", compared_with="listing")
+    else:
+        age = kv.now - kv.audited_at
+        log.info(
+            "plan",
+            f"dry run: compared with the state record, not with KV itself: the keys as runs recorded them, "
+            f"last checked against a listing {age:.0f}s ago; --audit --dry-run lists KV",
+            compared_with="record",
+            record_age_seconds=round(age),
+        )
+    log_plan(log, plan, wanted, kv.present)
+    ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
+    log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
+    bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
+    log.info(
+        "plan",
+        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
+        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
+        f"({counts(report.cloudflare_requests)})",
+        cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
+    )
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
@@ -2379,12 +3148,47 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
     )
 
 
+# A run planning against a trusted record that sends Cloudflare nothing would not notice a token
+# revoked (or stripped of its KV permission) until the next audit: the run in the minute past half
+# of AUDIT_INTERVAL (with the CronJob's one run a minute, one run an interval) asks Cloudflare for
+# the namespace, which the token's permission covers and which is none of the key operations
+# (reads, writes, deletes, lists) the plans count.
+TOKEN_CHECK_SLOT = 60
+
+
+def token_check_due(audited_at: float, config: Config, now: float) -> bool:
+    """Whether a run that sends Cloudflare nothing, with a record audited at `audited_at`, checks its token."""
+    half = config.audit_interval / 2
+    return half <= now - audited_at < half + TOKEN_CHECK_SLOT
+
+
+def check_token(
+    cloudflare: Cloudflare, config: Config, audited_at: float, now: float, state: StateFile | None, log: Log
+) -> None:
+    """Ask Cloudflare for the namespace when token_check_due; CloudflareError when it is refused,
+    after marking the record untrusted, so that every run after this one audits (and fails alike
+    until the token works again): the failure lasts, for the alert on failed runs to see."""
+    if not token_check_due(audited_at, config, now):
+        return
+    try:
+        cloudflare.namespace()
+    except CloudflareError:
+        if state is not None:
+            mark_unfinished(state, log)
+        raise
+
+
 def unchanged(report: Report, record: Record) -> int:
     """A run whose LAPI answer is the record's: the figures of the projection it would repeat."""
     assert record.projected is not None
     report.wanted = report.unchanged = record.projected.wanted
     report.by_remediation = Counter(record.projected.by_remediation)
     report.ignored = Counter(record.projected.ignored)
+    report.table_entries = Counter(
+        {tuple(entry.split(":", 1)): n for entry, n in record.projected.table.items()}  # type: ignore[misc]
+    )
+    report.table_bytes = record.projected.table_bytes
+    report.table_action = "unchanged" if record.prefix + TABLE_NAME in record.keys else None
     report.lapi_unchanged = report.success = True
     return EXIT_OK
 
@@ -2525,7 +3329,7 @@ def main(
     env = os.environ if env is None else env
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        args, config = configure(argv, env)
+        args, config, unknown = configure(argv, env)
         tls = lapi_tls(config)
     except ConfigError as e:
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
@@ -2533,10 +3337,14 @@ def main(
         Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
         return EXIT_CONFIG
     log = Log(out, err, config.log_format, config.secrets, clock)
+    if unknown:
+        log.warning(
+            "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
+        )
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),
-        Http(clock, config.http_timeout, started + config.run_deadline, tls) as http,
+        Http(clock, config.http_timeout, started + config.run_deadline, tls, config.proxies) as http,
         Signals() as signals,
     ):
         try:
