@@ -443,7 +443,7 @@ def test_config_names_every_missing_variable():
     assert len(caught.value.problems) == 4
 
 
-def test_config_reads_each_setting_as_given():
+def test_config_reads_each_setting_as_given(tmp_path):
     env = {
         **BASE_ENV,
         "LAPI_URL": " https://lapi.example:8443/ ",
@@ -463,7 +463,7 @@ def test_config_reads_each_setting_as_given():
         "EXPAND_RANGES_MAX": "0",
         "LAPI_MAX_BYTES": "1024",
         "AUDIT_INTERVAL": "0",
-        "STATE_FILE": "/state/record.gz",
+        "STATE_FILE": str(tmp_path / "record.gz"),
         "LAPI_KEY": "k" * job.MIN_SECRET_LENGTH,  # as short as a secret may be
     }
     config = job.load_config(env)
@@ -477,7 +477,7 @@ def test_config_reads_each_setting_as_given():
     assert (config.lapi_scenarios_containing, config.lapi_scenarios_not_containing) == (("ssh",), ("http",))
     numbers = (config.run_deadline, config.http_timeout, config.max_deletes, config.expand_ranges_max)
     assert numbers == (1, 0.1, 0, 0) and (config.lapi_max_bytes, config.audit_interval) == (1024, 0)
-    assert (config.state_file, config.lapi_key) == ("/state/record.gz", "k" * job.MIN_SECRET_LENGTH)
+    assert (config.state_file, config.lapi_key) == (str(tmp_path / "record.gz"), "k" * job.MIN_SECRET_LENGTH)
     assert config.cf_account_id == "Ab0" + "c" * 29
     assert type(config.max_deletes) is int and type(config.run_deadline) is float
     defaults = job.load_config(BASE_ENV)
@@ -689,10 +689,12 @@ def test_infinity_and_nan_are_refused_for_every_number_setting_naming_it(value):
 
 def test_lapi_query_asks_for_the_scopes_and_filters_configured():
     base = job.load_config(BASE_ENV)
-    assert job.lapi_query(base) == "scopes=ip"
+    assert job.lapi_query(base) == "scopes=ip,range,country,as"
+    assert job.lapi_query(job.load_config({**BASE_ENV, "SCOPE_TABLE": "false"})) == "scopes=ip"
     filtered = job.Config(
         **{
             **base.__dict__,
+            "scope_table": False,
             "expand_ranges_max": 16,
             "lapi_origins": ("crowdsec", "cscli"),
             "lapi_scenarios_containing": ("ssh",),

@@ -563,6 +563,8 @@ SHAPES_THE_KEYS = {
     "lapi_origins": (("crowdsec",), ("cscli",), False),
     "lapi_scenarios_containing": (("ssh",), ("http",), False),
     "lapi_scenarios_not_containing": (("ssh",), ("http",), False),
+    "scope_table": (True, False, False),
+    "scope_table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
 }
 # Every other setting, and why it need not be in the digest.
 SHAPES_NO_KEY = {
@@ -584,6 +586,7 @@ SHAPES_NO_KEY = {
     "lapi_max_bytes": "an answer over it is unreadable: no run, no digest",
     "state_file": "where the record is",
     "audit_interval": "when the record is trusted, not what it holds",
+    "proxies": "how the job reaches LAPI and Cloudflare, not what it asks",
 }
 
 
@@ -592,12 +595,12 @@ def config_fields_read(node: ast.AST) -> set[str]:
 
 
 def settings_the_projection_reads() -> set[str]:
-    """Read from the code: the settings handed to project() wherever it is called, and those that
-    make LAPI's query (which decisions LAPI answers with)."""
+    """Read from the code: the settings handed to project() and scope_table() (what lands in KV)
+    wherever they are called, and those that make LAPI's query (which decisions LAPI answers with)."""
     module = ast.parse(inspect.getsource(job))
     fields = config_fields_read(ast.parse(inspect.getsource(job.lapi_query)))
     for call in ast.walk(module):
-        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "project":
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("project", "scope_table"):
             fields |= config_fields_read(call)
     return fields
 
@@ -609,7 +612,7 @@ def test_every_setting_is_known_to_shape_the_keys_or_not():
     assert not unknown, f"a new setting: put it in SHAPES_THE_KEYS (and in AnswerDigest) or SHAPES_NO_KEY: {unknown}"
     assert set(SHAPES_THE_KEYS) | set(SHAPES_NO_KEY) <= settings  # no setting that is gone
     read = settings_the_projection_reads()
-    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins"} <= read  # the scan finds what it must
+    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes"} <= read  # the scan works
     assert read <= set(SHAPES_THE_KEYS), (
         f"the projection reads {read - set(SHAPES_THE_KEYS)}: add it to SHAPES_THE_KEYS"
     )
@@ -621,7 +624,8 @@ def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
     # EXPAND_RANGES_MAX (16 -> 256) none of the newly allowed keys would be written until the next audit.
     one, other, same_query = SHAPES_THE_KEYS[name]
     configs = [job.Config(**{**CONFIG.__dict__, name: value}) for value in (one, other)]
-    assert all(getattr(c, name) != getattr(CONFIG, name) for c in configs)  # neither is the default
+    if not isinstance(one, bool):
+        assert all(getattr(c, name) != getattr(CONFIG, name) for c in configs)  # neither is the default
     assert (job.lapi_query(configs[0]) == job.lapi_query(configs[1])) == same_query
     answer = [lapi_answer(["4h"] * 3)]
     assert answer_digest(answer, configs[0]) != answer_digest(answer, configs[1])
