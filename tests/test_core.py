@@ -697,12 +697,12 @@ def test_lapi_query_asks_for_the_scopes_and_filters_configured():
             "scope_table": False,
             "expand_ranges_max": 16,
             "lapi_origins": ("crowdsec", "cscli"),
-            "lapi_scenarios_containing": ("ssh",),
+            "lapi_scenarios_containing": ("ssh", "smtp"),
             "lapi_scenarios_not_containing": ("http", "smb"),
         }
     )
     assert job.lapi_query(filtered) == (
-        "scopes=ip,range&origins=crowdsec,cscli&scenarios_containing=ssh&scenarios_not_containing=http,smb"
+        "scopes=ip,range&origins=crowdsec,cscli&scenarios_containing=ssh,smtp&scenarios_not_containing=http,smb"
     )
 
 
