@@ -17,6 +17,7 @@ import argparse
 import codecs
 import contextlib
 import email.utils
+import errno
 import fcntl
 import functools
 import gc
@@ -36,6 +37,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -434,6 +436,18 @@ class Http:
         ran out of time must not be stopped by the same deadline, nor outlast the pod's grace
         period (30 s) after a SIGTERM. Errors call the new deadline `name`."""
         self.deadline, self.deadline_name = self.clock.monotonic() + seconds, name
+
+    @contextlib.contextmanager
+    def within(self, seconds: float, name: str) -> Iterator[None]:
+        """At most `seconds` from now for what is sent and read inside, whole (an answer dripped a
+        byte at a time included), never past the run deadline; errors call it `name`."""
+        saved = self.deadline, self.deadline_name
+        if self.clock.monotonic() + seconds < self.deadline:
+            self.deadline, self.deadline_name = self.clock.monotonic() + seconds, name
+        try:
+            yield
+        finally:
+            self.deadline, self.deadline_name = saved
 
     def _checkout(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """An idle connection to the host, or a new one; it is this caller's until _release()."""
@@ -996,6 +1010,12 @@ class Projection(NamedTuple):
     ignored: Counter[str]
 
 
+# The most keys range expansion may add in one run, whatever EXPAND_RANGES_MAX and the number of
+# ranges: LAPI_MAX_BYTES bounds the decisions, not what they expand to (1,500 /24s at 256 each
+# would be 384,000 keys from a 200 KB answer). Past it a range is left out as `range_too_large`.
+MAX_EXPANDED_KEYS = 65_536
+
+
 def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
     """The addresses of an IPv4 range, or none when it has more than `expand_ranges_max` (or is
     IPv6); ValueError when it is not a range."""
@@ -1040,6 +1060,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered, shared = Lowered(), Shared()  # LAPI repeats a few spellings (`Ip`, `ban`, `crowdsec`)
     get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
+    expandable = MAX_EXPANDED_KEYS  # keys range expansion may still add
     for row in decisions:
         try:
             get = row.get
@@ -1065,7 +1086,8 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         value = get("value")
         try:
             if scope != "ip":
-                addresses = expand_range(value, expand_ranges_max)
+                addresses = expand_range(value, min(expand_ranges_max, expandable))
+                expandable -= len(addresses)
             elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
                 addresses = (value,)
             else:
@@ -1353,7 +1375,7 @@ class Ledger:
     Filled as each bulk answer arrives; after a failure it still says what landed."""
 
     written: list[tuple[list[Write], float]] = field(default_factory=list)  # each chunk with the time it was sent
-    deleted: list[str] = field(default_factory=list)
+    deleted: list[tuple[list[str], float]] = field(default_factory=list)  # the same, for deletes
     in_flight: list[str] = field(default_factory=list)  # sent, no answer yet: may or may not have landed
     uncertain: list[str] = field(default_factory=list)  # still unsuccessful after every round
 
@@ -1371,7 +1393,7 @@ def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledg
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
     def deleted(sent: list[str], sent_at: float) -> None:
-        ledger.deleted.extend(sent)
+        ledger.deleted.append((sent, sent_at))
 
     send_all(cloudflare.bulk_delete, plan.deletes, str, str, "delete", ledger, deleted, now)
     return Applied(len(plan.writes), len(plan.deletes), 0)
@@ -1461,10 +1483,29 @@ STATE_LOCK_WAIT = 30.0  # seconds a run waits for another run's lock on the same
 AUDIT_REASONS = ("no_state_file", "requested", "no_record", "unreadable", "foreign", "unfinished", "interval")
 _REMEDIATION_CODE = {"ban": "b", "captcha": "c", None: "-"}
 _CODE_REMEDIATION = {c: r for r, c in _REMEDIATION_CODE.items()}
+# KV's list is eventually consistent: Cloudflare says a change may take up to 60 s to show in it.
+# The record keeps what this job wrote and deleted for twice that (its clock offset is measured to
+# a second), and an audit lays those over the listing, which they may be newer than.
+KV_LIST_LAG = 120
+DELETED = "d"  # a recent change that deleted its key (the others: `b`, `c`, `-` as in the key columns)
+# What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
+# at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_NAME_JSON = MAX_KEY_BYTES * 6 + 3
+MAX_RECENT_JSON = MAX_NAME_JSON + 40
 
 
 class RecordCorrupt(ValueError):
     """A state file that is not a whole record of this format."""
+
+
+class Recent(NamedTuple):
+    """A change Cloudflare confirmed (or that may have landed) lately: `at` on Cloudflare's clock,
+    `have` what the key holds since (None: deleted; Present(None, None): unknown)."""
+
+    at: float
+    key: str
+    have: Present | None
 
 
 class Record(NamedTuple):
@@ -1485,6 +1526,7 @@ class Record(NamedTuple):
     lapi_digest: str | None = None
     projected: Projected | None = None
     refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
+    recent: tuple[Recent, ...] = ()  # the changes of the last KV_LIST_LAG seconds, oldest first
 
     def earliest_expiration(self) -> float:
         """When the first of the keys expires on Cloudflare's clock (inf: none does)."""
@@ -1506,15 +1548,19 @@ class Loaded(NamedTuple):
     record: Record | None
     problem: str | None  # an AUDIT_REASONS entry, or None when the record can be trusted
     detail: str = ""
+    seen_at: float | None = None  # the latest wall time a run of this STATE_FILE began at (the lock file's)
 
 
 def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     """The record as four lines: a JSON header, then the keys still alive at `kv_now` (Cloudflare's
     clock) as a JSON array, their expirations as a JSON array (null: none known), and their
     remediations as one letter each (`b`, `c`, `-` for unknown). Columns, not a line per key, so
-    that reading a million keys back is a few C-level passes rather than a Python loop."""
+    that reading a million keys back is a few C-level passes rather than a Python loop. A fifth
+    line, when the header counts `recent` changes: them, as `[at, key, expiration, letter]`
+    (`d`: deleted), those older than KV_LIST_LAG at `kv_now` left out."""
     alive = [(key, *have) for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
     names, expirations, remediations = zip(*alive, strict=True) if alive else ((), (), ())
+    recent = [change for change in record.recent if change.at > kv_now - KV_LIST_LAG]
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -1529,30 +1575,31 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "projected": record.projected._asdict() if record.projected else None,
         "refresh_at": record.refresh_at,
     }
+    if recent:
+        header["recent"] = len(recent)
     yield json.dumps(header) + "\n"
     yield json.dumps(names, separators=(",", ":")) + "\n"
     whole = [None if expiration is None else int(expiration) for expiration in expirations]
     yield json.dumps(whole, separators=(",", ":")) + "\n"
     yield "".join(map(_REMEDIATION_CODE.__getitem__, remediations)) + "\n"
+    if recent:
+        rows = [
+            [int(at), key, None, DELETED] if have is None else [int(at), key, have[0], _REMEDIATION_CODE[have[1]]]
+            for at, key, have in recent
+        ]
+        yield json.dumps(rows, separators=(",", ":")) + "\n"
 
 
 def decode_record(lines: Iterable[str]) -> Record:
     """The record those lines hold; RecordCorrupt for anything but a whole record of this format."""
     lines = iter(lines)
-    try:
-        header = json.loads(next(lines, "") or "null")
-    except ValueError:
-        header = None
-    if not isinstance(header, dict) or header.get("kind") != STATE_KIND:
-        raise RecordCorrupt("not a lapi-kv-sync state record")
-    if header.get("format") != STATE_FORMAT:
-        raise RecordCorrupt(f"format {header.get('format')!r}, this version reads {STATE_FORMAT}")
+    header = record_header(next(lines, ""))
     try:
         account, namespace, prefix = (str(header[k]) for k in ("account", "namespace", "prefix"))
         audited_at, clock_offset = float(header["audited_at"]), float(header["clock_offset"])
         sent = header.get("usage_metrics_sent_at")
         usage_metrics_sent_at = None if sent is None else float(sent)
-        count = int(header["keys"])
+        count, recent_count = record_counts(header)
         lapi_digest, projected = header.get("lapi_digest"), header.get("projected")
         if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
             raise TypeError
@@ -1565,7 +1612,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
         if refresh_at is not None and not math.isfinite(refresh_at):
             raise ValueError
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise RecordCorrupt("header lacks a field or holds a wrong type") from None
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
@@ -1573,11 +1620,12 @@ def decode_record(lines: Iterable[str]) -> Record:
         names = json.loads(next(lines))
         expirations = json.loads(next(lines))
         codes = next(lines).removesuffix("\n")
+        recent = decode_recent(json.loads(next(lines)), prefix) if recent_count else ()
         if next(lines, None) is not None:
-            raise ValueError("more than four lines")
+            raise ValueError("more lines than the header says")
         if not (isinstance(names, list) and isinstance(expirations, list) and count == len(names)):
             raise ValueError("not as many keys as the header says")
-        if not (len(expirations) == len(codes) == count):
+        if not (len(expirations) == len(codes) == count and len(recent) == recent_count):
             raise ValueError("columns of different lengths")
         if not set(map(type, expirations)) <= {int, type(None)}:
             raise ValueError("an expiration that is not a whole number")
@@ -1592,8 +1640,69 @@ def decode_record(lines: Iterable[str]) -> Record:
         raise RecordCorrupt("a key appears twice")
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
-        refresh_at,
+        refresh_at, recent,
     )  # fmt: skip
+
+
+def record_header(line: str | bytes) -> dict[str, Any]:
+    """A record's first line as a header of this format; RecordCorrupt for anything else."""
+    try:
+        header = json.loads(line or "null")
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != STATE_KIND:
+        raise RecordCorrupt("not a lapi-kv-sync state record")
+    if header.get("format") != STATE_FORMAT:
+        raise RecordCorrupt(f"format {header.get('format')!r}, this version reads {STATE_FORMAT}")
+    return header
+
+
+def record_counts(header: Mapping[str, Any]) -> tuple[int, int]:
+    """How many keys and recent changes a header says its record holds; ValueError unless two whole
+    numbers from 0."""
+    count, recent = header["keys"], header.get("recent", 0)
+    if not (type(count) is int and type(recent) is int and count >= 0 and recent >= 0):
+        raise ValueError("a count that is not a whole number")
+    return count, recent
+
+
+def decode_recent(rows: Any, prefix: str) -> tuple[Recent, ...]:
+    """The recent changes, oldest first; ValueError, TypeError or KeyError for anything else."""
+    recent = []
+    for at, key, expiration, code in rows:
+        if not (type(at) is int and type(key) is str and key.startswith(prefix)):
+            raise ValueError("a recent change that is not one")
+        if not (expiration is None or type(expiration) is int):
+            raise ValueError("an expiration that is not a whole number")
+        recent.append(Recent(at, key, None if code == DELETED else Present(expiration, _CODE_REMEDIATION[code])))
+    if recent != sorted(recent, key=operator.itemgetter(0)):
+        raise ValueError("recent changes out of order")
+    return tuple(recent)
+
+
+def unpacked_record(packed: bytes, limit: int) -> str:
+    """A record's text from its gzip file, unpacking no more than its header allows (its counts,
+    each line at its longest) and never more than `limit` bytes: a small file that unpacks to a
+    gigabyte is found out after MAX_HEADER_BYTES. RecordCorrupt for anything but one whole member."""
+    unpack = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip, one member
+    try:
+        text = unpack.decompress(packed, MAX_HEADER_BYTES + 1)
+        end = text.find(b"\n")
+        if not 0 <= end <= MAX_HEADER_BYTES:
+            raise RecordCorrupt("no header line in its first 64 KiB")
+        try:
+            count, recent = record_counts(record_header(text[: end + 1]))
+        except (KeyError, ValueError, TypeError):
+            raise RecordCorrupt("header lacks a field or holds a wrong type") from None
+        most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + 64)
+        text += unpack.decompress(unpack.unconsumed_tail, max(1, most + 1 - len(text)))
+        if len(text) > most:
+            raise RecordCorrupt(f"unpacks to more than its header allows ({most} bytes)")
+        if not unpack.eof or unpack.unused_data:
+            raise RecordCorrupt("not one whole gzip member")
+        return text.decode("utf-8")
+    except zlib.error as e:
+        raise RecordCorrupt(f"not gzip ({e})") from None
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -1606,7 +1715,11 @@ def figures(counts: Any) -> dict[str, int]:
 def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) -> tuple[str | None, str]:
     """Why this run must list every key (an AUDIT_REASONS entry and a few words), or None and a few
     words when it may plan against its record. A record problem comes first: it is what the
-    metrics should show even when an audit was asked for anyway."""
+    metrics should show even when an audit was asked for anyway.
+
+    The interval is measured on the wall clock, which can step back: a record audited in what is
+    now the future, or a run that began before one that ran earlier (the lock file keeps the
+    latest start), means the clock went back, and the run audits then, early, never late."""
     if not config.state_file:
         return "no_state_file", "every run without STATE_FILE"
     record = loaded.record
@@ -1622,7 +1735,10 @@ def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) ->
     age = now - record.audited_at
     if requested:
         return "requested", f"--audit, last audit {age:.0f}s ago"
-    if not 0 <= age < config.audit_interval:
+    back = max(-age, (loaded.seen_at or now) - now)
+    if back > 0:
+        return "interval", f"the clock went back {back:.0f}s since the last audit or run"
+    if not age < config.audit_interval:
         return "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
     return None, f"record trusted, last audit {age:.0f}s ago"
 
@@ -1643,32 +1759,67 @@ def record_after(keys: Mapping[str, Present], ledger: Ledger, offset: float) -> 
         keys_sent, remediations, ttls, _, _ = zip(*sent, strict=True)
         expirations = map(math.floor, map(operator.add, itertools.repeat(sent_at + offset), ttls))
         after.update(zip(keys_sent, map(as_present, zip(expirations, remediations, strict=True)), strict=True))
-    for key in ledger.deleted:
-        after.pop(key, None)
+    for sent, _ in ledger.deleted:
+        for key in sent:
+            after.pop(key, None)
     for key in ledger.in_flight + ledger.uncertain:
         after[key] = Present(None, None)
     return after
 
 
+def recent_after(
+    recent: Iterable[Recent], ledger: Ledger, after: Mapping[str, Present], offset: float, kv_now: float
+) -> tuple[Recent, ...]:
+    """The recent changes once `ledger`'s are added: each key `ledger` touched as `after` holds it,
+    at the time its chunk was sent (Cloudflare's clock); one with no clear answer at `kv_now`.
+    Those older than KV_LIST_LAG at `kv_now` are dropped: a listing shows them by now."""
+    kept = [change for change in recent if change.at > kv_now - KV_LIST_LAG]
+    sent = [(at, key) for chunk, at in ledger.written for key in map(write_key, chunk)]
+    sent += [(at, key) for chunk, at in ledger.deleted for key in chunk]
+    sent.sort(key=operator.itemgetter(0))
+    changes = [Recent(math.floor(at + offset), key, after.get(key)) for at, key in sent]
+    changes += [Recent(math.floor(kv_now), key, Present(None, None)) for key in ledger.in_flight + ledger.uncertain]
+    return tuple(kept + changes)
+
+
+def reconciled(listed: Mapping[str, Present], recent: Iterable[Recent], listed_at: float) -> Mapping[str, Present]:
+    """A listing that began at `listed_at` (Cloudflare's clock), with the recent changes it may not
+    show yet laid over it: KV's list may lag a change by up to a minute, so an audit must not
+    forget a key this job wrote, nor bring back one it deleted, within that time."""
+    newer = [change for change in recent if change.at > listed_at - KV_LIST_LAG]
+    if not newer:
+        return listed
+    view = dict(listed)
+    for _, key, have in newer:
+        if have is None:
+            view.pop(key, None)
+        else:
+            view[key] = have
+    return view
+
+
 class StateFile:
     """The record on disk, replaced whole (temporary file, fsync, rename), and a lock file beside it.
 
-    The lock file (`STATE_FILE.lock`) keeps two runs from interleaving, and its content marks a run
-    that began changing KV and has not yet recorded what it did: a record found with that mark is
-    not trusted. A run interrupted at any point (a signal, a kill, a crash) leaves the mark."""
+    The lock file (`STATE_FILE.lock`) keeps two runs from interleaving, and holds the latest time
+    a run began (an audit comes early when the clock went back). Before a run changes KV it sets
+    the record aside (`STATE_FILE.unfinished`, by a rename, or an empty one when there is no record),
+    and save() puts a new record in place and removes what was set aside: a run interrupted at any
+    point (a signal, a kill, a crash, a full disk) leaves no record where the next run looks, so
+    that run audits. Losing the lock file loses nothing but the time. Nothing but a regular file
+    is opened for reading or writing, without blocking (a FIFO there would hang the run)."""
 
-    UNFINISHED = b"unfinished\n"
-
-    def __init__(self, path: str, clock: Clock):
-        self.path, self.clock = path, clock
+    def __init__(self, path: str, clock: Clock, limit: int = 1 << 30):
+        self.path, self.clock, self.limit = path, clock, limit
         self.lock_path = path + ".lock"
+        self.aside_path = path + ".unfinished"
         self.lock_fd: int | None = None
 
     def lock(self, wait: float) -> bool:
         """Hold the lock, waiting up to `wait` seconds; False if another run held it all along.
-        OSError when the lock file cannot be opened."""
+        OSError when the lock file cannot be opened or is not a regular file."""
         # O_NOFOLLOW: a symlink planted in a shared directory must not get another file truncated.
-        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self.lock_fd = regular_file(self.lock_path, os.O_RDWR | os.O_CREAT)
         give_up = self.clock.monotonic() + wait
         while True:
             try:
@@ -1685,39 +1836,68 @@ class StateFile:
             os.close(self.lock_fd)  # closing releases the flock
             self.lock_fd = None
 
-    def load(self) -> Loaded:
-        """The record as found, never raising: a problem names what keeps it from being trusted."""
-        try:
-            with open(self.lock_path, "rb") as f:
-                unfinished = f.read(len(self.UNFINISHED)) == self.UNFINISHED
-        except FileNotFoundError:
-            unfinished = False
-        except OSError as e:
-            return Loaded(None, "unreadable", f"cannot read {self.lock_path}: {e.strerror}")
-        try:
-            with gzip.open(self.path, "rt", encoding="utf-8", newline="\n") as f:
-                record = decode_record(f)
-        except FileNotFoundError:
-            if unfinished:
-                return Loaded(None, "unfinished", "the run before did not finish recording")
-            return Loaded(None, "no_record", "no record yet")
-        except (OSError, EOFError, UnicodeDecodeError, RecordCorrupt, zlib.error) as e:
-            return Loaded(None, "unreadable", f"record unreadable ({e})")
-        if unfinished:
-            return Loaded(record, "unfinished", "the run before did not finish recording")
-        return Loaded(record, None)
-
-    def mark_unfinished(self) -> None:
-        """Before KV changes: the record on disk stops being trusted until save() replaces it."""
+    def began(self, now: float) -> float | None:
+        """Note in the lock file that a run began at `now`; the latest time one began before (None:
+        unknown). Best effort: the time only makes an audit come earlier."""
         assert self.lock_fd is not None
-        os.pwrite(self.lock_fd, self.UNFINISHED, 0)
-        os.fsync(self.lock_fd)
+        seen = None
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            seen = float(os.pread(self.lock_fd, 64, 0).decode("ascii").strip() or "nan")
+        seen = seen if seen is not None and math.isfinite(seen) else None
+        with contextlib.suppress(OSError):
+            text = f"{max(now, seen or now):.3f}\n".encode()
+            os.pwrite(self.lock_fd, text, 0)
+            os.ftruncate(self.lock_fd, len(text))
+        return seen
+
+    def load(self, seen_at: float | None = None) -> Loaded:
+        """The record as found, never raising: a problem names what keeps it from being trusted.
+        Anything that goes wrong reading it (a junk file, numbers out of range, nesting too deep,
+        more than it may unpack to, memory) makes it unreadable: the run audits and rebuilds it."""
+        try:
+            record = self.read(self.path)
+        except FileNotFoundError:
+            try:
+                aside = self.read(self.aside_path)
+            except Exception:  # noqa: BLE001  # missing, empty or junk: only its recent changes were of use
+                aside = None
+            if aside is not None or os.path.lexists(self.aside_path):
+                return Loaded(aside, "unfinished", "the run before did not finish recording", seen_at)
+            return Loaded(None, "no_record", "no record yet", seen_at)
+        except OSError as e:
+            return Loaded(None, "unreadable", f"cannot read {self.path}: {e.strerror or e}", seen_at)
+        except RecordCorrupt as e:
+            return Loaded(None, "unreadable", f"record unreadable ({e})", seen_at)
+        except Exception as e:  # noqa: BLE001  # nesting too deep, memory, anything unforeseen: as unreadable
+            return Loaded(None, "unreadable", f"record unreadable ({type(e).__name__})", seen_at)
+        return Loaded(record, None, "", seen_at)
+
+    def read(self, path: str) -> Record:
+        """The record at `path`: OSError when it cannot be read (FileNotFoundError when there is
+        none), RecordCorrupt (or anything) when it is not one."""
+        with open(regular_file(path, os.O_RDONLY), "rb") as f:
+            packed = f.read(self.limit + 1)  # gzip never packs a record to more than it unpacks to
+        if len(packed) > self.limit:
+            raise RecordCorrupt(f"larger than a record may be ({self.limit} bytes)")
+        text = unpacked_record(packed, self.limit)
+        del packed
+        return decode_record(io.StringIO(text, newline="\n"))
+
+    def set_aside(self) -> None:
+        """Before KV changes: what is on disk stops being trusted until save() replaces it. OSError
+        when it cannot be done: then KV must not change."""
+        if os.path.lexists(self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, self.aside_path)
+                sync_directory(self.path)
+                return
+        # No record: nothing to distrust. An empty mark only tells the next run why it audits.
+        with contextlib.suppress(OSError):
+            os.close(regular_file(self.aside_path, os.O_WRONLY | os.O_CREAT))
 
     def save(self, record: Record, kv_now: float) -> None:
-        """Replace the record atomically, then clear the mark. OSError if any step fails (the mark
-        then stays, so the next run audits)."""
-        assert self.lock_fd is not None
-        directory = os.path.dirname(os.path.abspath(self.path))
+        """Replace the record atomically, then remove what was set aside. OSError if any step fails
+        (then nothing is where the next run looks, if the run set the record aside, so it audits)."""
         tmp = f"{self.path}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # one a killed run left (a pod's job is PID 1 every time), or a planted link
@@ -1735,13 +1915,31 @@ class StateFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        os.ftruncate(self.lock_fd, 0)
-        os.fsync(self.lock_fd)
+        sync_directory(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.aside_path)  # if this is lost in a crash, the record in place still wins
+
+
+def regular_file(path: str, flags: int) -> int:
+    """A descriptor of the regular file at `path`, opened without blocking and never through a
+    symlink; OSError for anything else (a FIFO, a device, a directory, a symlink)."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sync_directory(path: str) -> None:
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------- report and metrics
@@ -1969,9 +2167,10 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
     url = f"{config.lapi_url}/v1/usage-metrics"
     try:
         body = json.dumps(usage_metrics_payload(report, os_release(), http.clock.now())).encode()
-        response = http.request(
-            "POST", url, headers=headers, body=body, retry=USAGE_METRICS_RETRY, timeout=USAGE_METRICS_TIMEOUT
-        )
+        with http.within(USAGE_METRICS_TIMEOUT, f"the usage metrics' {USAGE_METRICS_TIMEOUT:g}s"):
+            response = http.request(
+                "POST", url, headers=headers, body=body, retry=USAGE_METRICS_RETRY, timeout=USAGE_METRICS_TIMEOUT
+            )
     except Exception as e:  # whatever goes wrong here, the sync itself went right
         log.debug("usage_metrics", f"usage metrics not sent: {type(e).__name__}: {e}")
         return report.started
@@ -2204,15 +2403,28 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     its lock throughout (a dry run only reads the record, and takes no lock)."""
     if not config.state_file:
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
-    state = StateFile(config.state_file, http.clock)
+    state = StateFile(config.state_file, http.clock, record_limit(config))
     if dry_run:
         return converge(http, config, log, report, dry_run, force, audit, None, state.load)
     wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
     try:
         locked = state.lock(wait)
     except OSError as e:
-        detail = f"cannot open {state.lock_path}: {e.strerror}"
-        log.warning("state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing")
+        # Without the lock the run records nothing; it may change KV only once no record on disk
+        # can claim what KV held before (a read-only volume: neither).
+        detail = f"cannot open {state.lock_path}: {e.strerror or e}"
+        try:
+            state.set_aside()
+        except OSError as aside:
+            log.error(
+                "state_stale",
+                f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside}): this run "
+                "changed nothing, since the record would no longer match KV; make the volume writable",
+            )
+            return EXIT_CLOUDFLARE
+        log.warning(
+            "state_unusable", f"STATE_FILE: {detail}; this run set the record aside, audits and records nothing"
+        )
         unusable = Loaded(None, "unreadable", detail)
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: unusable)
     if not locked:
@@ -2222,9 +2434,17 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         )
         return EXIT_CLOUDFLARE
     try:
-        return converge(http, config, log, report, dry_run, force, audit, state, state.load)
+        seen_at = state.began(http.clock.now())
+        return converge(http, config, log, report, dry_run, force, audit, state, functools.partial(state.load, seen_at))
     finally:
         state.unlock()
+
+
+def record_limit(config: Config) -> int:
+    """The most a record may unpack to: what an answer at LAPI_MAX_BYTES could make (a record takes
+    30-60 bytes a key where LAPI's answer takes 150-200 a decision), and the expanded ranges'
+    keys. A larger record cannot have come from this configuration: the run audits and rebuilds it."""
+    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + (1 << 20)
 
 
 def converge(
@@ -2249,7 +2469,10 @@ def converge(
     it is that run's answer again (AnswerDigest), nothing has changed and nothing is planned."""
     reading = Background(load)
     decisions = read_decisions(http, config)
-    loaded = reading.result()
+    try:  # a file read that hangs (a stuck network volume) must not hold the run past its deadline
+        loaded = reading.result(timeout=max(0.0, http.deadline - http.clock.monotonic()))
+    except TimeoutError:
+        loaded = Loaded(None, "unreadable", f"{config.state_file} not read within {http.deadline_name}")
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests = cloudflare.requests
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
@@ -2263,6 +2486,8 @@ def converge(
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
+    owned = loaded.record is not None and reason != "foreign"
+    recent = loaded.record.recent if owned else ()  # what KV's listing may not show yet
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
@@ -2277,27 +2502,40 @@ def converge(
     report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
+    if listed:
+        present = reconciled(present, recent, kv.now + offset)
     plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
         log_dry_run(log, plan, None if force else config.max_deletes)
         return EXIT_OK
-    state_file = state
-    if state is not None and not (reason is None and not plan.writes and not plan.deletes):
-        state = mark_unfinished(state, log)
-    else:
+    state_file, set_aside = state, False
+    if state is not None and (plan.writes or plan.deletes):
+        try:
+            state.set_aside()  # before KV changes: until save(), no record on disk can be trusted
+            set_aside = True
+        except OSError as e:
+            log.error(
+                "state_stale",
+                f"STATE_FILE: cannot set {state.path} aside before changing KV ({e.strerror or e}): this run "
+                "changed nothing, since the record would no longer match KV",
+            )
+            return EXIT_CLOUDFLARE
+    elif reason is None:
         state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 
     def record(ledger: Ledger, converged: bool) -> None:
         if state is not None:
             keys = record_after(present, ledger, offset)
+            kv_now = http.clock.now() + offset
             figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
             refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
                 *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
+                recent_after(recent, ledger, keys, offset, kv_now),
             )  # fmt: skip
-            save_record(state, after, http.clock.now() + offset, log)
+            save_record(state, after, kv_now, log, set_aside)
 
     ledger = Ledger()
     try:
@@ -2409,32 +2647,17 @@ def once_flowing(batches: Iterable[list[Any]], begin: Callable[[], None]) -> Ite
         begin()
 
 
-def mark_unfinished(state: StateFile, log: Log) -> StateFile | None:
-    """Mark the record untrusted before KV changes; if that fails, remove it, so that in any case
-    the next run audits. The state file to record into, or None when it cannot be."""
-    try:
-        state.mark_unfinished()
-        return state
-    except OSError as e:
-        problem = f"STATE_FILE: cannot mark {state.lock_path}: {e.strerror}"
-    try:
-        os.unlink(state.path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.error("state_stale", f"{problem}, nor remove {state.path} ({e.strerror}): remove it by hand")
-        return None
-    log.warning("state_unwritable", f"{problem}; removed the record, the next run audits")
-    return None
-
-
-def save_record(state: StateFile, record: Record, kv_now: float, log: Log) -> None:
+def save_record(state: StateFile, record: Record, kv_now: float, log: Log, set_aside: bool) -> None:
     try:
         state.save(record, kv_now)
     except OSError as e:
-        log.warning(
-            "state_unwritable", f"STATE_FILE: cannot write {state.path}: {e.strerror or e}; the next run audits"
+        happened = (
+            f"this run set the record aside before changing KV, so none is in place: the next run audits "
+            f"(what is left is {state.aside_path})"
+            if set_aside
+            else "KV did not change, and the record in place still matches it"
         )
+        log.warning("state_unwritable", f"STATE_FILE: cannot write {state.path}: {e.strerror or e}; {happened}")
 
 
 def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Namespace) -> int:

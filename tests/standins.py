@@ -321,6 +321,7 @@ class LapiStandin(Standin):
         self.usage_answer: tuple[int, bytes, str] | None = None
         self.usage_delay = 0.0
         self.usage_drop = False
+        self.usage_drip = 0.0  # seconds between the bytes of its 201
         self.violations: list[str] = []
         self.usage_schema = UsageSchemaCheck() if (USAGE_SCHEMA.exists() if schema is None else schema) else None
 
@@ -362,7 +363,7 @@ class LapiStandin(Standin):
         if self.usage_answer:
             status, answer, content_type = self.usage_answer
             return request.send(status, answer, content_type)
-        request.send(201, b"", "application/json")
+        request.send(201, b"", "application/json", drip=self.usage_drip)
 
     def handle(self, request: _Handler, method: str) -> None:
         url = urllib.parse.urlsplit(request.path)
