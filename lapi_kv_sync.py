@@ -13,6 +13,16 @@ Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable
 
 from __future__ import annotations
 
+import signal
+
+# A run stopped while Python imports the rest (0.1-0.3 s: a pod deleted as it starts) must still
+# log and exit 143, not die silently: run as a script, the signal is noted here, and main() acts
+# on it once it can log.
+EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
 import argparse
 import codecs
 import contextlib
@@ -34,7 +44,6 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import ssl
 import stat
@@ -1857,12 +1866,8 @@ class StateFile:
         try:
             record = self.read(self.path)
         except FileNotFoundError:
-            try:
-                aside = self.read(self.aside_path)
-            except Exception:  # noqa: BLE001  # missing, empty or junk: only its recent changes were of use
-                aside = None
-            if aside is not None or os.path.lexists(self.aside_path):
-                return Loaded(aside, "unfinished", "the run before did not finish recording", seen_at)
+            if os.path.lexists(self.aside_path):  # what it set aside is of no use: it changed KV since
+                return Loaded(None, "unfinished", "the run before did not finish recording", seen_at)
             return Loaded(None, "no_record", "no record yet", seen_at)
         except OSError as e:
             return Loaded(None, "unreadable", f"cannot read {self.path}: {e.strerror or e}", seen_at)
@@ -2486,8 +2491,8 @@ def converge(
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
-    owned = loaded.record is not None and reason != "foreign"
-    recent = loaded.record.recent if owned else ()  # what KV's listing may not show yet
+    # What KV's listing may not show yet: the changes a trusted record says this job made lately.
+    recent = loaded.record.recent if loaded.record is not None and reason in TRUSTED_AUDITS else ()
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
@@ -2670,16 +2675,15 @@ def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Nam
     except (CloudflareError, DeadlineExceeded) as e:
         log.error("cloudflare_failed", f"Cloudflare: {e}")
     except Interrupted as stop:
-        log.error(
-            "interrupted",
-            f"{stop} received: stopped the run where it was; KV holds at most part of this run's plan, "
-            "which the next run completes",
-            signal=str(stop),
-        )
+        log_interrupted(log, stop, "KV holds at most part of this run's plan, which the next run completes")
         return stop.exit_code
     except Exception:  # a bug: say so loudly, but never with a secret in it
         log.error("internal_error", traceback.format_exc().strip())
     return EXIT_CLOUDFLARE
+
+
+def log_interrupted(log: Log, stop: Interrupted, what: str) -> None:
+    log.error("interrupted", f"{stop} received: stopped the run where it was; {what}", signal=str(stop))
 
 
 @contextlib.contextmanager
@@ -2716,9 +2720,16 @@ class Signals:
 
     HANDLED = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, pending: list[int] = EARLY_SIGNALS) -> None:  # noqa: B006  # the one list, on purpose
         self.armed = True
         self.previous: dict[int, Any] = {}
+        self.pending = pending  # signals that came before these handlers were in place
+
+    def raise_pending(self) -> None:
+        """Interrupted for a signal that came before the handlers were in place, if one did."""
+        if self.armed and self.pending:
+            self.armed = False
+            raise Interrupted(self.pending[0])
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.armed:
@@ -2745,27 +2756,60 @@ def main(
     err: TextIO | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
-    env = os.environ if env is None else env
-    out, err = out or sys.stdout, err or sys.stderr
-    try:
-        args, config = configure(argv, env)
-        tls = lapi_tls(config)
-    except ConfigError as e:
+    # The handlers first: a SIGTERM while the configuration is read (a pod deleted as it starts)
+    # must still be logged and end the run with 143, not kill it silently.
+    with Signals() as signals:
+        env = os.environ if env is None else env
+        out, err = out or sys.stdout, err or sys.stderr
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
         fmt = "json" if env.get("LOG_FORMAT", "").strip().lower() == "json" else "text"
-        Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
-        return EXIT_CONFIG
-    log = Log(out, err, config.log_format, config.secrets, clock)
-    report, started = Report(started=clock.now()), clock.monotonic()
-    with (
-        collector_paused(),
-        Http(clock, config.http_timeout, started + config.run_deadline, tls) as http,
-        Signals() as signals,
-    ):
+        config: Config | None = None
         try:
-            report.exit_code = run(http, config, log, report, args)
-        except Interrupted as stop:  # between the run's end and hold(): nothing left to stop
+            signals.raise_pending()
+            args, config = configure(argv, env)
+            tls = lapi_tls(config)
+            log = Log(out, err, config.log_format, config.secrets, clock)
+            report, started = Report(started=clock.now()), clock.monotonic()
+        except ConfigError as e:
+            Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
+            return EXIT_CONFIG
+        except Interrupted as stop:  # before the run began; pushed if the configuration says where
+            signals.hold()
+            return interrupted_early(stop, config, Log(out, err, fmt, clock=clock), clock)
+        try:
+            return run_reported(args, config, tls, log, report, started, clock, signals)
+        except Interrupted as stop:  # in the instant before its run began
+            signals.hold()
+            return interrupted_early(stop, config, log, clock)
+
+
+def interrupted_early(stop: Interrupted, config: Config | None, log: Log, clock: Clock) -> int:
+    log_interrupted(log, stop, "before the run began: nothing was done")
+    if config is not None:
+        with Http(clock, config.http_timeout, clock.monotonic()) as http:
+            push_metrics(http, config, Report(started=clock.now(), exit_code=stop.exit_code), log)
+    return stop.exit_code
+
+
+def run_reported(
+    args: argparse.Namespace,
+    config: Config,
+    tls: dict[str, ssl.SSLContext],
+    log: Log,
+    report: Report,
+    started: float,
+    clock: Clock,
+    signals: Signals,
+) -> int:
+    """The run, its summary and its push, from a whole configuration; a signal at any point
+    before the push is reported as such."""
+    with Http(clock, config.http_timeout, started + config.run_deadline, tls) as http:
+        try:
+            with collector_paused():
+                report.exit_code = run(http, config, log, report, args)
+        except Interrupted as stop:  # outside run()'s own handling: just before it, or after its end
             report.exit_code = stop.exit_code
+            log_interrupted(log, stop, "KV holds at most part of this run's plan, which the next run completes")
         signals.hold()
         report.duration = clock.monotonic() - started
         if not args.dry_run:
