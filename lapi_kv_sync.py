@@ -1496,25 +1496,15 @@ _CODE_REMEDIATION = {c: r for r, c in _REMEDIATION_CODE.items()}
 # The record keeps what this job wrote and deleted for twice that (its clock offset is measured to
 # a second), and an audit lays those over the listing, which they may be newer than.
 KV_LIST_LAG = 120
-DELETED = "d"  # a recent change that deleted its key (the others: `b`, `c`, `-` as in the key columns)
 # What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
 # at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NAME_JSON = MAX_KEY_BYTES * 6 + 3
-MAX_RECENT_JSON = MAX_NAME_JSON + 40
+MAX_RECENT_JSON = MAX_NAME_JSON + 22
 
 
 class RecordCorrupt(ValueError):
     """A state file that is not a whole record of this format."""
-
-
-class Recent(NamedTuple):
-    """A change Cloudflare confirmed (or that may have landed) lately: `at` on Cloudflare's clock,
-    `have` what the key holds since (None: deleted; Present(None, None): unknown)."""
-
-    at: float
-    key: str
-    have: Present | None
 
 
 class Record(NamedTuple):
@@ -1535,7 +1525,24 @@ class Record(NamedTuple):
     lapi_digest: str | None = None
     projected: Projected | None = None
     refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
-    recent: tuple[Recent, ...] = ()  # the changes of the last KV_LIST_LAG seconds, oldest first
+    # The keys this job changed in the last KV_LIST_LAG seconds, each with when (Cloudflare's
+    # clock); what each holds since is in `keys` (absent: deleted). As read from a file, the line
+    # as it is, decoded only by a run that needs it (recent_changes()): after a cold run it names
+    # every key, and a steady run does not need it.
+    recent: dict[str, int] | str = ""
+
+    def recent_changes(self) -> dict[str, int]:
+        """`recent` as a dict; empty if its line is not two columns of names and whole numbers
+        (it only ever makes an audit keep more of what this job did)."""
+        if not isinstance(self.recent, str):
+            return self.recent
+        try:
+            names, ats = json.loads(self.recent or "[[],[]]")
+            if not (len(names) == len(ats) and set(map(type, ats)) <= {int} and set(map(type, names)) <= {str}):
+                return {}
+            return dict(zip(names, ats, strict=True))
+        except (ValueError, TypeError, RecursionError):
+            return {}
 
     def earliest_expiration(self) -> float:
         """When the first of the keys expires on Cloudflare's clock (inf: none does)."""
@@ -1565,11 +1572,11 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     clock) as a JSON array, their expirations as a JSON array (null: none known), and their
     remediations as one letter each (`b`, `c`, `-` for unknown). Columns, not a line per key, so
     that reading a million keys back is a few C-level passes rather than a Python loop. A fifth
-    line, when the header counts `recent` changes: them, as `[at, key, expiration, letter]`
-    (`d`: deleted), those older than KV_LIST_LAG at `kv_now` left out."""
+    line, when the header counts `recent` changes: their keys and times as two JSON arrays in
+    one, those older than KV_LIST_LAG at `kv_now` left out."""
     alive = [(key, *have) for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
     names, expirations, remediations = zip(*alive, strict=True) if alive else ((), (), ())
-    recent = [change for change in record.recent if change.at > kv_now - KV_LIST_LAG]
+    recent = {key: at for key, at in record.recent_changes().items() if at > kv_now - KV_LIST_LAG}
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -1592,11 +1599,7 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     yield json.dumps(whole, separators=(",", ":")) + "\n"
     yield "".join(map(_REMEDIATION_CODE.__getitem__, remediations)) + "\n"
     if recent:
-        rows = [
-            [int(at), key, None, DELETED] if have is None else [int(at), key, have[0], _REMEDIATION_CODE[have[1]]]
-            for at, key, have in recent
-        ]
-        yield json.dumps(rows, separators=(",", ":")) + "\n"
+        yield json.dumps([list(recent), list(recent.values())], separators=(",", ":")) + "\n"
 
 
 def decode_record(lines: Iterable[str]) -> Record:
@@ -1629,12 +1632,12 @@ def decode_record(lines: Iterable[str]) -> Record:
         names = json.loads(next(lines))
         expirations = json.loads(next(lines))
         codes = next(lines).removesuffix("\n")
-        recent = decode_recent(json.loads(next(lines)), prefix) if recent_count else ()
+        recent = next(lines).removesuffix("\n") if recent_count else ""
         if next(lines, None) is not None:
             raise ValueError("more lines than the header says")
         if not (isinstance(names, list) and isinstance(expirations, list) and count == len(names)):
             raise ValueError("not as many keys as the header says")
-        if not (len(expirations) == len(codes) == count and len(recent) == recent_count):
+        if not (len(expirations) == len(codes) == count):
             raise ValueError("columns of different lengths")
         if not set(map(type, expirations)) <= {int, type(None)}:
             raise ValueError("an expiration that is not a whole number")
@@ -1673,20 +1676,6 @@ def record_counts(header: Mapping[str, Any]) -> tuple[int, int]:
     if not (type(count) is int and type(recent) is int and count >= 0 and recent >= 0):
         raise ValueError("a count that is not a whole number")
     return count, recent
-
-
-def decode_recent(rows: Any, prefix: str) -> tuple[Recent, ...]:
-    """The recent changes, oldest first; ValueError, TypeError or KeyError for anything else."""
-    recent = []
-    for at, key, expiration, code in rows:
-        if not (type(at) is int and type(key) is str and key.startswith(prefix)):
-            raise ValueError("a recent change that is not one")
-        if not (expiration is None or type(expiration) is int):
-            raise ValueError("an expiration that is not a whole number")
-        recent.append(Recent(at, key, None if code == DELETED else Present(expiration, _CODE_REMEDIATION[code])))
-    if recent != sorted(recent, key=operator.itemgetter(0)):
-        raise ValueError("recent changes out of order")
-    return tuple(recent)
 
 
 def unpacked_record(packed: bytes, limit: int) -> str:
@@ -1776,30 +1765,27 @@ def record_after(keys: Mapping[str, Present], ledger: Ledger, offset: float) -> 
     return after
 
 
-def recent_after(
-    recent: Iterable[Recent], ledger: Ledger, after: Mapping[str, Present], offset: float, kv_now: float
-) -> tuple[Recent, ...]:
-    """The recent changes once `ledger`'s are added: each key `ledger` touched as `after` holds it,
-    at the time its chunk was sent (Cloudflare's clock); one with no clear answer at `kv_now`.
-    Those older than KV_LIST_LAG at `kv_now` are dropped: a listing shows them by now."""
-    kept = [change for change in recent if change.at > kv_now - KV_LIST_LAG]
-    sent = [(at, key) for chunk, at in ledger.written for key in map(write_key, chunk)]
-    sent += [(at, key) for chunk, at in ledger.deleted for key in chunk]
-    sent.sort(key=operator.itemgetter(0))
-    changes = [Recent(math.floor(at + offset), key, after.get(key)) for at, key in sent]
-    changes += [Recent(math.floor(kv_now), key, Present(None, None)) for key in ledger.in_flight + ledger.uncertain]
-    return tuple(kept + changes)
+def recent_after(recent: Mapping[str, int], ledger: Ledger, offset: float, kv_now: float) -> dict[str, int]:
+    """The keys changed lately once `ledger`'s are added, each at the time its chunk was sent
+    (Cloudflare's clock), one with no clear answer at `kv_now`. Those older than KV_LIST_LAG at
+    `kv_now` are dropped: a listing shows them by now."""
+    changed = {key: at for key, at in recent.items() if at > kv_now - KV_LIST_LAG}
+    for chunk, at in ledger.written:
+        changed.update(zip(map(write_key, chunk), itertools.repeat(math.floor(at + offset))))
+    for chunk, at in ledger.deleted:
+        changed.update(zip(chunk, itertools.repeat(math.floor(at + offset))))
+    changed.update(zip(ledger.in_flight + ledger.uncertain, itertools.repeat(math.floor(kv_now))))
+    return changed
 
 
-def reconciled(listed: Mapping[str, Present], recent: Iterable[Recent], listed_at: float) -> Mapping[str, Present]:
-    """A listing that began at `listed_at` (Cloudflare's clock), with the recent changes it may not
-    show yet laid over it: KV's list may lag a change by up to a minute, so an audit must not
-    forget a key this job wrote, nor bring back one it deleted, within that time."""
-    newer = [change for change in recent if change.at > listed_at - KV_LIST_LAG]
-    if not newer:
+def reconciled(listed: Mapping[str, Present], lately: Mapping[str, Present | None]) -> Mapping[str, Present]:
+    """A listing with what the job changed lately laid over it (None: deleted): KV's list may lag
+    a change by up to a minute, so an audit must not forget a key this job wrote, nor bring back
+    one it deleted, within that time."""
+    if not lately:
         return listed
     view = dict(listed)
-    for _, key, have in newer:
+    for key, have in lately.items():
         if have is None:
             view.pop(key, None)
         else:
@@ -2491,8 +2477,13 @@ def converge(
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
-    # What KV's listing may not show yet: the changes a trusted record says this job made lately.
-    recent = loaded.record.recent if loaded.record is not None and reason in TRUSTED_AUDITS else ()
+    # What KV's listing may not show yet: the keys a trusted record says this job changed lately,
+    # and what they hold since (None: deleted).
+    record = loaded.record if reason in TRUSTED_AUDITS else None
+    recent = record.recent_changes() if record is not None else {}
+    since = http.clock.now() + record.clock_offset - KV_LIST_LAG if record is not None else math.inf
+    lately = {key: record.keys.get(key) for key, at in recent.items() if at > since} if reason else {}
+    del record
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
@@ -2508,7 +2499,8 @@ def converge(
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     if listed:
-        present = reconciled(present, recent, kv.now + offset)
+        present = reconciled(present, lately)
+        del lately
     plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
     if dry_run:
@@ -2538,7 +2530,7 @@ def converge(
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
                 *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
-                recent_after(recent, ledger, keys, offset, kv_now),
+                recent_after(recent, ledger, offset, kv_now),
             )  # fmt: skip
             save_record(state, after, kv_now, log, set_aside)
 

@@ -218,7 +218,7 @@ def drift(kv, state: Path | None = None) -> None:
     given the record, KV_LIST_LAG gone by since the job's own changes, so an audit believes its
     listing (within that time it believes what the job wrote: the listing may lag)."""
     if state is not None:
-        write_record(state, read_record(state)._replace(recent=()))
+        write_record(state, read_record(state)._replace(recent=""))
     kv.store.pop("ip:10.0.0.1")
     kv.store["ip:203.0.113.9"] = Entry("ban", int(time.time()) + 3600, {"remediation": "ban"})
     kv.store["ip:10.0.0.2"] = Entry("captcha", int(time.time()) + 3600, {"remediation": "captcha"})
@@ -283,11 +283,11 @@ def test_garbage_and_foreign_records_are_not_trusted(stack, run, state, content,
     if content == "truncated":
         content = state.read_bytes()[:-9]
     elif content == "another namespace":
-        write_record(state, record._replace(namespace="0" * 32, keys={}, recent=()))
+        write_record(state, record._replace(namespace="0" * 32, keys={}, recent=""))
     elif content == "another prefix":
-        write_record(state, record._replace(prefix="cs/", keys={}, recent=()))
+        write_record(state, record._replace(prefix="cs/", keys={}, recent=""))
     elif content == "another account":
-        write_record(state, record._replace(account="f" * 32, keys={}, recent=()))
+        write_record(state, record._replace(account="f" * 32, keys={}, recent=""))
     if isinstance(content, bytes):
         state.write_bytes(content)
     stack.kv.store.pop("ip:10.0.0.3")  # drift the untrusted record would not show
