@@ -1574,8 +1574,11 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     that reading a million keys back is a few C-level passes rather than a Python loop. A fifth
     line, when the header counts `recent` changes: their keys and times as two JSON arrays in
     one, those older than KV_LIST_LAG at `kv_now` left out."""
-    alive = [(key, *have) for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
-    names, expirations, remediations = zip(*alive, strict=True) if alive else ((), (), ())
+    # Three columns of references, not a tuple per key: a record of 300,000 keys is saved at the
+    # run's fullest (a rotation: the old keys, the new, the plan), and a tuple each costs 20 MiB.
+    names = [key for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
+    haves = list(map(record.keys.__getitem__, names))
+    expirations, remediations = map(operator.itemgetter(0), haves), map(operator.itemgetter(1), haves)
     recent = {key: at for key, at in record.recent_changes().items() if at > kv_now - KV_LIST_LAG}
     header = {
         "kind": STATE_KIND,
@@ -1586,7 +1589,7 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "audited_at": record.audited_at,
         "clock_offset": record.clock_offset,
         "usage_metrics_sent_at": record.usage_metrics_sent_at,
-        "keys": len(alive),
+        "keys": len(names),
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
         "refresh_at": record.refresh_at,
@@ -1678,7 +1681,7 @@ def record_counts(header: Mapping[str, Any]) -> tuple[int, int]:
     return count, recent
 
 
-def unpacked_record(packed: bytes, limit: int) -> str:
+def unpacked_record(packed: bytes, limit: int) -> bytes:
     """A record's text from its gzip file, unpacking no more than its header allows (its counts,
     each line at its longest) and never more than `limit` bytes: a small file that unpacks to a
     gigabyte is found out after MAX_HEADER_BYTES. RecordCorrupt for anything but one whole member."""
@@ -1698,9 +1701,20 @@ def unpacked_record(packed: bytes, limit: int) -> str:
             raise RecordCorrupt(f"unpacks to more than its header allows ({most} bytes)")
         if not unpack.eof or unpack.unused_data:
             raise RecordCorrupt("not one whole gzip member")
-        return text.decode("utf-8")
+        return text
     except zlib.error as e:
         raise RecordCorrupt(f"not gzip ({e})") from None
+
+
+def text_lines(text: bytes) -> Iterator[str]:
+    """The UTF-8 lines of `text`, split on newlines only, each decoded as it is taken (a
+    StringIO of the whole would hold four bytes a character). UnicodeDecodeError for junk."""
+    start = 0
+    while start < len(text):
+        end = text.find(b"\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end].decode("utf-8")
+        start = end
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -1778,19 +1792,15 @@ def recent_after(recent: Mapping[str, int], ledger: Ledger, offset: float, kv_no
     return changed
 
 
-def reconciled(listed: Mapping[str, Present], lately: Mapping[str, Present | None]) -> Mapping[str, Present]:
-    """A listing with what the job changed lately laid over it (None: deleted): KV's list may lag
+def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> None:
+    """Lay over a listing what the job changed lately (None: deleted), in place: KV's list may lag
     a change by up to a minute, so an audit must not forget a key this job wrote, nor bring back
     one it deleted, within that time."""
-    if not lately:
-        return listed
-    view = dict(listed)
     for key, have in lately.items():
         if have is None:
-            view.pop(key, None)
+            listed.pop(key, None)
         else:
-            view[key] = have
-    return view
+            listed[key] = have
 
 
 class StateFile:
@@ -1872,7 +1882,7 @@ class StateFile:
             raise RecordCorrupt(f"larger than a record may be ({self.limit} bytes)")
         text = unpacked_record(packed, self.limit)
         del packed
-        return decode_record(io.StringIO(text, newline="\n"))
+        return decode_record(text_lines(text))
 
     def set_aside(self) -> None:
         """Before KV changes: what is on disk stops being trusted until save() replaces it. OSError
@@ -2395,6 +2405,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     if not config.state_file:
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
     state = StateFile(config.state_file, http.clock, record_limit(config))
+    report.audit_reason, report.audit_detail = None, "the record not read yet"  # until audit_reason() says
     if dry_run:
         return converge(http, config, log, report, dry_run, force, audit, None, state.load)
     wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
@@ -2414,7 +2425,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
             )
             return EXIT_CLOUDFLARE
         log.warning(
-            "state_unusable", f"STATE_FILE: {detail}; this run set the record aside, audits and records nothing"
+            "state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing (any record set aside)"
         )
         unusable = Loaded(None, "unreadable", detail)
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: unusable)
@@ -2499,7 +2510,7 @@ def converge(
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     if listed:
-        present = reconciled(present, lately)
+        reconcile(listed.present, lately)  # the listing's own dict: no copy of 100,000s of keys
         del lately
     plan = make_plan(projection.wanted, present, kv.now, offset)
     report.unchanged = len(plan.unchanged)
