@@ -1496,6 +1496,10 @@ _CODE_REMEDIATION = {c: r for r, c in _REMEDIATION_CODE.items()}
 # The record keeps what this job wrote and deleted for twice that (its clock offset is measured to
 # a second), and an audit lays those over the listing, which they may be newer than.
 KV_LIST_LAG = 120
+# The most recent changes a record keeps. A run that changes more (a cold run, a rotation) keeps
+# none, and the audits of the next KV_LIST_LAG seconds are put off instead: 300,000 keys and
+# their times cost a run at the cap over 100 MiB more.
+RECENT_MAX = 20_000
 # What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
 # at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
 MAX_HEADER_BYTES = 64 * 1024
@@ -1530,6 +1534,7 @@ class Record(NamedTuple):
     # as it is, decoded only by a run that needs it (recent_changes()): after a cold run it names
     # every key, and a steady run does not need it.
     recent: dict[str, int] | str = ""
+    settling_until: float | None = None  # Cloudflare's clock: until then, KV's listing may lag more than `recent`
 
     def recent_changes(self) -> dict[str, int]:
         """`recent` as a dict; empty if its line is not two columns of names and whole numbers
@@ -1596,6 +1601,8 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     }
     if recent:
         header["recent"] = len(recent)
+    if record.settling_until is not None and record.settling_until > kv_now:
+        header["settling_until"] = record.settling_until
     yield json.dumps(header) + "\n"
     yield json.dumps(names, separators=(",", ":")) + "\n"
     whole = [None if expiration is None else int(expiration) for expiration in expirations]
@@ -1627,6 +1634,10 @@ def decode_record(lines: Iterable[str]) -> Record:
         refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
         if refresh_at is not None and not math.isfinite(refresh_at):
             raise ValueError
+        settling_until = header.get("settling_until")
+        settling_until = None if settling_until is None else float(settling_until)
+        if settling_until is not None and not math.isfinite(settling_until):
+            raise ValueError
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise RecordCorrupt("header lacks a field or holds a wrong type") from None
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
@@ -1655,7 +1666,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         raise RecordCorrupt("a key appears twice")
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
-        refresh_at, recent,
+        refresh_at, recent, settling_until,
     )  # fmt: skip
 
 
@@ -1745,14 +1756,19 @@ def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) ->
             n for n, a, b in zip(names, theirs, ours, strict=True) if a != b
         )
     age = now - record.audited_at
-    if requested:
-        return "requested", f"--audit, last audit {age:.0f}s ago"
     back = max(-age, (loaded.seen_at or now) - now)
-    if back > 0:
-        return "interval", f"the clock went back {back:.0f}s since the last audit or run"
-    if not age < config.audit_interval:
-        return "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
-    return None, f"record trusted, last audit {age:.0f}s ago"
+    if requested:
+        reason, words = "requested", f"--audit, last audit {age:.0f}s ago"
+    elif back > 0:
+        reason, words = "interval", f"the clock went back {back:.0f}s since the last audit or run"
+    elif not age < config.audit_interval:
+        reason, words = "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
+    else:
+        return None, f"record trusted, last audit {age:.0f}s ago"
+    settling = (record.settling_until or -math.inf) - (now + record.clock_offset)
+    if 0 < settling <= KV_LIST_LAG:  # bounded: a record cannot put an audit off for longer
+        return None, f"record trusted, audit put off {settling:.0f}s for KV's listing to show the last run's changes"
+    return reason, words
 
 
 TRUSTED_AUDITS = (None, "requested", "interval")  # audit reasons a trusted record can have
@@ -1779,17 +1795,30 @@ def record_after(keys: Mapping[str, Present], ledger: Ledger, offset: float) -> 
     return after
 
 
-def recent_after(recent: Mapping[str, int], ledger: Ledger, offset: float, kv_now: float) -> dict[str, int]:
+def recent_after(recent: Mapping[str, int], ledger: Ledger, offset: float, kv_now: float) -> dict[str, int] | None:
     """The keys changed lately once `ledger`'s are added, each at the time its chunk was sent
-    (Cloudflare's clock), one with no clear answer at `kv_now`. Those older than KV_LIST_LAG at
-    `kv_now` are dropped: a listing shows them by now."""
+    (Cloudflare's clock), one with no clear answer at `kv_now`; None when more than RECENT_MAX.
+    Those older than KV_LIST_LAG at `kv_now` are dropped: a listing shows them by now."""
     changed = {key: at for key, at in recent.items() if at > kv_now - KV_LIST_LAG}
+    sent = map(len, map(operator.itemgetter(0), itertools.chain(ledger.written, ledger.deleted)))
+    if len(changed) + sum(sent) + len(ledger.in_flight) + len(ledger.uncertain) > RECENT_MAX:
+        return None
     for chunk, at in ledger.written:
         changed.update(zip(map(write_key, chunk), itertools.repeat(math.floor(at + offset))))
     for chunk, at in ledger.deleted:
         changed.update(zip(chunk, itertools.repeat(math.floor(at + offset))))
     changed.update(zip(ledger.in_flight + ledger.uncertain, itertools.repeat(math.floor(kv_now))))
     return changed
+
+
+def recent_and_settling(
+    recent: dict[str, int] | None, settling_until: float | None, kv_now: float
+) -> tuple[dict[str, int], float | None]:
+    """A new record's recent changes and the end of its settling time: with more than RECENT_MAX
+    changes, none, and the audits of the next KV_LIST_LAG seconds put off."""
+    if recent is None:
+        return {}, kv_now + KV_LIST_LAG
+    return recent, settling_until if settling_until is not None and settling_until > kv_now else None
 
 
 def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> None:
@@ -2492,6 +2521,7 @@ def converge(
     # and what they hold since (None: deleted).
     record = loaded.record if reason in TRUSTED_AUDITS else None
     recent = record.recent_changes() if record is not None else {}
+    settling_until = record.settling_until if record is not None else None
     since = http.clock.now() + record.clock_offset - KV_LIST_LAG if record is not None else math.inf
     lately = {key: record.keys.get(key) for key, at in recent.items() if at > since} if reason else {}
     del record
@@ -2541,7 +2571,7 @@ def converge(
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
                 *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
-                recent_after(recent, ledger, offset, kv_now),
+                *recent_and_settling(recent_after(recent, ledger, offset, kv_now), settling_until, kv_now),
             )  # fmt: skip
             save_record(state, after, kv_now, log, set_aside)
 

@@ -374,6 +374,22 @@ def test_past_the_lag_an_audit_believes_its_listing(stack, state):
     assert_converged(stack)
 
 
+def test_past_recent_max_changes_the_audits_of_the_lag_are_put_off(stack, state, monkeypatch):
+    """A run that changes more keys than the record keeps (a cold run, a rotation) keeps none, and
+    an audit within KV_LIST_LAG is put off rather than made from a listing that may lag."""
+    monkeypatch.setattr(job, "RECENT_MAX", 3)
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(5)]
+    assert run(stack, state).code == 0
+    assert read_record(state).recent_changes() == {} and read_record(state).settling_until is not None
+    stack.kv.reset_counts()
+    put_off = run(stack, state, "--audit")
+    assert "not audited (record trusted, audit put off" in put_off.out and stack.kv.requests["list"] == 0
+    stack.kv.clock_offset = job.KV_LIST_LAG + 1
+    later = run(stack, state, "--audit", clock_offset=job.KV_LIST_LAG + 1)
+    assert "audited: requested" in later.out and stack.kv.requests["list"] == 1
+    assert_converged(stack)
+
+
 # --------------------------------------------------------------------------- a clock that steps back
 
 
