@@ -87,6 +87,8 @@ def main() -> int:
             state = {"STATE_FILE": f"{tmp}/record.gz"}
 
             def measure(name: str, *args: str, **env: str) -> None:
+                if "--audit" in args:  # past KV_LIST_LAG on Cloudflare's clock: not put off after a big change
+                    kv.clock_offset += job.KV_LIST_LAG + 10
                 figures = bench.measure(*args, script=SCRIPT, **env)
                 results.append(
                     {
