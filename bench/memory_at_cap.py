@@ -16,6 +16,7 @@ bench/results/memory-at-cap.{md,json}.
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import sys
@@ -54,6 +55,15 @@ class CapLapi(FastLapi):
         return ("[" + ",".join(rows) + "]").encode()
 
 
+def past_the_lag(path: Path) -> None:
+    """The record as it is once KV_LIST_LAG has passed, so that an audit is not put off after a
+    big change (the bench does not wait two minutes)."""
+    state = job.StateFile(str(path), job.SYSTEM_CLOCK)
+    record = state.read(str(path))._replace(settling_until=None)
+    with gzip.open(path, "wt", encoding="utf-8", newline="\n") as f:
+        f.writelines(job.encode_record(record, 0))
+
+
 def rows(n: int, start: int = 0, ranges: int = 0) -> list[dict]:
     now = time.time()
     made = [{"value": address(i), "scope": "Ip", "until": now + 4 * 3600 + i % 3600} for i in range(start, start + n)]
@@ -87,8 +97,8 @@ def main() -> int:
             state = {"STATE_FILE": f"{tmp}/record.gz"}
 
             def measure(name: str, *args: str, **env: str) -> None:
-                if "--audit" in args:  # past KV_LIST_LAG on Cloudflare's clock: not put off after a big change
-                    kv.clock_offset += job.KV_LIST_LAG + 10
+                if "--audit" in args and env.get("STATE_FILE"):
+                    past_the_lag(Path(env["STATE_FILE"]))
                 figures = bench.measure(*args, script=SCRIPT, **env)
                 results.append(
                     {

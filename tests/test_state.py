@@ -341,8 +341,11 @@ def test_a_failure_after_the_first_bulk_call_leaves_a_record_the_next_run_can_tr
     assert healthy.code == 0, healthy.err
     assert "not audited" in healthy.out and stack.kv.requests["list"] == 0
     stack.kv.reset_counts()
+    # KV_LIST_LAG on: 20,000 changes are more than a record keeps, and an audit before would be put off.
+    write_record(state, read_record(state)._replace(settling_until=None))
     check = run("--audit")
-    assert check.code == 0 and (stack.kv.writes, stack.kv.deletes) == (0, 0)  # converged
+    assert check.code == 0 and "audited: requested" in check.out
+    assert (stack.kv.writes, stack.kv.deletes) == (0, 0)  # converged
     assert len(ours(stack.kv)) == len(stack.lapi.decisions)
     assert_kv_is_the_record(stack.kv, state)
 
