@@ -279,6 +279,8 @@ def turnstile_worker(directory: Path) -> Path:
     start, end = source.index("// A captcha decision"), source.index("function page(")
     call = "return captcha(request, env);"
     assert source.count(call) == 1
+    for module in WORKER.glob("*.js"):  # the modules worker.js imports, beside it
+        shutil.copy(module, directory)
     path = directory / "worker.js"
     path.write_text(source[:start].replace(call, "return captcha(request, env, address);") + recipe + source[end:])
     return path

@@ -1,25 +1,45 @@
 // Reference edge Worker for lapi-kv-sync: enforces the CrowdSec decisions the job keeps in Workers KV.
-// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none.
+// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none,
+// and the Range, Country and AS decisions of the scope table (scopes.js), read once a minute per isolate.
 // Plain JavaScript, no build step: copy it, change the pages, deploy with `wrangler deploy`.
+import { tableRemediation } from "./scopes.js";
 
 const DEFAULT_PREFIX = "ip:"; // the job's KV_KEY_PREFIX default
 const DEFAULT_CACHE_TTL = 60; // seconds; Cloudflare's own default for a KV read
 const MIN_CACHE_TTL = 30; // KV refuses a smaller cacheTtl: the read would throw and every request pass
 
 export default {
-  async fetch(request, env) {
+  async fetch(request, env, ctx) {
     const address = canonicalAddress(request.headers.get("CF-Connecting-IP"));
-    const remediation = address === null ? null : await lookUp(env, address);
+    // Both at once: the table is in memory once the isolate is warm, and never adds a wait.
+    const [keyed, scoped] = await Promise.all([
+      address === null ? null : lookUp(env, address),
+      tableRemediation(request, env, ctx, address),
+    ]);
+    const remediation = strongest(keyed, scoped);
     if (remediation === "ban") return page(403, "Access denied", "This site has blocked your address.");
     if (remediation === "captcha") return captcha(request, env);
     return fetch(request); // no decision: on to the origin, unchanged
   },
 };
 
+// Ban beats captcha, whichever of the address key and the scope table says it.
+function strongest(a, b) {
+  return a === "ban" || b === "ban" ? "ban" : a === "captcha" || b === "captcha" ? "captcha" : null;
+}
+
+// The name of a key the job writes, and how long an edge location may answer its read from cache.
+export function keyName(env, suffix) {
+  return (env.KV_KEY_PREFIX ?? DEFAULT_PREFIX) + suffix;
+}
+
+export function cacheTtl(env) {
+  return Math.max(MIN_CACHE_TTL, Number(env.CACHE_TTL) || DEFAULT_CACHE_TTL);
+}
+
 async function lookUp(env, address) {
-  const cacheTtl = Math.max(MIN_CACHE_TTL, Number(env.CACHE_TTL) || DEFAULT_CACHE_TTL);
   try {
-    return await env.DECISIONS.get((env.KV_KEY_PREFIX ?? DEFAULT_PREFIX) + address, { cacheTtl });
+    return await env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
   } catch (error) {
     // Fail open, as the job does: a KV outage must not take the whole site down with it.
     console.error(`KV read failed, request let through: ${error}`);
@@ -74,7 +94,7 @@ export function canonicalAddress(text) {
 }
 
 // The eight 16-bit groups of an IPv6 address, or null: accepts exactly what Python's ipaddress does.
-function ipv6Groups(text) {
+export function ipv6Groups(text) {
   const halves = text.split("::");
   if (halves.length > 2) return null;
   const parts = halves.map((half) => (half === "" ? [] : half.split(":")));
