@@ -8,6 +8,7 @@ read the Worker makes is counted by worker/test/drive.mjs, so the tests count re
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -268,39 +269,76 @@ def test_an_empty_or_missing_table_leaves_the_address_keys_in_charge(stack):
         assert output["logs"] == []
 
 
-JUNK = [
-    "not json",
-    json.dumps({"v": 2, "range": {"192.0.2.0/24": ["ban", 2**40]}}),
-    json.dumps([1]),
-    json.dumps({"v": 1, "range": ["192.0.2.0/24"]}),
-    "null",
+FAR = 2**40  # an end far off: these entries hold whenever the test runs
+JUNK = [  # no version 1 table: nothing in it may be used
+    {"v": 2, "range": {"192.0.2.0/24": ["ban", FAR]}},
+    {"v": "1", "range": {"192.0.2.0/24": ["ban", FAR]}},
+    {"range": {"192.0.2.0/24": ["ban", FAR]}},
+    {"v": 1, "range": ["192.0.2.0/24"]},
+    {"v": 1, "country": "FR"},
+    [1],
+    None,
 ]
+ODD_ENTRIES = {  # a version 1 table with entries the Worker does not understand: those are left out
+    "v": 1,
+    "range": {
+        "192.0.2.0/24": ["ban", FAR],
+        "192.0.2.0/33": ["ban", FAR],
+        "192.0.2.0/24/1": ["ban", FAR],
+        "192.0.2.0/-1": ["ban", FAR],
+        "example.com/8": ["ban", FAR],
+        "10.0.0.0/8": ["throttle", FAR],
+        "10.0.0.0/9": ["ban"],
+        "10.0.0.0/10": ["ban", "1795615200"],
+        "10.0.0.0/11": {"ban": FAR},
+    },
+    "country": {"fr": ["ban", FAR], "FRA": ["ban", FAR], "DE": ["captcha", FAR]},
+    "as": {"AS64500": ["ban", FAR], "-1": ["ban", FAR], "64500": ["ban", FAR]},
+}
 
 
-@pytest.mark.parametrize("junk", JUNK)
-def test_a_junk_table_fails_open_and_keeps_the_last_good_copy(stack, junk):
+def test_a_table_that_is_not_version_1_is_refused_whole_and_an_odd_entry_alone():
+    work = [{"document": junk} for junk in JUNK]
+    cf = [{"country": "DE"}, {"country": "FR"}, {"asn": 64500}, {}]
+    verdicts = [{"address": address, "cf": c, "now": 0} for address in ("192.0.2.1", "10.0.0.1") for c in cf]
+    work.append({"document": ODD_ENTRIES, "addresses": ["192.0.2.1", "10.0.0.1"], "verdicts": verdicts})
+    *refused, odd = drive(config=wrangler(), scopes=work)["scopes"]
+    assert all(set(answer) == {"error"} for answer in refused), refused
+    assert odd["skipped"] == 12
+    assert odd["matches"] == [{"ban": FAR, "captcha": 0}, None]
+    assert odd["verdicts"] == ["ban"] * 4 + ["captcha", None, "ban", None]
+
+
+def scope_table_problems(logs: list[dict]) -> list[str]:
+    return [log["message"] for log in logs if "scope table" in log["message"]]
+
+
+def test_a_junk_table_from_a_cold_start_fails_open(stack):
     keys = scope_keys(stack, decision("192.0.2.7", type="captcha"), decision("198.51.100.0/24", scope="Range"))
-    good = table_of(keys)
-    # From a cold start: no good copy, so the table adds nothing; the address keys still work.
-    cold = drive(
-        config=wrangler(), keys=with_table(keys, junk), requests=[request("198.51.100.1"), request("192.0.2.7")]
-    )
-    assert [verdict(a) for a in cold["responses"]] == [None, "captcha"]
-    assert len([log for log in cold["logs"] if "scope table" in log["message"]]) == 1
+    work = [request("198.51.100.1"), request("192.0.2.7"), request("198.51.100.2")]
+    output = drive(config=wrangler(), keys=with_table(keys, "not json"), requests=work)
+    # No good copy yet: the table adds nothing; the address keys still work.
+    assert [verdict(a) for a in output["responses"]] == [None, "captcha", None]
+    assert len(scope_table_problems(output["logs"])) == 1
 
-    # Warm, then junk in place of the table: the good copy is kept through refreshes.
-    config = wrangler(SCOPES_REFRESH="1")
-    steps = [
-        {"requests": [request("198.51.100.1")]},
-        {"put": with_table([], junk), "sleep": 1.5, "requests": [request("198.51.100.1")]},
-        {"sleep": 1.5, "requests": [request("198.51.100.2")]},
-        {"sleep": 1.5, "requests": [request("198.51.100.3"), request("198.51.100.4")]},
-    ]
-    output = drive(config=config, keys=with_table(keys, good), steps=steps)
-    assert [verdict(a) for s in output["steps"] for a in s["responses"]] == ["ban"] * 5
-    assert table_reads([key for s in output["steps"] for key in s["reads"]]) >= 3  # it did read again
-    problems = [log for log in output["logs"] if "scope table" in log["message"]]
-    assert len(problems) == 1, problems  # once, not once per read or per request
+
+def test_a_junk_table_keeps_the_last_good_copy_and_is_reported_once(stack):
+    keys = scope_keys(stack, decision("198.51.100.0/24", scope="Range"))
+    # Each junk in place of the table in turn, each read at least once (SCOPES_REFRESH=1), the
+    # last one several times: the good copy stays, and each problem is logged once.
+    junks = ["not json", *map(json.dumps, JUNK)]
+    steps = [{"requests": [request("198.51.100.1")]}]
+    steps += [{"put": with_table([], junk), "sleep": 1.2, "requests": [request("198.51.100.1")]} for junk in junks]
+    steps += [{"sleep": 1.2, "requests": [request("198.51.100.2")]}] * 2
+    output = drive(config=wrangler(SCOPES_REFRESH="1"), keys=keys, steps=steps)
+    assert [verdict(s["responses"][0]) for s in output["steps"]] == ["ban"] * len(steps)
+    junk_reads = table_reads([key for s in output["steps"] for key in s["reads"]]) - 1
+    assert junk_reads >= len(junks) + 1  # every junk read, the last one again
+    # Logged when the problem changes (several junks are "not a version 1 scope table"), never
+    # once per read: fewer lines than junk reads, none repeating the line before.
+    problems = scope_table_problems(output["logs"])
+    assert len(set(problems)) >= 4 and len(problems) <= len(junks) < junk_reads, problems
+    assert all(a != b for a, b in itertools.pairwise(problems)), problems
 
 
 def test_a_table_read_that_fails_is_retried_after_the_refresh_not_per_request(stack):
@@ -341,22 +379,31 @@ def test_a_clean_request_costs_one_kv_read_once_warm_and_the_table_is_read_once(
     assert verdict(one_by_one["responses"][2]) == "ban"
 
 
-def test_the_table_is_read_again_after_scopes_refresh_and_the_new_one_applies(stack):
+def test_the_table_is_read_again_after_scopes_refresh_and_a_missing_one_is_empty(stack):
     keys = scope_keys(stack, decision("198.51.100.0/24", scope="Range"))
     newer = scope_keys(stack, decision("198.51.100.0/24", scope="Range"), decision("203.0.113.0/24", scope="Range"))
+    poll = [{"sleep": 0.3, "requests": [request("203.0.113.1")]}] * 10
     steps = [
         {"requests": [request("203.0.113.1")]},
         # After SCOPES_REFRESH, the first request starts a read and is served the copy the isolate
         # holds; the read runs in the background, and later requests see the new table.
         {"put": with_table([], table_of(newer)), "sleep": 2.5, "requests": [request("203.0.113.1")]},
-        *[{"sleep": 0.3, "requests": [request("203.0.113.1")]}] * 10,
+        *poll,
+        # The job deletes an empty table: no key is an empty table, not a failed read.
+        {"delete": [TABLE], "sleep": 2.5, "requests": [request("203.0.113.1")]},
+        *poll,
     ]
-    first, refresh, *later = drive(config=wrangler(SCOPES_REFRESH="2"), keys=keys, steps=steps)["steps"]
+    output = drive(config=wrangler(SCOPES_REFRESH="2"), keys=keys, steps=steps)
+    first, refresh, *later = output["steps"][: 2 + len(poll)]
+    deleted, *after = output["steps"][2 + len(poll) :]
     assert verdict(first["responses"][0]) is None and table_reads(first["reads"]) == 1
-    assert verdict(refresh["responses"][0]) is None
-    assert table_reads(refresh["reads"] + [key for s in later for key in s["reads"]]) >= 1
+    assert verdict(refresh["responses"][0]) is None and verdict(deleted["responses"][0]) == "ban"
     verdicts = [verdict(s["responses"][0]) for s in later]
     assert verdicts[-1] == "ban" and verdicts == sorted(verdicts, key=bool)  # once applied, it stays
+    verdicts = [verdict(s["responses"][0]) for s in after]
+    assert verdicts[-1] is None and verdicts == sorted(verdicts, key=lambda v: v is None)
+    assert table_reads([key for s in output["steps"] for key in s["reads"]]) >= 3
+    assert scope_table_problems(output["logs"]) == []
 
 
 # --------------------------------------------------------------------------- one match, both sides

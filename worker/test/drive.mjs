@@ -16,7 +16,8 @@
 //   responses: [{ status, headers, body, origin, reads }] for `requests` (reads: the KV keys read
 //              while that request was in flight), steps: [{ responses, reads }] (reads: every key read
 //              during the step), logs: [{ level, message }] the Worker's console,
-//   canonical: [text | null], scopes: [{ matches: [{ ban, captcha } | null], verdicts: ["ban" | "captcha" | null] }]
+//   canonical: [text | null],
+//   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: ["ban" | "captcha" | null] } | { error }]
 import { readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -109,8 +110,14 @@ export default {
     if (new URL(request.url).pathname === "/canonical") return Response.json(work.map((text) => canonicalAddress(text)));
     return Response.json(
       work.map(({ document, addresses = [], verdicts = [] }) => {
-        const table = buildTable(document);
+        let table;
+        try {
+          table = buildTable(document);
+        } catch (error) {
+          return { error: String(error) };
+        }
         return {
+          skipped: table.skipped,
           matches: addresses.map((text) => {
             const address = canonicalAddress(text);
             return address === null ? "not an address" : matchRange(table, address);
