@@ -12,11 +12,11 @@ import itertools
 import json
 import os
 import random
-import re
 import time
 
 import pytest
 
+import lapi_kv_sync as job
 from tests.standins import decision
 from tests.test_worker import SITE, drive, is_ban_page, job_keys, passed_unchanged, random_groups, spell_ipv6, wrangler
 
@@ -25,37 +25,13 @@ HOUR = 3600
 
 
 def canonical_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """The job's spelling of a network: host bits cleared, IPv4-mapped IPv6 as IPv4."""
-    network = ipaddress.ip_network(text, strict=False)
-    mapped = getattr(network.network_address, "ipv4_mapped", None)
-    return network if mapped is None else ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    """The network as the job writes it in the table (host bits cleared, IPv4-mapped as IPv4)."""
+    _, name = job.table_entry("range", text)
+    return ipaddress.ip_network(name)
 
 
 def canonical_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(text)
-    return getattr(address, "ipv4_mapped", None) or address
-
-
-def scope_document(*decisions: dict) -> dict:
-    """The scope table, as the job writes it (by hand until the job writes it)."""
-    parts: dict[str, dict] = {"range": {}, "country": {}, "as": {}}
-    for d in decisions:
-        part, key = {
-            "Range": ("range", lambda v: str(canonical_network(v))),
-            "Country": ("country", str.upper),
-            "AS": ("as", lambda v: re.sub(r"^(?i:as)", "", v)),
-        }[d["scope"]]
-        parts[part][key(d["value"])] = [d["type"], int(d["until"])]
-    return {"v": 1, **{name: entries for name, entries in parts.items() if entries}}
-
-
-def scope_keys(stack, *decisions: dict, **env: str) -> list[dict]:
-    """The keys the job writes for these decisions, scope table included."""
-    keys = job_keys(stack, *(d for d in decisions if d["scope"] == "Ip"), **env)
-    tabled = [d for d in decisions if d["scope"] != "Ip"]
-    if tabled:
-        keys.append({"name": TABLE, "value": json.dumps(scope_document(*tabled))})
-    return keys
+    return ipaddress.ip_address(job.canonical_address(text))
 
 
 def table_of(keys: list[dict]) -> dict:
@@ -124,7 +100,7 @@ EDGES = {
 
 @pytest.fixture
 def range_keys(stack) -> list[dict]:
-    return scope_keys(
+    return job_keys(
         stack,
         decision(V4_BAN, scope="Range"),
         decision(V4_CAPTCHA, scope="Range", type="captcha"),
@@ -152,7 +128,7 @@ def test_a_range_matches_from_its_first_address_to_its_last_and_not_one_further(
 
 @pytest.fixture
 def cf_keys(stack) -> list[dict]:
-    return scope_keys(
+    return job_keys(
         stack,
         decision("FR", scope="Country", type="captcha"),
         decision("AS64500", scope="AS"),
@@ -183,7 +159,7 @@ def test_country_and_as_come_from_cf(cf_keys):
 
 
 def test_ban_beats_captcha_across_the_address_key_and_every_table_match(stack):
-    keys = scope_keys(
+    keys = job_keys(
         stack,
         decision("192.0.2.7", type="captcha"),  # address key: captcha; its /24: ban
         decision("192.0.2.0/24", scope="Range"),
@@ -211,7 +187,7 @@ def test_ban_beats_captcha_across_the_address_key_and_every_table_match(stack):
 
 
 def test_an_entry_whose_end_has_passed_is_ignored(stack):
-    keys = scope_keys(
+    keys = job_keys(
         stack,
         decision("192.0.2.0/24", scope="Range"),
         decision("192.0.2.0/25", scope="Range", type="captcha"),
@@ -230,7 +206,7 @@ def test_an_entry_whose_end_has_passed_is_ignored(stack):
 
 def test_entries_ending_at_different_times_decide_at_each_moment(stack):
     # One cached table must stay right as its entries end one after another: pure, at given times.
-    keys = scope_keys(
+    keys = job_keys(
         stack,
         decision("10.0.0.0/8", scope="Range", type="captcha", seconds=2 * HOUR),
         decision("10.1.0.0/16", scope="Range", seconds=HOUR),
@@ -259,7 +235,7 @@ def test_entries_ending_at_different_times_decide_at_each_moment(stack):
 
 
 def test_an_empty_or_missing_table_leaves_the_address_keys_in_charge(stack):
-    keys = scope_keys(stack, decision("192.0.2.7"), decision("2001:db8::1", type="captcha"))
+    keys = job_keys(stack, decision("192.0.2.7"), decision("2001:db8::1", type="captcha"))
     assert TABLE not in {k["name"] for k in keys}  # no Range, Country or AS decision: no table
     work = [request("192.0.2.7"), request("2001:db8::1"), request("192.0.2.8", country="FR", asn=64500)]
     for table in [None, {"v": 1}, {"v": 1, "range": {}, "country": {}, "as": {}}]:
@@ -314,7 +290,7 @@ def scope_table_problems(logs: list[dict]) -> list[str]:
 
 
 def test_a_junk_table_from_a_cold_start_fails_open(stack):
-    keys = scope_keys(stack, decision("192.0.2.7", type="captcha"), decision("198.51.100.0/24", scope="Range"))
+    keys = job_keys(stack, decision("192.0.2.7", type="captcha"), decision("198.51.100.0/24", scope="Range"))
     work = [request("198.51.100.1"), request("192.0.2.7"), request("198.51.100.2")]
     output = drive(config=wrangler(), keys=with_table(keys, "not json"), requests=work)
     # No good copy yet: the table adds nothing; the address keys still work.
@@ -323,7 +299,7 @@ def test_a_junk_table_from_a_cold_start_fails_open(stack):
 
 
 def test_a_junk_table_keeps_the_last_good_copy_and_is_reported_once(stack):
-    keys = scope_keys(stack, decision("198.51.100.0/24", scope="Range"))
+    keys = job_keys(stack, decision("198.51.100.0/24", scope="Range"))
     # Each junk in place of the table in turn, each read at least once (SCOPES_REFRESH=1), the
     # last one several times: the good copy stays, and each problem is logged once.
     junks = ["not json", *map(json.dumps, JUNK)]
@@ -342,7 +318,7 @@ def test_a_junk_table_keeps_the_last_good_copy_and_is_reported_once(stack):
 
 
 def test_a_table_read_that_fails_is_retried_after_the_refresh_not_per_request(stack):
-    keys = scope_keys(stack, decision("192.0.2.7"), decision("198.51.100.0/24", scope="Range"))
+    keys = job_keys(stack, decision("192.0.2.7"), decision("198.51.100.0/24", scope="Range"))
     steps = [
         {"failReads": [TABLE], "concurrent": [request(f"10.0.0.{i}") for i in range(20)]},
         {"requests": [request("198.51.100.1"), request("192.0.2.7")]},
@@ -358,7 +334,7 @@ def test_a_table_read_that_fails_is_retried_after_the_refresh_not_per_request(st
 
 
 def test_a_clean_request_costs_one_kv_read_once_warm_and_the_table_is_read_once(stack):
-    keys = scope_keys(
+    keys = job_keys(
         stack,
         decision("192.0.2.7"),
         decision("198.51.100.0/24", scope="Range"),
@@ -380,8 +356,8 @@ def test_a_clean_request_costs_one_kv_read_once_warm_and_the_table_is_read_once(
 
 
 def test_the_table_is_read_again_after_scopes_refresh_and_a_missing_one_is_empty(stack):
-    keys = scope_keys(stack, decision("198.51.100.0/24", scope="Range"))
-    newer = scope_keys(stack, decision("198.51.100.0/24", scope="Range"), decision("203.0.113.0/24", scope="Range"))
+    keys = job_keys(stack, decision("198.51.100.0/24", scope="Range"))
+    newer = job_keys(stack, decision("198.51.100.0/24", scope="Range"), decision("203.0.113.0/24", scope="Range"))
     poll = [{"sleep": 0.3, "requests": [request("203.0.113.1")]}] * 10
     steps = [
         {"requests": [request("203.0.113.1")]},
