@@ -30,9 +30,9 @@ export function buildTable(document) {
   const keyed = (name, key) => {
     const map = new Map();
     for (const [text, entry] of part(document, name)) {
-      const ends = parseEntry(entry);
-      if (key(text) === null || ends === null) skipped++;
-      else map.set(key(text), ends);
+      const [canonical, ends] = [key(text), parseEntry(entry)];
+      if (canonical === null || ends === null) skipped++;
+      else map.set(canonical, ends);
     }
     return map;
   };
@@ -45,7 +45,7 @@ export function buildTable(document) {
   };
 }
 
-export const EMPTY_TABLE = buildTable({ v: 1 });
+const EMPTY_TABLE = buildTable({ v: 1 });
 
 function isObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
@@ -71,7 +71,7 @@ function parseEntry(entry) {
  * the job writes networks (Python's ip_network(text, strict=False)): host bits cleared, an
  * IPv4-mapped IPv6 network taken as the IPv4 one, as its addresses reach the Worker as IPv4.
  */
-export function parseNetwork(text) {
+function parseNetwork(text) {
   if (typeof text !== "string") return null;
   const [address, length, ...rest] = text.split("/");
   if (rest.length > 0 || canonicalAddress(address) === null) return null;
