@@ -14,8 +14,9 @@
 //              each verdict through tableVerdict, in workerd
 // Output (JSON on stdout):
 //   responses: [{ status, headers, body, origin, reads }] for `requests` (reads: the KV keys read
-//              while that request was in flight), steps: [{ responses, reads }] (reads: every key read
-//              during the step), logs: [{ level, message }] the Worker's console,
+//              while that request was in flight), steps: [{ responses, reads, seconds }] (reads: every
+//              key read during the step; seconds: how long its requests took, sleep not included),
+//              reads: every key read in the whole run, logs: [{ level, message }] the Worker's console,
 //   canonical: [text | null],
 //   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: ["ban" | "captcha" | null] } | { error }]
 import { readFileSync } from "node:fs";
@@ -159,19 +160,19 @@ async function step(mf, kv, { put = [], delete: names = [], failReads: fail, sle
   for (const name of names) await kv.delete(name);
   if (fail !== undefined) failReads = fail;
   if (seconds) await sleep(seconds * 1000);
-  const before = reads.length;
+  const [before, started] = [reads.length, performance.now()];
   const responses = [
     ...(await oneByOne(mf, work.requests ?? [])),
     ...(await Promise.all((work.concurrent ?? []).map((request) => send(mf, request)))),
   ];
-  return { responses, reads: reads.slice(before) };
+  return { responses, reads: reads.slice(before), seconds: (performance.now() - started) / 1000 };
 }
 
 const logs = [];
 // cf: false: requests carry Miniflare's placeholder cf (country US, asn 395747) plus their own,
 // and nothing is fetched from the network.
 const shared = { cf: false, handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }) };
-const output = { responses: [], steps: [], canonical: [], scopes: [] };
+const output = { responses: [], steps: [], reads: [], canonical: [], scopes: [] };
 if (input.requests?.length || input.steps?.length) {
   const mf = new Miniflare({ ...shared, workers: [enforcer(), countingKv, loader] });
   try {
@@ -179,6 +180,7 @@ if (input.requests?.length || input.steps?.length) {
     await step(mf, kv, { put: input.keys ?? [] });
     output.responses = await oneByOne(mf, input.requests ?? []);
     for (const work of input.steps ?? []) output.steps.push(await step(mf, kv, work));
+    output.reads = reads; // all of them, background reads a step's window may have missed included
   } finally {
     await mf.dispose();
   }
