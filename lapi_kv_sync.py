@@ -131,7 +131,7 @@ class Config:
     audit_interval: float = 900.0
     scope_table: bool = True
     # A Worker parses the whole document (the reference one once a minute per isolate): smaller
-    # is cheaper in its CPU time. 4 MiB is about 60,000 IPv4 ranges.
+    # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
     scope_table_max_bytes: int = 4 * 1024 * 1024
 
     @property
@@ -1033,6 +1033,7 @@ class Projection(NamedTuple):
 _AS_NUMBER = re.compile(r"(?:[Aa][Ss])?([0-9]{1,10})")
 _COUNTRY = re.compile(r"[A-Za-z]{2}")
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
 def table_entry(scope: str, value: Any) -> tuple[str, str]:
@@ -1043,6 +1044,10 @@ def table_entry(scope: str, value: Any) -> tuple[str, str]:
     if scope == "range":
         if "%" in value:  # a zone id: no client address carries one
             raise ValueError(f"not a range: {value!r}")
+        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+            host_bits = (1 << (32 - int(cidr[2]))) - 1
+            if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
+                return scope, value
         network = ipaddress.ip_network(value, strict=False)
         if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
             network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
@@ -1208,7 +1213,8 @@ def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> Sc
     sections: dict[str, dict[str, list[Any]]] = {}
     size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
     for scope, name, remediation, end in rounded:
-        item = len(json.dumps(name)) + len(json.dumps([remediation, end], separators=(",", ":"))) + 1  # "name":[...]
+        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
+        item = len(name) + len(remediation) + len(str(end)) + 8
         # The first entry of a scope opens it (`,"range":{}`), the others follow a comma.
         cost = item + (len(scope) + 6 if scope not in sections else 1)
         if size + cost > max_bytes:
@@ -1458,9 +1464,6 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     return Plan(writes, deletes, unchanged, refresh_at)
 
 
-TABLE_ACTIONS = ("written", "unchanged", "deleted", "delete held back")
-
-
 def make_plan_with_table(
     wanted: dict[str, Wanted], key: str, table: ScopeTable, present: Mapping[str, Present], now: float, offset: float
 ) -> tuple[Plan, str | None]:
@@ -1468,7 +1471,7 @@ def make_plan_with_table(
     (so the plan rewrites it when its content changes, and only then), the latest end among its
     entries for the end (so its expiration is capped and refreshed as a key's). A table with no
     entries is not wanted: a key present is deleted, as a stray key is. Also what becomes of the
-    table's key (a TABLE_ACTIONS entry, None when it is neither wanted nor present)."""
+    table's key: "written", "unchanged", "deleted", or None when it is neither wanted nor present."""
     if table.document:  # added to `wanted` for the plan and taken out again: a copy would cost a pass
         wanted[key] = tuple_new(Wanted, (table.digest, table.end, "", ""))
     try:
@@ -1747,7 +1750,7 @@ def decode_record(lines: Iterable[str]) -> Record:
                 int(projected["wanted"]),
                 figures(projected["by_remediation"]),
                 figures(projected["ignored"]),
-                figures(projected.get("table", {})),  # absent from a record written before the scope table
+                table_figures(projected.get("table", {})),  # absent from a record written before the scope table
                 int(projected.get("table_bytes", 0)),
             )
             if lapi_digest is not None
@@ -1802,6 +1805,16 @@ def recorded_table(table: Any) -> Present | None:
     if not (expiration is None or type(expiration) is int):
         raise TypeError
     return Present(expiration, digest)
+
+
+def table_figures(counts: Any) -> dict[str, int]:
+    """A record's scope table entries by `scope:remediation`; TypeError or ValueError for anything else."""
+    counts = figures(counts)
+    for name in counts:
+        scope, _, remediation = name.partition(":")
+        if scope not in TABLE_SCOPES or remediation not in REMEDIATION_RANK:
+            raise ValueError(name)
+    return counts
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -1976,7 +1989,8 @@ class Report:
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
     lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
-    # The scope table: what the run did with its key (TABLE_ACTIONS; None: no table and no key),
+    # The scope table: what the run did with its key ("written", "unchanged", "deleted", "delete
+    # held back"; "to write", "to delete" until Cloudflare confirms; None: no table and no key),
     # its entries by (scope, remediation) and its size. Not in the figures of address keys above.
     table_action: str | None = None
     table_entries: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -2310,7 +2324,7 @@ def log_summary(log: Log, report: Report) -> None:
         ignored=dict(ignored),
         scope_table={
             "action": report.table_action,
-            "entries": {f"{scope}:{remediation}": n for (scope, remediation), n in report.table_entries.items()},
+            "entries": entries_by_name(report.table_entries),
             "bytes": report.table_bytes,
         },
         cloudflare_requests=dict(report.cloudflare_requests),
@@ -2320,6 +2334,11 @@ def log_summary(log: Log, report: Report) -> None:
         lapi_unchanged=report.lapi_unchanged,
         duration_seconds=round(report.duration, 3),
     )
+
+
+def entries_by_name(entries: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Scope table entries by `scope:remediation`, as JSON logs and the state record hold them."""
+    return {f"{scope}:{remediation}": n for (scope, remediation), n in entries.items()}
 
 
 def table_words(report: Report, action: str | None = None) -> str:
@@ -2332,11 +2351,13 @@ def table_words(report: Report, action: str | None = None) -> str:
     return f"scope table {action} ({sum(by_scope.values())} entries: {entries}; {report.table_bytes} bytes)"
 
 
-def log_table(log: Log, report: Report, table: ScopeTable, dry_run: bool) -> None:
-    """The scope table's line of a dry run, with a sample of its entries."""
+def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
+    """The scope table's line of a dry run, with a sample of its entries (none without a table or a key)."""
+    if planned is None and not table.kept:
+        return
     sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
     more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
-    action = {"written": "write", "deleted": "delete"}.get(report.table_action or "", report.table_action or "none")
+    action = {"written": "write", "deleted": "delete"}.get(planned or "", planned or "none")
     log.info(
         "plan",
         f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
@@ -2549,7 +2570,8 @@ def converge(
         projection.ignored["table_full"] += table.full
         log.warning(
             "table_full",
-            f"scope table: {table.full} entries left out, past SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} "
+            f"scope table: {table.full} entries left out (table_full), past "
+            f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} "
             f"(kept {len(table.kept)}: bans first, then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
             left_out=table.full,
         )
@@ -2559,12 +2581,14 @@ def converge(
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     table_key = config.kv_key_prefix + TABLE_NAME
-    plan, report.table_action = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
-    table_keys = Counter({report.table_action: 1})  # the table's key, left out of the address keys' figures
+    plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
+    table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
     report.unchanged = len(plan.unchanged) - table_keys["unchanged"]
+    # Until Cloudflare confirms it, a failed run's summary says what was to be done.
+    report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
         log_dry_run(log, plan, None if force else config.max_deletes)
-        log_table(log, report, table, dry_run=True)
+        log_table_plan(log, report, table, planned)
         return EXIT_OK
     state_file = state
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
@@ -2579,7 +2603,7 @@ def converge(
                 report.wanted,
                 dict(report.by_remediation),
                 dict(report.ignored),
-                {f"{scope}:{remediation}": n for (scope, remediation), n in report.table_entries.items()},
+                entries_by_name(report.table_entries),
                 report.table_bytes,
             )
             refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
@@ -2598,8 +2622,7 @@ def converge(
         raise
     report.written, report.deleted = applied.written - table_keys["written"], applied.deleted - table_keys["deleted"]
     report.guarded = applied.guarded
-    if applied.guarded and report.table_action == "deleted":
-        report.table_action = "delete held back"
+    report.table_action = "delete held back" if applied.guarded and planned == "deleted" else planned
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent

@@ -19,7 +19,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.standins import Entry, decision, go_duration
+from tests.standins import Entry, Fault, decision, go_duration
 
 NOW = 1_800_000_000.0
 PREFIXED = "crowdsec_kv_sync_"
@@ -129,6 +129,27 @@ def test_no_entries_no_document():
 # --------------------------------------------------------------------------- against a straightforward version
 
 
+def plain_entry(scope, value):
+    """A Range, Country or AS decision's value made canonical the obvious way; ValueError if it is not one."""
+    try:
+        if scope == "range":
+            assert "%" not in value
+            network = ipaddress.ip_network(value, strict=False)
+            if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
+                mapped = network.network_address.ipv4_mapped
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            return str(network)
+        if scope == "country":
+            assert len(value) == 2 and all(c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" for c in value)
+            return value.upper()
+        digits = value[2:] if value[:2].lower() == "as" else value
+        assert 1 <= len(digits) <= 10 and all(c in "0123456789" for c in digits)
+        assert 0 < int(digits) < 2**32
+        return str(int(digits))
+    except (AssertionError, TypeError) as e:
+        raise ValueError(value) from e
+
+
 def plain_table(rows, read_at, max_bytes):
     """The scope table written the obvious way: each decision checked, made canonical and merged
     in turn; then entries added strongest first while the whole document still fits."""
@@ -144,26 +165,9 @@ def plain_table(rows, read_at, max_bytes):
         if remaining <= 0:
             ignored["expired"] += 1
             continue
-        value = r["value"]
         try:
-            if scope == "range":
-                assert "%" not in value
-                network = ipaddress.ip_network(value, strict=False)
-                if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
-                    mapped = network.network_address.ipv4_mapped
-                    network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-                name = str(network)
-            elif scope == "country":
-                assert len(value) == 2 and all(
-                    c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" for c in value
-                )
-                name = value.upper()
-            else:
-                digits = value[2:] if value[:2].lower() == "as" else value
-                assert 1 <= len(digits) <= 10 and all(c in "0123456789" for c in digits)
-                assert 0 < int(digits) < 2**32
-                name = str(int(digits))
-        except (AssertionError, ValueError, TypeError):
+            name = plain_entry(scope, r["value"])
+        except ValueError:
             ignored["invalid"] += 1
             continue
         end = read_at + remaining
@@ -307,6 +311,12 @@ def test_the_record_keeps_the_table_in_its_header_and_reads_an_older_record():
     for junk in (["x", 1], [digest], [digest, 1.5], 5, {"digest": digest}):
         with pytest.raises(job.RecordCorrupt):
             job.decode_record([json.dumps({**header, "table": junk}), *lines[1:]])
+    projected = {"wanted": 1, "by_remediation": {"ban": 1}, "ignored": {}, "table": {"range:ban": 2}}
+    header = {**header, "lapi_digest": "d", "projected": projected}
+    assert job.decode_record([json.dumps(header), *lines[1:]]).projected.table == {"range:ban": 2}
+    for junk in ({"range": 2}, {"ip:ban": 1}, {"range:throttle": 1}, {"range:ban": "x"}, []):
+        with pytest.raises(job.RecordCorrupt):  # the shortcut reports these figures: no junk in them
+            job.decode_record([json.dumps({**header, "projected": {**projected, "table": junk}}), *lines[1:]])
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -332,7 +342,8 @@ def test_a_run_writes_the_table_and_a_second_writes_nothing(stack):
     table = json.loads(entry.value)
     assert set(table) == {"v", "range", "country", "as"} and table["country"]["FR"][0] == "captcha"
     assert table["as"] == {"64500": ["ban", table["as"]["64500"][1]]} and table["as"]["64500"][1] % 3600 == 0
-    assert entry.expiration == max(end for scope in job.TABLE_SCOPES for _, end in table[scope].values())
+    latest = max(end for scope in job.TABLE_SCOPES for _, end in table[scope].values())
+    assert 0 <= entry.expiration - latest <= 5  # a TTL from the plan's time, applied a moment later
     assert entry.metadata == {"table": 1, "digest": entry.metadata["digest"], "entries": 5}
     assert "scope table written (5 entries: range 3, country 1, as 1;" in first.out
     assert stack.push.value(PREFIXED + "decisions") == 1  # address keys only
@@ -427,7 +438,7 @@ def test_table_full_writes_what_fits_and_says_so(stack):
     document = stack.kv.live()["ip:scopes"].value
     assert len(document) <= 2048 and "country" not in json.loads(document)  # bans first
     kept = len(json.loads(document)["range"])
-    assert f"{201 - kept} entries left out, past SCOPE_TABLE_MAX_BYTES=2048" in result.err
+    assert f"{201 - kept} entries left out (table_full), past SCOPE_TABLE_MAX_BYTES=2048" in result.err
     assert f"table_full {201 - kept})" in result.out
     assert stack.push.value(PREFIXED + "ignored", 'reason="table_full"') == 201 - kept
     stack.kv.reset_counts()
@@ -483,3 +494,40 @@ def test_the_record_holds_the_table_as_kv_does(stack, tmp_path):
     assert live.expiration - 5 <= record.keys["ip:scopes"].expiration <= live.expiration
     assert record.projected.table == {"range:ban": 3, "country:captcha": 1, "as:ban": 1}
     assert time.time() < record.keys["ip:scopes"].expiration
+
+
+def test_a_failed_write_is_not_reported_as_written(stack):
+    stack.lapi.decisions = table_decisions()
+    stack.kv.faults.append(Fault("5xx", "bulk_put", status=400, times=-1))
+    failed = stack.run()
+    assert failed.code == job.EXIT_CLOUDFLARE
+    assert "run FAILED (exit 1)" in failed.err and "scope table to write (5 entries" in failed.err
+    assert "ip:scopes" not in stack.kv.live()
+
+
+def test_the_shortcut_is_not_taken_when_the_table_settings_change(stack, tmp_path):
+    state = str(tmp_path / "record.gz")
+    stack.lapi.decisions = table_decisions(30)
+    assert stack.run(STATE_FILE=state).code == 0
+    assert "LAPI's answer unchanged" in stack.run(STATE_FILE=state).out
+    capped = stack.run(STATE_FILE=state, SCOPE_TABLE_MAX_BYTES="1024")
+    assert capped.code == 0 and "LAPI's answer unchanged" not in capped.out and "table_full" in capped.err
+    off = stack.run(STATE_FILE=state, SCOPE_TABLE="false")
+    assert off.code == 0 and "LAPI's answer unchanged" not in off.out and "scope table deleted" in off.out
+
+
+def test_the_settings_are_checked():
+    env = {"CF_ACCOUNT_ID": "a" * 32, "CF_KV_NAMESPACE_ID": "b" * 32, "CF_API_TOKEN": "t" * 40, "LAPI_KEY": "k" * 32}
+    config = job.load_config(env)
+    assert (config.scope_table, config.scope_table_max_bytes) == (True, 4 * 1024 * 1024)
+    config = job.load_config({**env, "SCOPE_TABLE": "FALSE", "SCOPE_TABLE_MAX_BYTES": str(20 * 1024 * 1024)})
+    assert (config.scope_table, config.scope_table_max_bytes) == (False, 20 * 1024 * 1024)
+    assert job.lapi_query(config) == "scopes=ip"
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**env, "SCOPE_TABLE": "no", "SCOPE_TABLE_MAX_BYTES": str(20 * 1024 * 1024 + 1)})
+    assert refused.value.problems == [
+        "SCOPE_TABLE must be true or false, got 'no'",
+        "SCOPE_TABLE_MAX_BYTES must be at most 20971520 (20 MiB), got 20971521",
+    ]
+    with pytest.raises(job.ConfigError, match="SCOPE_TABLE_MAX_BYTES must be a whole number >= 1024"):
+        job.load_config({**env, "SCOPE_TABLE_MAX_BYTES": "1000"})

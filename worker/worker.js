@@ -1,8 +1,15 @@
 // Reference edge Worker for lapi-kv-sync: enforces the CrowdSec decisions the job keeps in Workers KV.
 // Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none,
 // and the Range, Country and AS decisions of the scope table (scopes.js), read once a minute per isolate.
-// Plain JavaScript, no build step: copy it, change the pages, deploy with `wrangler deploy`.
+// Plain JavaScript modules, no build step: copy them, change the pages, deploy with `wrangler deploy`.
+// It never writes KV: a solved captcha is remembered in a signed cookie, not in a store.
+
+import { clientAddress } from "./address.js";
+import { answerVerified, holdsPass, isChallengeAnswer, passGranted, turnstileConfigured } from "./captcha.js";
+import { banPage, challengePage } from "./pages.js";
 import { tableRemediation } from "./scopes.js";
+
+export { canonicalAddress } from "./address.js";
 
 const DEFAULT_PREFIX = "ip:"; // the job's KV_KEY_PREFIX default
 const DEFAULT_CACHE_TTL = 60; // seconds; Cloudflare's own default for a KV read
@@ -10,22 +17,54 @@ const MIN_CACHE_TTL = 30; // KV refuses a smaller cacheTtl: the read would throw
 
 export default {
   async fetch(request, env, ctx) {
-    const address = canonicalAddress(request.headers.get("CF-Connecting-IP"));
-    // Both at once: the table is in memory once the isolate is warm, and never adds a wait.
+    const address = clientAddress(request.headers); // null: not one address, nothing to look up
+    const host = new URL(request.url).hostname;
+    // Both at once: a warm isolate holds the scope table in memory, a cold one reads it alongside.
     const [keyed, scoped] = await Promise.all([
       address === null ? null : lookUp(env, address),
-      tableRemediation(request, env, ctx, address),
+      tableRemediation(request, env, ctx, address), // Range (the address), Country and AS (request.cf)
     ]);
-    const remediation = strongest(keyed, scoped);
-    if (remediation === "ban") return page(403, "Access denied", "This site has blocked your address.");
-    if (remediation === "captcha") return captcha(request, env);
-    return fetch(request); // no decision: on to the origin, unchanged
+    let remediation = strongest(keyed, scoped);
+    // Any other source of decisions joins here, one line each: remediation = strongest(remediation, …(ctx)).
+    // Everything below treats the result alike, whatever its source: a pass only ever lifts a captcha.
+    if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
+    if (remediation === null) return fetch(request); // no decision: on to the origin, unchanged
+
+    if (String(env.LOG_ONLY).trim().toLowerCase() === "true") {
+      console.log(JSON.stringify({ logOnly: true, wouldDo: remediation, address, host }));
+      count(env, "log_only", remediation, host);
+      return fetch(request);
+    }
+    if (remediation === "ban") {
+      count(env, "ban", remediation, host);
+      return banPage(); // a pass never lifts a ban
+    }
+    // A captcha: a pass for this address and host lets the request through; a verified answer
+    // earns one; anything else sees the challenge (again, saying so, after a failed check).
+    if (await holdsPass(request, env, address, host)) {
+      count(env, "pass_honoured", remediation, host);
+      return fetch(request);
+    }
+    const answered = isChallengeAnswer(request);
+    if (answered && (await answerVerified(request, env, address, host))) {
+      count(env, "challenge_passed", remediation, host);
+      return passGranted(request, env, address, host);
+    }
+    count(env, "challenge_shown", remediation, host);
+    return challengePage(env.TURNSTILE_SITE_KEY, answered);
   },
 };
 
-// Ban beats captcha, whichever of the address key and the scope table says it.
-function strongest(a, b) {
-  return a === "ban" || b === "ban" ? "ban" : a === "captcha" || b === "captcha" ? "captcha" : null;
+const STRENGTH = new Map([
+  ["captcha", 1],
+  ["ban", 2],
+]);
+
+/** The stronger of two remediations: ban > captcha > none. Anything else counts as none. */
+export function strongest(a, b) {
+  const [x, y] = [STRENGTH.get(a) ?? 0, STRENGTH.get(b) ?? 0];
+  if (x === 0 && y === 0) return null;
+  return x >= y ? a : b;
 }
 
 // The name of a key the job writes, and how long an edge location may answer its read from cache.
@@ -39,7 +78,8 @@ export function cacheTtl(env) {
 
 async function lookUp(env, address) {
   try {
-    return await env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
+    const value = await env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
+    return strongest(value, null);
   } catch (error) {
     // Fail open, as the job does: a KV outage must not take the whole site down with it.
     console.error(`KV read failed, request let through: ${error}`);
@@ -47,82 +87,23 @@ async function lookUp(env, address) {
   }
 }
 
-// A captcha decision: send the client to CAPTCHA_URL when it is set, else show a challenge page.
-// To plug in Turnstile, replace this function (worker/README.md shows how).
-function captcha(request, env) {
-  if (!env.CAPTCHA_URL) {
-    return page(403, "Please verify you are human", "This site needs to check your browser before you go on.");
-  }
-  const target = new URL(env.CAPTCHA_URL);
-  const here = new URL(request.url);
-  // The captcha page itself must stay reachable when it is served on a route this Worker runs on.
-  if (here.origin === target.origin && here.pathname === target.pathname) return fetch(request);
-  target.searchParams.set("return_to", request.url);
-  return new Response(null, { status: 302, headers: { Location: target.href, "Cache-Control": "no-store" } });
+// Without both Turnstile keys nobody could solve a challenge: CAPTCHA_FALLBACK says what a
+// captcha decision becomes instead, "ban" (the default, also for a value it does not know) or "allow".
+function captchaFallback(env) {
+  const fallback = String(env.CAPTCHA_FALLBACK ?? "").trim() || "ban";
+  if (fallback === "allow") return null;
+  if (fallback !== "ban") console.warn(`CAPTCHA_FALLBACK=${JSON.stringify(fallback)}: not "ban" or "allow", so ban`);
+  return "ban";
 }
 
-function page(status, title, message) {
-  const html = `<!doctype html><html lang="en"><meta charset="utf-8"><title>${title}</title>
-<body style="font-family:sans-serif;max-width:36em;margin:4em auto"><h1>${title}</h1><p>${message}</p></body></html>`;
-  return new Response(html, {
-    status,
-    headers: { "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store" },
-  });
-}
-
-// ---------------------------------------------------------------- the job's spelling of an address
-
-const OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"; // 0-255, no leading zero
-const IPV4 = new RegExp(`^${OCTET}(?:\\.${OCTET}){3}$`);
-const HEXTET = /^[0-9A-Fa-f]{1,4}$/;
-
-/**
- * The address as the job writes it in keys, or null for anything that is not one address.
- * Mirrors the job's canonical_address (Python's ipaddress): IPv4 only as a plain dotted quad,
- * IPv6 in RFC 5952 form, IPv4-mapped IPv6 (::ffff:192.0.2.6) as IPv4; no zone ids, no CIDRs.
- * A client address spelled another way would silently miss every decision on it.
- */
-export function canonicalAddress(text) {
-  if (typeof text !== "string") return null;
-  if (IPV4.test(text)) return text;
-  const groups = ipv6Groups(text);
-  if (groups === null) return null;
-  if (groups.slice(0, 5).every((group) => group === 0) && groups[5] === 0xffff) {
-    return `${groups[6] >> 8}.${groups[6] & 255}.${groups[7] >> 8}.${groups[7] & 255}`;
+// One Analytics Engine data point per thing done, when a dataset is bound as METRICS; counting
+// must never cost the visitor their page, so a failed write is only logged.
+function count(env, event, remediation, host) {
+  if (!env.METRICS) return;
+  try {
+    // An index is at most 96 bytes; a host name is ASCII (punycode) and up to 253.
+    env.METRICS.writeDataPoint({ indexes: [host.slice(0, 96)], blobs: [event, remediation, host], doubles: [1] });
+  } catch (error) {
+    console.error(`Analytics Engine write failed: ${error}`);
   }
-  return rfc5952(groups);
-}
-
-// The eight 16-bit groups of an IPv6 address, or null: accepts exactly what Python's ipaddress does.
-export function ipv6Groups(text) {
-  const halves = text.split("::");
-  if (halves.length > 2) return null;
-  const parts = halves.map((half) => (half === "" ? [] : half.split(":")));
-  const tail = parts[parts.length - 1];
-  if (tail.length > 0 && tail[tail.length - 1].includes(".")) {
-    // A dotted IPv4 address may spell the last two groups (::ffff:192.0.2.6, ::192.0.2.6).
-    const dotted = tail.pop();
-    if (!IPV4.test(dotted)) return null;
-    const [a, b, c, d] = dotted.split(".").map(Number);
-    tail.push(((a << 8) | b).toString(16), ((c << 8) | d).toString(16));
-  }
-  if (!parts.every((groups) => groups.every((group) => HEXTET.test(group)))) return null;
-  const [head, rest = []] = parts.map((groups) => groups.map((group) => parseInt(group, 16)));
-  if (parts.length === 1) return head.length === 8 ? head : null;
-  const skipped = 8 - head.length - rest.length; // "::" stands for at least one zero group
-  return skipped < 1 ? null : [...head, ...Array(skipped).fill(0), ...rest];
-}
-
-// RFC 5952: lower case, no leading zeros, the longest run of two or more zero groups as "::"
-// (the first such run on a tie).
-function rfc5952(groups) {
-  let best = { start: -1, length: 1 };
-  for (let start = 0; start < 8; start++) {
-    let length = 0;
-    while (start + length < 8 && groups[start + length] === 0) length++;
-    if (length > best.length) best = { start, length };
-  }
-  const hex = groups.map((group) => group.toString(16));
-  if (best.start < 0) return hex.join(":");
-  return `${hex.slice(0, best.start).join(":")}::${hex.slice(best.start + best.length).join(":")}`;
 }

@@ -1,26 +1,32 @@
-// Runs worker.js in workerd through Miniflare, as tests/test_worker.py asks, and prints what it saw.
+// Runs the Worker in workerd through Miniflare, as tests/test_worker.py asks, and prints what it saw.
 // Input (JSON on stdin):
 //   config:    { main, compatibilityDate, binding, vars } from wrangler.toml (main: relative to worker/)
 //   keys:      [{ name, value, expiration?, metadata? }] loaded into the local KV namespace first
-//   requests:  [{ url, address, method?, body?, headers?, cf? }] sent one after the other, with
-//              CF-Connecting-IP: address (none when null) and cf merged into Miniflare's placeholder
-//   steps:     [{ put?: keys, delete?: [name], failReads?: [name] | true, sleep?: seconds,
+//   requests:  [{ url, address, method?, body?, headers?, passFrom?, cf? }] sent with CF-Connecting-IP:
+//              address (none when null; Miniflare then sets 127.0.0.1); passFrom: i sends the cookie the
+//              answer to request i set; cf: merged into Miniflare's placeholder (country US, asn 395747)
+//   steps:     [{ put?: keys, delete?: [name], failReads?: [name], sleep?: seconds,
 //                 requests?: [request] (one after the other), concurrent?: [request] (all at once) }]
-//              run in order after `requests`, against the same Worker (one isolate, one module state)
-//   brokenKv:  true: every KV read throws, as KV does in an outage
+//              run in order after `requests`, against the same Worker (one isolate, one module state);
+//              failReads: from then on, a read of one of these keys throws
+//   brokenKv:  true binds a KV namespace whose every read throws
+//   analytics: true binds an Analytics Engine dataset as METRICS (Miniflare's own, which drops the points)
 //   addresses: [text] run through the Worker's own canonicalAddress, in workerd
+//   pairs:     [[a, b]] of remediations, run through the Worker's own strongest, in workerd
 //   scopes:    [{ document, addresses?: [text], verdicts?: [{ address, cf, now }] }] each document
 //              through scopes.js's buildTable, each address through canonicalAddress and matchRange,
 //              each verdict through tableVerdict, in workerd
 // Output (JSON on stdout):
-//   responses: [{ status, headers, body, origin, reads }] for `requests` (reads: the KV keys read
-//              while that request was in flight), steps: [{ responses, reads, seconds }] (reads: every
-//              key read during the step; seconds: how long its requests took, sleep not included),
-//              reads: every key read in the whole run, logs: [{ level, message }] the Worker's console,
-//   canonical: [text | null],
-//   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: ["ban" | "captcha" | null] } | { error }]
-import { readFileSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
+//   responses: [{ status, headers, body, origin, kv, points }]: kv, every call the Worker made on its
+//              KV binding ([method, key]), the background reads it started included; points, every
+//              Analytics Engine data point it wrote
+//   steps:     [{ responses, seconds }]: seconds, how long the step's requests took (sleep not included)
+//   siteverify: [{ response, remoteip, secretOk, fields }]: what reached the Turnstile stand-in
+//   logs:      [{ level, message }]: what the Worker logged
+//   canonical: [text | null]; strongest: [remediation | null]
+//   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: [remediation | null] } | { error }]
+import { readdirSync, readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
@@ -28,178 +34,245 @@ import { Miniflare } from "miniflare";
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const input = JSON.parse(readFileSync(0, "utf8"));
 const { config } = input;
-const NAMESPACE = "decisions";
-const ES_MODULES = [{ type: "ESModule", include: ["**/*.js"] }]; // package.json says "type": "module"
+const SITEVERIFY = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
 
-// Turnstile's siteverify, for the README's recipe: the token "good-token" passes.
+// Turnstile's siteverify, stood in for: the token says how it answers ("solved:<host name>", ...).
+const siteverifyCalls = [];
 async function siteverify(request) {
   const form = new URLSearchParams(await request.text());
-  const success = form.get("response") === "good-token" && form.get("secret") === config.vars.TURNSTILE_SECRET;
-  return Response.json({ success, remoteip: form.get("remoteip") });
+  const token = form.get("response") ?? "";
+  const secretOk = form.get("secret") === config.vars.TURNSTILE_SECRET_KEY;
+  siteverifyCalls.push({ response: token, remoteip: form.get("remoteip"), secretOk, fields: [...form.keys()] });
+  const [kind, hostname = ""] = token.split("|");
+  const solved = { success: true, "error-codes": [], challenge_ts: new Date().toISOString(), hostname, action: "" };
+  if (!secretOk) return Response.json({ success: false, "error-codes": ["invalid-input-secret"] });
+  if (request.url.endsWith("?again")) return Response.json(solved); // where "redirect" sends it
+  switch (kind) {
+    case "solved":
+      return Response.json(solved);
+    case "down":
+      throw new Error("siteverify stand-in: connection refused");
+    case "5xx":
+      return new Response("<h1>502 Bad Gateway</h1>", { status: 502, headers: { "Content-Type": "text/html" } });
+    case "redirect": // elsewhere, where the same question would pass
+      return Response.redirect(`${SITEVERIFY}?again`, 307);
+    case "junk":
+      return new Response("<html>not JSON</html>", { headers: { "Content-Type": "application/json" } });
+    case "truthy": // "true" is not true
+      return Response.json({ ...solved, success: "true" });
+    case "huge": // a success, buried in a megabyte
+      return Response.json({ ...solved, padding: "x".repeat(1 << 20) });
+    case "slow": // a success, a minute late
+      await new Promise((resolve) => setTimeout(resolve, 60_000).unref());
+      return Response.json(solved);
+    case "stall": // the headers at once, then half a body that never ends
+      return new Response(
+        new ReadableStream({ start: (c) => c.enqueue(new TextEncoder().encode('{"success":true,')) }),
+        { headers: { "Content-Type": "application/json" } },
+      );
+    default:
+      return Response.json({ success: false, "error-codes": ["invalid-input-response"] });
+  }
 }
 
 // The origin behind the Worker: answers 200 and says what reached it.
 async function origin(request) {
-  if (request.url === "https://challenges.cloudflare.com/turnstile/v0/siteverify") return siteverify(request);
+  if (request.url.startsWith(SITEVERIFY)) return siteverify(request);
   const seen = { method: request.method, url: request.url, body: await request.text(), tag: request.headers.get("X-Tag") };
   return Response.json(seen, { headers: { "X-Origin": "reached" } });
 }
 
-// Every KV read the Worker makes goes through here first: counted, and failed on demand.
-let failReads = input.brokenKv ? true : [];
-let reads = [];
-async function recordRead(request) {
-  const key = await request.text();
-  reads.push(key);
-  return new Response(failReads === true || failReads.includes(key) ? "fail" : "ok");
-}
-
-// The Worker's KV binding: Miniflare's KV namespace behind a wrapper that reports each read to
-// recordRead (wrapped bindings, see Miniflare's README).
-const countingKv = {
-  name: "counting-kv",
+// A KV binding whose every read fails, as KV does in an outage (wrapped binding, see Miniflare's README).
+const brokenKvWorker = {
+  name: "broken-kv",
   modules: true,
-  kvNamespaces: { INNER: NAMESPACE },
-  serviceBindings: { READS: recordRead },
-  script: `export default function (env) {
-    return {
-      async get(key, options) {
-        const verdict = await env.READS.fetch("http://reads/", { method: "POST", body: key });
-        if ((await verdict.text()) === "fail") throw new Error("KV GET failed: 503 Service Unavailable");
-        return env.INNER.get(key, options);
-      },
-    };
+  script: `export default function () {
+    return { async get() { throw new Error("KV GET failed: 503 Service Unavailable"); } };
   }`,
 };
 
-// The same namespace, bound plainly, for loading keys.
-const loader = {
-  name: "kv-loader",
-  modules: true,
-  script: "export default { fetch() { return new Response(null, { status: 404 }); } };",
-  compatibilityDate: config.compatibilityDate,
-  kvNamespaces: { DECISIONS: NAMESPACE },
+// The Worker's own modules (worker/*.js), and a first module of the test's that imports its main.
+function workerModules(harness) {
+  const own = readdirSync(root).filter((name) => name.endsWith(".js"));
+  return [harness, ...own.map((name) => ({ type: "ESModule", path: join(root, name) }))];
+}
+
+// Runs the Worker's fetch with its KV and Analytics Engine bindings watched: every call it makes on
+// them is recorded (a write would show here as surely as a read) and sent back in two headers.
+const enforcerHarness = {
+  type: "ESModule",
+  path: join(root, "test/enforcer-harness.js"),
+  contents: `import worker from "../${config.main}";
+const BINDING = ${JSON.stringify(config.binding)};
+function watched(binding, calls, record) {
+  return new Proxy(binding, {
+    get(target, name) {
+      const value = Reflect.get(target, name);
+      if (typeof value !== "function") return value;
+      return (...args) => {
+        calls.push(record(String(name), args));
+        return value.apply(target, args);
+      };
+    },
+  });
+}
+let failReads = []; // keys whose reads throw, as in a KV outage: set by the test through /__fail-reads
+function failing(binding) {
+  return new Proxy(binding, {
+    get(target, name) {
+      const value = Reflect.get(target, name);
+      if (name !== "get") return typeof value === "function" ? value.bind(target) : value;
+      return async (key, ...rest) => {
+        if (failReads.includes(key)) throw new Error("KV GET failed: 503 Service Unavailable");
+        return value.call(target, key, ...rest);
+      };
+    },
+  });
+}
+export default {
+  async fetch(request, env, ctx) {
+    if (request.url === "http://drive.test/__fail-reads") {
+      failReads = await request.json();
+      return new Response(null, { status: 204 });
+    }
+    const kv = [];
+    const points = [];
+    const observed = { ...env };
+    observed[BINDING] = watched(failing(env[BINDING]), kv, (name, args) => [name, String(args[0])]);
+    if (typeof env.METRICS === "object") {
+      observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
+    }
+    const response = await worker.fetch(request, observed, ctx);
+    const seen = new Response(response.body, response);
+    seen.headers.set("X-Test-KV", JSON.stringify(kv));
+    seen.headers.set("X-Test-Points", JSON.stringify(points));
+    return seen;
+  },
+};`,
 };
 
 function enforcer() {
-  const main = resolve(root, config.main);
-  return {
+  const worker = {
     name: "enforcer",
-    modules: true,
-    scriptPath: main, // its imports are found from here
-    modulesRoot: dirname(main),
-    modulesRules: ES_MODULES,
+    modulesRoot: root,
+    modules: workerModules(enforcerHarness),
     compatibilityDate: config.compatibilityDate,
     bindings: config.vars,
-    wrappedBindings: { [config.binding]: "counting-kv" },
     outboundService: origin,
+    ...(input.analytics ? { analyticsEngineDatasets: { METRICS: { dataset: "crowdsec_worker" } } } : {}),
   };
+  if (input.brokenKv) return [{ ...worker, wrappedBindings: { [config.binding]: "broken-kv" } }, brokenKvWorker];
+  return [{ ...worker, kvNamespaces: [config.binding] }];
 }
 
-// A Worker that imports worker.js and scopes.js as modules and answers with their pure functions.
-const harness = {
-  name: "harness",
-  modules: true,
+// A Worker that imports the Worker's modules and answers with its canonicalAddress of each text, its
+// strongest of each pair, and the scope table's pure functions on each document.
+const canonicalHarness = {
+  name: "canonical",
   modulesRoot: root,
-  modulesRules: ES_MODULES,
-  scriptPath: join(root, "test/harness.js"),
-  script: `import { canonicalAddress } from "../${config.main}";
+  modules: workerModules({
+    type: "ESModule",
+    path: join(root, "test/canonical-harness.js"),
+    contents: `import { canonicalAddress, strongest } from "../${config.main}";
 import { buildTable, matchRange, tableVerdict } from "../scopes.js";
+function scopes({ document, addresses = [], verdicts = [] }) {
+  let table;
+  try {
+    table = buildTable(document);
+  } catch (error) {
+    return { error: String(error) };
+  }
+  return {
+    skipped: table.skipped,
+    matches: addresses.map((text) => {
+      const address = canonicalAddress(text);
+      return address === null ? "not an address" : matchRange(table, address);
+    }),
+    verdicts: verdicts.map(({ address, cf, now }) => tableVerdict(table, canonicalAddress(address), cf, now)),
+  };
+}
 export default {
   async fetch(request) {
-    const work = await request.json();
-    if (new URL(request.url).pathname === "/canonical") return Response.json(work.map((text) => canonicalAddress(text)));
-    return Response.json(
-      work.map(({ document, addresses = [], verdicts = [] }) => {
-        let table;
-        try {
-          table = buildTable(document);
-        } catch (error) {
-          return { error: String(error) };
-        }
-        return {
-          skipped: table.skipped,
-          matches: addresses.map((text) => {
-            const address = canonicalAddress(text);
-            return address === null ? "not an address" : matchRange(table, address);
-          }),
-          verdicts: verdicts.map(({ address, cf, now }) => tableVerdict(table, canonicalAddress(address), cf, now)),
-        };
-      }),
-    );
+    const { texts, pairs, documents } = await request.json();
+    return Response.json({
+      canonical: texts.map((text) => canonicalAddress(text)),
+      strongest: pairs.map(([a, b]) => strongest(a, b)),
+      scopes: documents.map(scopes),
+    });
   },
 };`,
+  }),
   compatibilityDate: config.compatibilityDate,
 };
 
-async function send(mf, { url, address, method = "GET", body, headers: extra = {}, cf }) {
+async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom, cf }) {
   const headers = { "X-Tag": "from-client", ...extra, ...(address === null ? {} : { "CF-Connecting-IP": address }) };
+  if (passFrom !== undefined) headers.Cookie = output.responses[passFrom].headers["set-cookie"].split(";")[0];
   const response = await mf.dispatchFetch(url, { method, body, headers, redirect: "manual", cf });
-  return {
+  const watched = (name) => (response.headers.has(name) ? JSON.parse(response.headers.get(name)) : null);
+  const answer = {
     status: response.status,
     headers: Object.fromEntries(response.headers),
     body: await response.text(),
     origin: response.headers.get("X-Origin") === "reached",
+    kv: watched("X-Test-KV"),
+    points: watched("X-Test-Points"),
   };
+  delete answer.headers["x-test-kv"];
+  delete answer.headers["x-test-points"];
+  return answer;
 }
 
-async function oneByOne(mf, requests) {
-  const responses = [];
-  for (const request of requests) {
-    const before = reads.length;
-    const response = await send(mf, request);
-    responses.push({ ...response, reads: reads.slice(before) });
-  }
-  return responses;
-}
-
-async function step(mf, kv, { put = [], delete: names = [], failReads: fail, sleep: seconds, ...work }) {
-  for (const { name, value, expiration, metadata } of put) {
+async function put(kv, keys) {
+  for (const { name, value, expiration, metadata } of keys) {
     await kv.put(name, value, { expiration: expiration ?? undefined, metadata: metadata ?? undefined });
   }
-  for (const name of names) await kv.delete(name);
-  if (fail !== undefined) failReads = fail;
-  if (seconds) await sleep(seconds * 1000);
-  const [before, started] = [reads.length, performance.now()];
-  const responses = [
-    ...(await oneByOne(mf, work.requests ?? [])),
-    ...(await Promise.all((work.concurrent ?? []).map((request) => send(mf, request)))),
-  ];
-  return { responses, reads: reads.slice(before), seconds: (performance.now() - started) / 1000 };
 }
 
+async function step(mf, kv, { put: keys = [], delete: names = [], failReads, sleep: seconds, ...work }) {
+  await put(kv, keys);
+  for (const name of names) await kv.delete(name);
+  if (failReads) await mf.dispatchFetch("http://drive.test/__fail-reads", { method: "POST", body: JSON.stringify(failReads) });
+  if (seconds) await sleep(seconds * 1000);
+  const started = performance.now();
+  const responses = [];
+  for (const request of work.requests ?? []) responses.push(await send(mf, request));
+  responses.push(...(await Promise.all((work.concurrent ?? []).map((request) => send(mf, request)))));
+  return { responses, seconds: (performance.now() - started) / 1000 };
+}
+
+// What the Worker logged (console.*), kept off stdout, which carries the output. cf: false: requests
+// carry Miniflare's placeholder cf plus their own, and nothing is fetched from the network for it.
 const logs = [];
-// cf: false: requests carry Miniflare's placeholder cf (country US, asn 395747) plus their own,
-// and nothing is fetched from the network.
-const shared = { cf: false, handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }) };
-const output = { responses: [], steps: [], reads: [], canonical: [], scopes: [] };
+const logging = {
+  cf: false,
+  structuredWorkerdLogs: true,
+  handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }),
+};
+
+const output = { responses: [], steps: [], siteverify: siteverifyCalls, logs, canonical: [], strongest: [], scopes: [] };
 if (input.requests?.length || input.steps?.length) {
-  const mf = new Miniflare({ ...shared, workers: [enforcer(), countingKv, loader] });
+  const mf = new Miniflare({ workers: enforcer(), ...logging });
   try {
-    const kv = await mf.getKVNamespace("DECISIONS", "kv-loader");
-    await step(mf, kv, { put: input.keys ?? [] });
-    output.responses = await oneByOne(mf, input.requests ?? []);
+    const kv = input.brokenKv ? null : await mf.getKVNamespace(config.binding);
+    if (kv) await put(kv, input.keys ?? []);
+    for (const request of input.requests ?? []) output.responses.push(await send(mf, request));
     for (const work of input.steps ?? []) output.steps.push(await step(mf, kv, work));
-    output.reads = reads; // all of them, background reads a step's window may have missed included
   } finally {
     await mf.dispose();
   }
 }
-if (input.addresses?.length || input.scopes?.length) {
-  const mf = new Miniflare({ ...shared, workers: [harness] });
+if (input.addresses?.length || input.pairs?.length || input.scopes?.length) {
+  const mf = new Miniflare({ workers: [canonicalHarness], ...logging });
   try {
-    for (const [path, work, into] of [
-      ["/canonical", input.addresses, "canonical"],
-      ["/scopes", input.scopes, "scopes"],
-    ]) {
-      if (!work?.length) continue;
-      const response = await mf.dispatchFetch(`http://harness.test${path}`, { method: "POST", body: JSON.stringify(work) });
-      if (!response.ok) throw new Error(`harness ${path}: ${response.status} ${await response.text()}`);
-      output[into] = await response.json();
-    }
+    const response = await mf.dispatchFetch("http://canonical.test/", {
+      method: "POST",
+      body: JSON.stringify({ texts: input.addresses ?? [], pairs: input.pairs ?? [], documents: input.scopes ?? [] }),
+    });
+    if (!response.ok) throw new Error(`canonical harness: ${response.status} ${await response.text()}`);
+    Object.assign(output, await response.json());
   } finally {
     await mf.dispose();
   }
 }
-output.logs = logs;
 process.stdout.write(JSON.stringify(output));

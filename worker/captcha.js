@@ -1,0 +1,177 @@
+// A captcha decision, answered with Cloudflare Turnstile: the challenge page, the check of its
+// answer with Turnstile's siteverify, and the pass that lets a client through afterwards.
+// Nothing here writes KV: a pass lives in the client's cookie, signed, not in a store.
+
+const SITEVERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
+const SITEVERIFY_TIMEOUT_MS = 5000; // siteverify answers in well under a second; past this, the check failed
+const MAX_VERDICT_BYTES = 16 * 1024; // its answer is a small JSON object
+const MAX_FORM_BYTES = 8 * 1024; // the form carries one token, at most 2,048 characters
+const MAX_TOKEN_LENGTH = 2048;
+
+const PASS_COOKIE = "__Host-crowdsec_pass"; // __Host-: only this host, over HTTPS, may have set it
+const PASS_FORMAT = /^([0-9]{1,12})\.([A-Za-z0-9_-]{43})$/; // <expiry>.<HMAC-SHA256, base64url>
+const MAX_PASS_COOKIES = 3; // a client sending more gets at most this many signature checks
+const DEFAULT_PASS_TTL = 7200;
+const MAX_PASS_TTL = 30 * 24 * 3600;
+
+/** Both keys set: the Worker can show a challenge and check its answer. */
+export function turnstileConfigured(env) {
+  return [env.TURNSTILE_SITE_KEY, env.TURNSTILE_SECRET_KEY].every((key) => String(key ?? "").trim() !== "");
+}
+
+/** The client holds a pass for this address and host that has not run out. */
+export async function holdsPass(request, env, address, host) {
+  const now = nowSeconds();
+  const latest = now + passTtl(env); // one reaching further (given under a longer PASS_TTL) is refused
+  for (const value of cookieValues(request.headers.get("Cookie"), PASS_COOKIE).slice(0, MAX_PASS_COOKIES)) {
+    const parts = PASS_FORMAT.exec(value);
+    if (parts === null) continue;
+    const expiry = Number(parts[1]);
+    if (expiry <= now || expiry > latest) continue;
+    const mac = base64urlBytes(parts[2]);
+    const key = await passKey(env.TURNSTILE_SECRET_KEY);
+    if (await crypto.subtle.verify("HMAC", key, mac, passMessage(address, host, expiry))) return true;
+  }
+  return false;
+}
+
+/** A POST of a form: what the challenge page sends back (anything else just sees the challenge). */
+export function isChallengeAnswer(request) {
+  const type = (request.headers.get("Content-Type") ?? "").split(";")[0].trim().toLowerCase();
+  return request.method === "POST" && type === "application/x-www-form-urlencoded";
+}
+
+/**
+ * Turnstile vouches for the form's token, for this very host name. Anything else (no token, two
+ * tokens, siteverify unreachable, slow, answering junk or saying no) is a failed check, logged.
+ */
+export async function answerVerified(request, env, address, host) {
+  const body = await readAtMost(request, MAX_FORM_BYTES);
+  const tokens = body === null ? [] : new URLSearchParams(body).getAll("cf-turnstile-response");
+  if (tokens.length !== 1 || tokens[0] === "" || tokens[0].length > MAX_TOKEN_LENGTH) {
+    return refused("the form carried no usable cf-turnstile-response");
+  }
+  const question = new URLSearchParams({ secret: env.TURNSTILE_SECRET_KEY, response: tokens[0] });
+  if (address !== null) question.set("remoteip", address);
+  let verdict;
+  const deadline = new AbortController();
+  const timer = setTimeout(() => deadline.abort(new Error("no answer in time")), SITEVERIFY_TIMEOUT_MS);
+  try {
+    const asked = { method: "POST", body: question, redirect: "manual", signal: deadline.signal };
+    const answer = await fetch(SITEVERIFY_URL, asked); // a redirect is not an answer: !ok
+    const text = await readAtMost(answer, MAX_VERDICT_BYTES);
+    if (!answer.ok || text === null) return refused(`siteverify answered HTTP ${answer.status}`);
+    verdict = JSON.parse(text);
+  } catch (error) {
+    return refused(`siteverify could not be asked: ${error}`);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (verdict?.success !== true) {
+    const codes = Array.isArray(verdict?.["error-codes"]) ? verdict["error-codes"].slice(0, 5).join(",") : "";
+    return refused(`siteverify said no (${String(codes).slice(0, 200)})`);
+  }
+  if (typeof verdict.hostname !== "string" || verdict.hostname.toLowerCase() !== host) {
+    return refused(`the token was solved on another host name, not ${host}`);
+  }
+  return true;
+}
+
+/** 303 back to the same URL (the browser comes back with GET), with a pass for PASS_TTL seconds. */
+export async function passGranted(request, env, address, host) {
+  const ttl = passTtl(env);
+  const expiry = nowSeconds() + ttl;
+  const key = await passKey(env.TURNSTILE_SECRET_KEY);
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, passMessage(address, host, expiry)));
+  const value = `${expiry}.${bytesBase64url(mac)}`;
+  const cookie = `${PASS_COOKIE}=${value}; Max-Age=${ttl}; Path=/; Secure; HttpOnly; SameSite=Lax`;
+  return new Response(null, {
+    status: 303,
+    headers: { Location: request.url, "Set-Cookie": cookie, "Cache-Control": "no-store" },
+  });
+}
+
+/** PASS_TTL in seconds: a whole number from 1 to 30 days, else the default (2 hours). */
+export function passTtl(env) {
+  const text = String(env.PASS_TTL ?? "").trim();
+  const seconds = /^[0-9]{1,9}$/.test(text) ? Number(text) : 0;
+  return seconds >= 1 && seconds <= MAX_PASS_TTL ? seconds : DEFAULT_PASS_TTL;
+}
+
+// What the pass signs: the address and host it is good for, and its end. A newline cannot occur in
+// any of the three, so no two different passes sign the same text. Without an address (only off
+// Cloudflare, which always sends CF-Connecting-IP) the pass binds to the empty one.
+function passMessage(address, host, expiry) {
+  return new TextEncoder().encode(`crowdsec-pass-v1\n${address ?? ""}\n${host}\n${expiry}`);
+}
+
+let cachedKey = { secret: null, key: null }; // one import per isolate, not one per request
+
+async function passKey(secret) {
+  if (cachedKey.secret !== secret) {
+    const key = await crypto.subtle.importKey(
+      "raw",
+      new TextEncoder().encode(secret),
+      { name: "HMAC", hash: "SHA-256" },
+      false,
+      ["sign", "verify"],
+    );
+    cachedKey = { secret, key };
+  }
+  return cachedKey.key;
+}
+
+function refused(reason) {
+  console.warn(`captcha check failed: ${reason}`);
+  return false;
+}
+
+// The body as text, or null when it is larger than limit bytes (said so up front, or found reading).
+async function readAtMost(message, limit) {
+  const declared = message.headers.get("Content-Length");
+  if (declared !== null && !(Number(declared) <= limit)) return null;
+  if (message.body === null) return "";
+  const reader = message.body.getReader();
+  const chunks = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      reader.cancel().catch(() => {});
+      return null;
+    }
+    chunks.push(value);
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return new TextDecoder().decode(bytes);
+}
+
+function cookieValues(header, name) {
+  if (header === null) return [];
+  const values = [];
+  for (const pair of header.split(";")) {
+    const at = pair.indexOf("=");
+    if (at > 0 && pair.slice(0, at).trim() === name) values.push(pair.slice(at + 1).trim());
+  }
+  return values;
+}
+
+function nowSeconds() {
+  return Math.floor(Date.now() / 1000);
+}
+
+function bytesBase64url(bytes) {
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function base64urlBytes(text) {
+  const binary = atob(text.replace(/-/g, "+").replace(/_/g, "/"));
+  return Uint8Array.from(binary, (character) => character.charCodeAt(0));
+}
