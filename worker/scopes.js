@@ -23,10 +23,9 @@ export function buildTable(document) {
   let skipped = 0;
   const networks = { 4: [], 6: [] };
   for (const [text, entry] of part(document, "range")) {
-    const network = parseNetwork(text);
-    const ends = parseEntry(entry);
+    const [network, ends] = [parseNetwork(text), parseEntry(entry)];
     if (network === null || ends === null) skipped++;
-    else networks[network.version].push({ first: network.first, last: network.last, ban: ends.ban, captcha: ends.captcha });
+    else networks[network.version].push({ first: network.first, last: network.last, ...ends });
   }
   const keyed = (name, key) => {
     const map = new Map();

@@ -232,7 +232,9 @@ async function put(kv, keys) {
 async function step(mf, kv, { put: keys = [], delete: names = [], failReads, sleep: seconds, ...work }) {
   await put(kv, keys);
   for (const name of names) await kv.delete(name);
-  if (failReads) await mf.dispatchFetch("http://drive.test/__fail-reads", { method: "POST", body: JSON.stringify(failReads) });
+  if (failReads) {
+    await mf.dispatchFetch("http://drive.test/__fail-reads", { method: "POST", body: JSON.stringify(failReads) });
+  }
   if (seconds) await sleep(seconds * 1000);
   const started = performance.now();
   const responses = [];
@@ -250,7 +252,8 @@ const logging = {
   handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }),
 };
 
-const output = { responses: [], steps: [], siteverify: siteverifyCalls, logs, canonical: [], strongest: [], scopes: [] };
+const output = { responses: [], steps: [], siteverify: siteverifyCalls, logs };
+Object.assign(output, { canonical: [], strongest: [], scopes: [] });
 if (input.requests?.length || input.steps?.length) {
   const mf = new Miniflare({ workers: enforcer(), ...logging });
   try {
