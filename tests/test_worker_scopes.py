@@ -21,6 +21,7 @@ from tests.standins import decision
 from tests.test_worker import (
     SITE,
     TURNSTILE,
+    answer,
     drive,
     is_ban_page,
     is_challenge,
@@ -28,7 +29,9 @@ from tests.test_worker import (
     only_reads,
     passed_unchanged,
     random_groups,
+    signed_pass,
     spell_ipv6,
+    visit,
     wrangler,
 )
 
@@ -176,6 +179,22 @@ def test_country_and_as_come_from_cf(cf_keys):
     answers = drive(config=config(), keys=cf_keys, requests=[r for r, _ in cases])["responses"]
     assert [verdict(a) for a in answers] == [expected for _, expected in cases]
     assert reads(answers[7]) == []  # nothing to look up but the table, which is warm
+
+
+def test_a_solved_challenge_lifts_a_table_captcha_and_never_a_table_ban(cf_keys):
+    # The captcha flow is the address key's (test_worker.py), whatever the decision's source.
+    client, banned = "10.0.0.1", "192.0.2.7"  # 192.0.2.7: the address key's captcha, AS 64500's ban
+    pass_for_banned = signed_pass(banned, "site.test", int(time.time()) + 600)
+    work = [
+        visit(address=client, cf={"country": "FR"}),  # 0: the challenge
+        {**answer("solved|site.test", address=client), "cf": {"country": "FR"}},  # 1: solved: a pass
+        visit(address=client, passFrom=1, cf={"country": "FR"}),  # 2: the pass: the origin
+        visit(pass_for_banned, address=banned, cf={"asn": 64500}),  # 3: a good pass, an AS ban
+        visit(pass_for_banned, address=banned),  # 4: the same pass, where only the captcha holds
+    ]
+    challenge, solved, passed, ban, lifted = drive(config=config(), keys=cf_keys, requests=work)["responses"]
+    assert is_challenge(challenge) and solved["status"] == 303 and passed_unchanged(passed)
+    assert is_ban_page(ban) and passed_unchanged(lifted)
 
 
 # --------------------------------------------------------------------------- precedence and expiry
@@ -478,20 +497,20 @@ def test_the_worker_matches_a_range_as_python_does():
         {"document": {"v": 1, "range": {text: ["ban", 1]}}, "addresses": addresses} for text, _, addresses in singles
     ]
     work.append({"document": {"v": 1, "range": crowd}, "addresses": crowd_addresses})
-    answers = drive(config=config(), scopes=work)["scopes"]
+    results = drive(config=config(), scopes=work)["scopes"]
 
     differ = []
-    matches = [answer["matches"] for answer in answers]
+    matches = [result["matches"] for result in results]
     for (text, network, addresses), got in zip(singles, matches[:-1], strict=True):
-        for address, answer in zip(addresses, got, strict=True):
-            if (canonical_address(address) in network) != (answer is not None):
-                differ.append((text, address, answer))
+        for address, match in zip(addresses, got, strict=True):
+            if (canonical_address(address) in network) != (match is not None):
+                differ.append((text, address, match))
     networks = [(canonical_network(text), remediation, end) for text, (remediation, end) in crowd.items()]
-    for address, answer in zip(crowd_addresses, matches[-1], strict=True):
+    for address, match in zip(crowd_addresses, matches[-1], strict=True):
         holding = [(r, e) for n, r, e in networks if canonical_address(address) in n]
         expected = {r: max((e for rr, e in holding if rr == r), default=0) for r in ("ban", "captcha")}
-        if (answer or None) != (expected if holding else None):
-            differ.append(("crowd", address, answer, expected))
+        if (match or None) != (expected if holding else None):
+            differ.append(("crowd", address, match, expected))
     checked = sum(len(a) for _, _, a in singles) + len(crowd_addresses)
     assert checked > 5000 and sum(a is not None for got in matches for a in got) > 1000
     assert not differ, f"WORKER_PROPERTY_SEED={seed}: {differ[:10]}"
