@@ -14,9 +14,11 @@ Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import codecs
 import contextlib
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -43,7 +45,7 @@ import time
 import traceback
 import urllib.parse
 import zlib
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
@@ -92,6 +94,24 @@ _SECRET_TEXT = re.compile(r"[\x21-\x7e]+")
 MIN_SECRET_LENGTH = 8
 
 
+# Values the examples once shipped (k8s/examples, worker/wrangler.toml, k8s/secret.example.yaml):
+# they pass for real ones, so a deployment that kept one failed on every run with a 404 or 403.
+# The examples now use `<…>` placeholders, which no setting accepts either.
+EXAMPLE_VALUES = frozenset(
+    {
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+        "REPLACE-WITH-THE-BOUNCER-KEY",
+        "REPLACE-WITH-THE-CLOUDFLARE-API-TOKEN",
+    }
+)
+
+
+def placeholder(value: str) -> bool:
+    """Whether a setting still holds an example's placeholder (`<your-account-id>`)."""
+    return value.startswith("<") and value.endswith(">") or value in EXAMPLE_VALUES
+
+
 class ConfigError(Exception):
     """Every problem found in the configuration, reported together."""
 
@@ -133,10 +153,124 @@ class Config:
     # A Worker parses the whole document (the reference one once a minute per isolate): smaller
     # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
     scope_table_max_bytes: int = 4 * 1024 * 1024
+    proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.lapi_key, self.cf_api_token) if s)
+        return tuple(s for s in (self.lapi_key, self.cf_api_token, *self.proxies.secrets) if s)
+
+
+class Proxy(NamedTuple):
+    """An HTTP proxy, from HTTPS_PROXY or HTTP_PROXY: spoken to in plain HTTP, an https:// target
+    reached through a CONNECT tunnel with TLS still end to end with the target."""
+
+    host: str
+    port: int
+    variable: str  # the variable it came from, for messages
+    user: str = ""
+    password: str = ""
+
+    def __str__(self) -> str:  # what messages show: never the credentials
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"the proxy {host}:{self.port} ({self.variable})"
+
+    __repr__ = __str__  # a Config in a traceback must not show the password either
+
+    @property
+    def authorization(self) -> str:
+        """The Proxy-Authorization header's value; "" without credentials."""
+        if not (self.user or self.password):
+            return ""
+        return "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode("ascii")
+
+
+class Proxies(NamedTuple):
+    https: Proxy | None = None
+    http: Proxy | None = None
+    no_proxy: tuple[str, ...] = ()  # NO_PROXY's entries, lower case, leading dots stripped
+
+    def for_url(self, scheme: str, host: str, port: int) -> Proxy | None:
+        """The proxy a request to this URL goes through; None to go direct."""
+        proxy = self.https if scheme == "https" else self.http
+        return None if proxy is None or bypasses_proxy(self.no_proxy, host, port) else proxy
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        proxies = [p for p in (self.https, self.http) if p is not None]
+        return tuple(s for p in proxies for s in (p.password, p.authorization.removeprefix("Basic ")) if s)
+
+
+# Each proxy variable as curl and Python read them: the lower-case name wins when both are set
+# (even empty: `https_proxy=` turns HTTPS_PROXY off), as urllib.request.getproxies_environment does.
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")
+
+
+def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
+    """The variable that sets this proxy setting (lower case first) and its value."""
+    for variable in (name.lower(), name):
+        if variable in env:
+            return variable, env[variable].strip()
+    return name, ""
+
+
+def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
+    """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
+    curl and Python take it), and what is wrong with it ("" when nothing is). The message never
+    holds the credentials."""
+    if not value:
+        return None, ""
+    must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
+    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
+    if scheme.lower() != "http":
+        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    try:
+        parts = urllib.parse.urlsplit("http://" + rest)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
+        parts, host, port = None, None, None
+    if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
+        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
+        return None, f"{must}, got {shown!r}"
+    if why := unresolvable(host):
+        return None, f"{variable}: {host!r} is not a host name: {why}"
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    if any(not c.isprintable() for c in user + password):
+        return None, f"{variable}: the proxy credentials hold a control character"
+    return Proxy(host, port, variable, user, password), ""
+
+
+def no_proxy_entries(value: str) -> tuple[str, ...]:
+    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+
+
+def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:
+    """Whether NO_PROXY's entries send this host direct, as curl and Python decide: `*` for every
+    host, a name for itself and every name under it (`example.com`, `.example.com`), an address
+    for itself, `host:port` for that port only, and (as curl does) a CIDR for the addresses in it.
+    Host names are compared as written: nothing is looked up."""
+    host = host.lower().strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        name, entry_port = entry, None
+        if bracketed := re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?", entry):  # [IPv6] or [IPv6]:port
+            name, entry_port = bracketed[1], bracketed[2]
+        elif entry.count(":") == 1:  # host:port (more colons: an IPv6 address or network)
+            name, entry_port = entry.split(":")
+        if entry_port is not None and entry_port != str(port):
+            continue
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(name, strict=False):
+                    return True
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
 def valid_port(parts: urllib.parse.SplitResult) -> bool:
@@ -186,6 +320,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             if not value:
                 problems.append(f"{source} is empty")
         # Never the value in a message: only what is wrong with it.
+        if value and placeholder(value):
+            problems.append(f"{source} holds the example's placeholder, not a real key: set it")
+            return ""
         if value and not _SECRET_TEXT.fullmatch(value):
             what = "more than one line" if "\n" in value or "\r" in value else "a character that is not visible ASCII"
             problems.append(f"{source}: the secret holds {what}; it must be one line of visible ASCII characters")
@@ -230,6 +367,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         value = text(name)
         if not value:
             problems.append(f"{name} is not set")
+        elif placeholder(value):
+            problems.append(f"{name} is still the example's placeholder {value!r}: set it to yours")
         elif not re.fullmatch(r"[0-9A-Za-z]{1,32}", value):
             problems.append(f"{name} must be a Cloudflare identifier (up to 32 letters and digits), got {value!r}")
         return value
@@ -248,6 +387,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         # The volume's own path is an easy slip: the job would then audit on every run, with a warning.
         if path and (path.endswith("/") or os.path.isdir(path)):
             problems.append(f"{name} names a directory ({path}): name a file in it, e.g. {path.rstrip('/')}/record.gz")
+        elif path and not os.path.isdir(directory := os.path.dirname(os.path.abspath(path))):
+            # Not a warning: the job would then list every key on every run, as if it had no STATE_FILE.
+            problems.append(f"{name}: the directory {directory} of {path} does not exist (is the volume mounted?)")
         return path
 
     lapi_client_cert = readable_file("LAPI_CLIENT_CERT")
@@ -279,7 +421,15 @@ def load_config(env: Mapping[str, str]) -> Config:
         problems.append(
             f"SCOPE_TABLE_MAX_BYTES must be at most {TABLE_MAX_BYTES_LIMIT} (20 MiB), got {table_max_bytes}"
         )
+    proxies = {}
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        proxies[name], problem = parse_proxy(*proxy_variable(env, name))
+        if problem:
+            problems.append(problem)
     config = dict(
+        proxies=Proxies(
+            proxies["HTTPS_PROXY"], proxies["HTTP_PROXY"], no_proxy_entries(proxy_variable(env, "NO_PROXY")[1])
+        ),
         lapi_url=url("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
         pushgateway_url=url("PUSHGATEWAY_URL"),
@@ -342,7 +492,12 @@ class Response(NamedTuple):
 
 
 class TransportError(Exception):
-    """No HTTP answer at all: refused, reset, timed out."""
+    """No HTTP answer at all: refused, reset, timed out; `retry` False when trying again cannot help
+    (a proxy that refused the tunnel)."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 class DeadlineExceeded(Exception):
@@ -356,8 +511,24 @@ class DeadlineExceeded(Exception):
 RUN_OVER = "the run is over: no new connection"
 
 
-class LookupTimeout(TimeoutError):
+class NamedTimeout(TimeoutError):
+    """A wait that did not end in time; its message names what was awaited."""
+
+
+class LookupTimeout(NamedTimeout):
     """A host's name lookup did not end in time."""
+
+
+class ProxyError(OSError):
+    """A proxy that cannot be reached or refused the tunnel; `retry` False when its answer is final."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+# The head of a proxy's answer to CONNECT: a status line and a few headers.
+MAX_PROXY_HEAD = 16 * 1024
 
 
 class AnswerTooLarge(Exception):
@@ -419,10 +590,18 @@ class Http:
     at once); timeouts, retries, a run deadline that holds while an answer arrives, a size limit
     on every answer."""
 
-    def __init__(self, clock: Clock, timeout: float, deadline: float, tls: Mapping[str, ssl.SSLContext] | None = None):
+    def __init__(
+        self,
+        clock: Clock,
+        timeout: float,
+        deadline: float,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+        proxies: Proxies | None = None,
+    ):
         self.clock, self.timeout, self.deadline = clock, timeout, deadline
         self.deadline_name = "RUN_DEADLINE"  # what the errors call it
         self.tls = dict(tls or {})
+        self.proxies = proxies or Proxies()
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._opened: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -474,7 +653,12 @@ class Http:
             conn = http.client.HTTPConnection(netloc)
         conn.pool_key, conn.read_timeout = (scheme, netloc), self.timeout  # type: ignore[attr-defined]
         conn.response_class = functools.partial(self._answer, conn)
-        conn._create_connection = self._connect  # type: ignore[attr-defined]
+        # Through a proxy the connection's host is still the target's, so TLS checks the target's
+        # name and certificate (in the tunnel): only the socket under it goes to the proxy.
+        proxy = self.proxies.for_url(scheme, conn.host, conn.port)
+        conn.forward_proxy = proxy if scheme == "http" else None  # type: ignore[attr-defined]
+        connect = functools.partial(self._connect, proxy=proxy, tunnel=scheme == "https") if proxy else self._connect
+        conn._create_connection = connect  # type: ignore[attr-defined]
         with self._lock:
             self._still_open()
             self._opened.append(conn)
@@ -484,10 +668,21 @@ class Http:
         if self._closed:
             raise TransportError(RUN_OVER)
 
-    def _connect(self, address: tuple[str, int], timeout: Any, source_address: Any = None) -> socket.socket:
+    def _connect(
+        self,
+        address: tuple[str, int],
+        timeout: Any,
+        source_address: Any = None,
+        proxy: Proxy | None = None,
+        tunnel: bool = False,
+    ) -> socket.socket:
         """socket.create_connection, with the name lookup bounded as well: getaddrinfo takes no
         timeout, and a cluster DNS that does not answer would hold the run past RUN_DEADLINE, deaf
-        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time."""
+        to SIGTERM. The lookup has a thread of its own, left behind when it does not end in time.
+        With a proxy, the socket goes to the proxy (its name looked up the same way) and, with
+        `tunnel`, through a CONNECT to `address`."""
+        if proxy is not None:
+            return self._through(proxy, address, timeout, source_address, tunnel)
         host, port = address
         timeout = timeout if isinstance(timeout, (int, float)) else self.timeout
 
@@ -525,6 +720,64 @@ class Http:
         finally:
             error = None  # the traceback holds this frame: no cycle left for a run with the GC paused
 
+    def _through(
+        self, proxy: Proxy, address: tuple[str, int], timeout: Any, source_address: Any, tunnel: bool
+    ) -> socket.socket:
+        """A socket to the proxy; with `tunnel`, one that CONNECT has joined to `address`."""
+        try:
+            sock = self._connect((proxy.host, proxy.port), timeout, source_address)
+        except LookupTimeout:  # it names the proxy's host
+            raise
+        except TimeoutError:
+            raise NamedTimeout(f"the connection to {proxy}") from None
+        except OSError as e:
+            raise ProxyError(f"cannot connect to {proxy}: {type(e).__name__}: {e}") from None
+        if not tunnel:
+            return sock
+        try:
+            self._tunnel(sock, proxy, address, timeout if isinstance(timeout, (int, float)) else self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _tunnel(self, sock: socket.socket, proxy: Proxy, address: tuple[str, int], timeout: float) -> None:
+        """CONNECT to `address` on `sock`, bounded by `timeout` per read and by the run's deadline.
+        The answer's head is read a byte at a time, so nothing past it (the target's TLS) is taken."""
+        host, port = address
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        answer = bytearray()
+        try:
+            sock.settimeout(max(0.01, min(timeout, self._remaining())))
+            sock.sendall((head + "\r\n").encode())
+            while not answer.endswith(b"\r\n\r\n"):
+                sock.settimeout(max(0.01, min(timeout, self._remaining())))
+                byte = sock.recv(1)
+                if not byte:
+                    raise ProxyError(f"{proxy} closed the connection without answering CONNECT {authority}")
+                answer += byte
+                if len(answer) > MAX_PROXY_HEAD:
+                    raise ProxyError(f"{proxy} answered CONNECT {authority} with a head over {MAX_PROXY_HEAD} bytes")
+        except TimeoutError:
+            raise NamedTimeout(f"the answer of {proxy} to CONNECT {authority}") from None
+        except ProxyError:
+            raise
+        except OSError as e:  # reset, broken pipe: the proxy is what failed, say so
+            raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
+        status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
+        if status is None:
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+        code = int(status[1])
+        if 200 <= code < 300:
+            return
+        reason = snippet(status[2])
+        hint = PROXY_HINTS.get(code, "")
+        # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
+        raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
+
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed:
@@ -538,8 +791,10 @@ class Http:
 
     def _failure(self, error: Exception, read_timeout: float) -> Exception:
         """What a failed exchange means: the run deadline reached, or a transport failure, named."""
+        if isinstance(error, ProxyError):
+            return TransportError(str(error), retry=error.retry)
         if isinstance(error, TimeoutError):
-            lookup = str(error) if isinstance(error, LookupTimeout) else ""  # "the name lookup of <host>"
+            lookup = str(error) if isinstance(error, NamedTimeout) else ""  # "the name lookup of <host>"
             if self._remaining() <= 0.01:
                 return DeadlineExceeded(f"{self.deadline_name} passed while {lookup or 'its answer'} was still awaited")
             limit = "HTTP_TIMEOUT" if read_timeout == self.timeout else "its timeout"
@@ -560,6 +815,10 @@ class Http:
         parts = urllib.parse.urlsplit(url)
         conn = self._checkout(parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        if proxy := conn.forward_proxy:  # type: ignore[attr-defined]  # plain HTTP through a proxy: the whole URL
+            target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         conn.read_timeout = read_timeout  # type: ignore[attr-defined]  # for the answer's reader
         timeout = max(0.01, min(read_timeout, self._remaining()))
         # A kept-alive socket the server closed while idle fails before any answer;
@@ -622,13 +881,14 @@ class Http:
         limit: int = MAX_ANSWER_BYTES,
         on_attempt: Callable[[], None] | None = None,
         timeout: float | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> Response:
         """The first answer that is not a 429 or 5xx, or the last one. TransportError when none came,
         DeadlineExceeded (naming what it waited for) when the run deadline ends the waiting,
         AnswerTooLarge past `limit` bytes. With `stream`, a 200's body is left to its consumer
         (Response.chunks), read as it arrives under the same deadline and limit. `on_attempt` is
-        called for every request sent: retries, and the reconnect after an idle close, included.
-        `timeout` (per read) may only shorten HTTP_TIMEOUT."""
+        called for every request tried: retries, and the reconnect after an idle close, included;
+        `on_answer` for every answer's head received. `timeout` (per read) may only shorten HTTP_TIMEOUT."""
         cause = ""  # why the last attempt failed, when no answer came
         read_timeout = self.timeout if timeout is None else min(self.timeout, timeout)
         for attempt in range(1, retry.attempts + 1):
@@ -638,11 +898,13 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                if on_answer:
+                    on_answer()
                 if stream and answer.status == 200:
                     return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
                 response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
             except TransportError as e:
-                if attempt == retry.attempts:
+                if attempt == retry.attempts or not e.retry:
                     raise
                 cause = str(e)
             else:
@@ -708,6 +970,13 @@ def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
     return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
 
 
+# What to check when a proxy refuses a tunnel with these statuses.
+PROXY_HINTS = {
+    403: " (the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster one)",
+    407: " (the proxy wants credentials: http://user:password@host:port in the variable)",
+}
+
+
 # --------------------------------------------------------------------------- LAPI
 
 
@@ -757,7 +1026,7 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body)}")
+        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
     return Decisions(response.chunks, read_at)
 
 
@@ -767,12 +1036,28 @@ def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
         return list(chunks)
 
 
+# LAPI's answer is unreadable, not empty, once at least this many of its rows are not JSON objects
+# and they are more than half of the rows read so far. LAPI sends objects; a list of junk comes from
+# something else (a proxy, a wrong URL), would take minutes to read at LAPI_MAX_BYTES, and would
+# then plan to delete every key.
+JUNK_ROWS_MIN = 1000
+
+
 def lapi_batches(chunks: Iterable[bytes], config: Config) -> Iterator[list[Any]]:
     """LAPI's decision objects, a batch at a time, decoded as its answer arrives; LapiUnreadable
-    may come mid-way."""
+    may come mid-way, also when the rows are mostly junk (JUNK_ROWS_MIN)."""
+    rows = junk = 0
     with lapi_failures(config):
         try:
-            yield from json_array_batches(chunks)
+            for batch in json_array_batches(chunks):
+                rows += len(batch)
+                junk += len(batch) - list(map(type, batch)).count(dict)
+                if junk >= JUNK_ROWS_MIN and 2 * junk > rows:
+                    raise LapiUnreadable(
+                        f"LAPI answered with a list that is mostly not decisions: {junk} of its first {rows} rows "
+                        "are not JSON objects"
+                    )
+                yield batch
         except ValueError as e:
             raise LapiUnreadable(f"LAPI answered with a body that is not a JSON list of decisions: {e}") from None
         except TransportError as e:  # not retried: its decisions are being projected already
@@ -796,6 +1081,7 @@ def lapi_failures(config: Config) -> Iterator[None]:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_CUT_TRIES = 8  # `{` tried from the end of the held text for a cut: an object list's last one is its last item's
 MAX_ITEM_CHARS = 1 << 20  # a LAPI decision is a few hundred bytes; past this an item is junk
 # How close to the end of the text a decoding error may be and still mean "not all here yet":
 # the longest token that can be cut short and fail before the end (`\uXXXX`, `false`, `-1e+`).
@@ -810,17 +1096,20 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
     An item that is not complete yet is tried again only once the text held has doubled, so one
     giant item costs linear time; junk is told from an item cut short by where the decoder fails.
 
-    LAPI's compact list (`[{…},{…}]`) goes faster: the items held up to the last `},{` are decoded
-    in one call. That cut is only a guess (a string may hold `},{`), but a wrong one leaves a string
-    or a nesting open, which fails to decode: then it is item by item for the rest of the answer."""
+    A list of objects (`[{…},{…}]`, with any white space between them) goes faster: the items
+    held up to the last `}`, `,`, `{` are decoded in one call. That cut is only a guess (a string
+    may hold `},{`), but a wrong one leaves a string or a nesting open, which fails to decode:
+    then it is item by item for the rest of the answer. The held text is searched for a cut once
+    each time it grows, never once per item: an answer with no cut goes item by item in linear time."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
     source = iter(chunks)
     text, pos, ended, batches = "", 0, False, True
+    searched = False  # the held text has no cut past `pos` (it was searched, and has not grown since)
 
     def extend(at_least: int) -> None:
         """Read until the text not decoded yet is `at_least` characters long, or the body ends."""
-        nonlocal text, pos, ended
+        nonlocal text, pos, ended, searched
         pieces, held = [text[pos:]], len(text) - pos
         while held < at_least and not ended:
             chunk = next(source, None)
@@ -828,7 +1117,31 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
             piece = utf8.decode(chunk or b"", final=ended)
             pieces.append(piece)
             held += len(piece)
-        text, pos = "".join(pieces), 0
+        text, pos, searched = "".join(pieces), 0, False
+
+    def last_cut() -> tuple[int, int]:
+        """Where the held text's last `}`, `,`, `{` (white space around the comma) is past `pos`:
+        the `}`'s index and the comma's, or (-1, -1). Only the last few `{` are tried."""
+        nonlocal searched
+        start = len(text)
+        for _ in range(_CUT_TRIES):
+            start = text.rfind("{", pos, start)
+            if start <= pos:
+                break
+            comma = before(start)
+            if text[comma] == ",":
+                close = before(comma)
+                if close > pos and text[close] == "}":
+                    return close, comma
+        searched = True
+        return -1, -1
+
+    def before(at: int) -> int:
+        """The index of the last character before `at` that is not white space (`pos` at least)."""
+        at -= 1
+        while at > pos and text[at] in " \t\n\r":
+            at -= 1
+        return at
 
     def next_char() -> str:
         """The next character that is not white space ("" at the end), left unconsumed."""
@@ -855,7 +1168,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
         else:
             while True:
                 next_char()
-                cut = text.rfind("},{", pos) if batches else -1
+                cut, comma = last_cut() if batches and not searched else (-1, -1)
                 if cut > pos:
                     try:
                         items = decoder.decode("[" + text[pos : cut + 1] + "]")
@@ -863,7 +1176,7 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
                         batches = False
                     else:
                         yield items
-                        pos = cut + 2  # past the `,`: the next item follows
+                        pos = comma + 1  # past the `,`: the next item follows
                         continue
                 while True:
                     try:
@@ -948,9 +1261,17 @@ class AnswerDigest:
         return final.hexdigest()
 
 
-def snippet(body: bytes, limit: int = 120) -> str:
-    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
-    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+def snippet(body: bytes, secrets: Iterable[str] = (), limit: int = 120) -> str:
+    """An answer's body quoted in a message: `secrets` redacted first, then cut to `limit`
+    characters (cut first, a secret the body echoes would lose its end and no longer be found),
+    as a repr, so no control character of it reaches a log line."""
+    return repr(quoted(body.decode("utf-8", "replace").strip().replace("\n", " "), secrets, limit))
+
+
+def quoted(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Text from outside as a message may quote it: `secrets` redacted, then cut to `limit` characters."""
+    text = redacted(text, secret_forms(secrets))
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 # --------------------------------------------------------------------------- projection
@@ -1274,8 +1595,11 @@ class Cloudflare:
             "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
         }
-        # Every request sent, retries included: what the account's API budget is charged.
+        self.secrets = config.secrets  # redacted from a quoted answer before it is cut
+        # Every request tried, retries included: what the account's API budget is charged at
+        # most (one that never connected is tried, and not charged); and the HTTP answers they got.
         self.requests: Counter[str] = Counter({"list": 0, "bulk_put": 0, "bulk_delete": 0})
+        self.answers: Counter[str] = Counter()
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
     def call(
@@ -1290,15 +1614,17 @@ class Cloudflare:
                 body=body,
                 retry=CLOUDFLARE_RETRY,
                 on_attempt=lambda: self.requests.update((operation,)),
+                on_answer=lambda: self.answers.update((operation,)),
             )
         except TransportError as e:
-            raise CloudflareError(f"{operation}: no answer from Cloudflare after retries: {e}") from None
+            retried = " after retries" if e.retry else ""
+            raise CloudflareError(f"{operation}: no answer from Cloudflare{retried}: {e}") from None
         except DeadlineExceeded as e:
-            answered = f"{read_envelope(e.response)[1]}; " if e.response else ""
+            answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
             raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
-        envelope, problem = read_envelope(response)
+        envelope, problem = read_envelope(response, self.secrets)
         if problem:
             raise CloudflareError(f"{operation}: {problem}")
         return envelope, response
@@ -1335,6 +1661,10 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
+    def namespace(self) -> None:
+        """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
+        self.call("namespace", "GET", "")
+
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
         envelope, _ = self.call("bulk_put", "PUT", "/bulk", body)
@@ -1346,7 +1676,7 @@ class Cloudflare:
         return unsuccessful_keys(envelope.get("result"))
 
 
-def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
+def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict[str, Any], str]:
     """Cloudflare's envelope of an answer, and what is wrong with it ("" for a success): the codes and
     messages Cloudflare gave and what to check, or how the answer is not an envelope at all."""
     try:
@@ -1355,16 +1685,16 @@ def read_envelope(response: Response) -> tuple[dict[str, Any], str]:
         envelope = None
     status = f"HTTP {response.status}"
     if not isinstance(envelope, dict):
-        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body)}"
+        return {}, f"{status} with a body that is not Cloudflare's envelope: {snippet(response.body, secrets)}"
     shape = {"success": (bool,), "errors": (list, type(None)), "result_info": (dict, type(None))}
     for name, kinds in shape.items():
         if not isinstance(envelope.get(name), kinds):
             kind = type(envelope.get(name)).__name__ if name in envelope else "missing"
-            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body)}"
+            return {}, f"{status} with a malformed envelope: `{name}` is {kind}: {snippet(response.body, secrets)}"
     if response.status == 200 and envelope["success"]:
         return envelope, ""
     errors = [e for e in envelope.get("errors") or [] if isinstance(e, dict)]
-    text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "no error given"
+    text = quoted("; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors), secrets, 500) or "no error given"
     codes = [e.get("code") for e in errors]
     hints = {CLOUDFLARE_HINTS[c] for c in codes if isinstance(c, int) and c in CLOUDFLARE_HINTS}
     if response.status in (401, 403):
@@ -1982,7 +2312,8 @@ class Report:
     unchanged: int = 0
     guarded: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
-    cloudflare_requests: Counter[str] = field(default_factory=Counter)
+    cloudflare_requests: Counter[str] = field(default_factory=Counter)  # tried, by operation
+    cloudflare_answers: Counter[str] = field(default_factory=Counter)  # HTTP answers they got
     exit_code: int = EXIT_OK
     active_decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # keys by (origin, ip_type)
     audit_reason: str | None = "no_state_file"  # an AUDIT_REASONS entry; None: planned against the record
@@ -2056,7 +2387,12 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "table_bytes", "Size of the scope table's document in bytes (0: none).", {}, report.table_bytes)
     )
     samples += [
-        (p + "cloudflare_requests", "Cloudflare API requests this run, by operation.", {"operation": op}, n)
+        (
+            p + "cloudflare_requests",
+            "Cloudflare API requests tried this run, retries included, by operation.",
+            {"operation": op},
+            n,
+        )
         for op, n in sorted(report.cloudflare_requests.items())
     ]
     samples += [
@@ -2108,7 +2444,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         log.warning("push_failed", f"Pushgateway at {config.pushgateway_url} took no metrics: {e}")
         return
     if response.status >= 300:
-        log.warning("push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body)}")
+        log.warning(
+            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+        )
 
 
 # --------------------------------------------------------------------------- CrowdSec usage metrics
@@ -2224,7 +2562,8 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
         log.debug("usage_metrics", "usage metrics not sent: LAPI has no /v1/usage-metrics (CrowdSec before 1.6.3)")
     elif response.status >= 300:
         log.debug(
-            "usage_metrics", f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body)}"
+            "usage_metrics",
+            f"usage metrics not sent: LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}",
         )
     return report.started
 
@@ -2252,6 +2591,31 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def redacted(text: str, forms: Iterable[str]) -> str:
+    """`text` with each of the forms (secret_forms') replaced by `[redacted]`."""
+    for form in forms:
+        text = text.replace(form, "[redacted]")
+    return text
+
+
+# What could end or forge a line of a text log, or drive a terminal: C0 controls but the tab, DEL,
+# C1 controls, and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped_controls(text: str) -> str:
+    """`text` with each control character written as Python writes it in a repr (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def rfc3339(seconds: float) -> str:
+    """Unix time as RFC 3339 in UTC with milliseconds (`2026-12-02T10:35:58.123Z`): what log
+    pipelines (Loki, Elasticsearch, Fluent Bit, Vector) parse as a timestamp without configuration."""
+    millis = round(seconds * 1000)  # whole milliseconds first, so .9996 carries into the next second
+    whole = time.gmtime(millis // 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", whole) + f".{millis % 1000:03d}Z"
+
+
 class Log:
     """Summary on stdout, warnings and errors on stderr; text or JSON lines; secrets never printed."""
 
@@ -2262,15 +2626,13 @@ class Log:
         self.secrets = secret_forms(secrets)
 
     def redact(self, text: str) -> str:
-        for form in self.secrets:
-            text = text.replace(form, "[redacted]")
-        return text
+        return redacted(text, self.secrets)
 
     def _emit(self, stream: TextIO, level: str, event: str, message: str, figures: Mapping[str, Any]) -> None:
         message = self.redact(message)  # before JSON escapes it once more
         if self.fmt == "json":
             record = {
-                "time": round(self.clock.now(), 3),
+                "time": rfc3339(self.clock.now()),
                 "level": level,
                 "event": event,
                 "message": message,
@@ -2278,6 +2640,9 @@ class Log:
             }
             line = json.dumps(record, sort_keys=False, default=str)
         else:
+            # One event, one line: what a message quotes from outside (an error message, a body,
+            # a header) cannot start a line of its own, nor a traceback spread over several.
+            message = escaped_controls(message)
             line = f"lapi-kv-sync: {message}" if level == "info" else f"lapi-kv-sync: {level}: {message}"
         stream.write(self.redact(line) + "\n")
         stream.flush()
@@ -2307,7 +2672,8 @@ def log_summary(log: Log, report: Report) -> None:
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
         f"{table_words(report) + ', ' if report.table_action or report.table_entries else ''}"
-        f"cloudflare requests {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
+        f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
     )
     if not report.success:
@@ -2328,6 +2694,7 @@ def log_summary(log: Log, report: Report) -> None:
             "bytes": report.table_bytes,
         },
         cloudflare_requests=dict(report.cloudflare_requests),
+        cloudflare_answers=sum(report.cloudflare_answers.values()),
         audited=report.audit_reason is not None,
         audit_reason=report.audit_reason,
         state_trusted=report.record_trusted,
@@ -2375,20 +2742,25 @@ def audit_words(report: Report) -> str:
     return f"audited: {report.audit_reason} ({report.audit_detail})"
 
 
-def log_plan(log: Log, plan: Plan) -> None:
-    for action, keys in (
-        ("write", [w.key for w in plan.writes]),
-        ("delete", plan.deletes),
-        ("unchanged", plan.unchanged),
+def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mapping[str, Present]) -> None:
+    """Each action's count and its first SAMPLE_KEYS keys, each with its remediation: the one a
+    write or an unchanged key has, the one a deleted key held (`unknown`: none of ours)."""
+    for action, keys, remediation in (
+        ("write", [w.key for w in plan.writes], lambda key: wanted[key].remediation),
+        ("delete", plan.deletes, lambda key: present[key].remediation or "unknown"),
+        ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
     ):
         sample = keys[:SAMPLE_KEYS]
+        remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
+        listed = " ".join(f"{key} ({r})" for key, r in zip(sample, remediations, strict=True))
         log.info(
             "plan",
-            f"dry run: {action} {len(keys)}: {' '.join(sample)}{more}".rstrip(": "),
+            f"dry run: {action} {len(keys)}: {listed}{more}".rstrip(": "),
             action=action,
             count=len(keys),
             keys=sample,
+            remediations=remediations,
         )
 
 
@@ -2425,12 +2797,15 @@ ENVIRONMENT = (
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
-    ("STATE_FILE", "job's record of its KV keys: steady runs call no Cloudflare API (default: none: every run lists)"),
+    ("STATE_FILE", "job's record of its KV keys, in a directory that exists: steady runs list nothing (default: none)"),
     ("AUDIT_INTERVAL", "with STATE_FILE, seconds between audits, i.e. full listings (default 900; 0: every run)"),
     ("PUSHGATEWAY_URL", "Pushgateway for the run's metrics (default: none: no metrics, only the absence alert fires)"),
     ("RUN_DEADLINE", f"seconds a run may take in all, retries included (default {Config.run_deadline:g})"),
     ("HTTP_TIMEOUT", f"seconds any one name lookup, connect or read may wait (default {Config.http_timeout:g})"),
     ("LOG_FORMAT", "text or json (default text)"),
+    ("HTTPS_PROXY", "proxy for https:// (Cloudflare): http://[user:password@]host:port, a CONNECT tunnel"),
+    ("HTTP_PROXY", "proxy for http:// URLs (default: none; https_proxy, http_proxy, no_proxy win if set)"),
+    ("NO_PROXY", "hosts reached direct: names and their subdomains, addresses, CIDRs, host:port, or *"),
 )
 
 # Each flag and the environment variable that does the same: a one-off Job made with
@@ -2441,6 +2816,43 @@ RUN_FLAGS = (
     ("--force", "FORCE", "lift the MAX_DELETES guard for this run"),
 )
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+# Every variable the job reads, from the two lists above (a test checks they hold all that
+# load_config reads): what a misspelling is measured against.
+KNOWN_VARIABLES = (
+    frozenset(name for name, _ in ENVIRONMENT)
+    | {variable for _, variable, _ in RUN_FLAGS}
+    | {name.lower() for name in PROXY_VARIABLES}  # read in both cases, as curl and Python do
+)
+# How alike (difflib's ratio) a name must be to a known one to be taken for a misspelling of it:
+# DRYRUN/DRY_RUN is 0.92, MAX_DELETE/MAX_DELETES 0.95, LAPI_KEYFILE/LAPI_KEY_FILE 0.96; no
+# variable a container commonly has (HOSTNAME, PYTHON_VERSION, GPG_KEY, KUBERNETES_*) comes near.
+MISSPELLING_CUTOFF = 0.85
+# What Kubernetes sets for each Service in the namespace (enableServiceLinks): a Service named
+# `lapi` gives LAPI_PORT, LAPI_SERVICE_HOST, LAPI_PORT_8080_TCP_ADDR... They are not the operator's.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+_VARIABLE_SHAPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABLES) -> tuple[list[str], list[str]]:
+    """Variables set but not read: the misspellings of known ones (problems: the job would run
+    without a setting its operator meant, DRYRUN=true making a real run), and the rest that carry
+    one of the job's prefixes (a known name's first word and `_`: LAPI_, CF_, KV_...), to warn of.
+    Names of another shape, and Kubernetes' Service links, are none of the job's business."""
+    # Not the proxies' HTTP_ and NO_: those name many variables of other tools (NO_COLOR).
+    mine = (name for name in known if "_" in name and name.upper() not in PROXY_VARIABLES)
+    prefixes = tuple(sorted({name.split("_")[0] + "_" for name in mine}))
+    misspelled, unknown = [], []
+    for name in sorted(names):
+        if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
+        elif name.startswith(prefixes):
+            unknown.append(name)
+    return misspelled, unknown
 
 
 def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -2452,6 +2864,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         prog="lapi-kv-sync",
         description="Make a Cloudflare Workers KV namespace hold exactly CrowdSec LAPI's bans and captchas.",
         epilog=f"environment (the configuration):\n{environment}{flags}\n"
+        "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
+        "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
         "143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2473,9 +2887,10 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
     return args
 
 
-def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config]:
-    """The command line and the configuration, read once; one ConfigError names every bad variable in either."""
-    problems: list[str] = []
+def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.Namespace, Config, list[str]]:
+    """The command line and the configuration, read once, and the variables with the job's prefixes
+    it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
+    problems, unknown = unread_variables(env.keys())
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
@@ -2486,7 +2901,7 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return args, config
+    return args, config, unknown
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
@@ -2541,7 +2956,7 @@ def converge(
     decisions = read_decisions(http, config)
     loaded = reading.result()
     cloudflare = Cloudflare(http, config)
-    report.cloudflare_requests = cloudflare.requests
+    report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
     sent = loaded.record.usage_metrics_sent_at if loaded.record else None
@@ -2550,6 +2965,7 @@ def converge(
     if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
         held = held_answer(chunks, config)
         if answer.hexdigest() == loaded.record.lapi_digest:
+            check_token(cloudflare, config, loaded.record.audited_at, http.clock.now(), state, log)
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
@@ -2561,23 +2977,24 @@ def converge(
         projection = project(
             rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max, config.scope_table
         )
+        table = scope_table(projection.table, config.scope_table_max_bytes)
+        if table.full:
+            projection.ignored["table_full"] += table.full
+            log.warning(
+                "table_full",
+                f"scope table: {table.full} entries left out (table_full), past "
+                f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} (kept {len(table.kept)}: bans first, "
+                f"then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
+                left_out=table.full,
+            )
+        # Counted before the listing is awaited: a run that fails there read LAPI all the same.
+        report.wanted, report.ignored = len(projection.wanted), projection.ignored
+        report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+        report.table_entries, report.table_bytes = table.entries, len(table.document)
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
     del decisions
-    table = scope_table(projection.table, config.scope_table_max_bytes)
-    if table.full:
-        projection.ignored["table_full"] += table.full
-        log.warning(
-            "table_full",
-            f"scope table: {table.full} entries left out (table_full), past "
-            f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} "
-            f"(kept {len(table.kept)}: bans first, then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
-            left_out=table.full,
-        )
-    report.wanted, report.ignored = len(projection.wanted), projection.ignored
-    report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
-    report.table_entries, report.table_bytes = table.entries, len(table.document)
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
     table_key = config.kv_key_prefix + TABLE_NAME
@@ -2587,10 +3004,16 @@ def converge(
     # Until Cloudflare confirms it, a failed run's summary says what was to be done.
     report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
-        log_dry_run(log, plan, None if force else config.max_deletes)
+        # The table's key among the address keys' samples, shown as the scope table it is.
+        shown = {table_key: tuple_new(Wanted, ("scope table", table.end, "", ""))}
+        kv = kv._replace(present=ChainMap({table_key: Present(None, "scope table")}, kv.present))
+        wanted = ChainMap(shown, projection.wanted)
+        log_dry_run(log, plan, None if force else config.max_deletes, wanted, kv, report)
         log_table_plan(log, report, table, planned)
         return EXIT_OK
     state_file = state
+    if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
+        check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
     if state is not None and not (reason is None and not plan.writes and not plan.deletes):
         state = mark_unfinished(state, log)
     else:
@@ -2658,21 +3081,49 @@ class KnownKv(NamedTuple):
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
     refresh_at: float | None  # the record's (None after a listing)
+    listed: bool = False  # as listed this run, not as recorded
 
 
 def kv_as_listed(listed: Listing) -> KnownKv:
     # LAPI durations count on our clock; KV expirations on Cloudflare's. Compare on Cloudflare's,
     # so a skewed local clock cannot make every key look stale and be rewritten each run.
     offset = listed.server_time - listed.received_at if listed.server_time is not None else 0.0
-    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None)
+    return KnownKv(listed.present, listed.received_at, offset, listed.received_at, None, None, listed=True)
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
     return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
 
 
-def log_dry_run(log: Log, plan: Plan, max_deletes: int | None) -> None:
-    log_plan(log, plan)
+def log_dry_run(
+    log: Log, plan: Plan, max_deletes: int | None, wanted: Mapping[str, Wanted], kv: KnownKv, report: Report
+) -> None:
+    """The plan, and what it rests on: a listing of KV or the state record (which a change made
+    to KV behind the job's back does not show), the decisions left out, the requests it costs."""
+    if kv.listed:
+        log.info("plan", f"dry run: compared with a listing of KV ({audit_words(report)})", compared_with="listing")
+    else:
+        age = kv.now - kv.audited_at
+        log.info(
+            "plan",
+            f"dry run: compared with the state record, not with KV itself: the keys as runs recorded them, "
+            f"last checked against a listing {age:.0f}s ago; --audit --dry-run lists KV",
+            compared_with="record",
+            record_age_seconds=round(age),
+        )
+    log_plan(log, plan, wanted, kv.present)
+    ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
+    log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
+    bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
+    log.info(
+        "plan",
+        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
+        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
+        f"({counts(report.cloudflare_requests)})",
+        cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
+    )
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
@@ -2695,6 +3146,36 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
         and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
     )
+
+
+# A run planning against a trusted record that sends Cloudflare nothing would not notice a token
+# revoked (or stripped of its KV permission) until the next audit: the run in the minute past half
+# of AUDIT_INTERVAL (with the CronJob's one run a minute, one run an interval) asks Cloudflare for
+# the namespace, which the token's permission covers and which is none of the key operations
+# (reads, writes, deletes, lists) the plans count.
+TOKEN_CHECK_SLOT = 60
+
+
+def token_check_due(audited_at: float, config: Config, now: float) -> bool:
+    """Whether a run that sends Cloudflare nothing, with a record audited at `audited_at`, checks its token."""
+    half = config.audit_interval / 2
+    return half <= now - audited_at < half + TOKEN_CHECK_SLOT
+
+
+def check_token(
+    cloudflare: Cloudflare, config: Config, audited_at: float, now: float, state: StateFile | None, log: Log
+) -> None:
+    """Ask Cloudflare for the namespace when token_check_due; CloudflareError when it is refused,
+    after marking the record untrusted, so that every run after this one audits (and fails alike
+    until the token works again): the failure lasts, for the alert on failed runs to see."""
+    if not token_check_due(audited_at, config, now):
+        return
+    try:
+        cloudflare.namespace()
+    except CloudflareError:
+        if state is not None:
+            mark_unfinished(state, log)
+        raise
 
 
 def unchanged(report: Report, record: Record) -> int:
@@ -2848,7 +3329,7 @@ def main(
     env = os.environ if env is None else env
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        args, config = configure(argv, env)
+        args, config, unknown = configure(argv, env)
         tls = lapi_tls(config)
     except ConfigError as e:
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
@@ -2856,10 +3337,14 @@ def main(
         Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
         return EXIT_CONFIG
     log = Log(out, err, config.log_format, config.secrets, clock)
+    if unknown:
+        log.warning(
+            "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
+        )
     report, started = Report(started=clock.now()), clock.monotonic()
     with (
         collector_paused(),
-        Http(clock, config.http_timeout, started + config.run_deadline, tls) as http,
+        Http(clock, config.http_timeout, started + config.run_deadline, tls, config.proxies) as http,
         Signals() as signals,
     ):
         try:

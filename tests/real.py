@@ -22,6 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "crowdsec"
 CACHES = (CACHE, ROOT / ".cache" / "prometheus")  # what .ci/install-components unpacks
+# What a skip tells the reader to run: it installs everything the tests need (README, Quick start).
+INSTALL = "bash .ci/install-components"
 START_TIMEOUT = 30
 LIFETIME = 1800  # seconds: a server left behind by a killed test run stops by itself
 
@@ -43,7 +45,7 @@ def require(*names: str) -> list[str]:
     found = [find(n) for n in names]
     missing = [n for n, path in zip(names, found, strict=True) if path is None]
     if missing:
-        reason = f"{', '.join(missing)} not found on PATH or in .cache: run .ci/run (or see README) to fetch them"
+        reason = f"{', '.join(missing)} not found on PATH or in .cache: `{INSTALL}` installs it"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the real-component tests: {reason}", pytrace=False)
         pytest.skip(reason)

@@ -1,22 +1,26 @@
-"""Local stand-ins for CrowdSec LAPI, Cloudflare Workers KV and the Pushgateway.
+"""Local stand-ins for CrowdSec LAPI, Cloudflare Workers KV, the Pushgateway and an HTTP proxy.
 
 Each is a real HTTP/1.1 server with keep-alive on 127.0.0.1, started in a daemon thread,
 counting the connections it accepts. They stop when their `with` block ends, and on their
 own after `LIFETIME` seconds in any case, so a stuck test never leaves a server behind.
 
-The KV stand-in is strict to Cloudflare's published limits and, where `../shared/reference`
-is present, checks every request it gets and every answer it gives against Cloudflare's own
-OpenAPI schema; what does not fit lands in `violations`, which the tests assert is empty. The
-LAPI stand-in checks usage metrics against CrowdSec's swagger the same way.
+The KV stand-in is strict to Cloudflare's published limits and checks every request it gets
+and every answer it gives against Cloudflare's own OpenAPI schema (tests/reference); what does
+not fit lands in `violations`, which the tests assert is empty. The LAPI stand-in checks usage
+metrics against CrowdSec's swagger the same way.
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
+import http.client
 import json
 import re
 import secrets
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 LIFETIME = 900
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "reference"  # the published schemas: tests/reference/README.md
 KV_SCHEMA = REFERENCE / "cloudflare" / "workers-kv-openapi.json"
 KV_SCHEMA_2024 = REFERENCE / "cloudflare" / "workers-kv-openapi-2024-08-06.json"
 USAGE_SCHEMA = REFERENCE / "crowdsec-lapi-swagger" / "usage-metrics.json"
@@ -193,6 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self.server.owner.handle(self, "DELETE")
 
+    def do_CONNECT(self) -> None:
+        self.server.owner.handle(self, "CONNECT")
+
 
 class Standin:
     def __init__(self) -> None:
@@ -205,8 +212,8 @@ class Standin:
         self.stopped = threading.Event()
         self.server = _Server(self, _Handler)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._timer = threading.Timer(LIFETIME, self.stop)
-        self._timer.daemon = True
+        self.lifetime = LIFETIME  # seconds until it stops by itself (the playground sets its own)
+        self._timer: threading.Timer | None = None
 
     scheme = "http"
 
@@ -224,12 +231,15 @@ class Standin:
 
     def start(self) -> Standin:
         self._thread.start()
+        self._timer = threading.Timer(self.lifetime, self.stop)
+        self._timer.daemon = True
         self._timer.start()
         return self
 
     def stop(self) -> None:
         self.stopped.set()
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self.server.shutdown()
         self.server.server_close()
 
@@ -274,7 +284,7 @@ def decision(value: str, seconds: float = 3600, type: str = "ban", scope: str = 
 class UsageSchemaCheck:
     """Validates a `POST /v1/usage-metrics` body against CrowdSec's swagger (Swagger 2.0 schemas
     are JSON Schema draft 4: an integer is not 1.0, as Go's int64 is not), plus what CrowdSec's
-    code and bouncer-metrics spec add (../shared/reference/README.md)."""
+    code and bouncer-metrics spec add (tests/reference/README.md)."""
 
     def __init__(self, path: Path = USAGE_SCHEMA) -> None:
         from jsonschema import Draft4Validator
@@ -303,10 +313,10 @@ class UsageSchemaCheck:
 class LapiStandin(Standin):
     """GET /v1/decisions with X-Api-Key. `decisions` (None answers `null`), or `answer` to misbehave.
     POST /v1/usage-metrics as CrowdSec 1.6.3+ takes it (201), bodies kept in `usage_metrics` and
-    checked against CrowdSec's schema where ../shared is present; `usage_answer` to misbehave,
+    checked against CrowdSec's schema (unless `schema=False`); `usage_answer` to misbehave,
     `usage_metrics_supported = False` to answer 404 as LAPI before 1.6.3 does."""
 
-    def __init__(self, key: str = "lapi-test-key-0123456789", schema: bool | None = None) -> None:
+    def __init__(self, key: str = "lapi-test-key-0123456789", schema: bool = True) -> None:
         super().__init__()
         self.key = key
         self.decisions: list[dict] | None = []
@@ -322,7 +332,7 @@ class LapiStandin(Standin):
         self.usage_delay = 0.0
         self.usage_drop = False
         self.violations: list[str] = []
-        self.usage_schema = UsageSchemaCheck() if (USAGE_SCHEMA.exists() if schema is None else schema) else None
+        self.usage_schema = UsageSchemaCheck() if schema else None
 
     def body(self) -> bytes:
         if self.decisions is None:
@@ -469,9 +479,14 @@ class SchemaCheck:
 class KvStandin(Standin):
     """Cloudflare's Workers KV API for one namespace, strict to its limits, with faults on demand."""
 
-    OPERATIONS = {("GET", "/keys"): "list", ("PUT", "/bulk"): "bulk_put", ("POST", "/bulk/delete"): "bulk_delete"}
+    OPERATIONS = {
+        ("GET", "/keys"): "list",
+        ("PUT", "/bulk"): "bulk_put",
+        ("POST", "/bulk/delete"): "bulk_delete",
+        ("GET", ""): "namespace",  # Get a Namespace: not in the trimmed KV schema of tests/reference
+    }
 
-    def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool | None = None) -> None:
+    def __init__(self, token: str = "cf-test-token-abcdefghijklmnop", schema: bool = True) -> None:
         super().__init__()
         self.token = token
         self.store: dict[str, Entry] = {}
@@ -490,8 +505,7 @@ class KvStandin(Standin):
         self._cursors: dict[str, tuple[str, str]] = {}
         self._names: list[str] = []
         self._metadata_sizes: dict[tuple, int] = {}
-        use_schema = KV_SCHEMA.exists() if schema is None else schema
-        self.schema = SchemaCheck() if use_schema else None
+        self.schema = SchemaCheck() if schema else None
         self.base = f"/client/v4/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}"
 
     @property
@@ -543,6 +557,8 @@ class KvStandin(Standin):
             body = json.loads(raw) if raw else None
         except ValueError:
             return self.answer(request, method, suffix, 400, _error(10002, "request body is not valid JSON"))
+        if operation == "namespace":
+            return self.namespace(request, query, raw)
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
@@ -581,6 +597,21 @@ class KvStandin(Standin):
                 checked = {**body, "result_info": {k: v for k, v in body["result_info"].items() if k != "cursor"}}
             self.violations += self.schema.response(method, suffix, status, checked, legacy)
         request.send(status, body)
+
+    def namespace(self, request: _Handler, query: dict[str, str], raw: bytes) -> None:
+        """GET /accounts/{account_id}/storage/kv/namespaces/{namespace_id}: no query, no body; the
+        envelope with the namespace (id, title, supports_url_encoding), as Cloudflare documents it."""
+        if query or raw:
+            with self.lock:
+                self.violations.append(f"namespace: a GET with a query or a body: {query} {raw[:40]!r}")
+            return request.send(400, _error(10001, "a GET takes no query or body"))
+        fault = self.fault_for("namespace")
+        if fault and fault.kind == "raw":
+            return request.send(fault.status, fault.body)
+        if fault:
+            return request.send(fault.status, _error(10500, "Internal server error"))
+        result = {"id": NAMESPACE, "title": "crowdsec-decisions", "supports_url_encoding": True}
+        request.send(200, {"success": True, "errors": [], "messages": [], "result": result})
 
     def list(self, query: dict[str, str], body: Any) -> tuple[int, dict]:
         try:
@@ -770,3 +801,81 @@ class PushgatewayStandin(Standin):
             if series == (f"{name}{{{labels}}}" if labels else name):
                 return float(value)
         return None
+
+
+# --------------------------------------------------------------------------- HTTP proxy
+
+
+@dataclass
+class Proxied:
+    method: str  # CONNECT, or the method of a plain HTTP request sent on
+    target: str  # host:port for CONNECT, the whole URL otherwise
+    authorization: str | None  # the Proxy-Authorization header as it came
+
+
+class ProxyStandin(Standin):
+    """An HTTP proxy as Squid or a corporate proxy is: CONNECT tunnels (then bytes both ways,
+    untouched: TLS stays between the client and the target) and plain HTTP requests in absolute
+    form, sent on. It records what it was asked in `requests`. `hosts` maps a target's name to
+    the address it connects to (a name no DNS knows then reaches a stand-in on 127.0.0.1);
+    `refuse` answers every request with that status instead; `credentials` ("user:password")
+    makes it answer 407 to a request without them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Proxied] = []
+        self.hosts: dict[str, str] = {}
+        self.refuse: int | None = None
+        self.credentials: str | None = None
+        self.silent = False  # read a CONNECT, then answer nothing until the client goes away
+
+    def handle(self, request: _Handler, method: str) -> None:
+        authorization = request.headers.get("Proxy-Authorization")
+        with self.lock:
+            self.requests.append(Proxied(method, request.path, authorization))
+        body = request.body()
+        expected = None
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(self.credentials.encode()).decode()
+        if self.refuse or (expected is not None and authorization != expected):
+            status = self.refuse or 407
+            headers = {"Proxy-Authenticate": 'Basic realm="proxy"'} if status == 407 else {}
+            request.close_connection = True
+            return request.send(status, f"{status} from the proxy", "text/plain", headers)
+        if method == "CONNECT" and self.silent:
+            request.close_connection = True
+            self.stopped.wait(LIFETIME)
+            return None
+        if method == "CONNECT":
+            return self.tunnel(request)
+        url = urllib.parse.urlsplit(request.path)
+        upstream = http.client.HTTPConnection(self.hosts.get(url.hostname, url.hostname), url.port, timeout=60)
+        try:
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "proxy-authorization"}
+            upstream.request(method, urllib.parse.urlunsplit(("", "", url.path, url.query, "")), body, headers)
+            answer = upstream.getresponse()
+            request.send(answer.status, answer.read(), answer.getheader("Content-Type", "text/plain"))
+        finally:
+            upstream.close()
+
+    def tunnel(self, request: _Handler) -> None:
+        request.close_connection = True
+        host, _, port = request.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((self.hosts.get(host, host), int(port)), timeout=10)
+        except OSError:
+            return request.send(502, "cannot reach the target", "text/plain")
+        with upstream:
+            request.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            request.wfile.flush()
+            ends = (request.connection, upstream)
+            while not self.stopped.is_set():
+                readable, _, _ = select.select(ends, [], [], 0.1)
+                for end in readable:
+                    try:
+                        data = end.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    (upstream if end is request.connection else request.connection).sendall(data)

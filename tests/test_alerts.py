@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +25,18 @@ import pytest
 import yaml
 
 import lapi_kv_sync as job
-from tests.conftest import CF_TOKEN, LAPI_KEY, ROOT, Stack, assert_no_secret
+from tests.conftest import CF_TOKEN, LAPI_KEY, Stack, assert_no_secret
 from tests.real import RealPushgateway, require
 from tests.standins import Entry, KvStandin, LapiStandin, decision
+from tests.test_deploy import ALERTS, rendered_rules
 
-RULES = ROOT / "k8s" / "alerts" / "lapi-kv-sync.rules.yml"
 JOB = job.JOB_NAME
 START = 5  # seconds past the minute a CronJob's run starts (scheduling, pod start)
 
 
 def alert_rules() -> dict[str, dict]:
-    return {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    groups = yaml.safe_load(ALERTS.read_text())["spec"]["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
 
 
 def minutes(duration: str | None) -> int:
@@ -91,6 +93,11 @@ LAPI_REFUSED = Run(env=(("LAPI_KEY", "not-the-bouncer-key"),), exit_code=job.EXI
 CLOUDFLARE_REFUSED = Run(env=(("CF_API_TOKEN", "wrong-token-zzzzzzzz"),), exit_code=job.EXIT_CLOUDFLARE)
 HELD_BACK = Run(env=(("MAX_DELETES", "0"),), stray_key=True, exit_code=job.EXIT_CLOUDFLARE)
 IGNORING = Run(decisions=mostly_ignored)
+# With STATE_FILE (`{state}`: a folder of the scenario's own) steady runs send Cloudflare nothing.
+WITH_STATE = (("STATE_FILE", "{state}/record.gz"),)
+OK_WITH_STATE = Run(env=WITH_STATE)
+REVOKED_WITH_STATE = Run(env=WITH_STATE + CLOUDFLARE_REFUSED.env)
+REVOKED_WITH_STATE_FAILING = Run(env=REVOKED_WITH_STATE.env, exit_code=job.EXIT_CLOUDFLARE)
 DRY = Run(args=("--dry-run",))
 DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env, exit_code=job.EXIT_LAPI)
 NONE = None  # no run that minute (CronJob suspended)
@@ -111,7 +118,7 @@ def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPush
     """Run the job as scheduled, scrape every minute; each series' values for promtool, where
     index k is the scrape at minute k (the runs of minutes before k have pushed)."""
     scrapes = []
-    with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv:
+    with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv, tempfile.TemporaryDirectory() as state:
         stack = Stack(lapi, kv, pushgateway)
         for minute, runs in enumerate(runs_by_minute):
             scrapes.append(scrape(pushgateway))
@@ -121,7 +128,8 @@ def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPush
                     kv.store.setdefault("ip:203.0.113.9", Entry("ban", None, {"remediation": "ban"}))
                 out, err = io.StringIO(), io.StringIO()
                 at = SimClock(minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
-                code = job.main(list(run.args), stack.env(**dict(run.env)), out, err, at.clock())
+                env = {name: value.replace("{state}", state) for name, value in run.env}
+                code = job.main(list(run.args), stack.env(**env), out, err, at.clock())
                 assert_no_secret(out.getvalue(), err.getvalue())
                 assert code == run.exit_code, err.getvalue()
         scrapes.append(scrape(pushgateway))
@@ -173,6 +181,14 @@ SCENARIOS = [
         "Cloudflare refuses the token from minute 10",
         lambda: [OK] * 10 + [CLOUDFLARE_REFUSED] * 10,
         fires={"CrowdsecKvSyncCloudflareFailing": 11},
+    ),
+    Scenario(
+        # Revoked at minute 1, just after an audit: the run past half of AUDIT_INTERVAL (450 s)
+        # checks the token and fails, and so does every run after it; without that check the
+        # failure would wait for the next audit (minute 15) and the alert for minute 20.
+        "with STATE_FILE, Cloudflare refuses the token from minute 1: caught within AUDIT_INTERVAL",
+        lambda: [OK_WITH_STATE] + [REVOKED_WITH_STATE] * 7 + [REVOKED_WITH_STATE_FAILING] * 12,
+        fires={"CrowdsecKvSyncCloudflareFailing": 9},
     ),
     Scenario(
         "a new deployment that never succeeds",
@@ -234,8 +250,11 @@ def promtool_test(scenario: Scenario, series: dict[str, list[str]], rules: dict[
 
 @pytest.fixture(scope="module")
 def promtool_file(tmp_path_factory) -> Path:
-    """The promtool test file of every scenario, from the job's real pushes."""
+    """The promtool test file of every scenario, from the job's real pushes, for the rules the
+    PrometheusRule component renders (tests/test_deploy_monitoring.py: the same as the plain
+    rules file)."""
     require("promtool")
+    rules_file = rendered_rules(tmp_path_factory.mktemp("rules"))
     rules = alert_rules()
     tests = []
     for scenario in SCENARIOS:
@@ -244,7 +263,7 @@ def promtool_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("alerts") / "lapi-kv-sync.test.yml"
     path.write_text(
         yaml.safe_dump(
-            {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False, width=10**6
+            {"rule_files": [str(rules_file)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False, width=10**6
         )
     )
     return path
@@ -278,4 +297,4 @@ def selector(name: str, labels: dict[str, str]) -> str:
 
 
 def test_the_rules_say_they_need_honor_labels():
-    assert "honor_labels: true" in RULES.read_text()
+    assert "honor_labels: true" in ALERTS.read_text()

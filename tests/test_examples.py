@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 import urllib.parse
 from pathlib import Path
 
@@ -18,26 +19,59 @@ import lapi_kv_sync as job
 from tests.conftest import ROOT
 from tests.standins import decision
 from tests.test_cli import variables_read
-from tests.test_deploy import container, cronjob_pod, kubectl, one, render, run_pod
+from tests.test_core import BASE_ENV
+from tests.test_deploy import (
+    assert_the_cluster_can_run,
+    container,
+    container_settings,
+    cronjob_pod,
+    kubectl,
+    one,
+    render,
+    run_pod,
+)
 
 EXAMPLE = ROOT / "k8s" / "examples" / "overlay" / "kustomization.yaml"
 REMOTE = re.compile(r"github\.com/YOUR-ORG/lapi-kv-sync(?://([^?\s]+))?\?ref=v[0-9.]+")
 
 
-def copied_example(folder: Path, *components: str) -> Path:
+def copied_example(folder: Path, *uncomment: str) -> Path:
     """The example copied to `folder` (outside the clone), its remote base replaced by a relative
-    path to this clone, as a user with a clone beside it would write; `components` uncommented."""
+    path to this clone, as a user with a clone beside it would write; the commented lines holding
+    each of `uncomment` made live (a whole patch for a line inside one)."""
     folder.mkdir(parents=True)
     root = os.path.relpath(ROOT, folder)
     text = EXAMPLE.read_text()
     assert REMOTE.search(text), "the example points at the remote base"
-    for name in components:
-        line = f"#   - github.com/YOUR-ORG/lapi-kv-sync//k8s/components/{name}?ref=v{job.__version__}"
-        assert line in text, f"no commented {name} component"
-        text = text.replace("# components:", "components:").replace(line, line.replace("#", " ", 1))
+    for marker in uncomment:
+        text = uncommented(text, marker)
     text = REMOTE.sub(lambda m: f"{root}/{m.group(1)}" if m.group(1) else root, text)
     (folder / "kustomization.yaml").write_text(text)
     return folder
+
+
+def component(name: str) -> str:
+    """What marks the example's line for a component."""
+    return f"github.com/YOUR-ORG/lapi-kv-sync//k8s/components/{name}?ref=v{job.__version__}"
+
+
+def uncommented(text: str, marker: str) -> str:
+    """`text` with the one commented line holding `marker` made live, or, when that line is in a
+    commented patch (`# - target:` and the lines indented under it), the whole patch."""
+    lines = text.splitlines(keepends=True)
+    (at,) = [i for i, line in enumerate(lines) if marker in line]
+    assert re.match(r"\s*# ", lines[at]), f"{marker}: not commented"
+    start = at
+    while re.match(r"\s*#   ", lines[start]):  # inside a patch: up to its `# - target:`
+        start -= 1
+    end = at + 1
+    if re.match(r"\s*# - target:", lines[start]):
+        end = start + 1
+        while end < len(lines) and re.match(r"\s*#   ", lines[end]):
+            end += 1
+    for i in range(start, end):
+        lines[i] = re.sub(r"^(\s*)# ", r"\1", lines[i], count=1)
+    return "".join(lines)
 
 
 def literals() -> dict[str, str]:
@@ -55,7 +89,7 @@ def example(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def example_with_image(tmp_path_factory) -> list[dict]:
-    return render(copied_example(tmp_path_factory.mktemp("user") / "my-lapi-kv-sync", "image"))
+    return render(copied_example(tmp_path_factory.mktemp("user") / "my-lapi-kv-sync", component("image")))
 
 
 def test_the_example_renders_and_validates(example, example_with_image):
@@ -67,7 +101,81 @@ def test_the_example_renders_and_validates(example, example_with_image):
     namespace = yaml.safe_load(EXAMPLE.read_text())["namespace"]
     assert {d["metadata"].get("namespace") for d in example} == {namespace}
     assert all(d["metadata"]["labels"]["app.kubernetes.io/name"] == "lapi-kv-sync" for d in example)
-    assert {d["kind"] for d in example} == {"ServiceAccount", "ConfigMap", "CronJob", "NetworkPolicy"}
+    # The recommended setup: the state component is on.
+    assert {d["kind"] for d in example} == {
+        "ServiceAccount",
+        "ConfigMap",
+        "CronJob",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+    }
+    assert_the_cluster_can_run(example)
+    assert_the_cluster_can_run(example_with_image)
+
+
+def test_the_example_keeps_its_state_on_the_claim(example):
+    claim = one(example, "PersistentVolumeClaim")["metadata"]["name"]
+    volumes = cronjob_pod(example)["volumes"]
+    (volume,) = [v["name"] for v in volumes if v.get("persistentVolumeClaim", {}).get("claimName") == claim]
+    (mount,) = [m for m in container(example)["volumeMounts"] if m["name"] == volume]
+    assert not mount.get("readOnly", False)
+    assert container_settings(example)["STATE_FILE"].startswith(mount["mountPath"] + "/")
+
+
+def free_plan_note() -> str:
+    """The example's one place that says what a free-plan user changes."""
+    text = EXAMPLE.read_text()
+    notes = re.findall(r"^# ON CLOUDFLARE'S FREE PLAN.*?(?=^[^#])", text, re.M | re.S)
+    assert len(notes) == 1 and text.count("FREE PLAN") == 1 + 2, "one note, and the two lines it points at"
+    return notes[0]
+
+
+def test_the_free_plan_note_names_state_origins_and_schedule_and_each_takes_effect(tmp_path):
+    note = free_plan_note()
+    for what in ("state", "LAPI_ORIGINS=crowdsec,cscli", "schedule", "*/2 * * * *"):
+        assert what in note, what
+    changed = render(copied_example(tmp_path / "my-lapi-kv-sync", "# - LAPI_ORIGINS=", 'value: "*/2'))
+    assert one(changed, "ConfigMap", "lapi-kv-sync-settings-")["data"]["LAPI_ORIGINS"] == "crowdsec,cscli"
+    assert one(changed, "CronJob")["spec"]["schedule"] == "*/2 * * * *"
+    assert container_settings(changed)["STATE_FILE"]  # on without an edit
+    assert_the_cluster_can_run(changed)
+
+
+def test_the_optional_patches_render_as_they_say(tmp_path):
+    """The node preference and StorageClass for the state volume, the monitoring components and
+    the PrometheusRule's label: uncommented, each reaches its object, and the objects still
+    validate, all in the overlay's namespace."""
+    import kubernetes_validate
+
+    folder = copied_example(
+        tmp_path / "my-lapi-kv-sync",
+        "EDIT-a-node-name",
+        "EDIT-a-storage-class",
+        component("prometheus-rule"),
+        "EDIT-your-release",
+        component("grafana-dashboard"),
+    )
+    docs = render(folder)
+    affinity = cronjob_pod(docs)["affinity"]["nodeAffinity"]
+    (preferred,) = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["preference"]["matchExpressions"][0]["key"] == "kubernetes.io/hostname"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in affinity  # runs elsewhere when the node is gone
+    assert one(docs, "PersistentVolumeClaim")["spec"]["storageClassName"] == "EDIT-a-storage-class"
+    assert one(docs, "PrometheusRule")["metadata"]["labels"]["release"] == "EDIT-your-release"
+    assert one(docs, "ConfigMap", "lapi-kv-sync-dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        if doc["kind"] != "PrometheusRule":  # a CRD: tests/test_deploy_monitoring.py checks its shape
+            kubernetes_validate.validate(doc, version, strict=True)
+    assert_the_cluster_can_run(docs)
+
+
+def test_the_image_is_pulled_once_per_node_not_every_run(example, example_with_image):
+    """IfNotPresent: a run needs no registry once the node has the image (Always asks it 1,440
+    times a day); the example says how to pin the digest, which makes that exact."""
+    for docs in (example, example_with_image):
+        assert container(docs)["imagePullPolicy"] == "IfNotPresent"
+    assert re.search(r"^#\s+digest: sha256:", EXAMPLE.read_text(), re.M)
 
 
 def test_the_users_settings_reach_the_container(example):
@@ -195,3 +303,37 @@ def test_the_recipe_makes_a_job_that_dry_runs(example, stack, tmp_path):
 
 def test_kubectl_is_at_hand():
     assert shutil.which("kubectl") or os.environ.get("CI") != "true"
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+def test_the_examples_placeholders_are_refused_at_start_naming_each_setting(tmp_path):
+    """Left as they are, the example's ids, the Secret's values and wrangler.toml's namespace id
+    stop the job at start (exit 2) naming the setting, not with a 404 or 403 every minute."""
+    secret = yaml.safe_load((ROOT / "k8s" / "secret.example.yaml").read_text())["stringData"]
+    files = {}
+    for key, variable in (("lapi-key", "LAPI_KEY_FILE"), ("cf-api-token", "CF_API_TOKEN_FILE")):
+        (tmp_path / key).write_text(secret[key] + "\n")
+        files[variable] = str(tmp_path / key)
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**literals(), **files})
+    named = {problem.split()[0] for problem in refused.value.problems}
+    assert named == {"CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "LAPI_KEY_FILE", "CF_API_TOKEN_FILE"}
+    assert all("placeholder" in problem for problem in refused.value.problems)
+
+    namespace_id = tomllib.loads((ROOT / "worker" / "wrangler.toml").read_text())["kv_namespaces"][0]["id"]
+    with pytest.raises(job.ConfigError) as refused:
+        job.load_config({**BASE_ENV, "CF_KV_NAMESPACE_ID": namespace_id})
+    assert refused.value.problems == [
+        f"CF_KV_NAMESPACE_ID is still the example's placeholder {namespace_id!r}: set it to yours"
+    ]
+
+
+@pytest.mark.parametrize("value", sorted(job.EXAMPLE_VALUES))
+def test_the_values_older_examples_shipped_are_refused_too(value):
+    for name in ("CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "CF_API_TOKEN", "LAPI_KEY"):
+        with pytest.raises(job.ConfigError) as refused:
+            job.load_config({**BASE_ENV, name: value})
+        (problem,) = refused.value.problems
+        assert problem.startswith(name) and "placeholder" in problem

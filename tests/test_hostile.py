@@ -20,7 +20,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.conftest import SCRIPT, assert_no_secret
+from tests.conftest import CF_TOKEN, LAPI_KEY, SCRIPT, assert_no_secret
 from tests.real import free_port
 from tests.standins import Entry, Fault, decision
 from tests.test_core import BASE_ENV
@@ -485,6 +485,40 @@ def test_compact_lists_decoded_in_batches_are_what_json_loads_gives(rows, size):
     assert items(text, size) == json.loads(text)
 
 
+spacings = st.sampled_from(["", " ", "\n", "\r\n  ", "\t"])
+
+
+@given(compact_rows, st.integers(1, 40), spacings, spacings)
+def test_object_lists_with_any_spacing_decoded_in_batches_are_what_json_loads_gives(rows, size, before, after):
+    text = "[" + f"{before},{after}".join(json.dumps(row) for row in rows) + "]"
+    assert items(text, size) == json.loads(text)
+
+
+@pytest.mark.parametrize("separator", [",", ", ", ",\n  ", " ,\r\n\t"])
+def test_an_object_list_goes_in_batches_whatever_its_spacing(monkeypatch, separator):
+    """A proxy's or another LAPI's `}, {` is no reason to decode item by item: a few items are
+    decoded one at a time (at each chunk's end), the rest in batches."""
+    single, batched = [], []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            single.append(idx)
+            return super().raw_decode(s, idx)
+
+        def decode(self, s, *args):
+            batched.append(len(s))
+            return super().decode(s, *args)
+
+    monkeypatch.setattr(job.json, "JSONDecoder", Counting)
+    rows = [
+        {"value": f"10.0.{i // 256}.{i % 256}", "type": "ban", "scope": "Ip", "duration": "3h"} for i in range(20_000)
+    ]
+    text = "[" + separator.join(json.dumps(row) for row in rows) + "]"
+    chunks = -(-len(text) // 65536)
+    assert items(text, 65536) == rows
+    assert len(single) - len(batched) <= 2 * chunks + 2 and len(batched) <= chunks + 1  # decode() calls raw_decode()
+
+
 def test_a_batch_cut_inside_a_string_falls_back_to_item_by_item():
     text = '[{"a":"x"},{"b":"},{"},{"c":"},{\\"},{"}]'
     assert items(text, 64) == json.loads(text) and items(text, 3) == json.loads(text)
@@ -645,7 +679,26 @@ def test_cloudflare_requests_count_every_attempt_retries_included(stack):
     assert (stack.kv.requests["list"], stack.kv.requests["bulk_put"]) == (3, 2)
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="list"') == 3
     assert stack.push.value(PREFIXED + "cloudflare_requests", 'operation="bulk_put"') == 2
-    assert "cloudflare requests 5 (list 3, bulk_put 2, bulk_delete 0)" in result.out
+    # The dropped bulk_put got no answer; the two 503s did.
+    assert "cloudflare attempts 5 (list 3, bulk_put 2, bulk_delete 0), answers 4," in result.out
+
+
+def test_a_refused_token_still_counts_what_lapi_held(stack):
+    """The projection happened while the listing was refused: the summary says what was read."""
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2"), decision("192.0.2.3", type="captcha")]
+    result = stack.run(CF_API_TOKEN="a-revoked-token-0123456789")
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "run FAILED (exit 1), figures so far: wanted 3 (ban 2, captcha 1)," in result.err
+    assert "cloudflare attempts 1 (list 1, bulk_put 0, bulk_delete 0), answers 1," in result.err
+
+
+def test_an_unreachable_cloudflare_counts_attempts_and_no_answers(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(CF_API_URL=f"http://127.0.0.1:{free_port()}/client/v4")
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "wanted 1 (ban 1, captcha 0)," in result.err
+    attempts = job.CLOUDFLARE_RETRY.attempts
+    assert f"cloudflare attempts {attempts} (list {attempts}, bulk_put 0, bulk_delete 0), answers 0," in result.err
 
 
 @pytest.mark.parametrize("operation", ["list", "bulk_put"])
@@ -823,3 +876,79 @@ def test_a_signal_during_a_stalled_listing_exits_within_the_grace_period(stack, 
     assert returncode == code, err
     assert took < 10, f"exited {took:.1f}s after the signal"
     assert stack.push.pushes[-1].method == "POST" and stack.push.value(PREFIXED + "exit_code") == code
+
+
+# --------------------------------------------------------------------------- what is quoted from outside
+
+
+def test_a_lapi_body_echoing_the_key_across_the_cut_prints_none_of_it(stack):
+    """Redacted first, cut after: the cut at 120 characters falls inside the key the body echoes."""
+    body = b"x" * 100 + b" X-Api-Key: " + LAPI_KEY.encode() + b" was refused"
+    assert body.index(LAPI_KEY.encode()) < 120 < body.index(LAPI_KEY.encode()) + len(LAPI_KEY)
+    stack.lapi.answer = (400, body, "text/plain")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI
+    assert "X-Api-Key: [redac" in result.err and LAPI_KEY[:6] not in result.err
+
+
+def test_a_cloudflare_body_echoing_the_token_across_the_cut_prints_none_of_it(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    body = "y" * 90 + " Authorization: Bearer " + CF_TOKEN + " invalid"
+    stack.kv.faults.append(Fault("raw", "list", status=400, body=body.encode()))
+    result = stack.run()
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Bearer [redac" in result.err and CF_TOKEN[:6] not in result.err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_control_character_quoted_from_outside_never_forges_a_log_line(stack, fmt):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    forged = "bad\nlapi-kv-sync: wanted 0, written 0\r\x1b[2J\x85\u2028end"
+    stack.kv.faults.append(
+        Fault("raw", "list", status=400, body=envelope(success=False, errors=[{"code": 1, "message": forged}]))
+    )
+    result = stack.run(LOG_FORMAT=fmt)
+    assert result.code == job.EXIT_CLOUDFLARE
+    lines = result.err.splitlines()  # splits at \r, \x85 and \u2028 too
+    assert len(lines) == 2  # the error, and the failed run's summary
+    if fmt == "text":
+        assert all(line.startswith("lapi-kv-sync: error: ") for line in lines)
+        assert "bad\\nlapi-kv-sync: wanted 0, written 0\\r\\x1b[2J\\x85\\u2028end" in lines[0]
+    else:
+        assert json.loads(lines[0])["message"].endswith(forged)
+
+
+def test_escaped_controls_leaves_printable_text_and_tabs_alone():
+    text = "ok \t é ✓ [1] \\n"
+    assert job.escaped_controls(text) == text
+    assert job.escaped_controls("a\x00b\x7fc\x9fd\u2029") == "a\\x00b\\x7fc\\x9fd\\u2029"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" + b"1," * 3_000_000 + b"1]",  # 6 MB of junk rows
+        b"["
+        + b",".join([b'{"scope":"Ip","type":"ban","value":"192.0.2.1","duration":"1h"}'] * 999 + [b'"x"'] * 1001)
+        + b"]",
+    ],
+)
+def test_an_answer_of_mostly_junk_rows_is_unreadable_and_kv_untouched(stack, body):
+    """Not an empty answer (which would plan to delete every key), and read only until the rule
+    is met: JUNK_ROWS_MIN rows that are not objects, more than half of those read."""
+    stack.kv.store["ip:203.0.113.1"] = Entry("ban", int(time.time()) + 600, {"remediation": "ban"})
+    before = stack.kv.snapshot()
+    stack.lapi.answer = (200, body, "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_LAPI
+    assert f"{job.JUNK_ROWS_MIN} of its first " in result.err and "rows are not JSON objects" in result.err
+    assert stack.kv.snapshot() == before and stack.kv.writes == stack.kv.deletes == 0
+
+
+@pytest.mark.parametrize(("good", "junk"), [(0, job.JUNK_ROWS_MIN - 1), (1500, 1500), (2, 1)])
+def test_junk_rows_under_the_rule_are_ignored_as_invalid(stack, good, junk):
+    stack.lapi.decisions = [decision(f"10.0.{i // 256}.{i % 256}") for i in range(good)]
+    stack.lapi.answer = (200, json.dumps(json.loads(stack.lapi.body()) + [[1]] * junk).encode(), "application/json")
+    result = stack.run()
+    assert result.code == job.EXIT_OK, result.err
+    assert len(stack.kv.live()) == good and f"invalid {junk}," in result.out

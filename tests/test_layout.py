@@ -92,9 +92,39 @@ def test_the_docker_build_context_is_the_script_alone():
 
 
 def test_ci_runs_the_readme_set_up_commands():
-    """The quick start's two commands: a virtual environment (pip refuses the system Python on
-    Debian 12 and Ubuntu), then the test command, which .ci/run runs as written."""
+    """The README's test commands: a virtual environment (pip refuses the system Python on Debian
+    12 and Ubuntu), then the install command and the test command, which .ci/run runs as written."""
     readme = (ROOT / "README.md").read_text()
-    commands = re.search(r"^## Quick start\n.*?```sh\n(.*?)```", readme, re.S | re.M).group(1).splitlines()
-    assert len(commands) == 2 and commands[0].startswith("python3 -m venv ")
-    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = re.search(r"^## Tests\n.*?```sh\n(.*?)```", readme, re.S | re.M).group(1).splitlines()
+    assert len(commands) == 3 and commands[0].startswith("python3 -m venv ")
+    assert commands[1:] == ["bash .ci/install-components", "python3 -m pytest"]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci.index(commands[1]) < ci.index(commands[2])
+
+
+# --------------------------------------------------------------------------- what a fresh clone runs
+
+
+def test_every_skip_names_the_one_install_command(monkeypatch):
+    """A test skipped for want of a component says how to get it: the README's install command."""
+    import pytest
+
+    from tests import real, test_deploy, test_worker
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(real.shutil, "which", lambda name: None)
+    monkeypatch.setattr(real, "CACHES", ())
+    monkeypatch.setattr(test_worker, "WORKER", ROOT / "no-such-folder")
+    for needs in (lambda: real.require("promtool"), test_deploy.kubectl, test_worker.node):
+        with pytest.raises(pytest.skip.Exception) as skipped:
+            needs()
+        assert "`bash .ci/install-components`" in str(skipped.value)
+    assert "bash .ci/install-components" in (ROOT / "README.md").read_text()
+    assert "bash .ci/install-components" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_no_test_reads_outside_the_repository():
+    """The published schemas and recorded answers the tests check against are in tests/reference."""
+    for path in (ROOT / "tests").glob("*.py"):
+        assert "../" + "shared" not in path.read_text(), path.name
+    assert (ROOT / "tests" / "reference" / "LICENSE.cloudflare-api-schemas").is_file()

@@ -463,8 +463,8 @@ def test_a_dry_run_shows_the_table_and_writes_nothing(stack):
     stack.lapi.decisions = [decision("192.0.2.1"), *table_decisions()]
     dry = stack.run("--dry-run")
     assert dry.code == 0 and stack.kv.writes == 0
-    assert "dry run: write 2: ip:192.0.2.1 ip:scopes" in dry.out
-    (line,) = [line for line in dry.out.splitlines() if "scope table" in line]
+    assert "dry run: write 2: ip:192.0.2.1 (ban) ip:scopes (scope table)" in dry.out
+    (line,) = [line for line in dry.out.splitlines() if "dry run: scope table" in line]
     assert line.startswith("lapi-kv-sync: dry run: scope table write (5 entries: range 3, country 1, as 1;")
     assert "range:198.51.0.0/24" in line and "country:FR" in line and "as:64500" in line
 

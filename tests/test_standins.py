@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.conftest import CF_TOKEN, LAPI_KEY
-from tests.standins import KV_SCHEMA, USAGE_SCHEMA, KvStandin, LapiStandin, PushgatewayStandin
+from tests.standins import KvStandin, LapiStandin, PushgatewayStandin
 
 
 @pytest.fixture
@@ -75,7 +75,6 @@ def test_keys_expire(kv):
     assert kv.live() == {} and call(kv, "GET", "/keys")[1]["result"] == []
 
 
-@pytest.mark.skipif(not KV_SCHEMA.exists(), reason="../shared/reference is not here")
 def test_schema_check_catches_a_request_outside_the_schema(kv):
     call(kv, "PUT", "/bulk", {"key": "ip:a", "value": "ban"})  # an object, not an array
     assert any("request" in v for v in kv.violations)
@@ -99,7 +98,6 @@ def post_usage(lapi, body, key=LAPI_KEY, method="POST"):
     return answer.status
 
 
-@pytest.mark.skipif(not USAGE_SCHEMA.exists(), reason="../shared/reference is not here")
 def test_lapi_usage_metrics_answered_and_checked_as_crowdsec_does():
     good = {"remediation_components": [{"version": "1", "utc_startup_timestamp": 1707399316}]}
     with LapiStandin(LAPI_KEY) as lapi:
@@ -111,3 +109,14 @@ def test_lapi_usage_metrics_answered_and_checked_as_crowdsec_does():
         lapi.usage_metrics_supported = False  # LAPI before 1.6.3
         assert post_usage(lapi, good) == 404
         assert len(lapi.usage_metrics) == 2 and lapi.queries == []  # not counted as decision reads
+
+
+def test_the_namespace_get_is_served_as_cloudflare_documents_it_and_nothing_else(kv):
+    status, answer = call(kv, "GET", "")
+    assert status == 200 and answer["success"] is True and answer["result"]["id"] == kv.base.rsplit("/", 1)[1]
+    assert set(answer["result"]) == {"id", "title", "supports_url_encoding"}
+    assert call(kv, "GET", "", token="a-revoked-token-0123")[0] == 403
+    assert call(kv, "GET", "?x=1")[0] == 400 and kv.violations  # a GET that carries a query
+    kv.violations.clear()
+    assert call(kv, "DELETE", "")[0] == 404 and call(kv, "PUT", "", body={})[0] == 404
+    assert kv.requests["namespace"] == 3

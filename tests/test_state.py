@@ -435,6 +435,48 @@ def test_dry_run_never_touches_the_record(stack, run, state):
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in state.parent.iterdir()} == before
 
 
+def test_a_dry_run_says_what_it_compared_with_and_what_a_real_run_would_send(stack, run, state):
+    """With a trusted record the dry run plans against the record, which does not show a key
+    removed behind the job's back: it says so, with the record's age; `--audit` lists KV."""
+    stack.lapi.decisions = [
+        decision("192.0.2.1"),
+        decision("192.0.2.2", type="captcha"),
+        decision("192.0.2.3", type="throttle"),
+    ]
+    assert run().code == 0
+    del stack.kv.store["ip:192.0.2.1"]  # behind the job's back
+    stack.kv.store["ip:192.0.2.9"] = Entry("ban", None, {"remediation": "ban"})
+    write_record(state, read_record(state)._replace(audited_at=time.time() - 120))
+    stack.kv.reset_counts()
+    dry = run("--dry-run")
+    assert dry.code == 0
+    assert "dry run: compared with the state record, not with KV itself" in dry.out
+    assert "last checked against a listing 120s ago; --audit --dry-run lists KV" in dry.out
+    assert "dry run: unchanged 2: ip:192.0.2.1 (ban) ip:192.0.2.2 (captcha)\n" in dry.out
+    assert "dry run: ignored 1 (expired 0, scope 0, type 1, invalid 0, range_too_large 0, table_full 0)" in dry.out
+    assert "would send Cloudflare 0 requests for this plan: bulk_put 0 (0 keys), bulk_delete 0 (0 keys)" in dry.out
+    assert stack.kv.requests["list"] == 0
+
+    audit = run("--dry-run", "--audit")
+    assert audit.code == 0
+    assert "dry run: compared with a listing of KV (audited: requested" in audit.out
+    assert "dry run: write 1: ip:192.0.2.1 (ban)\n" in audit.out
+    assert "dry run: delete 1: ip:192.0.2.9 (ban)\n" in audit.out
+    assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 keys), bulk_delete 1 (1 keys)" in audit.out
+    assert "this dry run sent 1 (list 1, bulk_put 0, bulk_delete 0)" in audit.out
+    assert stack.kv.writes == 0 and stack.kv.deletes == 0
+
+
+def test_a_dry_run_counts_bulk_calls_of_10000_keys_and_none_past_the_delete_guard(stack):
+    stack.lapi.decisions = [decision(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}") for i in range(10_001)]
+    stack.kv.store.update({f"ip:192.0.2.{i}": Entry("ban", None, {"remediation": "ban"}) for i in range(3)})
+    dry = stack.run("--dry-run", MAX_DELETES="2")
+    assert "bulk_put 2 (10001 keys), bulk_delete 0 (0 keys)" in dry.out
+    assert "a real run would delete none of these 3 keys" in dry.err
+    dry = stack.run("--dry-run", "--force", MAX_DELETES="2")
+    assert "would send Cloudflare 3 requests for this plan: bulk_put 2 (10001 keys), bulk_delete 1 (3 keys)" in dry.out
+
+
 def test_the_record_carries_its_owner_and_usage_metrics_time(stack, run, state):
     stack.lapi.decisions = [decision("192.0.2.1", 3600)]
     assert run().code == 0
@@ -472,3 +514,45 @@ def test_state_file_naming_a_directory_is_a_configuration_error(stack, state, na
     assert result.code == job.EXIT_CONFIG
     assert "STATE_FILE names a directory" in result.err
     assert dict(stack.kv.requests) == {} and stack.lapi.queries == []
+
+
+# --------------------------------------------------------------------------- a revoked token
+
+
+def age_record(state: Path, seconds: float) -> None:
+    write_record(state, read_record(state)._replace(audited_at=time.time() - seconds))
+
+
+def test_a_token_revoked_between_audits_fails_the_run_past_half_the_interval_and_every_run_after(stack, run, state):
+    """A steady run sends Cloudflare nothing; the one in the minute past AUDIT_INTERVAL / 2 asks
+    for the namespace. Refused, the run exits 1 and leaves the record untrusted: the runs after it
+    audit and fail alike, so the alert on failed runs sees a failure that lasts."""
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    assert run().code == 0
+    stack.kv.reset_counts()
+    age_record(state, 400)  # before half of the default 900 s: no check, no request
+    revoked = {"CF_API_TOKEN": "a-revoked-token-0123456789"}
+    assert run(**revoked).code == 0 and dict(stack.kv.requests) == {}
+    age_record(state, 460)
+    result = run(**revoked)
+    assert result.code == job.EXIT_CLOUDFLARE
+    assert "Cloudflare: namespace: HTTP 403" in result.err and "Workers KV Storage: Edit" in result.err
+    assert "cloudflare attempts 1 (list 0, bulk_put 0, bulk_delete 0, namespace 1), answers 1" in result.err
+    after = run(**revoked)  # out of the check's minute, yet it fails: it audits
+    assert after.code == job.EXIT_CLOUDFLARE and "audited: unfinished" in after.err
+    assert run().code == 0 and ours(stack.kv) == {"ip:192.0.2.1": "ban"}  # a working token again
+
+
+@pytest.mark.parametrize("lapi_changed", [False, True])
+def test_with_a_working_token_the_check_costs_one_request_an_interval(stack, run, state, lapi_changed):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    assert run().code == 0
+    if lapi_changed:  # planned, but nothing to write: the check happens on that path too
+        stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.2", type="throttle")]
+    stack.kv.reset_counts()
+    age_record(state, 455)
+    assert run().code == 0
+    assert dict(stack.kv.requests) == {"namespace": 1}
+    age_record(state, 520)  # past the minute: no check
+    stack.kv.reset_counts()
+    assert run().code == 0 and dict(stack.kv.requests) == {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
+import re
 import socket
 import time
 from unittest.mock import ANY
@@ -445,6 +447,10 @@ def test_json_log_lines(stack):
     assert result.code == 0
     record = json.loads(result.out)
     assert record["event"] == "run" and record["level"] == "info"
+    # RFC 3339, UTC, milliseconds: what log pipelines parse without being told the format
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record["time"]
+    logged = datetime.datetime.fromisoformat(record["time"]).timestamp()
+    assert abs(logged - time.time()) < 600  # the run's own clock, not a fixed or local-time one
     assert (record["wanted"], record["written"], record["ignored"]["scope"]) == (1, 1, 0)
     assert record["scope_table"] == {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY}
     result = stack.run(LOG_FORMAT="json", LAPI_KEY="wrong-key-1234")

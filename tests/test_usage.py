@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, FakeClock, Stack
-from tests.standins import USAGE_SCHEMA, Entry, KvStandin, PushgatewayStandin, UsageSchemaCheck, decision
+from tests.standins import Entry, KvStandin, PushgatewayStandin, UsageSchemaCheck, decision
 from tests.test_operator import tls_stack
 
 QUARTER = job.USAGE_METRICS_INTERVAL
@@ -152,15 +152,11 @@ def test_counts_that_dropped_to_nothing_are_sent_as_zero():
     }
 
 
-needs_schema = pytest.mark.skipif(not USAGE_SCHEMA.exists(), reason="../shared/reference is not here")
-
-
 @functools.cache
 def schema_check() -> UsageSchemaCheck:
     return UsageSchemaCheck()
 
 
-@needs_schema
 @given(
     decisions=st.lists(
         st.tuples(st.sampled_from(["crowdsec", "cscli", "CAPI", "lists"]) | st.text(min_size=1), st.text(max_size=300)),
@@ -179,7 +175,6 @@ def test_every_payload_validates_against_crowdsecs_schema(decisions, started):
     assert sum(sent_items(body).values()) == len(keys)
 
 
-@needs_schema
 def test_the_schema_check_catches_what_crowdsec_refuses():
     check = schema_check()
     good = job.usage_metrics_payload(report_with(Counter({("cscli", "ipv4"): 1})), OS, 1_790_000_000)

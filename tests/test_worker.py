@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import lapi_kv_sync as job
+from tests.real import INSTALL
 from tests.standins import decision
 
 WORKER = Path(__file__).resolve().parent.parent / "worker"
@@ -62,9 +63,9 @@ def node(package: str = "miniflare") -> str:
     found = shutil.which("node")
     if found and (WORKER / "node_modules" / package).is_dir():
         return found
-    reason = "needs node and `npm ci` in worker/"
+    reason = f"needs node and the Worker's packages (`npm ci` in worker/): `{INSTALL}` installs both"
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: .ci/run installs both")
+        pytest.fail(reason)
     pytest.skip(reason)
 
 

@@ -7,6 +7,7 @@ const SITEVERIFY_TIMEOUT_MS = 5000; // siteverify answers in well under a second
 const MAX_VERDICT_BYTES = 16 * 1024; // its answer is a small JSON object
 const MAX_FORM_BYTES = 8 * 1024; // the form carries one token, at most 2,048 characters
 const MAX_TOKEN_LENGTH = 2048;
+const MAX_DRAIN_BYTES = 4 * 1024 * 1024; // read and dropped, so the client is not cut off mid-send
 
 const PASS_COOKIE = "__Host-crowdsec_pass"; // __Host-: only this host, over HTTPS, may have set it
 const PASS_FORMAT = /^([0-9]{1,12})\.([A-Za-z0-9_-]{43})$/; // <expiry>.<HMAC-SHA256, base64url>
@@ -126,24 +127,30 @@ function refused(reason) {
   return false;
 }
 
-// The body as text, or null when it is larger than limit bytes (said so up front, or found reading).
+// The body as text, or null when it is larger than limit bytes. An oversized body is still read to
+// its end, up to MAX_DRAIN_BYTES, and dropped: answering while the client is still sending makes the
+// connection reset under the client, and the visitor sees an error instead of the challenge.
 async function readAtMost(message, limit) {
   const declared = message.headers.get("Content-Length");
-  if (declared !== null && !(Number(declared) <= limit)) return null;
   if (message.body === null) return "";
   const reader = message.body.getReader();
+  if (declared !== null && !(Number(declared) <= MAX_DRAIN_BYTES)) {
+    reader.cancel().catch(() => {});
+    return null;
+  }
   const chunks = [];
   let size = 0;
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
     size += value.byteLength;
-    if (size > limit) {
+    if (size > MAX_DRAIN_BYTES) {
       reader.cancel().catch(() => {});
       return null;
     }
-    chunks.push(value);
+    if (size <= limit) chunks.push(value);
   }
+  if (size > limit) return null;
   const bytes = new Uint8Array(size);
   let at = 0;
   for (const chunk of chunks) {
