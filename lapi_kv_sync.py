@@ -25,6 +25,7 @@ if __name__ == "__main__":
 
 import argparse
 import base64
+import bisect
 import codecs
 import contextlib
 import difflib
@@ -55,7 +56,7 @@ import time
 import traceback
 import urllib.parse
 import zlib
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
@@ -82,7 +83,17 @@ MAX_TTL = 365 * 24 * 3600
 MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
-IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large")
+IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large", "table_full")
+# The scope table: Range, Country and AS decisions in one document, `<KV_KEY_PREFIX>scopes`.
+TABLE_NAME = "scopes"  # never an address, so never an address key
+TABLE_SCOPES = ("range", "country", "as")
+TABLE_FORMAT = 1  # the document's "v"
+# Ends in the document are rounded up to a whole hour on the job's clock: an end computed from
+# LAPI's remaining duration moves by milliseconds from one run to the next, and the document must
+# change only when its content does. An entry outlives its decision by under this only if the job
+# stops running: a run removes an entry as soon as LAPI drops the decision.
+TABLE_END_STEP = 3600
+TABLE_MAX_BYTES_LIMIT = 20 * 1024 * 1024  # KV takes values up to 25 MiB; the bulk body escapes quotes
 SAMPLE_KEYS = 20
 
 
@@ -149,6 +160,10 @@ class Config:
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
+    scope_table: bool = True
+    # A Worker parses the whole document (the reference one once a minute per isolate): smaller
+    # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
+    scope_table_max_bytes: int = 4 * 1024 * 1024
     proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
 
     @property
@@ -409,6 +424,14 @@ def load_config(env: Mapping[str, str]) -> Config:
     usage_metrics = text("LAPI_USAGE_METRICS", "true").lower()
     if usage_metrics not in ("true", "false"):
         problems.append(f"LAPI_USAGE_METRICS must be true or false, got {usage_metrics!r}")
+    scope_table = text("SCOPE_TABLE", "true").lower()
+    if scope_table not in ("true", "false"):
+        problems.append(f"SCOPE_TABLE must be true or false, got {scope_table!r}")
+    table_max_bytes = number("SCOPE_TABLE_MAX_BYTES", Config.scope_table_max_bytes, 1024, int)
+    if table_max_bytes > TABLE_MAX_BYTES_LIMIT:
+        problems.append(
+            f"SCOPE_TABLE_MAX_BYTES must be at most {TABLE_MAX_BYTES_LIMIT} (20 MiB), got {table_max_bytes}"
+        )
     proxies = {}
     for name in ("HTTPS_PROXY", "HTTP_PROXY"):
         proxies[name], problem = parse_proxy(*proxy_variable(env, name))
@@ -445,6 +468,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         kv_key_prefix=prefix,
         log_format=log_format,
         lapi_usage_metrics=usage_metrics != "false",
+        scope_table=scope_table != "false",
+        scope_table_max_bytes=table_max_bytes,
         **config,
     )
 
@@ -998,7 +1023,11 @@ class Decisions(NamedTuple):
 
 
 def lapi_query(config: Config) -> str:
-    params = {"scopes": "ip,range" if config.expand_ranges_max else "ip"}
+    if config.scope_table:
+        scopes = ("ip", *TABLE_SCOPES)
+    else:
+        scopes = ("ip", "range") if config.expand_ranges_max else ("ip",)
+    params = {"scopes": ",".join(scopes)}
     if config.lapi_origins:
         params["origins"] = ",".join(config.lapi_origins)
     if config.lapi_scenarios_containing:
@@ -1205,7 +1234,8 @@ def json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
 
 class AnswerDigest:
     """A digest of LAPI's answer with every duration blanked, and of what else shapes the keys it
-    projects onto (the job's version, the prefix, range expansion, LAPI's query).
+    projects onto (the job's version, the prefix, range expansion, LAPI's query, the scope table
+    and its cap).
 
     LAPI gives each decision's remaining time, so its answer changes every run however still LAPI
     is; its end does not. Two answers with one digest hold the same decisions, with the same ends,
@@ -1230,6 +1260,7 @@ class AnswerDigest:
 
     def __init__(self, config: Config):
         shaping = [__version__, config.kv_key_prefix, str(config.expand_ranges_max), lapi_query(config)]
+        shaping += [str(config.scope_table), str(config.scope_table_max_bytes)]
         self._hash = hashlib.blake2b(json.dumps(shaping).encode() + b"\n", digest_size=20)
         self._held = b""
 
@@ -1338,6 +1369,38 @@ class Wanted(NamedTuple):
 class Projection(NamedTuple):
     wanted: dict[str, Wanted]
     ignored: Counter[str]
+    # The scope table's entries, by (scope, canonical value), ends not rounded yet; empty when
+    # the table is off.
+    table: dict[tuple[str, str], Wanted] = {}  # noqa: RUF012  # never changed: project() passes its own
+
+
+_AS_NUMBER = re.compile(r"(?:[Aa][Ss])?([0-9]{1,10})")
+_COUNTRY = re.compile(r"[A-Za-z]{2}")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
+
+
+def table_entry(scope: str, value: Any) -> tuple[str, str]:
+    """Where a Range, Country or AS decision goes in the scope table: (scope, canonical value).
+    ValueError when the value is not one of that scope."""
+    if type(value) is not str:
+        raise ValueError(f"not a {scope}: {value!r}")
+    if scope == "range":
+        if "%" in value:  # a zone id: no client address carries one
+            raise ValueError(f"not a range: {value!r}")
+        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+            host_bits = (1 << (32 - int(cidr[2]))) - 1
+            if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
+                return scope, value
+        network = ipaddress.ip_network(value, strict=False)
+        if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
+        return scope, str(network)
+    if scope == "country" and _COUNTRY.fullmatch(value):
+        return scope, value.upper()
+    if scope == "as" and (number := _AS_NUMBER.fullmatch(value)) and 0 < int(number[1]) < 2**32:
+        return scope, str(int(number[1]))
+    raise ValueError(f"not a {scope}: {value!r}")
 
 
 # The most keys range expansion may add in one run, whatever EXPAND_RANGES_MAX and the number of
@@ -1379,14 +1442,20 @@ class Lowered(Shared):
 LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
 
 
-def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0) -> Projection:
-    """The keys KV should hold for these LAPI decisions (JSON objects), and what was left out, by reason.
+def project(
+    decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0, scope_table: bool = False
+) -> Projection:
+    """The keys KV should hold for these LAPI decisions (JSON objects), and what was left out, by
+    reason; with `scope_table`, the scope table's entries too (a small range, with
+    `expand_ranges_max`, is then both an entry and address keys).
 
     Iterates `decisions` once (it may be a stream decoded as it arrives, and may raise
     LapiUnreadable midway), and does the least Python work per row: this is the hot loop. A row
     that is not an object, or has a list or an object where a string belongs, is invalid."""
     wanted: dict[str, Wanted] = {}
     ignored: Counter[str] = Counter()
+    table: dict[tuple[str, str], Wanted] = {}
+    table_scopes = TABLE_SCOPES if scope_table else ()
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered, shared = Lowered(), Shared()  # LAPI repeats a few spellings (`Ip`, `ban`, `crowdsec`)
     get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
@@ -1399,7 +1468,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         except (AttributeError, TypeError):  # not an object; an unhashable field
             ignored["invalid"] += 1
             continue
-        if scope != "ip" and (scope != "range" or not expand_ranges_max):
+        if scope != "ip" and scope not in table_scopes and (scope != "range" or not expand_ranges_max):
             ignored["scope"] += 1
             continue
         if remediation not in REMEDIATION_RANK:
@@ -1416,6 +1485,12 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
         value = get("value")
         try:
             if scope != "ip":
+                if table_scopes:  # so the scope is one of the table's
+                    entry = table_entry(scope, value)
+                    new = tuple_new(Wanted, (remediation, read_at + remaining, origin, scenario))
+                    table[entry] = merge(table.get(entry), new)
+                    if scope != "range" or not expand_ranges_max:
+                        continue
                 addresses = expand_range(value, min(expand_ranges_max, expandable))
                 expandable -= len(addresses)
             elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
@@ -1426,7 +1501,8 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             ignored["invalid"] += 1
             continue
         if not addresses:
-            ignored["range_too_large"] += 1
+            if not table_scopes:  # with the table the range is in it, not left out
+                ignored["range_too_large"] += 1
             continue
         end = read_at + remaining
         for address in addresses:
@@ -1437,7 +1513,7 @@ def project(decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges
             old = get_wanted(key)
             new = tuple_new(Wanted, (remediation, end, origin, scenario))
             wanted[key] = new if old is None else merge(old, new)
-    return Projection(wanted, ignored)
+    return Projection(wanted, ignored, table)
 
 
 def merge(old: Wanted | None, new: Wanted) -> Wanted:
@@ -1457,6 +1533,54 @@ def metadata_of(remediation: str, origin: str, scenario: str) -> dict[str, str]:
     while len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
         metadata["scenario"] = metadata["scenario"][: len(metadata["scenario"]) // 2]
     return metadata
+
+
+class ScopeTable(NamedTuple):
+    """The scope table as it goes into KV: the document, and what the plan and the figures need."""
+
+    document: bytes  # canonical JSON, ASCII; b"" when there are no entries (then no key)
+    digest: str  # of the document: the key's metadata carries it, and the plan compares it
+    end: float  # the latest end among the entries (0 when none): the key's own expiration
+    entries: Counter[tuple[str, str]]  # entries written, by (scope, remediation)
+    full: int  # entries left out: the document would have passed the cap
+    kept: list[tuple[str, str]] = []  # noqa: RUF012  # the entries written, as (scope, value); never changed
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
+
+
+def table_end(end: float) -> int:
+    """An entry's end as the document holds it: rounded up to a whole TABLE_END_STEP."""
+    return math.ceil(end / TABLE_END_STEP) * TABLE_END_STEP
+
+
+def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> ScopeTable:
+    """The document for these entries, at most `max_bytes` long: `{"v":1,"range":{...},
+    "country":{...},"as":{...}}`, each value `[remediation, end]`, a scope present only when it has
+    entries. Past the cap it holds what fits, bans first, then the longest ends."""
+    rounded = [(scope, name, w.remediation, table_end(w.end)) for (scope, name), w in entries.items()]
+    # Strongest first; ties in a fixed order, so the same entries always make the same document.
+    rounded.sort(key=lambda e: (-REMEDIATION_RANK[e[2]], -e[3], e[0], e[1]))
+    sections: dict[str, dict[str, list[Any]]] = {}
+    size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
+    for scope, name, remediation, end in rounded:
+        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
+        item = len(name) + len(remediation) + len(str(end)) + 8
+        # The first entry of a scope opens it (`,"range":{}`), the others follow a comma.
+        cost = item + (len(scope) + 6 if scope not in sections else 1)
+        if size + cost > max_bytes:
+            break
+        sections.setdefault(scope, {})[name] = [remediation, end]
+        size += cost
+        kept.append((scope, name))
+    counted = Counter((scope, value[0]) for scope, names in sections.items() for value in names.values())
+    if not sections:
+        return ScopeTable(b"", "", 0.0, counted, len(rounded))
+    document = json.dumps({"v": TABLE_FORMAT, **sections}, sort_keys=True, separators=(",", ":")).encode("ascii")
+    digest = hashlib.sha256(document).hexdigest()[:32]
+    end = max(end for names in sections.values() for _, end in names.values())
+    return ScopeTable(document, digest, float(end), counted, len(rounded) - len(kept), kept)
 
 
 # --------------------------------------------------------------------------- Cloudflare
@@ -1480,7 +1604,9 @@ class CloudflareError(Exception):
 
 class Present(NamedTuple):
     expiration: float | None
-    remediation: str | None  # from the key's metadata; None when the key has none of ours
+    # From the key's metadata; None when the key has none of ours. The scope table's key holds
+    # its document's digest here, so the plan compares it as it compares a remediation.
+    remediation: str | None
 
 
 class Listing(NamedTuple):
@@ -1610,20 +1736,28 @@ def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict
 def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
     """Our keys in one list page, as the plan compares them; what we cannot read counts as stale."""
     present = {}
+    table = prefix + TABLE_NAME
     for key in page:
         if type(key) is not dict:
             continue
         name, expiration, metadata = key.get("name"), key.get("expiration"), key.get("metadata")
         if type(name) is str and name.startswith(prefix):
             remediation = metadata.get("remediation") if type(metadata) is dict else None
-            present[name] = tuple_new(
-                Present,
-                (
-                    expiration if type(expiration) in (int, float) else None,
-                    remediation if type(remediation) is str and remediation in REMEDIATION_RANK else None,
-                ),
-            )
+            if type(remediation) is not str or remediation not in REMEDIATION_RANK:
+                remediation = table_digest(metadata) if name == table else None
+            present[name] = tuple_new(Present, (expiration if type(expiration) in (int, float) else None, remediation))
     return present
+
+
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
+def table_digest(metadata: Any) -> str | None:
+    """The digest the scope table's metadata carries; None when it is not ours (then the plan rewrites it)."""
+    if type(metadata) is not dict or type(metadata.get("table")) is not int or metadata["table"] != TABLE_FORMAT:
+        return None
+    digest = metadata.get("digest")
+    return digest if type(digest) is str and _DIGEST.fullmatch(digest) else None
 
 
 def unsuccessful_keys(result: Any) -> list[str]:
@@ -1691,6 +1825,29 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
     return Plan(writes, deletes, unchanged, refresh_at)
 
 
+def make_plan_with_table(
+    wanted: dict[str, Wanted], key: str, table: ScopeTable, present: Mapping[str, Present], now: float, offset: float
+) -> tuple[Plan, str | None]:
+    """make_plan, with the scope table's key as one more key: its digest stands for the remediation
+    (so the plan rewrites it when its content changes, and only then), the latest end among its
+    entries for the end (so its expiration is capped and refreshed as a key's). A table with no
+    entries is not wanted: a key present is deleted, as a stray key is. Also what becomes of the
+    table's key: "written", "unchanged", "deleted", or None when it is neither wanted nor present."""
+    if table.document:  # added to `wanted` for the plan and taken out again: a copy would cost a pass
+        wanted[key] = tuple_new(Wanted, (table.digest, table.end, "", ""))
+    try:
+        plan = make_plan(wanted, present, now, offset)
+    finally:
+        wanted.pop(key, None)
+    # make_plan goes through `wanted` in order, so the table's key, added last, comes last.
+    if plan.writes and plan.writes[-1].key == key:
+        return plan, "written"
+    if plan.unchanged and plan.unchanged[-1] == key:
+        return plan, "unchanged"
+    at = bisect.bisect_left(plan.deletes, key)  # deletes are sorted
+    return plan, "deleted" if at < len(plan.deletes) and plan.deletes[at] == key else None
+
+
 def chunks(items: list[Any], size: int = MAX_BULK_ITEMS) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -1719,15 +1876,22 @@ class Ledger:
     uncertain: list[str] = field(default_factory=list)  # still unsuccessful after every round
 
 
-def apply_plan(cloudflare: Cloudflare, plan: Plan, max_deletes: int | None, ledger: Ledger | None = None) -> Applied:
-    """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful."""
+def apply_plan(
+    cloudflare: Cloudflare,
+    plan: Plan,
+    max_deletes: int | None,
+    ledger: Ledger | None = None,
+    item: Callable[[Write], dict[str, Any]] | None = None,
+) -> Applied:
+    """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful.
+    `item` makes each pair of a bulk write (default bulk_item; table_item when the scope table is written)."""
     ledger = Ledger() if ledger is None else ledger
     now = cloudflare.http.clock.now
 
     def wrote(sent: list[Write], sent_at: float) -> None:
         ledger.written.append((sent, sent_at))
 
-    send_all(cloudflare.bulk_put, plan.writes, write_key, bulk_item, "write", ledger, wrote, now)
+    send_all(cloudflare.bulk_put, plan.writes, write_key, item or bulk_item, "write", ledger, wrote, now)
     if guard_trips(plan, max_deletes):
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
@@ -1755,6 +1919,22 @@ def bulk_item(write: Write) -> dict[str, Any]:
         "expiration_ttl": ttl,
         "metadata": metadata_of(remediation, origin, scenario),
     }
+
+
+def table_item(key: str, table: ScopeTable) -> Callable[[Write], dict[str, Any]]:
+    """bulk_item, but for the scope table's key: its document, with the digest in its metadata."""
+
+    def item(write: Write) -> dict[str, Any]:
+        if write.key != key:
+            return bulk_item(write)
+        return {
+            "key": key,
+            "value": table.document.decode("ascii"),
+            "expiration_ttl": write.ttl,
+            "metadata": table.metadata,
+        }
+
+    return item
 
 
 def bulk_body(items: list[Any]) -> bytes:
@@ -1891,6 +2071,8 @@ class Projected(NamedTuple):
     wanted: int
     by_remediation: dict[str, int]
     ignored: dict[str, int]
+    table: dict[str, int] = {}  # noqa: RUF012  # scope table entries by "scope:remediation"; never changed
+    table_bytes: int = 0
 
 
 class Loaded(NamedTuple):
@@ -1911,10 +2093,15 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     one, those older than KV_LIST_LAG at `kv_now` left out."""
     # Three columns of references, not a tuple per key: a record of 300,000 keys is saved at the
     # run's fullest (a rotation: the old keys, the new, the plan), and a tuple each costs 20 MiB.
-    names = [key for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
+    # The scope table's key goes in the header: its "remediation" is its document's digest.
+    table_key = record.prefix + TABLE_NAME
+    names = [key for key, have in record.keys.items() if (have[0] is None or have[0] > kv_now) and key != table_key]
     haves = list(map(record.keys.__getitem__, names))
     expirations, remediations = map(operator.itemgetter(0), haves), map(operator.itemgetter(1), haves)
     recent = {key: at for key, at in record.recent_changes().items() if at > kv_now - KV_LIST_LAG}
+    table = None
+    if (have := record.keys.get(table_key)) is not None and (have[0] is None or have[0] > kv_now):
+        table = [have[1], None if have[0] is None else int(have[0])]
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -1925,6 +2112,7 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "clock_offset": record.clock_offset,
         "usage_metrics_sent_at": record.usage_metrics_sent_at,
         "keys": len(names),
+        "table": table,
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
         "refresh_at": record.refresh_at,
@@ -1956,10 +2144,17 @@ def decode_record(lines: Iterable[str]) -> Record:
         if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
             raise TypeError
         projected = (
-            Projected(int(projected["wanted"]), figures(projected["by_remediation"]), figures(projected["ignored"]))
+            Projected(
+                int(projected["wanted"]),
+                figures(projected["by_remediation"]),
+                figures(projected["ignored"]),
+                table_figures(projected.get("table", {})),  # absent from a record written before the scope table
+                int(projected.get("table_bytes", 0)),
+            )
             if lapi_digest is not None
             else None
         )
+        table = recorded_table(header.get("table"))
         refresh_at = header.get("refresh_at")
         refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
         if refresh_at is not None and not math.isfinite(refresh_at):
@@ -1994,6 +2189,8 @@ def decode_record(lines: Iterable[str]) -> Record:
         raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
+    if table is not None:
+        keys[prefix + TABLE_NAME] = table
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
         refresh_at, recent, settling_until,
@@ -2056,6 +2253,29 @@ def text_lines(text: bytes) -> Iterator[str]:
         end = len(text) if end < 0 else end + 1
         yield text[start:end].decode("utf-8")
         start = end
+
+
+def recorded_table(table: Any) -> Present | None:
+    """The scope table's key as a record's header holds it (`[digest, expiration]`, either null
+    when unknown), or None when there is none; TypeError for anything else."""
+    if table is None:
+        return None
+    digest, expiration = table  # TypeError or ValueError unless a pair
+    if not (digest is None or (type(digest) is str and _DIGEST.fullmatch(digest))):
+        raise TypeError
+    if not (expiration is None or type(expiration) is int):
+        raise TypeError
+    return Present(expiration, digest)
+
+
+def table_figures(counts: Any) -> dict[str, int]:
+    """A record's scope table entries by `scope:remediation`; TypeError or ValueError for anything else."""
+    counts = figures(counts)
+    for name in counts:
+        scope, _, remediation = name.partition(":")
+        if scope not in TABLE_SCOPES or remediation not in REMEDIATION_RANK:
+            raise ValueError(name)
+    return counts
 
 
 def figures(counts: Any) -> dict[str, int]:
@@ -2327,6 +2547,12 @@ class Report:
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
     lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
+    # The scope table: what the run did with its key ("written", "unchanged", "deleted", "delete
+    # held back"; "to write", "to delete" until Cloudflare confirms; None: no table and no key),
+    # its entries by (scope, remediation) and its size. Not in the figures of address keys above.
+    table_action: str | None = None
+    table_entries: Counter[tuple[str, str]] = field(default_factory=Counter)
+    table_bytes: int = 0
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -2374,6 +2600,19 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "ignored", "LAPI decisions not written, by reason.", {"reason": r}, report.ignored[r])
         for r in IGNORE_REASONS
     ]
+    samples += [
+        (
+            p + "table_entries",
+            "Entries in the scope table (Range, Country, AS decisions), by scope and remediation.",
+            {"scope": scope, "remediation": r},
+            report.table_entries[scope, r],
+        )
+        for scope in TABLE_SCOPES
+        for r in REMEDIATION_RANK
+    ]
+    samples.append(
+        (p + "table_bytes", "Size of the scope table's document in bytes (0: none).", {}, report.table_bytes)
+    )
     samples += [
         (
             p + "cloudflare_requests",
@@ -2466,16 +2705,21 @@ def usage_metrics_due(now: float, last_sent: float | None) -> bool:
     return not 0 <= now - last_sent < USAGE_METRICS_INTERVAL
 
 
-def active_decisions(wanted: Mapping[str, Wanted], prefix: str) -> Counter[tuple[str, str]]:
+def active_decisions(
+    wanted: Mapping[str, Wanted], prefix: str, ranges: Iterable[tuple[str, Wanted]] = ()
+) -> Counter[tuple[str, str]]:
     """Keys by (origin, ip_type) as CrowdSec's own bouncers count them: a blocklist's decisions
-    (origin `lists`) as `lists:<scenario>`, the list's name."""
+    (origin `lists`) as `lists:<scenario>`, the list's name. The scope table's ranges (canonical
+    networks) count one each, as a firewall bouncer's set counts a range; its countries and AS
+    have no place in CrowdSec's `active_decisions`, which counts by IP type."""
     start = len(prefix)
+    addresses = ((key[start:], w) for key, w in wanted.items())
     return Counter(
         (
             (f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT],
-            "ipv6" if ":" in key[start:] else "ipv4",
+            "ipv6" if ":" in value else "ipv4",
         )
-        for key, w in wanted.items()
+        for value, w in itertools.chain(addresses, ranges)
     )
 
 
@@ -2655,6 +2899,7 @@ def log_summary(log: Log, report: Report) -> None:
         f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
+        f"{table_words(report) + ', ' if report.table_action or report.table_entries else ''}"
         f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
         f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
@@ -2671,6 +2916,11 @@ def log_summary(log: Log, report: Report) -> None:
         unchanged=report.unchanged,
         held_back=report.guarded,
         ignored=dict(ignored),
+        scope_table={
+            "action": report.table_action,
+            "entries": entries_by_name(report.table_entries),
+            "bytes": report.table_bytes,
+        },
         cloudflare_requests=dict(report.cloudflare_requests),
         cloudflare_answers=sum(report.cloudflare_answers.values()),
         audited=report.audit_reason is not None,
@@ -2678,6 +2928,37 @@ def log_summary(log: Log, report: Report) -> None:
         state_trusted=report.record_trusted,
         lapi_unchanged=report.lapi_unchanged,
         duration_seconds=round(report.duration, 3),
+    )
+
+
+def entries_by_name(entries: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Scope table entries by `scope:remediation`, as JSON logs and the state record hold them."""
+    return {f"{scope}:{remediation}": n for (scope, remediation), n in entries.items()}
+
+
+def table_words(report: Report, action: str | None = None) -> str:
+    """The scope table in a few words: what became of its key, its entries by scope and its size."""
+    by_scope: Counter[str] = Counter()
+    for (scope, _), n in report.table_entries.items():
+        by_scope[scope] += n
+    entries = counts({scope: by_scope[scope] for scope in TABLE_SCOPES})
+    action = action or report.table_action or "none"
+    return f"scope table {action} ({sum(by_scope.values())} entries: {entries}; {report.table_bytes} bytes)"
+
+
+def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
+    """The scope table's line of a dry run, with a sample of its entries (none without a table or a key)."""
+    if planned is None and not table.kept:
+        return
+    sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
+    more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
+    action = {"written": "write", "deleted": "delete"}.get(planned or "", planned or "none")
+    log.info(
+        "plan",
+        f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
+        action=action,
+        count=len(table.kept),
+        keys=sample,
     )
 
 
@@ -2728,7 +3009,15 @@ ENVIRONMENT = (
     ("LAPI_SCENARIOS_NOT_CONTAINING", "no scenario containing one of these words, comma-separated"),
     ("LAPI_MAX_BYTES", f"most bytes of LAPI's answer; more skips the run (default {Config.lapi_max_bytes}: 48 MiB)"),
     ("LAPI_USAGE_METRICS", "false: send CrowdSec no usage metrics (default true)"),
-    ("EXPAND_RANGES_MAX", "one key per address for IPv4 ranges up to this size (default 0: off)"),
+    (
+        "EXPAND_RANGES_MAX",
+        "one key per address for IPv4 ranges up to this size, also with the scope table (default 0: off)",
+    ),
+    ("SCOPE_TABLE", "false: no scope table (Range, Country, AS decisions in <KV_KEY_PREFIX>scopes); default true"),
+    (
+        "SCOPE_TABLE_MAX_BYTES",
+        f"most bytes of the scope table; past it bans first (default {Config.scope_table_max_bytes}: 4 MiB, at most 20 MiB)",
+    ),
     ("CF_ACCOUNT_ID", "Cloudflare account id (required)"),
     ("CF_KV_NAMESPACE_ID", "Workers KV namespace id (required)"),
     ("CF_API_TOKEN", "API token with Workers KV Storage: Edit (required)"),
@@ -2946,10 +3235,23 @@ def converge(
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
     try:
         rows = itertools.chain.from_iterable(batches)
-        projection = project(rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max)
+        projection = project(
+            rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max, config.scope_table
+        )
+        table = scope_table(projection.table, config.scope_table_max_bytes)
+        if table.full:
+            projection.ignored["table_full"] += table.full
+            log.warning(
+                "table_full",
+                f"scope table: {table.full} entries left out (table_full), past "
+                f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} (kept {len(table.kept)}: bans first, "
+                f"then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
+                left_out=table.full,
+            )
         # Counted before the listing is awaited: a run that fails there read LAPI all the same.
         report.wanted, report.ignored = len(projection.wanted), projection.ignored
         report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
+        report.table_entries, report.table_bytes = table.entries, len(table.document)
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
@@ -2959,10 +3261,19 @@ def converge(
     if listed:
         reconcile(listed.present, lately)  # the listing's own dict: no copy of 100,000s of keys
         del lately
-    plan = make_plan(projection.wanted, present, kv.now, offset)
-    report.unchanged = len(plan.unchanged)
+    table_key = config.kv_key_prefix + TABLE_NAME
+    plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
+    table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
+    report.unchanged = len(plan.unchanged) - table_keys["unchanged"]
+    # Until Cloudflare confirms it, a failed run's summary says what was to be done.
+    report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
     if dry_run:
-        log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, kv, report)
+        # The table's key among the address keys' samples, shown as the scope table it is.
+        shown = {table_key: tuple_new(Wanted, ("scope table", table.end, "", ""))}
+        kv = kv._replace(present=ChainMap({table_key: Present(None, "scope table")}, kv.present))
+        wanted = ChainMap(shown, projection.wanted)
+        log_dry_run(log, plan, None if force else config.max_deletes, wanted, kv, report)
+        log_table_plan(log, report, table, planned)
         return EXIT_OK
     state_file, set_aside = state, False
     if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
@@ -2985,7 +3296,13 @@ def converge(
         if state is not None:
             keys = record_after(present, ledger, offset)
             kv_now = http.clock.now() + offset
-            figures = Projected(report.wanted, dict(report.by_remediation), dict(report.ignored))
+            figures = Projected(
+                report.wanted,
+                dict(report.by_remediation),
+                dict(report.ignored),
+                entries_by_name(report.table_entries),
+                report.table_bytes,
+            )
             refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
@@ -2995,16 +3312,20 @@ def converge(
             save_record(state, after, kv_now, log, set_aside)
 
     ledger = Ledger()
+    item = table_item(table_key, table) if table_keys["written"] else None
     try:
-        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger)
+        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger, item)
     except Exception:
         record(ledger, converged=False)  # what landed before the failure, and the rest as it was
         raise
-    report.written, report.deleted, report.guarded = applied
+    report.written, report.deleted = applied.written - table_keys["written"], applied.deleted - table_keys["deleted"]
+    report.guarded = applied.guarded
+    report.table_action = "delete held back" if applied.guarded and planned == "deleted" else planned
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
-            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix)
+            ranges = ((name, projection.table["range", name]) for scope, name in table.kept if scope == "range")
+            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix, ranges)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
         refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
         if (
@@ -3139,6 +3460,11 @@ def unchanged(report: Report, record: Record) -> int:
     report.wanted = report.unchanged = record.projected.wanted
     report.by_remediation = Counter(record.projected.by_remediation)
     report.ignored = Counter(record.projected.ignored)
+    report.table_entries = Counter(
+        {tuple(entry.split(":", 1)): n for entry, n in record.projected.table.items()}  # type: ignore[misc]
+    )
+    report.table_bytes = record.projected.table_bytes
+    report.table_action = "unchanged" if record.prefix + TABLE_NAME in record.keys else None
     report.lapi_unchanged = report.success = True
     return EXIT_OK
 

@@ -191,7 +191,7 @@ def test_the_dashboard_uses_only_metrics_the_job_pushes():
                 assert 'job="crowdsec-kv-sync"' in selector_text  # as the alerts select
     # Every panel the issue asks for.
     titles = {p["title"] for p in panels()}
-    for wanted in ("Since the last success", "Last success", "Runs by exit code", "Keys by remediation"):
+    for wanted in ("Since the last success", "Last success", "Runs by exit code", "Keys by remediation and scope"):
         assert wanted in titles
     for wanted in ("Writes and deletes per run", "Run duration", "Audits by reason"):
         assert wanted in titles

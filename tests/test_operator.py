@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 
@@ -105,7 +106,7 @@ def test_filters_are_passed_to_lapi_as_crowdsec_bouncers_name_them(stack):
     )
     assert result.code == 0
     assert stack.lapi.queries[-1] == {
-        "scopes": ["ip"],
+        "scopes": ["ip,range,country,as"],
         "origins": ["crowdsec,cscli"],
         "scenarios_containing": ["ssh,http"],
         "scenarios_not_containing": ["probing"],
@@ -153,15 +154,38 @@ def test_ranges_expand_when_asked(stack):
         decision("10.0.0.0/8", scope="Range"),
         decision("2001:db8::/120", scope="Range"),
     ]
-    off = stack.run()
+    off = stack.run(SCOPE_TABLE="false")
     assert off.code == 0 and set(stack.kv.live()) == {"ip:198.51.100.7"}
     assert "scope 3" in off.out
-    on = stack.run(EXPAND_RANGES_MAX="256")
+    on = stack.run(EXPAND_RANGES_MAX="256", SCOPE_TABLE="false")
     assert on.code == 0, on.err
     assert stack.lapi.queries[-1]["scopes"] == ["ip,range"]
     live = stack.kv.live()
     assert len(live) == 256 and {e.value for e in live.values()} == {"ban"}
     assert live["ip:198.51.100.7"].expiration > time.time() + 7000  # merged: ban, the longest time
     assert "range_too_large 2" in on.out
-    assert stack.run(EXPAND_RANGES_MAX="100").code == 0
+    assert stack.run(EXPAND_RANGES_MAX="100", SCOPE_TABLE="false").code == 0
     assert {k: e.value for k, e in stack.kv.live().items()} == {"ip:198.51.100.7": "captcha"}
+
+
+def test_ranges_expand_beside_the_scope_table(stack):
+    # EXPAND_RANGES_MAX keeps its meaning with the table: a small range is ALSO address keys
+    # (for Workers that read only those); every range, small or not, is in the table.
+    stack.lapi.decisions = [
+        decision("198.51.100.0/30", 3600, scope="Range"),
+        decision("10.0.0.0/8", scope="Range", type="captcha"),
+        decision("2001:db8::/120", scope="Range"),
+    ]
+    result = stack.run(EXPAND_RANGES_MAX="4")
+    assert result.code == 0, result.err
+    assert stack.lapi.queries[-1]["scopes"] == ["ip,range,country,as"]
+    live = stack.kv.live()
+    table = json.loads(live.pop("ip:scopes").value)
+    assert {name: value[0] for name, value in table["range"].items()} == {
+        "198.51.100.0/30": "ban",
+        "10.0.0.0/8": "captcha",
+        "2001:db8::/120": "ban",
+    }
+    assert set(live) == {f"ip:198.51.100.{i}" for i in range(4)}
+    assert "range_too_large 0" in result.out  # in the table, so not left out
+    assert "wanted 4 (ban 4, captcha 0)" in result.out

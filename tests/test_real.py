@@ -5,7 +5,9 @@ Skipped where the components are absent (a failure under CI=true); `.ci/run` fet
 
 from __future__ import annotations
 
+import json
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -62,13 +64,17 @@ def test_decisions_made_with_cscli_land_as_expected(real):
         "ip:192.0.2.7": ("captcha", 2 * 3600),
         "ip:192.0.2.6": ("ban", 90),
     }
+    table = json.loads(live.pop("ip:scopes").value)  # the Range and Country decisions
+    assert {scope: list(entries) for scope, entries in table.items() if scope != "v"} == {
+        "range": ["198.51.100.0/24"],
+        "country": ["FR"],
+    }
     assert set(live) == set(expected) | {"config:flag"}
     for key, (value, seconds) in expected.items():
         assert live[key].value == value, key
         assert abs(live[key].expiration - (now + seconds)) < 60, key
     assert live["ip:192.0.2.1"].metadata["scenario"] == "crowdsecurity/ssh-bf"
-    # LAPI itself leaves out the Range and Country decisions: the job asks for `scopes=ip`
-    assert "ignored 1 (expired 0, scope 0, type 1, invalid 0, range_too_large 0)" in result.out
+    assert "ignored 1 (expired 0, scope 0, type 1, invalid 0, range_too_large 0, table_full 0)" in result.out
 
     real.lapi.cscli_run("decisions", "delete", "-i", "192.0.2.1")
     real.kv.reset_counts()
@@ -150,7 +156,7 @@ def test_filters_and_range_expansion_against_real_lapi(real, tmp_path):
     def keys(**env):
         result = real.run(PUSHGATEWAY_URL="", **env)
         assert result.code == 0, result.err
-        return {k for k in real.kv.live() if k.startswith("ip:")}
+        return {k for k in real.kv.live() if k.startswith("ip:") and k != "ip:scopes"}
 
     assert keys() == {"ip:192.0.2.1", "ip:192.0.2.2", "ip:192.0.2.9"}
     assert keys(LAPI_ORIGINS="cscli") == {"ip:192.0.2.1", "ip:192.0.2.2"}
@@ -202,3 +208,63 @@ def test_a_second_run_against_real_lapi_with_nothing_changed_takes_the_shortcut(
     changed = real.run(PUSHGATEWAY_URL="", STATE_FILE=str(state))
     assert changed.code == 0 and "LAPI's answer unchanged" not in changed.out
     assert real.kv.deleted_keys == ["ip:192.0.2.1"]
+
+
+def test_the_four_scopes_from_real_lapi_land_in_the_keys_and_the_scope_table(real, tmp_path):
+    real.lapi.add("-i", "192.0.2.1", "-d", "4h")
+    real.lapi.add("-r", "198.51.100.77/24", "-d", "4h", "-R", "crowdsecurity/ssh-bf")
+    real.lapi.add("-r", "2001:0DB8::/32", "-d", "2h", "-t", "captcha")
+    real.lapi.add("-r", "::ffff:203.0.113.0/120", "-d", "3h")
+    real.lapi.add("--scope", "Country", "-v", "fr", "-d", "4h", "-t", "captcha")
+    real.lapi.add("--scope", "AS", "-v", "AS64500", "-d", "4h")
+    real.lapi.add("--scope", "as", "-v", "64500", "-d", "1h", "-t", "captcha")  # the same AS, merged
+    real.lapi.add("--scope", "username", "-v", "bob", "-d", "4h")  # another scope: LAPI leaves it out
+    now = time.time()
+    state = str(tmp_path / "record.gz")
+    result = real.run(PUSHGATEWAY_URL="", STATE_FILE=state)
+    assert result.code == 0, result.err
+    assert "ignored 0 (" in result.out
+    live = real.kv.live()
+    entry = live["ip:scopes"]
+    table = json.loads(entry.value)
+    remediations = {scope: {name: value[0] for name, value in table[scope].items()} for scope in job.TABLE_SCOPES}
+    assert remediations == {
+        "range": {
+            "198.51.100.0/24": "ban",
+            "2001:db8::/32": "captcha",
+            "203.0.113.0/24": "ban",
+        },
+        "country": {"FR": "captcha"},
+        "as": {"64500": "ban"},
+    }
+    for scope in job.TABLE_SCOPES:
+        for name, (_, end) in table[scope].items():
+            seconds = 2 * 3600 if name == "2001:db8::/32" else 3 * 3600 if name == "203.0.113.0/24" else 4 * 3600
+            assert end % 3600 == 0 and 0 <= end - (now + seconds) <= 3600 + 60, name
+    assert entry.metadata == {"table": 1, "digest": entry.metadata["digest"], "entries": 5}
+    assert set(live) == {"config:flag", "ip:192.0.2.1", "ip:scopes"}
+
+    real.kv.reset_counts()  # the real LAPI's answer is byte-stable but for durations: the shortcut
+    again = real.run(PUSHGATEWAY_URL="", STATE_FILE=state)
+    assert again.code == 0 and "LAPI's answer unchanged since the record" in again.out
+    assert dict(real.kv.requests) == {}
+
+    real.lapi.cscli_run("decisions", "delete", "-r", "2001:0DB8::/32")  # a Range lifted: one write
+    churn = real.run(PUSHGATEWAY_URL="", STATE_FILE=state)
+    assert churn.code == 0 and real.kv.written_keys == ["ip:scopes"] and real.kv.deletes == 0
+    assert "2001:db8::/32" not in json.loads(real.kv.live()["ip:scopes"].value)["range"]
+
+    def table_with(**env):  # the filters hold for the table too
+        result = real.run(PUSHGATEWAY_URL="", **env)
+        assert result.code == 0, result.err
+        return json.loads(real.kv.live().get("ip:scopes", Entry("null")).value)
+
+    assert table_with(LAPI_SCENARIOS_CONTAINING="ssh") == {"v": 1, "range": {"198.51.100.0/24": ANY}}
+    assert table_with(LAPI_ORIGINS="crowdsec") is None  # every decision here is cscli's: no table
+    assert len(table_with(LAPI_ORIGINS="cscli")["range"]) == 2
+
+    real.kv.reset_counts()
+    off = real.run(PUSHGATEWAY_URL="", SCOPE_TABLE="false")
+    assert off.code == 0 and real.kv.deleted_keys == ["ip:scopes"]
+    assert "ignored 0 (" in off.out  # LAPI was asked for `scopes=ip` only
+    assert set(real.kv.live()) == {"config:flag", "ip:192.0.2.1"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from unittest.mock import ANY
 
 import pytest
 
@@ -46,9 +47,14 @@ def test_real_answer_through_the_job(stack):
     result = stack.run()
     assert result.code == 0, result.err
     live = stack.kv.live()
+    table = json.loads(live.pop("ip:scopes").value)  # its Range and Country decisions
+    assert {scope: entries for scope, entries in table.items() if scope != "v"} == {
+        "range": {"198.51.100.0/24": ["ban", ANY]},
+        "country": {"FR": ["ban", ANY]},
+    }
     assert sorted(live) == ["ip:192.0.2.1", "ip:192.0.2.3", "ip:192.0.2.6", "ip:2001:db8::1"]
     assert abs(live["ip:192.0.2.6"].expiration - (time.time() + 89)) < 5
-    assert "ignored 3 (expired 0, scope 2, type 1, invalid 0, range_too_large 0)" in result.out
+    assert "ignored 1 (expired 0, scope 0, type 1, invalid 0, range_too_large 0, table_full 0)" in result.out
 
 
 def test_real_empty_and_forbidden_answers(stack):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import lapi_kv_sync as job
 from tests.standins import decision
+from tests.test_scopes import plain_entry
 
 NOW = 1_800_000_000.0
 CONFIG = job.Config(cf_account_id="a" * 32, cf_namespace_id="b" * 32, cf_api_token="t", state_file="/s/record")
@@ -76,9 +77,18 @@ def test_a_run_survives_an_absurd_duration(stack):
 # --------------------------------------------------------------------------- the projection, against the plain version
 
 
-def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
-    """The projection written the obvious way: as the job did before it was made lean."""
-    wanted, ignored = {}, Counter()
+def plain_merge(old, new):
+    if old is None:
+        return new
+    rank = {"ban": 2, "captcha": 1}
+    strongest = max(old, new, key=lambda w: (rank[w.remediation], w.end))
+    return strongest._replace(end=max(old.end, new.end))
+
+
+def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=False):
+    """The projection written the obvious way: as the job did before it was made lean, and with
+    the scope table's entries."""
+    wanted, ignored, table = {}, Counter(), {}
     for raw in decisions:
         fields = ("scope", "type", "origin", "scenario")
         if not isinstance(raw, dict) or any(isinstance(raw.get(f), (list, dict)) for f in fields):
@@ -87,7 +97,8 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
         text = {f: raw[f] if isinstance(raw.get(f), str) else "" for f in fields}
         row = SimpleNamespace(value=raw.get("value"), duration=raw.get("duration"), **text)
         scope, remediation = row.scope.lower(), row.type.lower()
-        if scope not in ("ip", "range") or scope == "range" and not expand_ranges_max:
+        table_scope = scope_table and scope in ("range", "country", "as")
+        if not table_scope and (scope not in ("ip", "range") or scope == "range" and not expand_ranges_max):
             ignored["scope"] += 1
             continue
         if remediation not in ("ban", "captcha"):
@@ -101,6 +112,16 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
         if remaining <= 0:
             ignored["expired"] += 1
             continue
+        if table_scope:
+            try:
+                entry = (scope, plain_entry(scope, row.value))
+            except ValueError:
+                ignored["invalid"] += 1
+                continue
+            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
+            table[entry] = plain_merge(table.get(entry), new)
+            if scope != "range" or not expand_ranges_max:
+                continue
         try:
             if scope == "ip":
                 if not isinstance(row.value, str) or "%" in row.value:
@@ -112,7 +133,8 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
                     raise ValueError
                 network = ipaddress.ip_network(row.value, strict=False)
                 if network.version != 4 or network.num_addresses > expand_ranges_max:
-                    ignored["range_too_large"] += 1
+                    if not table_scope:  # in the table, so not left out
+                        ignored["range_too_large"] += 1
                     continue
                 addresses = [str(a) for a in network]
         except ValueError:
@@ -124,13 +146,8 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0):
                 ignored["invalid"] += 1
                 continue
             new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
-            old = wanted.get(key)
-            if old is not None:
-                rank = {"ban": 2, "captcha": 1}
-                strongest = max(old, new, key=lambda w: (rank[w.remediation], w.end))
-                new = strongest._replace(end=max(old.end, new.end))
-            wanted[key] = new
-    return job.Projection(wanted, ignored)
+            wanted[key] = plain_merge(wanted.get(key), new)
+    return job.Projection(wanted, ignored, table)
 
 
 # What may stand where LAPI puts a string: nothing at all, or any other JSON value.
@@ -151,6 +168,7 @@ rows = st.lists(
             {
                 "value": st.one_of(
                     st.sampled_from(["192.0.2.1", "::ffff:192.0.2.1", "2001:0DB8::1", "192.0.2.0/30", "x", "01.2.3.4"]),
+                    st.sampled_from(["192.0.2.5/30", "::ffff:192.0.2.0/126", "2001:db8::/64", "fr", "AS64500", "0"]),
                     st.ip_addresses().map(str),
                     st.none(),
                     st.integers(),
@@ -161,7 +179,7 @@ rows = st.lists(
                     st.none(),
                 ),
                 "type": st.sampled_from(["ban", "Ban", "captcha", "throttle", ""]),
-                "scope": st.sampled_from(["Ip", "ip", "IP", "Range", "Country"]),
+                "scope": st.sampled_from(["Ip", "ip", "IP", "Range", "Country", "AS"]),
                 "origin": st.sampled_from(["crowdsec", "cscli"]),
                 "scenario": st.sampled_from(["a", "b"]),
             },
@@ -172,11 +190,12 @@ rows = st.lists(
 )
 
 
-@given(rows, st.sampled_from([0, 4]), st.sampled_from(["ip:", "x" * 480]))
-def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix):
-    lean = job.project(iter(decisions), NOW, prefix, expand)  # a one-pass iterator, as a stream is
-    plain = plain_project(decisions, NOW, prefix, expand)
+@given(rows, st.sampled_from([0, 4]), st.sampled_from(["ip:", "x" * 480]), st.booleans())
+def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix, scope_table):
+    lean = job.project(iter(decisions), NOW, prefix, expand, scope_table)  # a one-pass iterator, as a stream is
+    plain = plain_project(decisions, NOW, prefix, expand, scope_table)
     assert lean.wanted == plain.wanted
+    assert lean.table == plain.table
     assert +lean.ignored == +plain.ignored
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -101,6 +102,8 @@ def test_keys_values_expirations_and_reasons(stack):
     result = stack.run()
     assert result.code == 0, result.err
     live = stack.kv.live()
+    table = json.loads(live.pop("ip:scopes").value)  # the Range and Country decisions: the scope table
+    assert table == {"v": 1, "range": {"198.51.100.0/24": ["ban", ANY]}, "country": {"FR": ["ban", ANY]}}
     assert {k: e.value for k, e in live.items()} == {
         "ip:2001:db8::1": "ban",
         "ip:192.0.2.6": "ban",
@@ -115,11 +118,12 @@ def test_keys_values_expirations_and_reasons(stack):
     }.items():
         assert abs(live[key].expiration - (now + seconds)) < 5, key
         assert live[key].metadata["remediation"] == live[key].value
-    assert "ignored 5 (expired 1, scope 2, type 1, invalid 1, range_too_large 0)" in result.out
-    for reason, n in {"expired": 1, "scope": 2, "type": 1, "invalid": 1}.items():
+    assert "ignored 3 (expired 1, scope 0, type 1, invalid 1, range_too_large 0, table_full 0)" in result.out
+    for reason, n in {"expired": 1, "scope": 0, "type": 1, "invalid": 1}.items():
         assert stack.push.value(PREFIXED + "ignored", f'reason="{reason}"') == n
     assert stack.push.value(PREFIXED + "keys", 'remediation="ban"') == 3
-    assert stack.push.value(PREFIXED + "decisions") == 4
+    assert stack.push.value(PREFIXED + "decisions") == 4  # address keys: the table's key is not one
+    assert stack.push.value(PREFIXED + "table_entries", 'scope="country",remediation="ban"') == 1
 
 
 def test_unban_deletes_only_that_key_and_changes_rewrite_only_theirs(stack):
@@ -244,6 +248,8 @@ def test_lapi_null_deletes_every_prefixed_key_and_nothing_else(stack):
 
 def test_lapi_request_carries_key_user_agent_and_scope(stack):
     assert stack.run().code == 0
+    assert stack.lapi.queries[-1] == {"scopes": ["ip,range,country,as"]}
+    assert stack.run(SCOPE_TABLE="false").code == 0
     assert stack.lapi.queries[-1] == {"scopes": ["ip"]}
     assert stack.lapi.user_agents[-1] == f"lapi-kv-sync/{job.__version__}"
 
@@ -445,7 +451,8 @@ def test_json_log_lines(stack):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record["time"]
     logged = datetime.datetime.fromisoformat(record["time"]).timestamp()
     assert abs(logged - time.time()) < 600  # the run's own clock, not a fixed or local-time one
-    assert (record["wanted"], record["written"], record["ignored"]["scope"]) == (1, 1, 1)
+    assert (record["wanted"], record["written"], record["ignored"]["scope"]) == (1, 1, 0)
+    assert record["scope_table"] == {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY}
     result = stack.run(LOG_FORMAT="json", LAPI_KEY="wrong-key-1234")
     record = json.loads(result.err)
     assert record["level"] == "error" and record["event"] == "lapi_unreadable"
