@@ -13,6 +13,16 @@ Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable
 
 from __future__ import annotations
 
+import signal
+
+# A run stopped while Python imports the rest (0.1-0.3 s: a pod deleted as it starts) must still
+# log and exit 143, not die silently: run as a script, the signal is noted here, and main() acts
+# on it once it can log.
+EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
 import argparse
 import base64
 import bisect
@@ -20,6 +30,7 @@ import codecs
 import contextlib
 import difflib
 import email.utils
+import errno
 import fcntl
 import functools
 import gc
@@ -36,9 +47,9 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -638,6 +649,18 @@ class Http:
         ran out of time must not be stopped by the same deadline, nor outlast the pod's grace
         period (30 s) after a SIGTERM. Errors call the new deadline `name`."""
         self.deadline, self.deadline_name = self.clock.monotonic() + seconds, name
+
+    @contextlib.contextmanager
+    def within(self, seconds: float, name: str) -> Iterator[None]:
+        """At most `seconds` from now for what is sent and read inside, whole (an answer dripped a
+        byte at a time included), never past the run deadline; errors call it `name`."""
+        saved = self.deadline, self.deadline_name
+        if self.clock.monotonic() + seconds < self.deadline:
+            self.deadline, self.deadline_name = self.clock.monotonic() + seconds, name
+        try:
+            yield
+        finally:
+            self.deadline, self.deadline_name = saved
 
     def _checkout(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """An idle connection to the host, or a new one; it is this caller's until _release()."""
@@ -1380,6 +1403,12 @@ def table_entry(scope: str, value: Any) -> tuple[str, str]:
     raise ValueError(f"not a {scope}: {value!r}")
 
 
+# The most keys range expansion may add in one run, whatever EXPAND_RANGES_MAX and the number of
+# ranges: LAPI_MAX_BYTES bounds the decisions, not what they expand to (1,500 /24s at 256 each
+# would be 384,000 keys from a 200 KB answer). Past it a range is left out as `range_too_large`.
+MAX_EXPANDED_KEYS = 65_536
+
+
 def expand_range(value: Any, expand_ranges_max: int) -> list[str]:
     """The addresses of an IPv4 range, or none when it has more than `expand_ranges_max` (or is
     IPv6); ValueError when it is not a range."""
@@ -1430,6 +1459,7 @@ def project(
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered, shared = Lowered(), Shared()  # LAPI repeats a few spellings (`Ip`, `ban`, `crowdsec`)
     get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
+    expandable = MAX_EXPANDED_KEYS  # keys range expansion may still add
     for row in decisions:
         try:
             get = row.get
@@ -1461,7 +1491,8 @@ def project(
                     table[entry] = merge(table.get(entry), new)
                     if scope != "range" or not expand_ranges_max:
                         continue
-                addresses = expand_range(value, expand_ranges_max)
+                addresses = expand_range(value, min(expand_ranges_max, expandable))
+                expandable -= len(addresses)
             elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
                 addresses = (value,)
             else:
@@ -1840,7 +1871,7 @@ class Ledger:
     Filled as each bulk answer arrives; after a failure it still says what landed."""
 
     written: list[tuple[list[Write], float]] = field(default_factory=list)  # each chunk with the time it was sent
-    deleted: list[str] = field(default_factory=list)
+    deleted: list[tuple[list[str], float]] = field(default_factory=list)  # the same, for deletes
     in_flight: list[str] = field(default_factory=list)  # sent, no answer yet: may or may not have landed
     uncertain: list[str] = field(default_factory=list)  # still unsuccessful after every round
 
@@ -1865,7 +1896,7 @@ def apply_plan(
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
     def deleted(sent: list[str], sent_at: float) -> None:
-        ledger.deleted.extend(sent)
+        ledger.deleted.append((sent, sent_at))
 
     send_all(cloudflare.bulk_delete, plan.deletes, str, str, "delete", ledger, deleted, now)
     return Applied(len(plan.writes), len(plan.deletes), 0)
@@ -1971,6 +2002,19 @@ STATE_LOCK_WAIT = 30.0  # seconds a run waits for another run's lock on the same
 AUDIT_REASONS = ("no_state_file", "requested", "no_record", "unreadable", "foreign", "unfinished", "interval")
 _REMEDIATION_CODE = {"ban": "b", "captcha": "c", None: "-"}
 _CODE_REMEDIATION = {c: r for r, c in _REMEDIATION_CODE.items()}
+# KV's list is eventually consistent: Cloudflare says a change may take up to 60 s to show in it.
+# The record keeps what this job wrote and deleted for twice that (its clock offset is measured to
+# a second), and an audit lays those over the listing, which they may be newer than.
+KV_LIST_LAG = 120
+# The most recent changes a record keeps. A run that changes more (a cold run, a rotation) keeps
+# none, and the audits of the next KV_LIST_LAG seconds are put off instead: 300,000 keys and
+# their times cost a run at the cap over 100 MiB more.
+RECENT_MAX = 20_000
+# What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
+# at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_NAME_JSON = MAX_KEY_BYTES * 6 + 3
+MAX_RECENT_JSON = MAX_NAME_JSON + 22
 
 
 class RecordCorrupt(ValueError):
@@ -1995,6 +2039,25 @@ class Record(NamedTuple):
     lapi_digest: str | None = None
     projected: Projected | None = None
     refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
+    # The keys this job changed in the last KV_LIST_LAG seconds, each with when (Cloudflare's
+    # clock); what each holds since is in `keys` (absent: deleted). As read from a file, the line
+    # as it is, decoded only by a run that needs it (recent_changes()): after a cold run it names
+    # every key, and a steady run does not need it.
+    recent: dict[str, int] | str = ""
+    settling_until: float | None = None  # Cloudflare's clock: until then, KV's listing may lag more than `recent`
+
+    def recent_changes(self) -> dict[str, int]:
+        """`recent` as a dict; empty if its line is not two columns of names and whole numbers
+        (it only ever makes an audit keep more of what this job did)."""
+        if not isinstance(self.recent, str):
+            return self.recent
+        try:
+            names, ats = json.loads(self.recent or "[[],[]]")
+            if not (len(names) == len(ats) and set(map(type, ats)) <= {int} and set(map(type, names)) <= {str}):
+                return {}
+            return dict(zip(names, ats, strict=True))
+        except (ValueError, TypeError, RecursionError):
+            return {}
 
     def earliest_expiration(self) -> float:
         """When the first of the keys expires on Cloudflare's clock (inf: none does)."""
@@ -2018,21 +2081,27 @@ class Loaded(NamedTuple):
     record: Record | None
     problem: str | None  # an AUDIT_REASONS entry, or None when the record can be trusted
     detail: str = ""
+    seen_at: float | None = None  # the latest wall time a run of this STATE_FILE began at (the lock file's)
 
 
 def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     """The record as four lines: a JSON header, then the keys still alive at `kv_now` (Cloudflare's
     clock) as a JSON array, their expirations as a JSON array (null: none known), and their
     remediations as one letter each (`b`, `c`, `-` for unknown). Columns, not a line per key, so
-    that reading a million keys back is a few C-level passes rather than a Python loop."""
-    alive = [(key, *have) for key, have in record.keys.items() if have[0] is None or have[0] > kv_now]
-    names, expirations, remediations = zip(*alive, strict=True) if alive else ((), (), ())
+    that reading a million keys back is a few C-level passes rather than a Python loop. A fifth
+    line, when the header counts `recent` changes: their keys and times as two JSON arrays in
+    one, those older than KV_LIST_LAG at `kv_now` left out."""
+    # Three columns of references, not a tuple per key: a record of 300,000 keys is saved at the
+    # run's fullest (a rotation: the old keys, the new, the plan), and a tuple each costs 20 MiB.
     # The scope table's key goes in the header: its "remediation" is its document's digest.
+    table_key = record.prefix + TABLE_NAME
+    names = [key for key, have in record.keys.items() if (have[0] is None or have[0] > kv_now) and key != table_key]
+    haves = list(map(record.keys.__getitem__, names))
+    expirations, remediations = map(operator.itemgetter(0), haves), map(operator.itemgetter(1), haves)
+    recent = {key: at for key, at in record.recent_changes().items() if at > kv_now - KV_LIST_LAG}
     table = None
-    if (table_key := record.prefix + TABLE_NAME) in names:
-        i = names.index(table_key)
-        table = [remediations[i], None if expirations[i] is None else int(expirations[i])]
-        names, expirations, remediations = (c[:i] + c[i + 1 :] for c in (names, expirations, remediations))
+    if (have := record.keys.get(table_key)) is not None and (have[0] is None or have[0] > kv_now):
+        table = [have[1], None if have[0] is None else int(have[0])]
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -2048,30 +2117,29 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "projected": record.projected._asdict() if record.projected else None,
         "refresh_at": record.refresh_at,
     }
+    if recent:
+        header["recent"] = len(recent)
+    if record.settling_until is not None and record.settling_until > kv_now:
+        header["settling_until"] = record.settling_until
     yield json.dumps(header) + "\n"
     yield json.dumps(names, separators=(",", ":")) + "\n"
     whole = [None if expiration is None else int(expiration) for expiration in expirations]
     yield json.dumps(whole, separators=(",", ":")) + "\n"
     yield "".join(map(_REMEDIATION_CODE.__getitem__, remediations)) + "\n"
+    if recent:
+        yield json.dumps([list(recent), list(recent.values())], separators=(",", ":")) + "\n"
 
 
 def decode_record(lines: Iterable[str]) -> Record:
     """The record those lines hold; RecordCorrupt for anything but a whole record of this format."""
     lines = iter(lines)
-    try:
-        header = json.loads(next(lines, "") or "null")
-    except ValueError:
-        header = None
-    if not isinstance(header, dict) or header.get("kind") != STATE_KIND:
-        raise RecordCorrupt("not a lapi-kv-sync state record")
-    if header.get("format") != STATE_FORMAT:
-        raise RecordCorrupt(f"format {header.get('format')!r}, this version reads {STATE_FORMAT}")
+    header = record_header(next(lines, ""))
     try:
         account, namespace, prefix = (str(header[k]) for k in ("account", "namespace", "prefix"))
         audited_at, clock_offset = float(header["audited_at"]), float(header["clock_offset"])
         sent = header.get("usage_metrics_sent_at")
         usage_metrics_sent_at = None if sent is None else float(sent)
-        count = int(header["keys"])
+        count, recent_count = record_counts(header)
         lapi_digest, projected = header.get("lapi_digest"), header.get("projected")
         if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
             raise TypeError
@@ -2091,7 +2159,11 @@ def decode_record(lines: Iterable[str]) -> Record:
         refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
         if refresh_at is not None and not math.isfinite(refresh_at):
             raise ValueError
-    except (KeyError, TypeError, ValueError, AttributeError):
+        settling_until = header.get("settling_until")
+        settling_until = None if settling_until is None else float(settling_until)
+        if settling_until is not None and not math.isfinite(settling_until):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise RecordCorrupt("header lacks a field or holds a wrong type") from None
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
@@ -2099,8 +2171,9 @@ def decode_record(lines: Iterable[str]) -> Record:
         names = json.loads(next(lines))
         expirations = json.loads(next(lines))
         codes = next(lines).removesuffix("\n")
+        recent = next(lines).removesuffix("\n") if recent_count else ""
         if next(lines, None) is not None:
-            raise ValueError("more than four lines")
+            raise ValueError("more lines than the header says")
         if not (isinstance(names, list) and isinstance(expirations, list) and count == len(names)):
             raise ValueError("not as many keys as the header says")
         if not (len(expirations) == len(codes) == count):
@@ -2120,8 +2193,66 @@ def decode_record(lines: Iterable[str]) -> Record:
         keys[prefix + TABLE_NAME] = table
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
-        refresh_at,
+        refresh_at, recent, settling_until,
     )  # fmt: skip
+
+
+def record_header(line: str | bytes) -> dict[str, Any]:
+    """A record's first line as a header of this format; RecordCorrupt for anything else."""
+    try:
+        header = json.loads(line or "null")
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != STATE_KIND:
+        raise RecordCorrupt("not a lapi-kv-sync state record")
+    if header.get("format") != STATE_FORMAT:
+        raise RecordCorrupt(f"format {header.get('format')!r}, this version reads {STATE_FORMAT}")
+    return header
+
+
+def record_counts(header: Mapping[str, Any]) -> tuple[int, int]:
+    """How many keys and recent changes a header says its record holds; ValueError unless two whole
+    numbers from 0."""
+    count, recent = header["keys"], header.get("recent", 0)
+    if not (type(count) is int and type(recent) is int and count >= 0 and recent >= 0):
+        raise ValueError("a count that is not a whole number")
+    return count, recent
+
+
+def unpacked_record(packed: bytes, limit: int) -> bytes:
+    """A record's text from its gzip file, unpacking no more than its header allows (its counts,
+    each line at its longest) and never more than `limit` bytes: a small file that unpacks to a
+    gigabyte is found out after MAX_HEADER_BYTES. RecordCorrupt for anything but one whole member."""
+    unpack = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip, one member
+    try:
+        text = unpack.decompress(packed, MAX_HEADER_BYTES + 1)
+        end = text.find(b"\n")
+        if not 0 <= end <= MAX_HEADER_BYTES:
+            raise RecordCorrupt("no header line in its first 64 KiB")
+        try:
+            count, recent = record_counts(record_header(text[: end + 1]))
+        except (KeyError, ValueError, TypeError):
+            raise RecordCorrupt("header lacks a field or holds a wrong type") from None
+        most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + 64)
+        text += unpack.decompress(unpack.unconsumed_tail, max(1, most + 1 - len(text)))
+        if len(text) > most:
+            raise RecordCorrupt(f"unpacks to more than its header allows ({most} bytes)")
+        if not unpack.eof or unpack.unused_data:
+            raise RecordCorrupt("not one whole gzip member")
+        return text
+    except zlib.error as e:
+        raise RecordCorrupt(f"not gzip ({e})") from None
+
+
+def text_lines(text: bytes) -> Iterator[str]:
+    """The UTF-8 lines of `text`, split on newlines only, each decoded as it is taken (a
+    StringIO of the whole would hold four bytes a character). UnicodeDecodeError for junk."""
+    start = 0
+    while start < len(text):
+        end = text.find(b"\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end].decode("utf-8")
+        start = end
 
 
 def recorded_table(table: Any) -> Present | None:
@@ -2157,7 +2288,11 @@ def figures(counts: Any) -> dict[str, int]:
 def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) -> tuple[str | None, str]:
     """Why this run must list every key (an AUDIT_REASONS entry and a few words), or None and a few
     words when it may plan against its record. A record problem comes first: it is what the
-    metrics should show even when an audit was asked for anyway."""
+    metrics should show even when an audit was asked for anyway.
+
+    The interval is measured on the wall clock, which can step back: a record audited in what is
+    now the future, or a run that began before one that ran earlier (the lock file keeps the
+    latest start), means the clock went back, and the run audits then, early, never late."""
     if not config.state_file:
         return "no_state_file", "every run without STATE_FILE"
     record = loaded.record
@@ -2171,11 +2306,19 @@ def audit_reason(loaded: Loaded, config: Config, now: float, requested: bool) ->
             n for n, a, b in zip(names, theirs, ours, strict=True) if a != b
         )
     age = now - record.audited_at
+    back = max(-age, (loaded.seen_at or now) - now)
     if requested:
-        return "requested", f"--audit, last audit {age:.0f}s ago"
-    if not 0 <= age < config.audit_interval:
-        return "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
-    return None, f"record trusted, last audit {age:.0f}s ago"
+        reason, words = "requested", f"--audit, last audit {age:.0f}s ago"
+    elif back > 0:
+        reason, words = "interval", f"the clock went back {back:.0f}s since the last audit or run"
+    elif not age < config.audit_interval:
+        reason, words = "interval", f"last audit {age:.0f}s ago, AUDIT_INTERVAL={config.audit_interval:g}"
+    else:
+        return None, f"record trusted, last audit {age:.0f}s ago"
+    settling = (record.settling_until or -math.inf) - (now + record.clock_offset)
+    if 0 < settling <= KV_LIST_LAG:  # bounded: a record cannot put an audit off for longer
+        return None, f"record trusted, audit put off {settling:.0f}s for KV's listing to show the last run's changes"
+    return reason, words
 
 
 TRUSTED_AUDITS = (None, "requested", "interval")  # audit reasons a trusted record can have
@@ -2194,32 +2337,73 @@ def record_after(keys: Mapping[str, Present], ledger: Ledger, offset: float) -> 
         keys_sent, remediations, ttls, _, _ = zip(*sent, strict=True)
         expirations = map(math.floor, map(operator.add, itertools.repeat(sent_at + offset), ttls))
         after.update(zip(keys_sent, map(as_present, zip(expirations, remediations, strict=True)), strict=True))
-    for key in ledger.deleted:
-        after.pop(key, None)
+    for sent, _ in ledger.deleted:
+        for key in sent:
+            after.pop(key, None)
     for key in ledger.in_flight + ledger.uncertain:
         after[key] = Present(None, None)
     return after
 
 
+def recent_after(recent: Mapping[str, int], ledger: Ledger, offset: float, kv_now: float) -> dict[str, int] | None:
+    """The keys changed lately once `ledger`'s are added, each at the time its chunk was sent
+    (Cloudflare's clock), one with no clear answer at `kv_now`; None when more than RECENT_MAX.
+    Those older than KV_LIST_LAG at `kv_now` are dropped: a listing shows them by now."""
+    changed = {key: at for key, at in recent.items() if at > kv_now - KV_LIST_LAG}
+    sent = map(len, map(operator.itemgetter(0), itertools.chain(ledger.written, ledger.deleted)))
+    if len(changed) + sum(sent) + len(ledger.in_flight) + len(ledger.uncertain) > RECENT_MAX:
+        return None
+    for chunk, at in ledger.written:
+        changed.update(zip(map(write_key, chunk), itertools.repeat(math.floor(at + offset))))
+    for chunk, at in ledger.deleted:
+        changed.update(zip(chunk, itertools.repeat(math.floor(at + offset))))
+    changed.update(zip(ledger.in_flight + ledger.uncertain, itertools.repeat(math.floor(kv_now))))
+    return changed
+
+
+def recent_and_settling(
+    recent: dict[str, int] | None, settling_until: float | None, kv_now: float
+) -> tuple[dict[str, int], float | None]:
+    """A new record's recent changes and the end of its settling time: with more than RECENT_MAX
+    changes, none, and the audits of the next KV_LIST_LAG seconds put off."""
+    if recent is None:
+        return {}, kv_now + KV_LIST_LAG
+    return recent, settling_until if settling_until is not None and settling_until > kv_now else None
+
+
+def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> None:
+    """Lay over a listing what the job changed lately (None: deleted), in place: KV's list may lag
+    a change by up to a minute, so an audit must not forget a key this job wrote, nor bring back
+    one it deleted, within that time."""
+    for key, have in lately.items():
+        if have is None:
+            listed.pop(key, None)
+        else:
+            listed[key] = have
+
+
 class StateFile:
     """The record on disk, replaced whole (temporary file, fsync, rename), and a lock file beside it.
 
-    The lock file (`STATE_FILE.lock`) keeps two runs from interleaving, and its content marks a run
-    that began changing KV and has not yet recorded what it did: a record found with that mark is
-    not trusted. A run interrupted at any point (a signal, a kill, a crash) leaves the mark."""
+    The lock file (`STATE_FILE.lock`) keeps two runs from interleaving, and holds the latest time
+    a run began (an audit comes early when the clock went back). Before a run changes KV it sets
+    the record aside (`STATE_FILE.unfinished`, by a rename, or an empty one when there is no record),
+    and save() puts a new record in place and removes what was set aside: a run interrupted at any
+    point (a signal, a kill, a crash, a full disk) leaves no record where the next run looks, so
+    that run audits. Losing the lock file loses nothing but the time. Nothing but a regular file
+    is opened for reading or writing, without blocking (a FIFO there would hang the run)."""
 
-    UNFINISHED = b"unfinished\n"
-
-    def __init__(self, path: str, clock: Clock):
-        self.path, self.clock = path, clock
+    def __init__(self, path: str, clock: Clock, limit: int = 1 << 30):
+        self.path, self.clock, self.limit = path, clock, limit
         self.lock_path = path + ".lock"
+        self.aside_path = path + ".unfinished"
         self.lock_fd: int | None = None
 
     def lock(self, wait: float) -> bool:
         """Hold the lock, waiting up to `wait` seconds; False if another run held it all along.
-        OSError when the lock file cannot be opened."""
+        OSError when the lock file cannot be opened or is not a regular file."""
         # O_NOFOLLOW: a symlink planted in a shared directory must not get another file truncated.
-        self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self.lock_fd = regular_file(self.lock_path, os.O_RDWR | os.O_CREAT)
         give_up = self.clock.monotonic() + wait
         while True:
             try:
@@ -2236,39 +2420,64 @@ class StateFile:
             os.close(self.lock_fd)  # closing releases the flock
             self.lock_fd = None
 
-    def load(self) -> Loaded:
-        """The record as found, never raising: a problem names what keeps it from being trusted."""
-        try:
-            with open(self.lock_path, "rb") as f:
-                unfinished = f.read(len(self.UNFINISHED)) == self.UNFINISHED
-        except FileNotFoundError:
-            unfinished = False
-        except OSError as e:
-            return Loaded(None, "unreadable", f"cannot read {self.lock_path}: {e.strerror}")
-        try:
-            with gzip.open(self.path, "rt", encoding="utf-8", newline="\n") as f:
-                record = decode_record(f)
-        except FileNotFoundError:
-            if unfinished:
-                return Loaded(None, "unfinished", "the run before did not finish recording")
-            return Loaded(None, "no_record", "no record yet")
-        except (OSError, EOFError, UnicodeDecodeError, RecordCorrupt, zlib.error) as e:
-            return Loaded(None, "unreadable", f"record unreadable ({e})")
-        if unfinished:
-            return Loaded(record, "unfinished", "the run before did not finish recording")
-        return Loaded(record, None)
-
-    def mark_unfinished(self) -> None:
-        """Before KV changes: the record on disk stops being trusted until save() replaces it."""
+    def began(self, now: float) -> float | None:
+        """Note in the lock file that a run began at `now`; the latest time one began before (None:
+        unknown). Best effort: the time only makes an audit come earlier."""
         assert self.lock_fd is not None
-        os.pwrite(self.lock_fd, self.UNFINISHED, 0)
-        os.fsync(self.lock_fd)
+        seen = None
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            seen = float(os.pread(self.lock_fd, 64, 0).decode("ascii").strip() or "nan")
+        seen = seen if seen is not None and math.isfinite(seen) else None
+        with contextlib.suppress(OSError):
+            text = f"{max(now, seen or now):.3f}\n".encode()
+            os.pwrite(self.lock_fd, text, 0)
+            os.ftruncate(self.lock_fd, len(text))
+        return seen
+
+    def load(self, seen_at: float | None = None) -> Loaded:
+        """The record as found, never raising: a problem names what keeps it from being trusted.
+        Anything that goes wrong reading it (a junk file, numbers out of range, nesting too deep,
+        more than it may unpack to, memory) makes it unreadable: the run audits and rebuilds it."""
+        try:
+            record = self.read(self.path)
+        except FileNotFoundError:
+            if os.path.lexists(self.aside_path):  # what it set aside is of no use: it changed KV since
+                return Loaded(None, "unfinished", "the run before did not finish recording", seen_at)
+            return Loaded(None, "no_record", "no record yet", seen_at)
+        except OSError as e:
+            return Loaded(None, "unreadable", f"cannot read {self.path}: {e.strerror or e}", seen_at)
+        except RecordCorrupt as e:
+            return Loaded(None, "unreadable", f"record unreadable ({e})", seen_at)
+        except Exception as e:  # noqa: BLE001  # nesting too deep, memory, anything unforeseen: as unreadable
+            return Loaded(None, "unreadable", f"record unreadable ({type(e).__name__})", seen_at)
+        return Loaded(record, None, "", seen_at)
+
+    def read(self, path: str) -> Record:
+        """The record at `path`: OSError when it cannot be read (FileNotFoundError when there is
+        none), RecordCorrupt (or anything) when it is not one."""
+        with open(regular_file(path, os.O_RDONLY), "rb") as f:
+            packed = f.read(self.limit + 1)  # gzip never packs a record to more than it unpacks to
+        if len(packed) > self.limit:
+            raise RecordCorrupt(f"larger than a record may be ({self.limit} bytes)")
+        text = unpacked_record(packed, self.limit)
+        del packed
+        return decode_record(text_lines(text))
+
+    def set_aside(self) -> None:
+        """Before KV changes: what is on disk stops being trusted until save() replaces it. OSError
+        when it cannot be done: then KV must not change."""
+        if os.path.lexists(self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, self.aside_path)
+                sync_directory(self.path)
+                return
+        # No record: nothing to distrust. An empty mark only tells the next run why it audits.
+        with contextlib.suppress(OSError):
+            os.close(regular_file(self.aside_path, os.O_WRONLY | os.O_CREAT))
 
     def save(self, record: Record, kv_now: float) -> None:
-        """Replace the record atomically, then clear the mark. OSError if any step fails (the mark
-        then stays, so the next run audits)."""
-        assert self.lock_fd is not None
-        directory = os.path.dirname(os.path.abspath(self.path))
+        """Replace the record atomically, then remove what was set aside. OSError if any step fails
+        (then nothing is where the next run looks, if the run set the record aside, so it audits)."""
         tmp = f"{self.path}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # one a killed run left (a pod's job is PID 1 every time), or a planted link
@@ -2286,13 +2495,31 @@ class StateFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        os.ftruncate(self.lock_fd, 0)
-        os.fsync(self.lock_fd)
+        sync_directory(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.aside_path)  # if this is lost in a crash, the record in place still wins
+
+
+def regular_file(path: str, flags: int) -> int:
+    """A descriptor of the regular file at `path`, opened without blocking and never through a
+    symlink; OSError for anything else (a FIFO, a device, a directory, a symlink)."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sync_directory(path: str) -> None:
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------- report and metrics
@@ -2552,9 +2779,10 @@ def send_usage_metrics(http: Http, config: Config, log: Log, report: Report, las
     url = f"{config.lapi_url}/v1/usage-metrics"
     try:
         body = json.dumps(usage_metrics_payload(report, os_release(), http.clock.now())).encode()
-        response = http.request(
-            "POST", url, headers=headers, body=body, retry=USAGE_METRICS_RETRY, timeout=USAGE_METRICS_TIMEOUT
-        )
+        with http.within(USAGE_METRICS_TIMEOUT, f"the usage metrics' {USAGE_METRICS_TIMEOUT:g}s"):
+            response = http.request(
+                "POST", url, headers=headers, body=body, retry=USAGE_METRICS_RETRY, timeout=USAGE_METRICS_TIMEOUT
+            )
     except Exception as e:  # whatever goes wrong here, the sync itself went right
         log.debug("usage_metrics", f"usage metrics not sent: {type(e).__name__}: {e}")
         return report.started
@@ -2909,15 +3137,29 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     its lock throughout (a dry run only reads the record, and takes no lock)."""
     if not config.state_file:
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
-    state = StateFile(config.state_file, http.clock)
+    state = StateFile(config.state_file, http.clock, record_limit(config))
+    report.audit_reason, report.audit_detail = None, "the record not read yet"  # until audit_reason() says
     if dry_run:
         return converge(http, config, log, report, dry_run, force, audit, None, state.load)
     wait = max(0.0, min(STATE_LOCK_WAIT, http.deadline - http.clock.monotonic()))
     try:
         locked = state.lock(wait)
     except OSError as e:
-        detail = f"cannot open {state.lock_path}: {e.strerror}"
-        log.warning("state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing")
+        # Without the lock the run records nothing; it may change KV only once no record on disk
+        # can claim what KV held before (a read-only volume: neither).
+        detail = f"cannot open {state.lock_path}: {e.strerror or e}"
+        try:
+            state.set_aside()
+        except OSError as aside:
+            log.error(
+                "state_stale",
+                f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside}): this run "
+                "changed nothing, since the record would no longer match KV; make the volume writable",
+            )
+            return EXIT_CLOUDFLARE
+        log.warning(
+            "state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing (any record set aside)"
+        )
         unusable = Loaded(None, "unreadable", detail)
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: unusable)
     if not locked:
@@ -2927,9 +3169,17 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         )
         return EXIT_CLOUDFLARE
     try:
-        return converge(http, config, log, report, dry_run, force, audit, state, state.load)
+        seen_at = state.began(http.clock.now())
+        return converge(http, config, log, report, dry_run, force, audit, state, functools.partial(state.load, seen_at))
     finally:
         state.unlock()
+
+
+def record_limit(config: Config) -> int:
+    """The most a record may unpack to: what an answer at LAPI_MAX_BYTES could make (a record takes
+    30-60 bytes a key where LAPI's answer takes 150-200 a decision), and the expanded ranges'
+    keys. A larger record cannot have come from this configuration: the run audits and rebuilds it."""
+    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + (1 << 20)
 
 
 def converge(
@@ -2954,7 +3204,10 @@ def converge(
     it is that run's answer again (AnswerDigest), nothing has changed and nothing is planned."""
     reading = Background(load)
     decisions = read_decisions(http, config)
-    loaded = reading.result()
+    try:  # a file read that hangs (a stuck network volume) must not hold the run past its deadline
+        loaded = reading.result(timeout=max(0.0, http.deadline - http.clock.monotonic()))
+    except TimeoutError:
+        loaded = Loaded(None, "unreadable", f"{config.state_file} not read within {http.deadline_name}")
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
@@ -2969,6 +3222,14 @@ def converge(
             return unchanged(report, loaded.record)
         chunks = draining(held)
     batches, listing = lapi_batches(chunks, config), []
+    # What KV's listing may not show yet: the keys a trusted record says this job changed lately,
+    # and what they hold since (None: deleted).
+    record = loaded.record if reason in TRUSTED_AUDITS else None
+    recent = record.recent_changes() if record is not None else {}
+    settling_until = record.settling_until if record is not None else None
+    since = http.clock.now() + record.clock_offset - KV_LIST_LAG if record is not None else math.inf
+    lately = {key: record.keys.get(key) for key, at in recent.items() if at > since} if reason else {}
+    del record
     if reason is not None or loaded.record is None:
         del loaded  # an audit rebuilds the record from the listing: the old one goes first
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
@@ -2997,6 +3258,9 @@ def converge(
     del decisions
     kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
     present, offset = kv.present, kv.offset
+    if listed:
+        reconcile(listed.present, lately)  # the listing's own dict: no copy of 100,000s of keys
+        del lately
     table_key = config.kv_key_prefix + TABLE_NAME
     plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
     table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
@@ -3011,17 +3275,27 @@ def converge(
         log_dry_run(log, plan, None if force else config.max_deletes, wanted, kv, report)
         log_table_plan(log, report, table, planned)
         return EXIT_OK
-    state_file = state
+    state_file, set_aside = state, False
     if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
         check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
-    if state is not None and not (reason is None and not plan.writes and not plan.deletes):
-        state = mark_unfinished(state, log)
-    else:
+    if state is not None and (plan.writes or plan.deletes):
+        try:
+            state.set_aside()  # before KV changes: until save(), no record on disk can be trusted
+            set_aside = True
+        except OSError as e:
+            log.error(
+                "state_stale",
+                f"STATE_FILE: cannot set {state.path} aside before changing KV ({e.strerror or e}): this run "
+                "changed nothing, since the record would no longer match KV",
+            )
+            return EXIT_CLOUDFLARE
+    elif reason is None:
         state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 
     def record(ledger: Ledger, converged: bool) -> None:
         if state is not None:
             keys = record_after(present, ledger, offset)
+            kv_now = http.clock.now() + offset
             figures = Projected(
                 report.wanted,
                 dict(report.by_remediation),
@@ -3033,8 +3307,9 @@ def converge(
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
                 *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
+                *recent_and_settling(recent_after(recent, ledger, offset, kv_now), settling_until, kv_now),
             )  # fmt: skip
-            save_record(state, after, http.clock.now() + offset, log)
+            save_record(state, after, kv_now, log, set_aside)
 
     ledger = Ledger()
     item = table_item(table_key, table) if table_keys["written"] else None
@@ -3174,7 +3449,8 @@ def check_token(
         cloudflare.namespace()
     except CloudflareError:
         if state is not None:
-            mark_unfinished(state, log)
+            with contextlib.suppress(OSError):  # if it cannot be set aside, KV is unchanged: the record still holds
+                state.set_aside()
         raise
 
 
@@ -3213,32 +3489,17 @@ def once_flowing(batches: Iterable[list[Any]], begin: Callable[[], None]) -> Ite
         begin()
 
 
-def mark_unfinished(state: StateFile, log: Log) -> StateFile | None:
-    """Mark the record untrusted before KV changes; if that fails, remove it, so that in any case
-    the next run audits. The state file to record into, or None when it cannot be."""
-    try:
-        state.mark_unfinished()
-        return state
-    except OSError as e:
-        problem = f"STATE_FILE: cannot mark {state.lock_path}: {e.strerror}"
-    try:
-        os.unlink(state.path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.error("state_stale", f"{problem}, nor remove {state.path} ({e.strerror}): remove it by hand")
-        return None
-    log.warning("state_unwritable", f"{problem}; removed the record, the next run audits")
-    return None
-
-
-def save_record(state: StateFile, record: Record, kv_now: float, log: Log) -> None:
+def save_record(state: StateFile, record: Record, kv_now: float, log: Log, set_aside: bool) -> None:
     try:
         state.save(record, kv_now)
     except OSError as e:
-        log.warning(
-            "state_unwritable", f"STATE_FILE: cannot write {state.path}: {e.strerror or e}; the next run audits"
+        happened = (
+            f"this run set the record aside before changing KV, so none is in place: the next run audits "
+            f"(what is left is {state.aside_path})"
+            if set_aside
+            else "KV did not change, and the record in place still matches it"
         )
+        log.warning("state_unwritable", f"STATE_FILE: cannot write {state.path}: {e.strerror or e}; {happened}")
 
 
 def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Namespace) -> int:
@@ -3251,16 +3512,15 @@ def run(http: Http, config: Config, log: Log, report: Report, args: argparse.Nam
     except (CloudflareError, DeadlineExceeded) as e:
         log.error("cloudflare_failed", f"Cloudflare: {e}")
     except Interrupted as stop:
-        log.error(
-            "interrupted",
-            f"{stop} received: stopped the run where it was; KV holds at most part of this run's plan, "
-            "which the next run completes",
-            signal=str(stop),
-        )
+        log_interrupted(log, stop, "KV holds at most part of this run's plan, which the next run completes")
         return stop.exit_code
     except Exception:  # a bug: say so loudly, but never with a secret in it
         log.error("internal_error", traceback.format_exc().strip())
     return EXIT_CLOUDFLARE
+
+
+def log_interrupted(log: Log, stop: Interrupted, what: str) -> None:
+    log.error("interrupted", f"{stop} received: stopped the run where it was; {what}", signal=str(stop))
 
 
 @contextlib.contextmanager
@@ -3297,9 +3557,16 @@ class Signals:
 
     HANDLED = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, pending: list[int] = EARLY_SIGNALS) -> None:  # noqa: B006  # the one list, on purpose
         self.armed = True
         self.previous: dict[int, Any] = {}
+        self.pending = pending  # signals that came before these handlers were in place
+
+    def raise_pending(self) -> None:
+        """Interrupted for a signal that came before the handlers were in place, if one did."""
+        if self.armed and self.pending:
+            self.armed = False
+            raise Interrupted(self.pending[0])
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.armed:
@@ -3326,31 +3593,64 @@ def main(
     err: TextIO | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> int:
-    env = os.environ if env is None else env
-    out, err = out or sys.stdout, err or sys.stderr
-    try:
-        args, config, unknown = configure(argv, env)
-        tls = lapi_tls(config)
-    except ConfigError as e:
+    # The handlers first: a SIGTERM while the configuration is read (a pod deleted as it starts)
+    # must still be logged and end the run with 143, not kill it silently.
+    with Signals() as signals:
+        env = os.environ if env is None else env
+        out, err = out or sys.stdout, err or sys.stderr
         # No Config yet: LOG_FORMAT as set, if it is usable, so a JSON log gets JSON here too.
         fmt = "json" if env.get("LOG_FORMAT", "").strip().lower() == "json" else "text"
-        Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
-        return EXIT_CONFIG
-    log = Log(out, err, config.log_format, config.secrets, clock)
-    if unknown:
-        log.warning(
-            "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
-        )
-    report, started = Report(started=clock.now()), clock.monotonic()
-    with (
-        collector_paused(),
-        Http(clock, config.http_timeout, started + config.run_deadline, tls, config.proxies) as http,
-        Signals() as signals,
-    ):
+        config: Config | None = None
         try:
-            report.exit_code = run(http, config, log, report, args)
-        except Interrupted as stop:  # between the run's end and hold(): nothing left to stop
+            signals.raise_pending()
+            args, config, unknown = configure(argv, env)
+            tls = lapi_tls(config)
+            log = Log(out, err, config.log_format, config.secrets, clock)
+            if unknown:
+                log.warning(
+                    "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
+                )
+            report, started = Report(started=clock.now()), clock.monotonic()
+        except ConfigError as e:
+            Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
+            return EXIT_CONFIG
+        except Interrupted as stop:  # before the run began; pushed if the configuration says where
+            signals.hold()
+            return interrupted_early(stop, config, Log(out, err, fmt, clock=clock), clock)
+        try:
+            return run_reported(args, config, tls, log, report, started, clock, signals)
+        except Interrupted as stop:  # in the instant before its run began
+            signals.hold()
+            return interrupted_early(stop, config, log, clock)
+
+
+def interrupted_early(stop: Interrupted, config: Config | None, log: Log, clock: Clock) -> int:
+    log_interrupted(log, stop, "before the run began: nothing was done")
+    if config is not None:
+        with Http(clock, config.http_timeout, clock.monotonic(), proxies=config.proxies) as http:
+            push_metrics(http, config, Report(started=clock.now(), exit_code=stop.exit_code), log)
+    return stop.exit_code
+
+
+def run_reported(
+    args: argparse.Namespace,
+    config: Config,
+    tls: dict[str, ssl.SSLContext],
+    log: Log,
+    report: Report,
+    started: float,
+    clock: Clock,
+    signals: Signals,
+) -> int:
+    """The run, its summary and its push, from a whole configuration; a signal at any point
+    before the push is reported as such."""
+    with Http(clock, config.http_timeout, started + config.run_deadline, tls, config.proxies) as http:
+        try:
+            with collector_paused():
+                report.exit_code = run(http, config, log, report, args)
+        except Interrupted as stop:  # outside run()'s own handling: just before it, or after its end
             report.exit_code = stop.exit_code
+            log_interrupted(log, stop, "KV holds at most part of this run's plan, which the next run completes")
         signals.hold()
         report.duration = clock.monotonic() - started
         if not args.dry_run:

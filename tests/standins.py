@@ -331,6 +331,7 @@ class LapiStandin(Standin):
         self.usage_answer: tuple[int, bytes, str] | None = None
         self.usage_delay = 0.0
         self.usage_drop = False
+        self.usage_drip = 0.0  # seconds between the bytes of its 201
         self.violations: list[str] = []
         self.usage_schema = UsageSchemaCheck() if schema else None
 
@@ -372,7 +373,7 @@ class LapiStandin(Standin):
         if self.usage_answer:
             status, answer, content_type = self.usage_answer
             return request.send(status, answer, content_type)
-        request.send(201, b"", "application/json")
+        request.send(201, b"", "application/json", drip=self.usage_drip)
 
     def handle(self, request: _Handler, method: str) -> None:
         url = urllib.parse.urlsplit(request.path)
@@ -504,6 +505,9 @@ class KvStandin(Standin):
         self.deleted_keys: list[str] = []
         self._cursors: dict[str, tuple[str, str]] = {}
         self._names: list[str] = []
+        # A lagging list (KV's list is eventually consistent, up to 60 s): while set, listings show
+        # this frozen view; reads and writes go to the store as ever. freeze_listing() sets it.
+        self.listing_view: dict[str, Entry] | None = None
         self._metadata_sizes: dict[tuple, int] = {}
         self.schema = SchemaCheck() if schema else None
         self.base = f"/client/v4/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}"
@@ -526,6 +530,11 @@ class KvStandin(Standin):
             for name in [n for n, e in self.store.items() if e.expiration is not None and e.expiration <= now]:
                 del self.store[name]
             return dict(self.store)
+
+    def freeze_listing(self) -> None:
+        """From now on, list the keys as they are now, whatever is written or deleted after."""
+        with self.lock:
+            self.listing_view = dict(self.store)
 
     def snapshot(self) -> dict[str, tuple]:
         return {k: (e.value, e.expiration, json.dumps(e.metadata, sort_keys=True)) for k, e in self.live().items()}
@@ -621,13 +630,14 @@ class KvStandin(Standin):
         if not 10 <= limit <= 1000:
             return 400, _error(10003, "limit must be between 10 and 1000")
         prefix, after = query.get("prefix", ""), ""
+        store = self.store if self.listing_view is None else self.listing_view
         if query.get("cursor"):
             if query["cursor"] not in self._cursors:
                 return 400, _error(10004, "invalid cursor")
             prefix, after = self._cursors[query["cursor"]]
         else:
             with self.lock:  # a listing sees the key names as they were when it began
-                self._names = sorted(self.store)
+                self._names = sorted(store)
         names, now, page = self._names, self.now(), []
         i = bisect.bisect_right(names, after) if after else bisect.bisect_left(names, prefix)
         if "endless_empty_pages" in self.quirks:  # a broken KV: empty pages, each with a new cursor
@@ -638,7 +648,7 @@ class KvStandin(Standin):
             after, more = "", True
         else:
             while i < len(names) and len(page) < limit and names[i].startswith(prefix):
-                entry = self.store.get(names[i])
+                entry = store.get(names[i])
                 if entry is not None and (entry.expiration is None or entry.expiration > now):
                     page.append((names[i], entry))
                 i += 1

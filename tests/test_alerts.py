@@ -103,6 +103,15 @@ DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env, exit_code=job.EXIT_
 NONE = None  # no run that minute (CronJob suspended)
 
 
+def with_state_file(usable: bool) -> Run:
+    """A healthy run with a STATE_FILE of its own, usable or not (a directory where its lock file
+    goes: every run audits, and records nothing)."""
+    directory = Path(tempfile.mkdtemp(prefix="lapi-kv-sync-alerts-"))
+    if not usable:
+        (directory / "record.gz.lock").mkdir()
+    return Run(env=(("STATE_FILE", str(directory / "record.gz")),))
+
+
 def scrape(pushgateway: RealPushgateway) -> dict[str, str]:
     """Our job's series as Prometheus stores them when it scrapes the Pushgateway with
     honor_labels: true: the pushed `job` label kept, the empty `instance` label dropped."""
@@ -209,6 +218,14 @@ SCENARIOS = [
         "most decisions are not written (throttles)",
         lambda: [IGNORING] * 35,
         fires={"CrowdsecKvSyncManyIgnored": 1},
+    ),
+    Scenario(
+        "healthy with a state file: trusted but on the first run", lambda: [with_state_file(True)] * 40, silent=True
+    ),
+    Scenario(
+        "a state file whose lock cannot be opened from minute 5: never trusted",
+        lambda: [OK] * 5 + [with_state_file(False)] * 25,
+        fires={"CrowdsecKvSyncStateUntrusted": 6},
     ),
     Scenario(
         "never pushed: only dry runs",

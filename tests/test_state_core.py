@@ -416,7 +416,7 @@ names = st.lists(st.sampled_from([f"ip:10.0.0.{i}" for i in range(8)]), max_size
     names,
 )
 def test_the_record_after_apply_claims_only_what_cloudflare_confirmed(before, written, deleted, in_flight, uncertain):
-    ledger = job.Ledger(written, deleted, in_flight, uncertain)
+    ledger = job.Ledger(written, [(deleted, NOW - 5)], in_flight, uncertain)
     after = job.record_after(before, ledger, offset=3.0)
     unknown = set(in_flight) | set(uncertain)
     confirmed_writes = {w.key: (w, at) for chunk, at in written for w in chunk}

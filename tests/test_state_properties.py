@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
 from tests.standins import Entry, Fault, KvStandin, LapiStandin, PushgatewayStandin, _error, go_duration
+from tests.test_state import read_record, write_record
 
 ADDRESSES = [f"10.0.0.{i}" for i in range(12)] + ["2001:0DB8::1", "::ffff:10.0.0.1"]
 
@@ -111,6 +112,8 @@ def test_runs_with_a_state_file_converge_after_every_audit_and_every_undisturbed
             if step["behind"]:
                 change_behind(kv, step["behind"])
                 disturbed = True
+                if Path(state).exists():  # and KV_LIST_LAG since the job's own changes: an audit believes its listing
+                    write_record(Path(state), read_record(Path(state))._replace(recent=""))
             if step["failure"]:
                 operation, how = step["failure"]
                 fail_once(kv, operation, how == "landed")

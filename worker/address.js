@@ -40,7 +40,7 @@ export function canonicalAddress(text) {
 }
 
 // The eight 16-bit groups of an IPv6 address, or null: accepts exactly what Python's ipaddress does.
-function ipv6Groups(text) {
+export function ipv6Groups(text) {
   const halves = text.split("::");
   if (halves.length > 2) return null;
   const parts = halves.map((half) => (half === "" ? [] : half.split(":")));

@@ -1,11 +1,13 @@
 // Reference edge Worker for lapi-kv-sync: enforces the CrowdSec decisions the job keeps in Workers KV.
-// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none.
+// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none,
+// and the Range, Country and AS decisions of the scope table (scopes.js), read once a minute per isolate.
 // Plain JavaScript modules, no build step: copy them, change the pages, deploy with `wrangler deploy`.
 // It never writes KV: a solved captcha is remembered in a signed cookie, not in a store.
 
 import { clientAddress } from "./address.js";
 import { answerVerified, holdsPass, isChallengeAnswer, passGranted, turnstileConfigured } from "./captcha.js";
 import { banPage, challengePage } from "./pages.js";
+import { tableRemediation } from "./scopes.js";
 
 export { canonicalAddress } from "./address.js";
 
@@ -17,7 +19,12 @@ export default {
   async fetch(request, env, ctx) {
     const address = clientAddress(request.headers); // null: not one address, nothing to look up
     const host = new URL(request.url).hostname;
-    let remediation = address === null ? null : await lookUp(env, address);
+    // Both at once: a warm isolate holds the scope table in memory, a cold one reads it alongside.
+    const [keyed, scoped] = await Promise.all([
+      address === null ? null : lookUp(env, address),
+      tableRemediation(request, env, ctx, address), // Range (the address), Country and AS (request.cf)
+    ]);
+    let remediation = strongest(keyed, scoped);
     // Any other source of decisions joins here, one line each: remediation = strongest(remediation, …(ctx)).
     // Everything below treats the result alike, whatever its source: a pass only ever lifts a captcha.
     if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
@@ -60,10 +67,18 @@ export function strongest(a, b) {
   return x >= y ? a : b;
 }
 
+// The name of a key the job writes, and how long an edge location may answer its read from cache.
+export function keyName(env, suffix) {
+  return (env.KV_KEY_PREFIX ?? DEFAULT_PREFIX) + suffix;
+}
+
+export function cacheTtl(env) {
+  return Math.max(MIN_CACHE_TTL, Number(env.CACHE_TTL) || DEFAULT_CACHE_TTL);
+}
+
 async function lookUp(env, address) {
-  const cacheTtl = Math.max(MIN_CACHE_TTL, Number(env.CACHE_TTL) || DEFAULT_CACHE_TTL);
   try {
-    const value = await env.DECISIONS.get((env.KV_KEY_PREFIX ?? DEFAULT_PREFIX) + address, { cacheTtl });
+    const value = await env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
     return strongest(value, null);
   } catch (error) {
     // Fail open, as the job does: a KV outage must not take the whole site down with it.

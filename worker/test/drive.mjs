@@ -2,20 +2,32 @@
 // Input (JSON on stdin):
 //   config:    { main, compatibilityDate, binding, vars } from wrangler.toml (main: relative to worker/)
 //   keys:      [{ name, value, expiration?, metadata? }] loaded into the local KV namespace first
-//   requests:  [{ url, address, method?, body?, headers?, passFrom? }] sent with CF-Connecting-IP: address
-//              (none when null); passFrom: i sends the cookie the answer to request i set
+//   requests:  [{ url, address, method?, body?, headers?, passFrom?, cf? }] sent with CF-Connecting-IP:
+//              address (none when null; Miniflare then sets 127.0.0.1); passFrom: i sends the cookie the
+//              answer to request i set; cf: merged into Miniflare's placeholder (country US, asn 395747)
+//   steps:     [{ put?: keys, delete?: [name], failReads?: [name], sleep?: seconds,
+//                 requests?: [request] (one after the other), concurrent?: [request] (all at once) }]
+//              run in order after `requests`, against the same Worker (one isolate, one module state);
+//              failReads: from then on, a read of one of these keys throws
 //   brokenKv:  true binds a KV namespace whose every read throws
 //   analytics: true binds an Analytics Engine dataset as METRICS (Miniflare's own, which drops the points)
 //   addresses: [text] run through the Worker's own canonicalAddress, in workerd
 //   pairs:     [[a, b]] of remediations, run through the Worker's own strongest, in workerd
+//   scopes:    [{ document, addresses?: [text], verdicts?: [{ address, cf, now }] }] each document
+//              through scopes.js's buildTable, each address through canonicalAddress and matchRange,
+//              each verdict through tableVerdict, in workerd
 // Output (JSON on stdout):
 //   responses: [{ status, headers, body, origin, kv, points }]: kv, every call the Worker made on its
-//              KV binding ([method, key]); points, every Analytics Engine data point it wrote
+//              KV binding ([method, key]), the background reads it started included; points, every
+//              Analytics Engine data point it wrote
+//   steps:     [{ responses, seconds }]: seconds, how long the step's requests took (sleep not included)
 //   siteverify: [{ response, remoteip, secretOk, fields }]: what reached the Turnstile stand-in
 //   logs:      [{ level, message }]: what the Worker logged
 //   canonical: [text | null]; strongest: [remediation | null]
+//   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: [remediation | null] } | { error }]
 import { readdirSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
 
@@ -104,12 +116,29 @@ function watched(binding, calls, record) {
     },
   });
 }
+let failReads = []; // keys whose reads throw, as in a KV outage: set by the test through /__fail-reads
+function failing(binding) {
+  return new Proxy(binding, {
+    get(target, name) {
+      const value = Reflect.get(target, name);
+      if (name !== "get") return typeof value === "function" ? value.bind(target) : value;
+      return async (key, ...rest) => {
+        if (failReads.includes(key)) throw new Error("KV GET failed: 503 Service Unavailable");
+        return value.call(target, key, ...rest);
+      };
+    },
+  });
+}
 export default {
   async fetch(request, env, ctx) {
+    if (request.url === "http://drive.test/__fail-reads") {
+      failReads = await request.json();
+      return new Response(null, { status: 204 });
+    }
     const kv = [];
     const points = [];
     const observed = { ...env };
-    observed[BINDING] = watched(env[BINDING], kv, (name, args) => [name, String(args[0])]);
+    observed[BINDING] = watched(failing(env[BINDING]), kv, (name, args) => [name, String(args[0])]);
     if (typeof env.METRICS === "object") {
       observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
     }
@@ -136,8 +165,8 @@ function enforcer() {
   return [{ ...worker, kvNamespaces: [config.binding] }];
 }
 
-// A Worker that imports the Worker's main module and answers with its canonicalAddress of each
-// text and its strongest of each pair.
+// A Worker that imports the Worker's modules and answers with its canonicalAddress of each text, its
+// strongest of each pair, and the scope table's pure functions on each document.
 const canonicalHarness = {
   name: "canonical",
   modulesRoot: root,
@@ -145,12 +174,30 @@ const canonicalHarness = {
     type: "ESModule",
     path: join(root, "test/canonical-harness.js"),
     contents: `import { canonicalAddress, strongest } from "../${config.main}";
+import { buildTable, matchRange, tableVerdict } from "../scopes.js";
+function scopes({ document, addresses = [], verdicts = [] }) {
+  let table;
+  try {
+    table = buildTable(document);
+  } catch (error) {
+    return { error: String(error) };
+  }
+  return {
+    skipped: table.skipped,
+    matches: addresses.map((text) => {
+      const address = canonicalAddress(text);
+      return address === null ? "not an address" : matchRange(table, address);
+    }),
+    verdicts: verdicts.map(({ address, cf, now }) => tableVerdict(table, canonicalAddress(address), cf, now)),
+  };
+}
 export default {
   async fetch(request) {
-    const { texts, pairs } = await request.json();
+    const { texts, pairs, documents } = await request.json();
     return Response.json({
       canonical: texts.map((text) => canonicalAddress(text)),
       strongest: pairs.map(([a, b]) => strongest(a, b)),
+      scopes: documents.map(scopes),
     });
   },
 };`,
@@ -158,10 +205,10 @@ export default {
   compatibilityDate: config.compatibilityDate,
 };
 
-async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom }) {
+async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom, cf }) {
   const headers = { "X-Tag": "from-client", ...extra, ...(address === null ? {} : { "CF-Connecting-IP": address }) };
   if (passFrom !== undefined) headers.Cookie = output.responses[passFrom].headers["set-cookie"].split(";")[0];
-  const response = await mf.dispatchFetch(url, { method, body, headers, redirect: "manual" });
+  const response = await mf.dispatchFetch(url, { method, body, headers, redirect: "manual", cf });
   const watched = (name) => (response.headers.has(name) ? JSON.parse(response.headers.get(name)) : null);
   const answer = {
     status: response.status,
@@ -176,34 +223,54 @@ async function send(mf, { url, address, method = "GET", body, headers: extra = {
   return answer;
 }
 
-// What the Worker logged (console.*), kept off stdout, which carries the output.
+async function put(kv, keys) {
+  for (const { name, value, expiration, metadata } of keys) {
+    await kv.put(name, value, { expiration: expiration ?? undefined, metadata: metadata ?? undefined });
+  }
+}
+
+async function step(mf, kv, { put: keys = [], delete: names = [], failReads, sleep: seconds, ...work }) {
+  await put(kv, keys);
+  for (const name of names) await kv.delete(name);
+  if (failReads) {
+    await mf.dispatchFetch("http://drive.test/__fail-reads", { method: "POST", body: JSON.stringify(failReads) });
+  }
+  if (seconds) await sleep(seconds * 1000);
+  const started = performance.now();
+  const responses = [];
+  for (const request of work.requests ?? []) responses.push(await send(mf, request));
+  responses.push(...(await Promise.all((work.concurrent ?? []).map((request) => send(mf, request)))));
+  return { responses, seconds: (performance.now() - started) / 1000 };
+}
+
+// What the Worker logged (console.*), kept off stdout, which carries the output. cf: false: requests
+// carry Miniflare's placeholder cf plus their own, and nothing is fetched from the network for it.
 const logs = [];
 const logging = {
+  cf: false,
   structuredWorkerdLogs: true,
   handleStructuredLogs: ({ level, message }) => void logs.push({ level, message }),
 };
 
-const output = { responses: [], siteverify: siteverifyCalls, logs, canonical: [], strongest: [] };
-if (input.requests?.length) {
+const output = { responses: [], steps: [], siteverify: siteverifyCalls, logs };
+Object.assign(output, { canonical: [], strongest: [], scopes: [] });
+if (input.requests?.length || input.steps?.length) {
   const mf = new Miniflare({ workers: enforcer(), ...logging });
   try {
-    if (!input.brokenKv) {
-      const kv = await mf.getKVNamespace(config.binding);
-      for (const { name, value, expiration, metadata } of input.keys ?? []) {
-        await kv.put(name, value, { expiration: expiration ?? undefined, metadata: metadata ?? undefined });
-      }
-    }
-    for (const request of input.requests) output.responses.push(await send(mf, request));
+    const kv = input.brokenKv ? null : await mf.getKVNamespace(config.binding);
+    if (kv) await put(kv, input.keys ?? []);
+    for (const request of input.requests ?? []) output.responses.push(await send(mf, request));
+    for (const work of input.steps ?? []) output.steps.push(await step(mf, kv, work));
   } finally {
     await mf.dispose();
   }
 }
-if (input.addresses?.length || input.pairs?.length) {
+if (input.addresses?.length || input.pairs?.length || input.scopes?.length) {
   const mf = new Miniflare({ workers: [canonicalHarness], ...logging });
   try {
     const response = await mf.dispatchFetch("http://canonical.test/", {
       method: "POST",
-      body: JSON.stringify({ texts: input.addresses ?? [], pairs: input.pairs ?? [] }),
+      body: JSON.stringify({ texts: input.addresses ?? [], pairs: input.pairs ?? [], documents: input.scopes ?? [] }),
     });
     if (!response.ok) throw new Error(`canonical harness: ${response.status} ${await response.text()}`);
     Object.assign(output, await response.json());
