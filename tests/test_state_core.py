@@ -319,7 +319,7 @@ NOT_WHOLE = "the key columns are not whole"
         (with_header(refresh_at=math.inf), "header lacks a field or holds a wrong type"),
         (with_header(audited_at=math.inf), "header holds a number out of range"),
         (with_header(clock_offset=math.nan), "header holds a number out of range"),
-        ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more than four lines)"),
+        ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more lines than the header says)"),
         (
             with_column(1, '{"ip:10.0.0.0":1,"ip:10.0.0.1":1,"ip:10.0.0.2":1}\n'),
             f"{NOT_WHOLE} (not as many keys as the header says)",
