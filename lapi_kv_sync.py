@@ -2186,7 +2186,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         present = map(functools.partial(tuple_new, Present), zip(expirations, remediations, strict=True))
         keys = dict(zip(names, present, strict=True))
     except (StopIteration, ValueError, KeyError, TypeError) as e:
-        raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
+        raise RecordCorrupt(f"the key columns are not whole ({str(e) or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
     if table is not None:

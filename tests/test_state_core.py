@@ -329,6 +329,9 @@ NOT_WHOLE = "the key columns are not whole"
         (with_column(2, "[1,2,3.5]\n"), f"{NOT_WHOLE} (an expiration that is not a whole number)"),
         (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'), f"{NOT_WHOLE} (a key outside the prefix)"),
         (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'), "a key appears twice"),
+        # An error without words is named by its type: a record cut short, an unknown remediation.
+        (three_keys()[:3], f"{NOT_WHOLE} (StopIteration)"),
+        (with_column(3, "bbz\n"), f"{NOT_WHOLE} ('z')"),
     ],
 )
 def test_a_corrupt_record_says_what_is_wrong(lines, says):
