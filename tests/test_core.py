@@ -932,3 +932,26 @@ def test_a_body_is_quoted_redacted_then_cut_on_one_line():
     assert job.snippet(b"\xff\x1b") == repr("\ufffd\x1b")
     assert job.quoted(f"{secret}{secret}", [secret], 12) == "[redacted][r…"
     assert job.quoted("abc", [], 3) == "abc"
+
+
+# --------------------------------------------------------------------------- LAPI's junk rows
+
+
+def lapi_rows(rows: list[str]) -> int | str:
+    """How many rows lapi_batches passes on from a list sent one row a chunk, or why it stops."""
+    chunks = [b"[", *(f"{r}{',' if i < len(rows) - 1 else ''}".encode() for i, r in enumerate(rows)), b"]"]
+    config = job.Config("a" * 32, "b" * 32, "t", lapi_url="http://lapi")
+    try:
+        return sum(map(len, job.lapi_batches(chunks, config)))
+    except job.LapiUnreadable as e:
+        return str(e)
+
+
+def test_lapi_answering_mostly_junk_rows_is_unreadable_once_there_are_a_thousand():
+    junk = ["1", "null", '"x"', "[]"] * 250  # 1,000 rows, none an object
+    mostly = "LAPI answered with a list that is mostly not decisions: 1000 of its first {} rows are not JSON objects"
+    assert lapi_rows(junk[:-1]) == 999  # too few to tell
+    assert lapi_rows(junk) == mostly.format(1000)
+    assert lapi_rows(["{}"] * 999 + junk) == mostly.format(1999)  # more than half
+    assert lapi_rows(["{}"] * 1000 + junk) == 2000  # half: not more
+    assert lapi_rows(["{}"] * 5 + junk[:10] + ["{}"] * 5) == 20

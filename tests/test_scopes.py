@@ -297,6 +297,45 @@ def test_the_listing_reads_the_digest_only_from_the_table_key():
         assert job.present_keys([{"name": "ip:scopes", "metadata": metadata}], "ip:")["ip:scopes"].remediation is None
 
 
+def test_the_tables_bulk_item_carries_its_document_and_digest_and_other_keys_their_own():
+    table = table_of([row("198.51.100.0/24"), row("FR", scope="Country", type="captcha")])
+    item = job.table_item("ip:scopes", table)
+    assert item(job.Write("ip:scopes", table.digest, 7200, "", "")) == {
+        "key": "ip:scopes",
+        "value": table.document.decode(),
+        "expiration_ttl": 7200,
+        "metadata": {"table": 1, "digest": table.digest, "entries": 2},
+    }
+    address = job.Write("ip:192.0.2.1", "ban", 60, "crowdsec", "ssh-bf")
+    assert item(address) == job.bulk_item(address)
+
+
+def test_the_tables_digest_is_read_only_from_metadata_of_its_format():
+    digest = "0123456789abcdef" * 2
+    assert job.table_digest({"table": 1, "digest": digest}) == digest
+    for metadata in [
+        None,
+        [],
+        {"digest": digest},
+        {"table": 1.0, "digest": digest},
+        {"table": 2, "digest": digest},
+        {"table": 1},
+        {"table": 1, "digest": digest.upper()},
+        {"table": 1, "digest": digest + "0"},
+        {"table": 1, "digest": digest[:-1]},
+        {"table": 1, "digest": list(digest)},
+    ]:
+        assert job.table_digest(metadata) is None
+
+
+def test_an_entrys_end_is_rounded_up_to_the_hour_and_entries_are_named_scope_remediation():
+    assert [job.table_end(e) for e in (0, 1, 3599.5, 3600, 3600.001)] == [0, 3600, 3600, 3600, 7200]
+    assert job.entries_by_name(Counter({("range", "ban"): 2, ("as", "captcha"): 1})) == {
+        "range:ban": 2,
+        "as:captcha": 1,
+    }
+
+
 def test_the_record_keeps_the_table_in_its_header_and_reads_an_older_record():
     digest = "ab" * 16
     keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:scopes": job.Present(NOW + 7200, digest)}
