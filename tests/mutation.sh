@@ -19,7 +19,7 @@ functions=(
     exposition                                                           # metrics
     load_config valid_port unresolvable                                  # configuration
     table_entry table_end scope_table table_digest make_plan_with_table  # the scope table
-    table_item recorded_table table_figures entries_by_name
+    table_item recorded_table table_figures
     unread_variables placeholder                                         # misspelt and unread variables
     proxy_variable parse_proxy no_proxy_entries bypasses_proxy           # proxies, NO_PROXY
     'ǁProxiesǁfor_url' 'ǁProxyǁ__str__'

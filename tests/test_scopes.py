@@ -119,6 +119,16 @@ def test_the_cap_keeps_bans_first_then_the_longest_ends():
     assert {r for r, _ in kept.values()} == {"ban"}  # 34 bans, more than fit
 
 
+def test_under_the_cap_equal_entries_are_kept_by_scope_then_name_whatever_their_order():
+    def kept(*entries):
+        wanted = {entry: job.Wanted("ban", NOW + 3600, "", "") for entry in entries}
+        one = job.scope_table(dict([next(iter(sorted(wanted.items())))]), 1 << 20)  # the first in order, alone
+        return job.scope_table(wanted, len(one.document)).kept
+
+    assert kept(("range", "10.0.0.0/8"), ("as", "64500")) == [("as", "64500")]  # `as` before `range`
+    assert kept(("range", "10.2.0.0/16"), ("range", "10.1.0.0/16")) == [("range", "10.1.0.0/16")]
+
+
 def test_no_entries_no_document():
     table = table_of(
         [row("192.0.2.1", scope="Ip"), row("FR", -1, scope="Country"), row("AS1", type="throttle", scope="AS")]
@@ -271,8 +281,12 @@ def test_the_plan_compares_the_digest_and_deletes_an_empty_table():
     assert (plan.writes, plan.deletes, plan.unchanged, action) == ([], [], [key], "unchanged")
     assert wanted == {}  # the table's key was only lent to the plan
     plan, action = job.make_plan_with_table({}, key, table, {key: job.Present(table.end, "0" * 32)}, NOW, 0.0)
-    assert [w.key for w in plan.writes] == [key] and action == "written"
-    assert plan.writes[0].ttl == math.ceil(table.end - NOW)
+    # The digest stands for the remediation; no origin or scenario (the key's metadata is the table's own).
+    assert plan.writes == [job.Write(key, table.digest, math.ceil(table.end - NOW), "", "")] and action == "written"
+    # Its expiration as KV's clock says, `offset` ahead of ours: the same end.
+    ahead = {key: job.Present(table.end + 7200, table.digest)}
+    assert job.make_plan_with_table({}, key, table, ahead, NOW, 7200.0)[1] == "unchanged"
+    assert job.make_plan_with_table({}, key, table, ahead, NOW, 0.0)[1] == "written"
     plan, action = job.make_plan_with_table({}, key, table_of([]), present, NOW, 0.0)
     assert (plan.deletes, action) == ([key], "deleted")
     assert job.make_plan_with_table({}, key, table_of([]), {}, NOW, 0.0)[1] is None
