@@ -129,11 +129,30 @@ def test_under_the_cap_equal_entries_are_kept_by_scope_then_name_whatever_their_
     assert kept(("range", "10.2.0.0/16"), ("range", "10.1.0.0/16")) == [("range", "10.1.0.0/16")]
 
 
+def test_the_cap_is_counted_to_the_byte():
+    rows = [row("198.51.100.0/24"), row("10.0.0.0/8", 7200, "captcha"), row("FR", scope="Country")]
+    rows += [row("DE", scope="Country"), row("AS64500", scope="AS"), row("AS64501", 600, "captcha", scope="AS")]
+    whole = table_of(rows)
+    # Bans first, then the longest ends, then by scope and name.
+    assert whole.kept == [
+        ("as", "64500"),
+        ("country", "DE"),
+        ("country", "FR"),
+        ("range", "198.51.100.0/24"),
+        ("range", "10.0.0.0/8"),
+        ("as", "64501"),
+    ]
+    assert table_of(rows, max_bytes=len(whole.document)) == whole  # exactly its length: every entry fits
+    less = table_of(rows, max_bytes=len(whole.document) - 1)  # a byte less: the weakest entry is left out
+    assert (less.full, less.kept) == (1, whole.kept[:-1]) and len(less.document) < len(whole.document)
+
+
 def test_no_entries_no_document():
     table = table_of(
         [row("192.0.2.1", scope="Ip"), row("FR", -1, scope="Country"), row("AS1", type="throttle", scope="AS")]
     )
-    assert (table.document, table.entries, table.full) == (b"", Counter(), 0)
+    assert table == job.ScopeTable(b"", "", 0.0, Counter(), 0, [])
+    assert job.scope_table({}, 0) == table and table_of([row("10.0.0.0/8")], max_bytes=0).full == 1
 
 
 # --------------------------------------------------------------------------- against a straightforward version
