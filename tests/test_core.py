@@ -869,6 +869,7 @@ def test_the_proxy_a_url_goes_through_depends_on_its_scheme_and_no_proxy():
         (("fd00::1",), "fd00::2", 1, False),
         (("not-an-address", "10.0.0.1"), "10.0.0.1", 1, True),  # a name never matches an address
         (("10.0.0.1:80",), "10.0.0.1", 443, False),
+        (("10.1.2.3/8",), "10.9.9.9", 443, True),  # host bits set: the network they are in
         (("example.com",), "example.com.evil", 443, False),
         (("example.com",), "badexample.com", 443, False),
         (("example.com",), "a.b.example.com", 443, True),

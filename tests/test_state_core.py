@@ -10,6 +10,7 @@ import ipaddress
 import json
 import math
 import time
+import zlib
 from collections import Counter
 from types import SimpleNamespace
 
@@ -402,6 +403,8 @@ def test_a_header_line_is_found_in_the_first_64_kib_or_not_at_all():
         (gzip_of(header_line()) + b"\0", "not one whole gzip member"),
         (gzip_of(header_line())[:-1], "not one whole gzip member"),
         (header_line(), "not gzip (Error -3 while decompressing data: incorrect header check)"),
+        (zlib.compress(header_line()), "not gzip (Error -3 while decompressing data: incorrect header check)"),
+        (gzip_of(b"\n" + header_line()), "not a lapi-kv-sync state record"),  # an empty first line
     ],
 )
 def test_a_record_file_that_is_not_one_gzip_member_with_a_header_says_so(packed, says):
@@ -425,6 +428,7 @@ def test_a_header_counts_two_whole_numbers_from_zero():
 def test_a_records_text_splits_on_newlines_only():
     assert list(job.text_lines(b"a\nb\r\x0bc\n\nd")) == ["a\n", "b\r\x0bc\n", "\n", "d"]
     assert list(job.text_lines(b"")) == [] and list(job.text_lines(b"\n")) == ["\n"]
+    assert list(job.text_lines(b"\nx")) == ["\n", "x"]  # a newline first
     with pytest.raises(UnicodeDecodeError):
         list(job.text_lines(b"ok\n\xff\n"))
 
