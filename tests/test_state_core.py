@@ -370,7 +370,7 @@ def test_a_record_unpacks_to_at_most_what_its_header_allows():
     whole = "".join(three_keys()).encode()
     assert job.unpacked_record(gzip_of(whole), 1 << 30) == whole
     # Each key and recent change at its longest, and 64 bytes, after the header.
-    for keys, recent in [(0, 0), (2, 0), (0, 3), (1, 1)]:
+    for keys, recent in [(0, 0), (2, 0), (0, 3), (1, 1), (100, 10)]:  # the last past the first 64 KiB read
         head = header_line(keys=keys, recent=recent)
         most = len(head) + keys * (job.MAX_NAME_JSON + 23) + recent * job.MAX_RECENT_JSON + 64
         at_most = head + b"x" * (most - len(head))
