@@ -956,3 +956,29 @@ def test_lapi_answering_mostly_junk_rows_is_unreadable_once_there_are_a_thousand
     assert lapi_rows(["{}"] * 999 + junk) == mostly.format(1999)  # more than half
     assert lapi_rows(["{}"] * 1000 + junk) == 2000  # half: not more
     assert lapi_rows(["{}"] * 5 + junk[:10] + ["{}"] * 5) == 20
+
+
+def failing_after(first: bytes, error: Exception):
+    yield first
+    raise error
+
+
+@pytest.mark.parametrize(
+    ("chunks", "says"),
+    [
+        ([b"[{}, {"], "LAPI answered with a body that is not a JSON list of decisions: "),
+        (
+            failing_after(b"[{}", job.TransportError("reset")),
+            "LAPI at http://lapi broke off its answer part-way: reset",
+        ),
+        (
+            failing_after(b"[{}", job.DeadlineExceeded("the run deadline passed")),
+            "LAPI at http://lapi did not answer: the run deadline passed",
+        ),
+    ],
+)
+def test_lapi_breaking_off_or_sending_junk_is_unreadable_naming_why(chunks, says):
+    config = job.Config("a" * 32, "b" * 32, "t", lapi_url="http://lapi")
+    with pytest.raises(job.LapiUnreadable) as caught:
+        list(job.lapi_batches(chunks, config))
+    assert str(caught.value).startswith(says)

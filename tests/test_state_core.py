@@ -10,6 +10,7 @@ import ipaddress
 import json
 import math
 import time
+import tracemalloc
 import zlib
 from collections import Counter
 from types import SimpleNamespace
@@ -380,6 +381,22 @@ def test_a_record_unpacks_to_at_most_what_its_header_allows():
         assert (
             unpacking_says(gzip_of(at_most), most - 1) == f"unpacks to more than its header allows ({most - 1} bytes)"
         )
+
+
+@pytest.mark.parametrize("head", [b"", header_line()])
+def test_a_bomb_is_found_out_without_being_unpacked(head):
+    """32 MiB of spaces from 32 KiB of gzip, with no header line or after one: refused having
+    unpacked at most what the header allows (tracemalloc counts bytes, not time)."""
+    pack = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = pack.compress(head) + b"".join(pack.compress(b" " * (1 << 20)) for _ in range(32)) + pack.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(job.RecordCorrupt):
+            job.unpacked_record(bomb, 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
 
 
 def test_a_header_line_is_found_in_the_first_64_kib_or_not_at_all():
