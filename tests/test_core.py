@@ -798,6 +798,7 @@ MUST = "HTTPS_PROXY must be a proxy URL http://host:port (or http://user:passwor
     [
         ("socks5://u:pw@proxy:1080", f"{MUST}, got socks5://…: only a proxy spoken to in plain HTTP is supported"),
         ("https://proxy:3128", f"{MUST}, got https://…: only a proxy spoken to in plain HTTP is supported"),
+        ("http://http://proxy:3128", f"{MUST}, got http://http://…: only a proxy spoken to in plain HTTP is supported"),
         ("http://u:pw@proxy", f"{MUST}, got 'http://…@proxy'"),  # no port
         ("u:pw@proxy:0", f"{MUST}, got '…@proxy:0'"),
         ("http://proxy:99999", f"{MUST}, got 'http://proxy:99999'"),
@@ -848,6 +849,7 @@ def test_each_proxy_variable_is_read_lower_case_first_and_stripped():
     assert job.proxy_variable({"HTTPS_PROXY": " up:1 "}, "HTTPS_PROXY") == ("HTTPS_PROXY", "up:1")
     assert job.proxy_variable({"HTTP_PROXY": "x"}, "HTTPS_PROXY") == ("HTTPS_PROXY", "")
     assert job.no_proxy_entries(" .A.com, ,., *,b ") == ("a.com", "*", "b")
+    assert job.no_proxy_entries("X,.XX") == ("x", "xx")  # a host named X is one
 
 
 def test_the_proxy_a_url_goes_through_depends_on_its_scheme_and_no_proxy():
