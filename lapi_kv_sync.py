@@ -224,6 +224,9 @@ def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
     return name, ""
 
 
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
     curl and Python take it), and what is wrong with it ("" when nothing is). The message never
@@ -231,17 +234,21 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     if not value:
         return None, ""
     must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
-    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
-    if scheme.lower() != "http":
-        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    # Never the credentials: all before the last "@" is left out, as a password may hold any of
+    # "/", "://" and "@" (one in base64 has "/"), written as it is instead of percent-encoded.
+    scheme = _URL_SCHEME.match(value)
+    shown = (scheme[0] if scheme else "") + "…" + value[value.rfind("@") :] if "@" in value else value
+    if scheme and scheme[1].lower() != "http":
+        return None, f"{must}, got {scheme[1]}://…: only a proxy spoken to in plain HTTP is supported"
+    rest = value[scheme.end() :] if scheme else value
     try:
         parts = urllib.parse.urlsplit("http://" + rest)
         host, port = parts.hostname, parts.port
     except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
         parts, host, port = None, None, None
     if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
-        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
-        return None, f"{must}, got {shown!r}"
+        encoded = " (/ ? # @ : in a user name or password percent-encoded)" if "@" in value else ""
+        return None, f"{must}{encoded}, got {shown!r}"
     if why := unresolvable(host):
         return None, f"{variable}: {host!r} is not a host name: {why}"
     user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")

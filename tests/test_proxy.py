@@ -73,6 +73,25 @@ def test_a_proxy_that_is_not_http_host_port_is_a_configuration_error_naming_the_
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        "http://kvsync:{password}@proxy:3128",  # a password with "/" (base64) not percent-encoded
+        "kvsync:{password}@proxy:3128",
+        "http://kvsync:se://{password}@proxy:3128",  # "://" in the password
+        "kvsync:se://{password}@proxy:3128",
+        "http://kvsync:{password}@proxy",  # no port as well
+    ],
+)
+def test_a_bad_proxy_url_is_named_without_any_of_its_password(value):
+    password = "Zm9v+YmFy/c2VjcmV0=="
+    with pytest.raises(job.ConfigError) as raised:
+        proxies(HTTPS_PROXY=value.format(password=password))
+    message = "; ".join(raised.value.problems)
+    assert "HTTPS_PROXY" in message and "@proxy" in message
+    assert not any(part in message for part in ("Zm9v", "c2VjcmV0", "kvsync:se")), message
+
+
+@pytest.mark.parametrize(
     ("no_proxy", "host", "port", "direct"),
     [
         ("*", "api.cloudflare.com", 443, True),
