@@ -258,7 +258,10 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
 
 
 def no_proxy_entries(value: str) -> tuple[str, ...]:
-    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+    # A leading `*.` as a leading dot, as Go reads it: a NO_PROXY written for Go's tools
+    # (`*.svc.cluster.local`) must not send the in-cluster LAPI to the proxy.
+    entries = (e.strip().lower() for e in value.split(","))
+    return tuple(name for e in entries if (name := e.removeprefix("*.").lstrip(".")))
 
 
 def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:

@@ -111,6 +111,9 @@ def test_a_bad_proxy_url_is_named_without_any_of_its_password(value):
         ("[::1]:8080", "::1", 80, False),
         ("lapi:8080", "lapi", 8080, True),
         ("lapi:8080", "lapi", 8081, False),
+        # `*.` as Go (kubectl, Helm, containerd) reads it: many clusters' NO_PROXY is written so
+        ("*.svc.cluster.local", "crowdsec-service.crowdsec.svc.cluster.local", 8080, True),
+        ("*.cluster.local", "notcluster.local", 8080, False),
     ],
 )
 def test_no_proxy_as_curl_and_python_read_it(no_proxy, host, port, direct):
