@@ -802,11 +802,12 @@ class Http:
             raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
         status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
         if status is None:
-            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+            quoted_head = snippet(bytes(answer), self.proxies.secrets, 80)  # redacted before the cut
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {quoted_head}, not HTTP")
         code = int(status[1])
         if 200 <= code < 300:
             return
-        reason = snippet(status[2])
+        reason = snippet(status[2], self.proxies.secrets)
         hint = PROXY_HINTS.get(code, "")
         # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
         raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)

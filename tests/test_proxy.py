@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -229,6 +230,21 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_run_at_once(proxied, status):
     assert len(proxy.requests) == 1 and result.sleeps == []  # its final word: not retried
     assert stack.kv.live() == {} and stack.lapi.queries  # LAPI read, KV never reached
     assert stack.push.value("crowdsec_kv_sync_exit_code") == job.EXIT_CLOUDFLARE
+
+
+# Where each answer is cut (its reason at 120 characters, a head that is not HTTP at 80 bytes),
+# with the password across the cut.
+@pytest.mark.parametrize(("head", "pad"), [(b"HTTP/1.1 407 %s\r\n\r\n", 110), (b"HTTQ/9 %s\r\n\r\n", 63)])
+def test_a_proxy_quoting_the_password_in_its_answer_gets_it_redacted_before_the_cut(head, pad):
+    """Its answer is cut to a snippet: redacted after the cut, the password's head would remain."""
+    proxy = job.Proxy("proxy.corp", 3128, "HTTPS_PROXY", PROXY_USER, PROXY_PASSWORD)
+    http = job.Http(job.SYSTEM_CLOCK, 5, job.SYSTEM_CLOCK.monotonic() + 30, proxies=job.Proxies(proxy))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(head % (b"x" * pad + PROXY_PASSWORD.encode()))
+        with pytest.raises(job.ProxyError) as raised:
+            http._tunnel(ours, proxy, (KV_HOST, 443), 5)
+    assert "proxy-pass" not in str(raised.value) and "[redacted]" in str(raised.value)
 
 
 def test_the_proxy_wants_credentials_the_variable_does_not_give(proxied):
