@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import datetime
+import email.utils
+import inspect
 import ipaddress
 import json
 import time
@@ -13,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
+from tests.conftest import UNDER_MUTATION
+from tests.test_cli import Recording, variables_read
 
 NOW = 1_800_000_000.0
 
@@ -51,6 +57,12 @@ def row(value="192.0.2.1", duration="1h", type="ban", scope="Ip", **extra):
 )
 def test_go_durations_parse(text, seconds):
     assert job.parse_go_duration(text) == pytest.approx(seconds, abs=1e-9)
+
+
+@pytest.mark.parametrize("text", ["2562047h47m16.854775807s", "9223372036854775807ns"])
+def test_the_longest_go_duration_is_one(text):
+    # time.Duration's maximum, 2^63 - 1 ns, as Go writes it and in nanoseconds: the fast path and the loop.
+    assert job.parse_go_duration(text) == job.GO_MAX_SECONDS
 
 
 @pytest.mark.parametrize("text", ["", "h", "5", "5x", "1h 2m", "--1s", "1s2", "s1", "1.2.3s", "-", "1hh"])
@@ -177,12 +189,45 @@ def test_expanded_ranges_merge_with_ip_decisions():
     assert p.ignored == Counter(range_too_large=2)
 
 
+def test_a_range_is_expanded_with_its_host_bits_cleared_up_to_exactly_the_limit():
+    # ip_network(strict=False): LAPI keeps a range as written (`198.51.100.7/30`).
+    p = job.project([row("198.51.100.7/30", scope="Range"), row("203.0.113.0/29", scope="Range")], NOW, "ip:", 4)
+    assert sorted(p.wanted) == [f"ip:198.51.100.{i}" for i in range(4, 8)]
+    assert p.ignored == Counter(range_too_large=1)  # 8 addresses, over 4
+
+
 def test_metadata_fits_cloudflare_limit():
     wanted = job.Wanted("ban", NOW, "o" * 5000, "é" * 5000)
     metadata = job.metadata_of(wanted.remediation, wanted.origin, wanted.scenario)
     assert metadata["remediation"] == "ban"
     assert len(json.dumps(metadata).encode()) <= job.MAX_METADATA_BYTES
     assert metadata["scenario"].startswith("é")
+
+
+def test_a_bulk_item_carries_the_key_value_ttl_and_the_whole_metadata():
+    # Origin and scenario, not only the remediation: the README documents all three, and the
+    # Worker's analytics and CrowdSec's usage metrics read them.
+    wanted = {"ip:192.0.2.1": job.Wanted("captcha", NOW + 3600, "cscli", "crowdsecurity/ssh-bf")}
+    (write,) = job.make_plan(wanted, {}, NOW).writes
+    assert write == job.Write("ip:192.0.2.1", "captcha", 3600, "cscli", "crowdsecurity/ssh-bf")
+    assert job.bulk_item(write) == {
+        "key": "ip:192.0.2.1",
+        "value": "captcha",
+        "expiration_ttl": 3600,
+        "metadata": {"remediation": "captcha", "origin": "cscli", "scenario": "crowdsecurity/ssh-bf"},
+    }
+
+
+def test_a_decision_with_under_a_second_left_is_written_and_fields_that_are_not_text_are_empty():
+    p = job.project([row(duration="500ms", origin=None, scenario=5)], NOW, "ip:")
+    assert p.wanted == {"ip:192.0.2.1": job.Wanted("ban", NOW + 0.5, "", "")}
+
+
+def test_a_key_of_exactly_512_bytes_is_written_and_each_longer_one_counted():
+    # 10.0.0.8/29: 10.0.0.8 and .9 make keys of 512 bytes; .10 to .15 one byte more each.
+    p = job.project([row("10.0.0.8/29", scope="Range")], NOW, "x" * 504, 8)
+    assert sorted(p.wanted) == ["x" * 504 + "10.0.0.8", "x" * 504 + "10.0.0.9"]
+    assert p.ignored == Counter(invalid=6)
 
 
 def test_key_over_512_bytes_is_not_written():
@@ -230,6 +275,20 @@ def test_expiration_within_slack_is_unchanged():
     assert [w.key for w in plan.writes] == ["ip:b", "ip:c"]
 
 
+def test_an_expiration_exactly_a_slack_off_is_unchanged_and_a_key_gone_at_its_expiration_is_not_deleted():
+    within = {"ip:a": job.Present(NOW + 3600 - 60, "ban"), "ip:b": job.Present(NOW + 3600 + 60, "ban")}
+    plan = job.make_plan({k: wanted_of() for k in within}, {**within, "ip:gone": job.Present(NOW, "ban")}, NOW)
+    assert (plan.unchanged, plan.writes, plan.deletes) == (["ip:a", "ip:b"], [], [])
+
+
+def test_a_decision_of_exactly_max_ttl_is_not_capped():
+    exact = {"ip:a": wanted_of(seconds=job.MAX_TTL)}
+    plan = job.make_plan(exact, {}, NOW)
+    assert [w.ttl for w in plan.writes] == [job.MAX_TTL] and plan.refresh_at == float("inf")
+    an_hour_short = {"ip:a": job.Present(NOW + job.MAX_TTL - 3600, "ban")}  # off by more than the slack
+    assert [w.key for w in job.make_plan(exact, an_hour_short, NOW).writes] == ["ip:a"]
+
+
 def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():
     plan = job.make_plan({"ip:a": wanted_of(seconds=5)}, {}, NOW)
     assert plan.writes[0].ttl == job.MIN_TTL
@@ -240,6 +299,7 @@ def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():
 
 def test_present_keys_reads_what_it_can_and_marks_the_rest_stale():
     page = [
+        "junk",  # skipped, not the end of the page
         {"name": "ip:a", "expiration": 1_800_003_600, "metadata": {"remediation": "ban", "origin": "o"}},
         {"name": "ip:b", "expiration": "soon", "metadata": {"remediation": "block"}},
         {"name": "ip:c", "metadata": "ban"},
@@ -252,6 +312,19 @@ def test_present_keys_reads_what_it_can_and_marks_the_rest_stale():
         "ip:b": job.Present(None, None),
         "ip:c": job.Present(None, None),
     }
+
+
+def test_unsuccessful_keys_are_the_strings_cloudflare_lists():
+    assert job.unsuccessful_keys({"successful_key_count": 1, "unsuccessful_keys": ["ip:a", 3, None, "ip:b"]}) == [
+        "ip:a",
+        "ip:b",
+    ]
+    assert job.unsuccessful_keys({"unsuccessful_keys": None}) == job.unsuccessful_keys(None) == []
+
+
+def test_an_http_date_is_a_unix_time_and_anything_else_none():
+    assert job.http_date("Fri, 15 Jan 2027 08:00:10 GMT") == 1_800_000_010
+    assert job.http_date(None) is job.http_date("") is job.http_date("soon") is None
 
 
 def test_chunks_never_exceed_the_bulk_limit():
@@ -325,6 +398,18 @@ def test_exposition_is_valid_text_format():
     assert "crowdsec_kv_sync_decisions 3" in lines
 
 
+def test_exposition_gives_each_family_one_help_and_type_then_its_samples():
+    samples = [
+        ("a_total", "What a is.", {}, 3.0),
+        ("b", "What b is.", {"x": "1", "y": "2"}, 0.5),
+        ("b", "What b is.", {"x": "3", "y": "4"}, 1e20),
+    ]
+    assert job.exposition(samples) == (
+        "# HELP a_total What a is.\n# TYPE a_total gauge\na_total 3\n"
+        '# HELP b What b is.\n# TYPE b gauge\nb{x="1",y="2"} 0.5\nb{x="3",y="4"} 100000000000000000000\n'
+    )
+
+
 def test_failed_run_reports_only_success_last_run_and_duration():
     names = {name for name, *_ in job.metric_samples(job.Report(started=NOW, duration=2.0))}
     assert names == {
@@ -356,6 +441,163 @@ def test_config_names_every_missing_variable():
     for name in ("LAPI_KEY", "CF_ACCOUNT_ID", "CF_KV_NAMESPACE_ID", "CF_API_TOKEN"):
         assert name in text
     assert len(caught.value.problems) == 4
+
+
+def test_config_reads_each_setting_as_given(tmp_path):
+    env = {
+        **BASE_ENV,
+        "LAPI_URL": " https://lapi.example:8443/ ",
+        "CF_API_URL": "http://127.0.0.1:1/kvX//",
+        "CF_ACCOUNT_ID": "Ab0" + "c" * 29,  # upper case, digits, 32 of them
+        "PUSHGATEWAY_URL": "http://[::1]:65535",
+        "KV_KEY_PREFIX": "k" * 64,
+        "LOG_FORMAT": "JSON",
+        "LAPI_USAGE_METRICS": "FALSE",
+        "LAPI_ORIGINS": " crowdsec, ,cscli ",
+        "LAPI_SCENARIOS_CONTAINING": "ssh",
+        "LAPI_SCENARIOS_NOT_CONTAINING": "http,,",
+        # Each number at its smallest allowed value.
+        "RUN_DEADLINE": "1",
+        "HTTP_TIMEOUT": "0.1",
+        "MAX_DELETES": "0",
+        "EXPAND_RANGES_MAX": "0",
+        "LAPI_MAX_BYTES": "1024",
+        "AUDIT_INTERVAL": "0",
+        "STATE_FILE": str(tmp_path / "record.gz"),
+        "LAPI_KEY": "k" * job.MIN_SECRET_LENGTH,  # as short as a secret may be
+    }
+    config = job.load_config(env)
+    assert (config.lapi_url, config.cf_api_url, config.pushgateway_url) == (
+        "https://lapi.example:8443",
+        "http://127.0.0.1:1/kvX",
+        "http://[::1]:65535",
+    )
+    assert (config.kv_key_prefix, config.log_format, config.lapi_usage_metrics) == ("k" * 64, "json", False)
+    assert config.lapi_origins == ("crowdsec", "cscli")
+    assert (config.lapi_scenarios_containing, config.lapi_scenarios_not_containing) == (("ssh",), ("http",))
+    numbers = (config.run_deadline, config.http_timeout, config.max_deletes, config.expand_ranges_max)
+    assert numbers == (1, 0.1, 0, 0) and (config.lapi_max_bytes, config.audit_interval) == (1024, 0)
+    assert (config.state_file, config.lapi_key) == (str(tmp_path / "record.gz"), "k" * job.MIN_SECRET_LENGTH)
+    assert config.cf_account_id == "Ab0" + "c" * 29
+    assert type(config.max_deletes) is int and type(config.run_deadline) is float
+    defaults = job.load_config(BASE_ENV)
+    assert (defaults.run_deadline, defaults.http_timeout, defaults.audit_interval) == (240, 30, 900)
+    assert (defaults.expand_ranges_max, defaults.lapi_max_bytes) == (0, 48 * 1024 * 1024)
+    assert (defaults.log_format, defaults.lapi_usage_metrics, defaults.state_file) == ("text", True, "")
+    assert defaults.lapi_origins == defaults.lapi_scenarios_containing == defaults.lapi_scenarios_not_containing == ()
+
+
+def test_config_takes_a_client_certificate_instead_of_a_bouncer_key(tmp_path):
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    env = {
+        **BASE_ENV,
+        "LAPI_KEY": "",
+        "LAPI_CLIENT_CERT": str(tmp_path / "c.pem"),
+        "LAPI_CLIENT_KEY": str(tmp_path / "k.pem"),
+    }
+    config = job.load_config(env)
+    assert (config.lapi_key, config.lapi_client_cert, config.lapi_client_key) == (
+        "",
+        env["LAPI_CLIENT_CERT"],
+        env["LAPI_CLIENT_KEY"],
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, problems",
+    [
+        ({"LAPI_KEY": ""}, ["LAPI_KEY (or LAPI_KEY_FILE) is not set, and no LAPI_CLIENT_CERT is given"]),
+        ({"CF_API_TOKEN": " "}, ["CF_API_TOKEN (or CF_API_TOKEN_FILE) is not set"]),
+        ({"CF_ACCOUNT_ID": ""}, ["CF_ACCOUNT_ID is not set"]),
+        (
+            {"CF_KV_NAMESPACE_ID": "b" * 33},
+            [f"CF_KV_NAMESPACE_ID must be a Cloudflare identifier (up to 32 letters and digits), got {'b' * 33!r}"],
+        ),
+        ({"LAPI_KEY_FILE": "/k"}, ["LAPI_KEY and LAPI_KEY_FILE are both set: set only one"]),
+        (
+            {"CF_API_TOKEN_FILE": "/nonexistent/t", "CF_API_TOKEN": ""},
+            ["CF_API_TOKEN_FILE: cannot read /nonexistent/t: No such file or directory"],
+        ),
+        ({"LAPI_KEY": "k" * 7}, ["LAPI_KEY: the secret is under 8 characters, too short to be a real key"]),
+        (
+            {"LAPI_KEY": "k" * 20 + "\nx"},
+            ["LAPI_KEY: the secret holds more than one line; it must be one line of visible ASCII characters"],
+        ),
+        (
+            {"CF_API_TOKEN": "t" * 20 + "\rx"},
+            ["CF_API_TOKEN: the secret holds more than one line; it must be one line of visible ASCII characters"],
+        ),
+        (
+            {"LAPI_KEY": "k" * 20 + " x"},
+            [
+                "LAPI_KEY: the secret holds a character that is not visible ASCII; it must be one line of visible ASCII characters"
+            ],
+        ),
+        ({"LAPI_URL": "ftp://x"}, ["LAPI_URL must be an http:// or https:// URL, got 'ftp://x'"]),
+        ({"LAPI_URL": "http://[::1"}, ["LAPI_URL must be an http:// or https:// URL, got 'http://[::1'"]),
+        ({"CF_API_URL": "https://"}, ["CF_API_URL must be an http:// or https:// URL, got 'https:'"]),
+        ({"PUSHGATEWAY_URL": "http://u:p@h"}, ["PUSHGATEWAY_URL must not carry credentials in the URL"]),
+        ({"PUSHGATEWAY_URL": "http://u@h"}, ["PUSHGATEWAY_URL must not carry credentials in the URL"]),
+        ({"LAPI_URL": "http://h:0"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:0'"]),
+        ({"LAPI_URL": "http://h:65536"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:65536'"]),
+        ({"LAPI_URL": "http://h:port"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:port'"]),
+        ({"RUN_DEADLINE": "0.5"}, ["RUN_DEADLINE must be a number >= 1, got '0.5'"]),
+        ({"HTTP_TIMEOUT": "0.09"}, ["HTTP_TIMEOUT must be a number >= 0.1, got '0.09'"]),
+        ({"LAPI_MAX_BYTES": "1023"}, ["LAPI_MAX_BYTES must be a whole number >= 1024, got '1023'"]),
+        ({"MAX_DELETES": "-1"}, ["MAX_DELETES must be a whole number >= 0, got '-1'"]),
+        ({"AUDIT_INTERVAL": "-0.5"}, ["AUDIT_INTERVAL must be a number >= 0, got '-0.5'"]),
+        ({"KV_KEY_PREFIX": "k" * 65}, [f"KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got {'k' * 65!r}"]),
+        ({"KV_KEY_PREFIX": "é" * 33}, [f"KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got {'é' * 33!r}"]),
+        ({"KV_KEY_PREFIX": "ip: "}, ["KV_KEY_PREFIX must be 1 to 64 bytes with no white space, got 'ip: '"]),
+        ({"LOG_FORMAT": "XML"}, ["LOG_FORMAT must be text or json, got 'xml'"]),
+        ({"LAPI_USAGE_METRICS": "No"}, ["LAPI_USAGE_METRICS must be true or false, got 'no'"]),
+        ({"LAPI_CA_CERT": "/nonexistent/ca.pem"}, ["LAPI_CA_CERT: cannot read /nonexistent/ca.pem"]),
+        (
+            {"LAPI_CLIENT_CERT": "/etc/hostname"},
+            ["LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither"],
+        ),
+        (
+            {"LAPI_CLIENT_KEY": "/etc/hostname"},
+            ["LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither"],
+        ),
+        (
+            {"STATE_FILE": "/stateX/"},
+            ["STATE_FILE names a directory (/stateX/): name a file in it, e.g. /stateX/record.gz"],
+        ),
+        ({"STATE_FILE": "/"}, ["STATE_FILE names a directory (/): name a file in it, e.g. /record.gz"]),
+        ({"STATE_FILE": "/etc"}, ["STATE_FILE names a directory (/etc): name a file in it, e.g. /etc/record.gz"]),
+    ],
+)
+def test_each_bad_setting_is_one_message_naming_it(extra, problems):
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, **extra})
+    assert caught.value.problems == problems
+    assert str(caught.value) == "; ".join(problems)
+
+
+def test_a_host_name_lookup_cannot_take_is_named_with_why():
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, "LAPI_URL": "http://a..b"})
+    (problem,) = caught.value.problems
+    assert problem.startswith("LAPI_URL: 'a..b' is not a host name: ") and "label" in problem
+
+
+def test_secret_files_are_read_without_a_byte_order_mark_and_checked_like_values(tmp_path):
+    (tmp_path / "bom").write_bytes("\ufefffrom-file-key\n".encode())
+    (tmp_path / "empty").write_text(" \n")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9-key-1234")
+    (tmp_path / "two-lines").write_text("line-one-key\nline-two-key\n")
+    env = {k: v for k, v in BASE_ENV.items() if k != "LAPI_KEY"}  # LAPI_KEY not set at all
+    assert job.load_config({**env, "LAPI_KEY_FILE": str(tmp_path / "bom")}).lapi_key == "from-file-key"
+    for name, says in {
+        "empty": "is empty",
+        "latin1": "is not UTF-8 text",
+        "two-lines": ": the secret holds more than one line; it must be one line of visible ASCII characters",
+    }.items():
+        with pytest.raises(job.ConfigError) as caught:
+            job.load_config({**env, "LAPI_KEY_FILE": str(tmp_path / name)})
+        assert caught.value.problems == [f"LAPI_KEY_FILE ({tmp_path / name}) {says}".replace(") :", "):")]
 
 
 def test_config_reads_secrets_from_files(tmp_path):
@@ -397,17 +639,95 @@ def test_bad_values_are_named(extra, named):
     assert named in str(caught.value)
 
 
+NUMBER_PROBE = "2048"  # a value every number setting takes as it is
+
+
+def number_settings() -> set[str]:
+    """Every variable load_config reads as a number: those it hands to its `number()` parser, and
+    any other it turns into a number of the Config (found by setting each variable it reads)."""
+    if UNDER_MUTATION:  # no source to read: the names looked up on an empty environment (every one: it reports all)
+        parsed, empty = set(), Recording({})
+        with contextlib.suppress(job.ConfigError):
+            job.load_config(empty)
+        names = empty.asked
+    else:
+        parsed = {
+            call.args[0].value
+            for call in ast.walk(ast.parse(inspect.getsource(job.load_config)))
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "number" and call.args
+        }
+        names = variables_read()
+    base = job.load_config(BASE_ENV)
+    found = set()
+    for name in names - set(BASE_ENV):
+        try:
+            config = job.load_config({**BASE_ENV, name: NUMBER_PROBE})
+        except job.ConfigError:
+            continue
+        if any(
+            type(value) in (int, float) and value == float(NUMBER_PROBE) and value != getattr(base, key)
+            for key, value in vars(config).items()
+        ):
+            found.add(name)
+    return parsed | found
+
+
+def test_number_settings_are_found():
+    """The scan finds what it must, so the test below covers every number setting."""
+    assert {"RUN_DEADLINE", "HTTP_TIMEOUT", "AUDIT_INTERVAL", "MAX_DELETES", "EXPAND_RANGES_MAX"} <= number_settings()
+    assert "LOG_FORMAT" not in number_settings() and "CF_ACCOUNT_ID" not in number_settings()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "Infinity", "-inf", "NaN", "+Infinity", "-nan", "1e999", " inf "])
+def test_infinity_and_nan_are_refused_for_every_number_setting_naming_it(value):
+    # RUN_DEADLINE=inf would be no deadline at all, AUDIT_INTERVAL=nan an audit every run.
+    for name in sorted(number_settings()):
+        with pytest.raises(job.ConfigError) as caught:
+            job.load_config({**BASE_ENV, name: value})
+        assert [p.split()[0] for p in caught.value.problems] == [name], caught.value.problems
+
+
+def test_lapi_query_asks_for_the_scopes_and_filters_configured():
+    base = job.load_config(BASE_ENV)
+    assert job.lapi_query(base) == "scopes=ip,range,country,as"
+    assert job.lapi_query(job.load_config({**BASE_ENV, "SCOPE_TABLE": "false"})) == "scopes=ip"
+    filtered = job.Config(
+        **{
+            **base.__dict__,
+            "scope_table": False,
+            "expand_ranges_max": 16,
+            "lapi_origins": ("crowdsec", "cscli"),
+            "lapi_scenarios_containing": ("ssh", "smtp"),
+            "lapi_scenarios_not_containing": ("http", "smb"),
+        }
+    )
+    assert job.lapi_query(filtered) == (
+        "scopes=ip,range&origins=crowdsec,cscli&scenarios_containing=ssh,smtp&scenarios_not_containing=http,smb"
+    )
+
+
 def test_retry_after_in_seconds_or_http_date():
     assert job.retry_after_seconds("7", NOW) == 7
     assert job.retry_after_seconds("Fri, 15 Jan 2027 08:00:10 GMT", 1_800_000_000.0) == pytest.approx(
         1_800_000_000.0 - NOW + 0, abs=1e7
     )
-    import email.utils
 
     date = email.utils.formatdate(NOW + 30, usegmt=True)
     assert job.retry_after_seconds(date, NOW) == pytest.approx(30)
     assert job.retry_after_seconds("soon", NOW) is None
     assert job.retry_after_seconds(None, NOW) is None
+
+
+@pytest.mark.parametrize("ago", [1, 30, 3600, 10 * 365 * 86400])
+def test_a_retry_after_date_already_past_means_retry_at_once(ago):
+    # Our clock ahead of Cloudflare's: time.sleep() raises ValueError on a negative wait.
+    assert job.retry_after_seconds(email.utils.formatdate(NOW - ago, usegmt=True), NOW) == 0
+
+
+@given(st.integers(-(10**8), 10**8))
+def test_a_retry_after_date_is_the_wait_until_then_never_negative(offset):
+    wait = job.retry_after_seconds(email.utils.formatdate(NOW + offset, usegmt=True), NOW)
+    assert wait == max(0, offset)
 
 
 go_parts = st.lists(

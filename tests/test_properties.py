@@ -93,7 +93,7 @@ def test_one_run_converges_and_a_second_is_free(rows, start):
         assert {k: e.value for k, e in ours.items()} == {k: w.remediation for k, w in projection.wanted.items()}
         for key, entry in ours.items():
             assert abs(entry.expiration - max(projection.wanted[key].end, time.time() + 60)) <= 65
-            assert entry.metadata["remediation"] == entry.value
+            assert entry.metadata == {"remediation": entry.value, "origin": "o", "scenario": "s"}
         assert {k: v for k, v in kv.snapshot().items() if not k.startswith("ip:")} == foreign
 
         kv.reset_counts()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import ipaddress
 import json
+import math
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -13,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
+from tests.conftest import UNDER_MUTATION
 from tests.standins import decision
 from tests.test_scopes import plain_entry
 
@@ -285,6 +290,55 @@ def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
         job.decode_record([*lines, "more\n"])
 
 
+def three_keys() -> list[str]:
+    keys = {f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}
+    figures = job.Projected(3, {"ban": 3}, {})
+    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW), 0))
+
+
+def with_header(**changes) -> list[str]:
+    lines = three_keys()
+    return [json.dumps({**json.loads(lines[0]), **changes}) + "\n", *lines[1:]]
+
+
+def with_column(column: int, text: str) -> list[str]:
+    lines = three_keys()
+    return [*lines[:column], text, *lines[column + 1 :]]
+
+
+NOT_WHOLE = "the key columns are not whole"
+
+
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        ([], "not a lapi-kv-sync state record"),
+        (["junk\n"], "not a lapi-kv-sync state record"),
+        (with_header(format=2), "format 2, this version reads 1"),
+        (with_header(keys="three"), "header lacks a field or holds a wrong type"),
+        (with_header(refresh_at=math.inf), "header lacks a field or holds a wrong type"),
+        (with_header(audited_at=math.inf), "header holds a number out of range"),
+        (with_header(clock_offset=math.nan), "header holds a number out of range"),
+        ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more lines than the header says)"),
+        (
+            with_column(1, '{"ip:10.0.0.0":1,"ip:10.0.0.1":1,"ip:10.0.0.2":1}\n'),
+            f"{NOT_WHOLE} (not as many keys as the header says)",
+        ),
+        (with_column(2, '{"a":1,"b":2,"c":3}\n'), f"{NOT_WHOLE} (not as many keys as the header says)"),
+        (with_column(3, "bb\n"), f"{NOT_WHOLE} (columns of different lengths)"),
+        (with_column(2, "[1,2,3.5]\n"), f"{NOT_WHOLE} (an expiration that is not a whole number)"),
+        (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'), f"{NOT_WHOLE} (a key outside the prefix)"),
+        (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'), "a key appears twice"),
+    ],
+)
+def test_a_corrupt_record_says_what_is_wrong(lines, says):
+    # The warning of the run that audits because of it quotes this.
+    assert job.decode_record(three_keys()).refresh_at == NOW  # whole, it reads
+    with pytest.raises(job.RecordCorrupt) as caught:
+        job.decode_record(lines)
+    assert str(caught.value) == says
+
+
 # --------------------------------------------------------------------------- when to audit
 
 
@@ -315,6 +369,26 @@ def test_audit_reasons(loaded, config, requested, reason):
     assert found == reason and words
     assert (found in job.TRUSTED_AUDITS) == (reason in (None, "requested", "interval"))
     assert found is None or found in job.AUDIT_REASONS
+
+
+def test_audit_reasons_say_why_in_words():
+    def reason(loaded, config=CONFIG, requested=False):
+        return job.audit_reason(loaded, config, NOW, requested)
+
+    assert reason(job.Loaded(record(), None), job.Config("a", "b", "t")) == (
+        "no_state_file",
+        "every run without STATE_FILE",
+    )
+    assert reason(job.Loaded(None, None)) == ("no_record", "no record yet")
+    assert reason(job.Loaded(None, "unreadable", "record unreadable (x)")) == ("unreadable", "record unreadable (x)")
+    assert reason(job.Loaded(record(account="c" * 32, prefix="cs/"), None))[1] == (
+        "record written for another CF_ACCOUNT_ID, KV_KEY_PREFIX"
+    )
+    assert reason(job.Loaded(record(namespace="c" * 32), None))[1] == "record written for another CF_KV_NAMESPACE_ID"
+    assert reason(job.Loaded(record(), None), requested=True)[1] == "--audit, last audit 100s ago"
+    assert reason(job.Loaded(record(audited_at=NOW - 900.4), None))[1] == "last audit 900s ago, AUDIT_INTERVAL=900"
+    assert reason(job.Loaded(record(), None)) == (None, "record trusted, last audit 100s ago")
+    assert reason(job.Loaded(record(audited_at=NOW), None)) == (None, "record trusted, last audit 0s ago")  # just now
 
 
 # --------------------------------------------------------------------------- applying confirmed results
@@ -452,6 +526,14 @@ def test_the_digest_changes_with_anything_but_a_duration(change):
     assert answer_digest([lapi_answer(["4h"] * 3, **change)]) != answer_digest([lapi_answer(["4h"] * 3)])
 
 
+@pytest.mark.parametrize("size", [1, 7, 64, 383, 1000])
+def test_the_digest_of_rows_longer_than_a_duration_field_ignores_the_chunks_too(size):
+    # Rows far apart (a long scenario): a field cut by a chunk's end is the only one held back.
+    body = lapi_answer(["3h59m58.349167242s"] * 4, scenario="s" * 2000)
+    later = lapi_answer(["3h58m1.5s"] * 4, scenario="s" * 2000)
+    assert answer_digest([body[i : i + size] for i in range(0, len(body), size)]) == answer_digest([later])
+
+
 @pytest.mark.parametrize("junk", [("1" * 20 + "h") * 6 + "x", "1" * 20 + "." + "1" * 20 + "x"])
 def test_the_digest_takes_no_time_over_a_duration_that_is_almost_a_go_duration(junk):
     # Each number could be split two ways ([0-9]*, an optional dot, [0-9]+): six groups of 20
@@ -473,13 +555,97 @@ def test_the_digest_changes_with_a_decision_more_or_less_and_with_what_shapes_th
         assert answer_digest([three], other) != answer_digest([three])
 
 
+# Each setting that shapes the keys a LAPI answer projects onto, with two values that are not the
+# default, and whether the two keep LAPI's query the same (then only the digest can tell them apart).
+SHAPES_THE_KEYS = {
+    "kv_key_prefix": ("ban:", "cs/", True),
+    "expand_ranges_max": (16, 256, True),
+    "lapi_origins": (("crowdsec",), ("cscli",), False),
+    "lapi_scenarios_containing": (("ssh",), ("http",), False),
+    "lapi_scenarios_not_containing": (("ssh",), ("http",), False),
+    "scope_table": (True, False, False),
+    "scope_table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
+}
+# Every other setting, and why it need not be in the digest.
+SHAPES_NO_KEY = {
+    "cf_account_id": "the record's own: a record for another account is not trusted (audit_reason)",
+    "cf_namespace_id": "the record's own, as the account",
+    "cf_api_token": "a credential",
+    "lapi_key": "a credential",
+    "lapi_url": "another LAPI answers with its own decisions, which are digested",
+    "cf_api_url": "where the keys go, not which",
+    "pushgateway_url": "metrics",
+    "run_deadline": "time, not keys",
+    "http_timeout": "time, not keys",
+    "lapi_ca_cert": "TLS to LAPI",
+    "lapi_client_cert": "TLS to LAPI",
+    "lapi_client_key": "TLS to LAPI",
+    "max_deletes": "a run it holds back does not converge, so records no digest",
+    "log_format": "output",
+    "lapi_usage_metrics": "may_be_unchanged() plans again when usage metrics are due",
+    "lapi_max_bytes": "an answer over it is unreadable: no run, no digest",
+    "state_file": "where the record is",
+    "audit_interval": "when the record is trusted, not what it holds",
+    "proxies": "how the job reaches LAPI and Cloudflare, not what it asks",
+}
+
+
+def config_fields_read(node: ast.AST) -> set[str]:
+    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "config"}
+
+
+def settings_the_projection_reads() -> set[str]:
+    """Read from the code: the settings handed to project() and scope_table() (what lands in KV)
+    wherever they are called, and those that make LAPI's query (which decisions LAPI answers with)."""
+    module = ast.parse(inspect.getsource(job))
+    fields = config_fields_read(ast.parse(inspect.getsource(job.lapi_query)))
+    for call in ast.walk(module):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("project", "scope_table"):
+            fields |= config_fields_read(call)
+    return fields
+
+
+@pytest.mark.skipif(UNDER_MUTATION, reason="reads the job's source, which mutmut rewrites")
+def test_every_setting_is_known_to_shape_the_keys_or_not():
+    settings = {f.name for f in dataclasses.fields(job.Config)}
+    unknown = settings - set(SHAPES_THE_KEYS) - set(SHAPES_NO_KEY)
+    assert not unknown, f"a new setting: put it in SHAPES_THE_KEYS (and in AnswerDigest) or SHAPES_NO_KEY: {unknown}"
+    assert set(SHAPES_THE_KEYS) | set(SHAPES_NO_KEY) <= settings  # no setting that is gone
+    read = settings_the_projection_reads()
+    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes"} <= read  # the scan works
+    assert read <= set(SHAPES_THE_KEYS), (
+        f"the projection reads {read - set(SHAPES_THE_KEYS)}: add it to SHAPES_THE_KEYS"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES_THE_KEYS))
+def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
+    # A trusted record whose digest matched would make the run plan nothing: with a digest blind to
+    # EXPAND_RANGES_MAX (16 -> 256) none of the newly allowed keys would be written until the next audit.
+    one, other, same_query = SHAPES_THE_KEYS[name]
+    configs = [job.Config(**{**CONFIG.__dict__, name: value}) for value in (one, other)]
+    if not isinstance(one, bool):
+        assert all(getattr(c, name) != getattr(CONFIG, name) for c in configs)  # neither is the default
+    assert (job.lapi_query(configs[0]) == job.lapi_query(configs[1])) == same_query
+    answer = [lapi_answer(["4h"] * 3)]
+    assert answer_digest(answer, configs[0]) != answer_digest(answer, configs[1])
+    assert answer_digest(answer, configs[0]) == answer_digest(answer, configs[0])
+
+
 def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
     figures = job.Projected(3, {"ban": 2, "captcha": 1}, {"scope": 4})
     keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:192.0.2.2": job.Present(None, None)}
-    original = record(keys, lapi_digest="d" * 40, projected=figures)
+    original = record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW + 86400.5)
     back = job.decode_record(line + "\n" for line in "".join(job.encode_record(original, NOW)).split("\n")[:-1])
     assert back == original and back.earliest_expiration() == NOW + 60
     assert record({}).earliest_expiration() == float("inf")
+    assert record({"ip:192.0.2.1": job.Present(0, "ban")}).earliest_expiration() == 0  # 0 is an expiration too
+
+
+def test_a_key_expiring_at_the_moment_the_record_is_written_is_left_out():
+    keys = {"ip:192.0.2.1": job.Present(int(NOW), "ban"), "ip:192.0.2.2": job.Present(int(NOW) + 1, "ban")}
+    written = job.decode_record(job.encode_record(record(keys), NOW))
+    assert list(written.keys) == ["ip:192.0.2.2"]  # as make_plan counts a key gone at its expiration
 
 
 @pytest.mark.parametrize("projected", [None, [], {"wanted": 1}, {"wanted": "x", "by_remediation": {}, "ignored": {}}])
@@ -504,6 +670,9 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
     off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
     assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
     assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
+    due = fresh._replace(refresh_at=NOW + 300)  # a key capped at MAX_TTL is due to be rewritten then
+    assert job.may_be_unchanged(due, off, NOW, NOW + 299 - fresh.clock_offset)
+    assert not job.may_be_unchanged(due, off, NOW, NOW + 300 - fresh.clock_offset)
 
 
 def test_the_plan_says_when_the_first_key_capped_at_max_ttl_is_due_again():

@@ -126,6 +126,23 @@ def test_keys_values_expirations_and_reasons(stack):
     assert stack.push.value(PREFIXED + "table_entries", 'scope="country",remediation="ban"') == 1
 
 
+def test_each_key_is_stored_with_its_remediation_origin_and_scenario(stack):
+    # The README documents all three; the Worker's analytics and CrowdSec's usage metrics read them.
+    stack.lapi.decisions = [
+        decision("192.0.2.1", origin="cscli", scenario="manual 'ban' from 'admin'"),
+        decision("192.0.2.2", type="captcha", origin="crowdsec", scenario="crowdsecurity/http-probing"),
+        decision("192.0.2.3", 600, "captcha", origin="crowdsec", scenario="crowdsecurity/ssh-bf"),
+        decision("192.0.2.3", 3600, origin="lists", scenario="firehol_level1"),  # the ban wins, with its origin
+    ]
+    result = stack.run()
+    assert result.code == 0, result.err
+    assert {key: entry.metadata for key, entry in stack.kv.live().items()} == {
+        "ip:192.0.2.1": {"remediation": "ban", "origin": "cscli", "scenario": "manual 'ban' from 'admin'"},
+        "ip:192.0.2.2": {"remediation": "captcha", "origin": "crowdsec", "scenario": "crowdsecurity/http-probing"},
+        "ip:192.0.2.3": {"remediation": "ban", "origin": "lists", "scenario": "firehol_level1"},
+    }
+
+
 def test_unban_deletes_only_that_key_and_changes_rewrite_only_theirs(stack):
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(30)]
     assert stack.run().code == 0
@@ -291,6 +308,18 @@ def test_retry_after_as_http_date(stack):
     result = stack.run()
     assert result.code == 0
     assert 17 <= result.sleeps[0] <= 21
+
+
+def test_a_retry_after_date_already_past_retries_at_once_in_a_real_process(stack):
+    # Our clock ahead of Cloudflare's: the date has passed. The in-process test clock would take a
+    # negative wait; a real process's time.sleep() raises ValueError on one, and the run would fail.
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    past = email.utils.formatdate(time.time() - 120, usegmt=True)
+    stack.kv.faults += [Fault("429", "list", retry_after=past), Fault("429", "bulk_put", retry_after=past)]
+    result = stack.run_process()
+    assert result.code == 0, result.err
+    assert stack.kv.faults == []  # both were met
+    assert {key: entry.value for key, entry in stack.kv.live().items()} == {"ip:192.0.2.1": "ban"}
 
 
 def test_a_429_longer_than_the_deadline_gives_up(stack):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The mutation check (tests/README.md, "Mutation check"): mutmut on the pure core of
+# lapi_kv_sync.py, against the fast test files ([tool.mutmut] in pyproject.toml). By hand, never
+# in CI. MUTATION_CHILDREN: mutants tested at once (default 1: the machine is shared); MUTATION_NICE:
+# its niceness (default 10).
+# Any arguments replace the list below (mutmut's own names or globs, e.g. 'lapi_kv_sync.x_merge__mutmut_3').
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The pure functions, by area. Methods are `ǁClassǁmethod`, as mutmut names them.
+functions=(
+    parse_go_duration retry_after_seconds http_date                      # durations, dates
+    canonical_address expand_range                                       # addresses
+    project merge 'ǁSharedǁ__missing__' bulk_item                        # projection, metadata
+    make_plan chunks present_keys unsuccessful_keys                      # plan
+    encode_record decode_record figures 'ǁRecordǁearliest_expiration'    # the state record
+    audit_reason record_after may_be_unchanged                           # when a record stands
+    'ǁAnswerDigestǁ__init__' 'ǁAnswerDigestǁpassing' 'ǁAnswerDigestǁhexdigest' lapi_query  # digest
+    exposition                                                           # metrics
+    load_config valid_port unresolvable                                  # configuration
+)
+names=("$@")
+if [ ${#names[@]} -eq 0 ]; then
+    for f in "${functions[@]}"; do
+        case $f in
+            ǁ*) names+=("lapi_kv_sync.x${f}__mutmut_*") ;;
+            *) names+=("lapi_kv_sync.x_${f}__mutmut_*") ;;
+        esac
+    done
+fi
+nice -n "${MUTATION_NICE:-10}" mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${names[@]}"
