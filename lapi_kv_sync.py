@@ -3671,5 +3671,21 @@ def run_reported(
     return report.exit_code
 
 
+def exit_at_once(code: int) -> None:
+    """End the process with `code`, its output flushed, without the interpreter's teardown: Python
+    puts the default signal handlers back there, so a SIGTERM in it (a pod deleted as the run
+    ends) killed a finished run by signal 15; and freeing a large run's objects one by one costs
+    time for nothing. Nothing is left to do: the record is saved, the connections are closed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def cli() -> None:
+    """The console script's entry point (`lapi-kv-sync`): main(), ended as the script ends."""
+    exit_at_once(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
