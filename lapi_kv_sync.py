@@ -224,6 +224,9 @@ def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
     return name, ""
 
 
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
     curl and Python take it), and what is wrong with it ("" when nothing is). The message never
@@ -231,17 +234,21 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     if not value:
         return None, ""
     must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
-    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
-    if scheme.lower() != "http":
-        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    # Never the credentials: all before the last "@" is left out, as a password may hold any of
+    # "/", "://" and "@" (one in base64 has "/"), written as it is instead of percent-encoded.
+    scheme = _URL_SCHEME.match(value)
+    shown = (scheme[0] if scheme else "") + "…" + value[value.rfind("@") :] if "@" in value else value
+    if scheme and scheme[1].lower() != "http":
+        return None, f"{must}, got {scheme[1]}://…: only a proxy spoken to in plain HTTP is supported"
+    rest = value[scheme.end() :] if scheme else value
     try:
         parts = urllib.parse.urlsplit("http://" + rest)
         host, port = parts.hostname, parts.port
     except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
         parts, host, port = None, None, None
     if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
-        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
-        return None, f"{must}, got {shown!r}"
+        encoded = " (/ ? # @ : in a user name or password percent-encoded)" if "@" in value else ""
+        return None, f"{must}{encoded}, got {shown!r}"
     if why := unresolvable(host):
         return None, f"{variable}: {host!r} is not a host name: {why}"
     user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
@@ -251,7 +258,10 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
 
 
 def no_proxy_entries(value: str) -> tuple[str, ...]:
-    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+    # A leading `*.` as a leading dot, as Go reads it: a NO_PROXY written for Go's tools
+    # (`*.svc.cluster.local`) must not send the in-cluster LAPI to the proxy.
+    entries = (e.strip().lower() for e in value.split(","))
+    return tuple(name for e in entries if (name := e.removeprefix("*.").lstrip(".")))
 
 
 def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:
@@ -792,11 +802,12 @@ class Http:
             raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
         status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
         if status is None:
-            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+            quoted_head = snippet(bytes(answer), self.proxies.secrets, 80)  # redacted before the cut
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {quoted_head}, not HTTP")
         code = int(status[1])
         if 200 <= code < 300:
             return
-        reason = snippet(status[2])
+        reason = snippet(status[2], self.proxies.secrets)
         hint = PROXY_HINTS.get(code, "")
         # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
         raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
