@@ -1391,21 +1391,35 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
+# The broadest Range the table takes: `0.0.0.0/0`, `::/0` (or `::ffff:0:0/96`, which is IPv4's
+# `0.0.0.0/0`), a mask typed short, would ban or challenge everyone at the edge with one decision.
+# A network broader than an IPv4 /8 or an IPv6 /16 is far likelier a mistake than a decision (a
+# regional registry's whole IPv6 allocation is a /12): it is left out as `range_too_large`.
+MIN_RANGE_PREFIX = {4: 8, 6: 16}
+
+
+class TooBroad(ValueError):
+    """A Range broader than MIN_RANGE_PREFIX allows."""
+
+
 def table_entry(scope: str, value: Any) -> tuple[str, str]:
     """Where a Range, Country or AS decision goes in the scope table: (scope, canonical value).
-    ValueError when the value is not one of that scope."""
+    ValueError when the value is not one of that scope; TooBroad for a Range too broad to take."""
     if type(value) is not str:
         raise ValueError(f"not a {scope}: {value!r}")
     if scope == "range":
         if "%" in value:  # a zone id: no client address carries one
             raise ValueError(f"not a range: {value!r}")
-        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+        if (cidr := _IPV4_CIDR.fullmatch(value)) and int(cidr[2]) >= MIN_RANGE_PREFIX[4]:
+            # Already canonical unless host bits are set: 6x cheaper than ip_network.
             host_bits = (1 << (32 - int(cidr[2]))) - 1
             if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
                 return scope, value
         network = ipaddress.ip_network(value, strict=False)
         if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
             network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
+        if network.prefixlen < MIN_RANGE_PREFIX[network.version]:
+            raise TooBroad(f"a range broader than /{MIN_RANGE_PREFIX[network.version]}: {network}")
         return scope, str(network)
     if scope == "country" and _COUNTRY.fullmatch(value):
         return scope, value.upper()
@@ -1508,6 +1522,9 @@ def project(
                 addresses = (value,)
             else:
                 addresses = (canonical_address(value),)
+        except TooBroad:
+            ignored["range_too_large"] += 1
+            continue
         except ValueError:
             ignored["invalid"] += 1
             continue
