@@ -3103,7 +3103,10 @@ def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABL
     for name in sorted(names):
         if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
             continue
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        # The first letter as typed, as spell checkers assume: API_KEY or API_URL, common in a pod's
+        # environment for other tools, must not stop every run as a misspelling of LAPI_KEY.
+        upper = name.upper()
+        close = [c for c in difflib.get_close_matches(upper, known, n=3, cutoff=MISSPELLING_CUTOFF) if c[0] == upper[0]]
         if close:
             misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
         elif name.startswith(prefixes):
