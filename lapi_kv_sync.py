@@ -224,6 +224,9 @@ def proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str]:
     return name, ""
 
 
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     """A proxy URL, `http://[user:password@]host:port` (`host:port` alone means http:// too, as
     curl and Python take it), and what is wrong with it ("" when nothing is). The message never
@@ -231,17 +234,21 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
     if not value:
         return None, ""
     must = f"{variable} must be a proxy URL http://host:port (or http://user:password@host:port)"
-    scheme, _, rest = value.rpartition("://") if "://" in value else ("http", "", value)
-    if scheme.lower() != "http":
-        return None, f"{must}, got {scheme}://…: only a proxy spoken to in plain HTTP is supported"
+    # Never the credentials: all before the last "@" is left out, as a password may hold any of
+    # "/", "://" and "@" (one in base64 has "/"), written as it is instead of percent-encoded.
+    scheme = _URL_SCHEME.match(value)
+    shown = (scheme[0] if scheme else "") + "…" + value[value.rfind("@") :] if "@" in value else value
+    if scheme and scheme[1].lower() != "http":
+        return None, f"{must}, got {scheme[1]}://…: only a proxy spoken to in plain HTTP is supported"
+    rest = value[scheme.end() :] if scheme else value
     try:
         parts = urllib.parse.urlsplit("http://" + rest)
         host, port = parts.hostname, parts.port
     except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or past 65535
         parts, host, port = None, None, None
     if parts is None or not host or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
-        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1…@", value)  # never the credentials
-        return None, f"{must}, got {shown!r}"
+        encoded = " (/ ? # @ : in a user name or password percent-encoded)" if "@" in value else ""
+        return None, f"{must}{encoded}, got {shown!r}"
     if why := unresolvable(host):
         return None, f"{variable}: {host!r} is not a host name: {why}"
     user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
@@ -251,7 +258,10 @@ def parse_proxy(variable: str, value: str) -> tuple[Proxy | None, str]:
 
 
 def no_proxy_entries(value: str) -> tuple[str, ...]:
-    return tuple(e.strip().lower().lstrip(".") for e in value.split(",") if e.strip().lstrip("."))
+    # A leading `*.` as a leading dot, as Go reads it: a NO_PROXY written for Go's tools
+    # (`*.svc.cluster.local`) must not send the in-cluster LAPI to the proxy.
+    entries = (e.strip().lower() for e in value.split(","))
+    return tuple(name for e in entries if (name := e.removeprefix("*.").lstrip(".")))
 
 
 def bypasses_proxy(entries: tuple[str, ...], host: str, port: int) -> bool:
@@ -792,11 +802,12 @@ class Http:
             raise ProxyError(f"{proxy} broke off CONNECT {authority}: {type(e).__name__}: {e}") from None
         status = re.match(rb"HTTP/1\.[01] ([0-9]{3})([^\r\n]*)", answer)
         if status is None:
-            raise ProxyError(f"{proxy} answered CONNECT {authority} with {snippet(bytes(answer[:80]))}, not HTTP")
+            quoted_head = snippet(bytes(answer), self.proxies.secrets, 80)  # redacted before the cut
+            raise ProxyError(f"{proxy} answered CONNECT {authority} with {quoted_head}, not HTTP")
         code = int(status[1])
         if 200 <= code < 300:
             return
-        reason = snippet(status[2])
+        reason = snippet(status[2], self.proxies.secrets)
         hint = PROXY_HINTS.get(code, "")
         # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
         raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
@@ -1380,21 +1391,35 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
+# The broadest Range the table takes: `0.0.0.0/0`, `::/0` (or `::ffff:0:0/96`, which is IPv4's
+# `0.0.0.0/0`), a mask typed short, would ban or challenge everyone at the edge with one decision.
+# A network broader than an IPv4 /8 or an IPv6 /16 is far likelier a mistake than a decision (a
+# regional registry's whole IPv6 allocation is a /12): it is left out as `range_too_large`.
+MIN_RANGE_PREFIX = {4: 8, 6: 16}
+
+
+class TooBroad(ValueError):
+    """A Range broader than MIN_RANGE_PREFIX allows."""
+
+
 def table_entry(scope: str, value: Any) -> tuple[str, str]:
     """Where a Range, Country or AS decision goes in the scope table: (scope, canonical value).
-    ValueError when the value is not one of that scope."""
+    ValueError when the value is not one of that scope; TooBroad for a Range too broad to take."""
     if type(value) is not str:
         raise ValueError(f"not a {scope}: {value!r}")
     if scope == "range":
         if "%" in value:  # a zone id: no client address carries one
             raise ValueError(f"not a range: {value!r}")
-        if cidr := _IPV4_CIDR.fullmatch(value):  # already canonical unless host bits are set: 6x cheaper
+        if (cidr := _IPV4_CIDR.fullmatch(value)) and int(cidr[2]) >= MIN_RANGE_PREFIX[4]:
+            # Already canonical unless host bits are set: 6x cheaper than ip_network.
             host_bits = (1 << (32 - int(cidr[2]))) - 1
             if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
                 return scope, value
         network = ipaddress.ip_network(value, strict=False)
         if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
             network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
+        if network.prefixlen < MIN_RANGE_PREFIX[network.version]:
+            raise TooBroad(f"a range broader than /{MIN_RANGE_PREFIX[network.version]}: {network}")
         return scope, str(network)
     if scope == "country" and _COUNTRY.fullmatch(value):
         return scope, value.upper()
@@ -1497,6 +1522,9 @@ def project(
                 addresses = (value,)
             else:
                 addresses = (canonical_address(value),)
+        except TooBroad:
+            ignored["range_too_large"] += 1
+            continue
         except ValueError:
             ignored["invalid"] += 1
             continue
@@ -3076,7 +3104,10 @@ def unread_variables(names: Iterable[str], known: frozenset[str] = KNOWN_VARIABL
     for name in sorted(names):
         if name in known or not _VARIABLE_SHAPE.fullmatch(name) or _SERVICE_LINK.fullmatch(name):
             continue
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=MISSPELLING_CUTOFF)
+        # The first letter as typed, as spell checkers assume: API_KEY or API_URL, common in a pod's
+        # environment for other tools, must not stop every run as a misspelling of LAPI_KEY.
+        upper = name.upper()
+        close = [c for c in difflib.get_close_matches(upper, known, n=3, cutoff=MISSPELLING_CUTOFF) if c[0] == upper[0]]
         if close:
             misspelled.append(f"{name} is not a variable this job reads: did you mean {close[0]}?")
         elif name.startswith(prefixes):
@@ -3661,5 +3692,21 @@ def run_reported(
     return report.exit_code
 
 
+def exit_at_once(code: int) -> None:
+    """End the process with `code`, its output flushed, without the interpreter's teardown: Python
+    puts the default signal handlers back there, so a SIGTERM in it (a pod deleted as the run
+    ends) killed a finished run by signal 15; and freeing a large run's objects one by one costs
+    time for nothing. Nothing is left to do: the record is saved, the connections are closed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def cli() -> None:
+    """The console script's entry point (`lapi-kv-sync`): main(), ended as the script ends."""
+    exit_at_once(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

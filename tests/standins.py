@@ -553,6 +553,10 @@ class KvStandin(Standin):
     def handle(self, request: _Handler, method: str) -> None:
         url = urllib.parse.urlsplit(request.path)
         raw = request.body()
+        if len(raw) < int(request.headers.get("Content-Length") or 0):
+            # The client went away mid-body (a run killed as it sent): no server acts on half a request.
+            request.close_connection = True
+            return
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
         suffix = url.path.removeprefix(self.base) if url.path.startswith(self.base) else None
         operation = self.OPERATIONS.get((method, suffix or ""))

@@ -209,6 +209,15 @@ def test_an_unknown_variable_with_the_jobs_prefix_gets_one_warning(stack):
     assert set(stack.kv.live()) == {"ip:192.0.2.1"}
 
 
+def test_a_name_that_differs_in_its_first_letter_is_none_of_the_jobs_business():
+    """API_KEY and API_URL (other tools' settings, in a shared envFrom) are as close to LAPI_KEY and
+    LAPI_URL as a typo; taking them for misspellings would stop every run."""
+    assert job.unread_variables(["API_KEY", "API_URL", "RUN_DEADLINES"]) == (
+        ["RUN_DEADLINES is not a variable this job reads: did you mean RUN_DEADLINE?"],
+        [],
+    )
+
+
 def test_a_containers_usual_environment_trips_nothing():
     """What a python image, Kubernetes (a Service per name in the namespace, `lapi` one of them)
     and a shell put in the environment is none of the job's business."""
@@ -256,11 +265,15 @@ def test_a_containers_usual_environment_trips_nothing():
 
 @given(st.sampled_from(sorted(job.KNOWN_VARIABLES)), st.data())
 def test_one_letter_dropped_or_doubled_in_a_long_name_is_caught(name, data):
-    """Any known name of 8 letters or more, one character dropped or doubled, is a misspelling of it."""
+    """Any known name of 8 letters or more, one character dropped or doubled, is a misspelling of it
+    (its first letter kept: API_KEY is not taken for LAPI_KEY)."""
     if len(name) < 8:
         return
     at = data.draw(st.integers(0, len(name) - 1))
-    typo = data.draw(st.sampled_from([name[:at] + name[at + 1 :], name[:at] + name[at] + name[at:]]))
+    typos = [name[:at] + name[at] + name[at:]]  # a letter doubled
+    if at > 0:
+        typos.append(name[:at] + name[at + 1 :])  # a letter dropped, not the first
+    typo = data.draw(st.sampled_from(typos))
     if typo in job.KNOWN_VARIABLES:
         return
     misspelled, unknown = job.unread_variables([typo])

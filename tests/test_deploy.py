@@ -338,15 +338,17 @@ def test_the_unconfigured_base_fails_with_a_clear_message(base, stack, tmp_path)
 
 
 def plain_rules_command() -> list[str]:
-    """The README's command that prints the rules file for a Prometheus without the Operator."""
-    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "annotate --local -f" in line]
+    """The documented command that prints the rules file for a Prometheus without the Operator
+    (docs/operations.md, "Alerts")."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    (line,) = [line for line in text.splitlines() if "annotate --local -f" in line]
     command = shlex.split(line.strip().split(" > ")[0])
     assert command[0] == "kubectl" and "k8s/alerts/prometheusrule.yaml" in command
     return command
 
 
 def plain_rules(folder: Path) -> Path:
-    """The rules file the README's command makes, written into `folder`."""
+    """The rules file the documented command makes, written into `folder`."""
     done = subprocess.run(
         [kubectl(), *plain_rules_command()[1:]],
         cwd=ROOT,
@@ -371,7 +373,7 @@ def rendered_rules(folder: Path) -> Path:
 
 
 def test_alert_rules_pass_promtool(tmp_path):
-    """The rules file a plain Prometheus loads, made by the README's command, passes promtool."""
+    """The rules file a plain Prometheus loads, made by the documented command, passes promtool."""
     (promtool,) = require("promtool")
     rules = plain_rules(tmp_path)
     done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)

@@ -49,9 +49,9 @@ def test_the_prometheus_rule_has_the_shape_the_operator_selects(monitored):
 
 
 def test_the_rendered_rules_are_the_rules_file_promtool_proves(monitored, tmp_path):
-    """The PrometheusRule's spec, the one copy, and the plain rules file made by the README's
-    command are the same rules; tests/test_alerts.py runs `promtool test rules` on the rendered
-    spec itself."""
+    """The PrometheusRule's spec, the one copy, and the plain rules file made by the documented
+    command (docs/operations.md) are the same rules; tests/test_alerts.py runs `promtool test
+    rules` on the rendered spec itself."""
     rendered = one(monitored, "PrometheusRule")["spec"]
     assert rendered == yaml.safe_load(ALERTS.read_text())["spec"]
     assert json.loads(plain_rules(tmp_path).read_text()) == rendered

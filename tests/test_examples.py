@@ -1,5 +1,5 @@
 """k8s/examples/overlay as a user takes it: copied out of the clone, pointed at the base, rendered,
-valid, carrying the user's settings to the container; and the README's one-off Job recipe."""
+valid, carrying the user's settings to the container; and the runbook's one-off Job recipe."""
 
 from __future__ import annotations
 
@@ -248,8 +248,8 @@ def test_the_example_runs_as_its_cronjob_would(example, stack, tmp_path):
 
 
 def recipes() -> list[str]:
-    """The README's one-line recipes for a one-off Job from the CronJob."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """The runbook's one-line recipes for a one-off Job from the CronJob (docs/operations.md)."""
+    lines = (ROOT / "docs" / "operations.md").read_text().splitlines()
     return [line.strip() for line in lines if "create job --from=cronjob/lapi-kv-sync" in line]
 
 

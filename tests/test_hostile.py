@@ -3,6 +3,7 @@ malformed Cloudflare answers. Short deadlines here are the subject of the tests 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
@@ -952,3 +953,25 @@ def test_junk_rows_under_the_rule_are_ignored_as_invalid(stack, good, junk):
     result = stack.run()
     assert result.code == job.EXIT_OK, result.err
     assert len(stack.kv.live()) == good and f"invalid {junk}," in result.out
+
+
+def test_a_sigterm_as_the_finished_run_exits_changes_nothing_of_its_exit(stack):
+    """SIGTERM after the run's summary, while the process ends: the run is done and says so with
+    exit 0. Python's own teardown puts the default handlers back, and a signal there killed the
+    finished run by signal 15 (a pod deleted as its run ends; the soak found it)."""
+    stack.lapi.decisions = [decision(ip) for ip in ips(30_000)]  # a heap worth tearing down
+    env = {"PATH": os.environ.get("PATH", ""), **stack.env(PUSHGATEWAY_URL="")}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    summary = process.stdout.readline()
+    assert summary.startswith("lapi-kv-sync: wanted 30000"), summary
+    sent = 0
+    while process.poll() is None and sent < 2000:  # until it has ended, a signal every millisecond
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        sent += 1
+        time.sleep(0.001)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, (process.returncode, err)
+    assert "interrupted" not in out + err

@@ -46,6 +46,7 @@ VERSION_MENTIONS = {
     "k8s/examples/overlay/kustomization.yaml": r"\?ref=v(\d+\.\d+\.\d+)",
     "CHANGELOG.md": r"^## \[(\d+\.\d+\.\d+)\]",
     "README.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
+    "docs/deploy.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -73,6 +74,25 @@ def test_a_proxy_that_is_not_http_host_port_is_a_configuration_error_naming_the_
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        "http://kvsync:{password}@proxy:3128",  # a password with "/" (base64) not percent-encoded
+        "kvsync:{password}@proxy:3128",
+        "http://kvsync:se://{password}@proxy:3128",  # "://" in the password
+        "kvsync:se://{password}@proxy:3128",
+        "http://kvsync:{password}@proxy",  # no port as well
+    ],
+)
+def test_a_bad_proxy_url_is_named_without_any_of_its_password(value):
+    password = "Zm9v+YmFy/c2VjcmV0=="
+    with pytest.raises(job.ConfigError) as raised:
+        proxies(HTTPS_PROXY=value.format(password=password))
+    message = "; ".join(raised.value.problems)
+    assert "HTTPS_PROXY" in message and "@proxy" in message
+    assert not any(part in message for part in ("Zm9v", "c2VjcmV0", "kvsync:se")), message
+
+
+@pytest.mark.parametrize(
     ("no_proxy", "host", "port", "direct"),
     [
         ("*", "api.cloudflare.com", 443, True),
@@ -92,6 +112,9 @@ def test_a_proxy_that_is_not_http_host_port_is_a_configuration_error_naming_the_
         ("[::1]:8080", "::1", 80, False),
         ("lapi:8080", "lapi", 8080, True),
         ("lapi:8080", "lapi", 8081, False),
+        # `*.` as Go (kubectl, Helm, containerd) reads it: many clusters' NO_PROXY is written so
+        ("*.svc.cluster.local", "crowdsec-service.crowdsec.svc.cluster.local", 8080, True),
+        ("*.cluster.local", "notcluster.local", 8080, False),
     ],
 )
 def test_no_proxy_as_curl_and_python_read_it(no_proxy, host, port, direct):
@@ -207,6 +230,21 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_run_at_once(proxied, status):
     assert len(proxy.requests) == 1 and result.sleeps == []  # its final word: not retried
     assert stack.kv.live() == {} and stack.lapi.queries  # LAPI read, KV never reached
     assert stack.push.value("crowdsec_kv_sync_exit_code") == job.EXIT_CLOUDFLARE
+
+
+# Where each answer is cut (its reason at 120 characters, a head that is not HTTP at 80 bytes),
+# with the password across the cut.
+@pytest.mark.parametrize(("head", "pad"), [(b"HTTP/1.1 407 %s\r\n\r\n", 110), (b"HTTQ/9 %s\r\n\r\n", 63)])
+def test_a_proxy_quoting_the_password_in_its_answer_gets_it_redacted_before_the_cut(head, pad):
+    """Its answer is cut to a snippet: redacted after the cut, the password's head would remain."""
+    proxy = job.Proxy("proxy.corp", 3128, "HTTPS_PROXY", PROXY_USER, PROXY_PASSWORD)
+    http = job.Http(job.SYSTEM_CLOCK, 5, job.SYSTEM_CLOCK.monotonic() + 30, proxies=job.Proxies(proxy))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(head % (b"x" * pad + PROXY_PASSWORD.encode()))
+        with pytest.raises(job.ProxyError) as raised:
+            http._tunnel(ours, proxy, (KV_HOST, 443), 5)
+    assert "proxy-pass" not in str(raised.value) and "[redacted]" in str(raised.value)
 
 
 def test_the_proxy_wants_credentials_the_variable_does_not_give(proxied):

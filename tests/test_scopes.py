@@ -69,8 +69,9 @@ def test_the_document_is_canonical_json_as_the_readme_shows_it():
         ("range", "10.1.2.3/0", "0.0.0.0/0"),
         ("range", "10.1.2.3/32", "10.1.2.3/32"),
         ("range", "::ffff:192.0.2.0/120", "192.0.2.0/24"),
-        ("range", "::ffff:0:0/96", "0.0.0.0/0"),
+        ("range", "::ffff:10.0.0.0/104", "10.0.0.0/8"),  # the broadest IPv4 range taken
         ("range", "::ffff:0:0/95", "::fffe:0:0/95"),  # wider than the mapped block: stays IPv6
+        ("range", "2001::/16", "2001::/16"),  # the broadest IPv6 range taken
         ("range", "2001:0DB8:0000::/48", "2001:db8::/48"),
         ("country", "fr", "FR"),
         ("country", "Fr", "FR"),
@@ -109,6 +110,18 @@ def test_values_that_are_not_of_their_scope_are_invalid(scope, value):
     with pytest.raises(ValueError):
         job.table_entry(scope, value)
     assert job.project([row(value, scope=scope)], NOW, "ip:", scope_table=True).ignored == Counter(invalid=1)
+
+
+@pytest.mark.parametrize(
+    "value", ["0.0.0.0/0", "::/0", "::ffff:0:0/96", "128.0.0.0/1", "10.0.0.0/7", "10.1.2.3/7", "2000::/15"]
+)
+def test_a_range_that_would_block_everyone_or_near_is_left_out(value):
+    """One decision on 0.0.0.0/0 (or a mask typed short) must not ban every visitor at the edge."""
+    with pytest.raises(job.TooBroad):
+        job.table_entry("range", value)
+    projection = job.project([row(value), row("192.0.2.0/24")], NOW, "ip:", scope_table=True)
+    assert projection.ignored == Counter(range_too_large=1)
+    assert list(projection.table) == [("range", "192.0.2.0/24")]
 
 
 def test_the_cap_keeps_bans_first_then_the_longest_ends():
@@ -172,6 +185,8 @@ def plain_entry(scope, value):
             if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
                 mapped = network.network_address.ipv4_mapped
                 network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            if network.prefixlen < (8 if network.version == 4 else 16):
+                raise job.TooBroad(value)
             return str(network)
         if scope == "country":
             assert len(value) == 2 and all(c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" for c in value)
@@ -201,6 +216,9 @@ def plain_table(rows, read_at, max_bytes):
             continue
         try:
             name = plain_entry(scope, r["value"])
+        except job.TooBroad:
+            ignored["range_too_large"] += 1
+            continue
         except ValueError:
             ignored["invalid"] += 1
             continue

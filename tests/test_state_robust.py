@@ -153,6 +153,13 @@ junk_bytes = st.one_of(
 )
 
 
+def same_content(junk: bytes, original: bytes) -> bool:
+    try:
+        return gzip.decompress(junk) == gzip.decompress(original)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return False
+
+
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(junk=junk_bytes, cut=st.one_of(st.none(), st.integers(0, 2000)), flip=st.one_of(st.none(), st.integers(0, 2000)))
 def test_any_bytes_at_state_file_mean_an_audit_then_convergence(stack, tmp_path_factory, junk, cut, flip):
@@ -170,7 +177,7 @@ def test_any_bytes_at_state_file_mean_an_audit_then_convergence(stack, tmp_path_
     result = run(stack, state)
     assert result.code == 0, result.err
     assert "internal_error" not in result.out + result.err
-    if junk != original:
+    if not same_content(junk, original):  # a flip in gzip's header (its mtime) changes no record
         assert "audited: unreadable" in result.out or "not audited" not in result.out
     assert_converged(stack)
     assert run(stack, state).code == 0

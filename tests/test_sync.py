@@ -558,6 +558,7 @@ def test_a_run_that_ends_while_a_list_page_stalls_returns_at_once_and_lists_no_m
     took = time.monotonic() - started
     assert result.code == job.EXIT_LAPI and "broke off" in result.err
     assert took < 5, f"main() waited {took:.1f}s for a listing the run no longer wanted"
-    listed = stack.kv.requests["list"]
+    # The one page may have been on its way as main() returned: the stand-in counts a request
+    # when its thread reads it, which under load can come after. What must never come is more.
     time.sleep(0.5)
-    assert stack.kv.requests["list"] == listed <= 1
+    assert stack.kv.requests["list"] <= 1

@@ -472,8 +472,11 @@ def _as_sent(response: dict) -> dict:
     return {"method": seen["method"], "body": seen["body"]}
 
 
-def test_log_only_enforces_nothing_and_logs_what_it_would_have_done(keys):
-    config = wrangler(**TURNSTILE, LOG_ONLY=" True")  # as an operator might type it
+# As an operator might type it; read as the job reads DRY_RUN: a trial rollout with LOG_ONLY=1
+# once enforced every decision.
+@pytest.mark.parametrize("log_only", [" True", "1", "yes"])
+def test_log_only_enforces_nothing_and_logs_what_it_would_have_done(keys, log_only):
+    config = wrangler(**TURNSTILE, LOG_ONLY=log_only)
     result = drive(config=config, keys=keys, requests=requests(BANNED_V4, CAPTCHA_ADDRESS, "192.0.2.8"), analytics=True)
     assert all(passed_unchanged(a) for a in result["responses"])
     logged = [json.loads(log["message"]) for log in result["logs"] if log["message"].startswith("{")]

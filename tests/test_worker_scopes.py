@@ -41,7 +41,13 @@ HOUR = 3600
 
 def canonical_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """The network as the job writes it in the table (host bits cleared, IPv4-mapped as IPv4)."""
-    _, name = job.table_entry("range", text)
+    try:
+        _, name = job.table_entry("range", text)
+    except job.TooBroad:  # the job leaves these out; a table written by hand may still hold one
+        network = ipaddress.ip_network(text, strict=False)
+        if network.version == 6 and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
+            return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+        return network
     return ipaddress.ip_network(name)
 
 

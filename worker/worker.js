@@ -30,7 +30,7 @@ export default {
     if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
     if (remediation === null) return fetch(request); // no decision: on to the origin, unchanged
 
-    if (String(env.LOG_ONLY).trim().toLowerCase() === "true") {
+    if (logOnly(env)) {
       console.log(JSON.stringify({ logOnly: true, wouldDo: remediation, address, host }));
       count(env, "log_only", remediation, host);
       return fetch(request);
@@ -85,6 +85,25 @@ async function lookUp(env, address) {
     console.error(`KV read failed, request let through: ${error}`);
     return null;
   }
+}
+
+// LOG_ONLY read as the job reads its flags (DRY_RUN=1): a first rollout with LOG_ONLY=1 or yes must
+// not enforce. Anything else but false, 0, no or nothing is said, and enforced.
+const LOG_ONLY_VALUES = new Map([
+  ["true", true],
+  ["1", true],
+  ["yes", true],
+  ["false", false],
+  ["0", false],
+  ["no", false],
+  ["", false],
+]);
+
+function logOnly(env) {
+  const text = String(env.LOG_ONLY ?? "").trim().toLowerCase();
+  const value = LOG_ONLY_VALUES.get(text);
+  if (value === undefined) console.warn(`LOG_ONLY=${JSON.stringify(text)}: not true or false, so enforced`);
+  return value === true;
 }
 
 // Without both Turnstile keys nobody could solve a challenge: CAPTCHA_FALLBACK says what a
