@@ -66,7 +66,7 @@ def test_the_document_is_canonical_json_as_the_readme_shows_it():
         ("range", "192.0.2.0/24", "192.0.2.0/24"),
         ("range", "10.0.0.1/31", "10.0.0.0/31"),  # host bits set, down to the lowest
         ("range", "192.0.2.255/25", "192.0.2.128/25"),
-        ("range", "10.1.2.3/0", "0.0.0.0/0"),
+        ("range", "10.1.2.3/8", "10.0.0.0/8"),
         ("range", "10.1.2.3/32", "10.1.2.3/32"),
         ("range", "::ffff:192.0.2.0/120", "192.0.2.0/24"),
         ("range", "::ffff:10.0.0.0/104", "10.0.0.0/8"),  # the broadest IPv4 range taken
