@@ -2214,7 +2214,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         present = map(functools.partial(tuple_new, Present), zip(expirations, remediations, strict=True))
         keys = dict(zip(names, present, strict=True))
     except (StopIteration, ValueError, KeyError, TypeError) as e:
-        raise RecordCorrupt(f"the key columns are not whole ({e or type(e).__name__})") from None
+        raise RecordCorrupt(f"the key columns are not whole ({str(e) or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
     if table is not None:
@@ -2257,8 +2257,9 @@ def unpacked_record(packed: bytes, limit: int) -> bytes:
         end = text.find(b"\n")
         if not 0 <= end <= MAX_HEADER_BYTES:
             raise RecordCorrupt("no header line in its first 64 KiB")
+        header = record_header(text[: end + 1])  # its own RecordCorrupt: not a record, or another format
         try:
-            count, recent = record_counts(record_header(text[: end + 1]))
+            count, recent = record_counts(header)
         except (KeyError, ValueError, TypeError):
             raise RecordCorrupt("header lacks a field or holds a wrong type") from None
         most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + 64)

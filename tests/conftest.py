@@ -24,6 +24,9 @@ SCRIPT = ROOT / "lapi_kv_sync.py"
 # The mutation check (tests/README.md) runs the tests on a copy of the job that mutmut rewrote:
 # its source no longer reads as the job's, so tests that scan the source leave that to the usual runs.
 UNDER_MUTATION = "MUTANT_UNDER_TEST" in os.environ
+# Under it, the test files it takes beyond the fast ones (test_scopes.py, test_proxy.py) give only
+# their pure tests: those that start stand-in servers are the usual runs' (pytest_collection_modifyitems).
+SERVER_FIXTURES = frozenset({"stack", "proxied"})
 LAPI_KEY = "lapi-test-key-0123456789"
 CF_TOKEN = "cf-test-token-abcdefghijklmnop"
 SECRETS = (LAPI_KEY, CF_TOKEN)
@@ -115,3 +118,12 @@ def stack():
         yield Stack(lapi, kv, push)
         assert kv.violations == [], "requests or answers outside Cloudflare's published schema"
         assert lapi.violations == [], "usage metrics outside CrowdSec's published schema"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not UNDER_MUTATION:
+        return
+    kept = [item for item in items if SERVER_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept

@@ -18,6 +18,14 @@ functions=(
     'ǁAnswerDigestǁ__init__' 'ǁAnswerDigestǁpassing' 'ǁAnswerDigestǁhexdigest' lapi_query  # digest
     exposition                                                           # metrics
     load_config valid_port unresolvable                                  # configuration
+    table_entry table_end scope_table table_digest make_plan_with_table  # the scope table
+    table_item recorded_table table_figures
+    unread_variables placeholder                                         # misspelt and unread variables
+    proxy_variable parse_proxy no_proxy_entries bypasses_proxy           # proxies, NO_PROXY
+    'ǁProxiesǁfor_url' 'ǁProxyǁ__str__'
+    record_header record_counts unpacked_record text_lines               # the record, read in bounds
+    lapi_batches                                                         # LAPI's junk rows
+    snippet quoted redacted escaped_controls rfc3339                     # what messages and logs quote
 )
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then

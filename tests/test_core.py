@@ -785,3 +785,203 @@ def test_json_log_time_reads_back_as_the_same_millisecond(seconds):
     text = job.rfc3339(seconds)
     assert text.endswith("Z") and len(text) == len("2026-11-25T12:43:15.100Z")
     assert round(datetime.datetime.fromisoformat(text).timestamp() * 1000) == round(seconds * 1000)
+
+
+# --------------------------------------------------------------------------- proxies, unread variables
+
+
+MUST = "HTTPS_PROXY must be a proxy URL http://host:port (or http://user:password@host:port)"
+ENCODED = "(/ ? # @ : in a user name or password percent-encoded)"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("socks5://u:pw@proxy:1080", f"{MUST}, got socks5://…: only a proxy spoken to in plain HTTP is supported"),
+        ("https://proxy:3128", f"{MUST}, got https://…: only a proxy spoken to in plain HTTP is supported"),
+        ("http://http://proxy:3128", f"{MUST}, got 'http://http://proxy:3128'"),
+        ("http://u:pw@proxy", f"{MUST} {ENCODED}, got 'http://…@proxy'"),  # no port
+        ("u:pw@proxy:0", f"{MUST} {ENCODED}, got '…@proxy:0'"),
+        ("http://proxy:99999", f"{MUST}, got 'http://proxy:99999'"),
+        ("http://proxy:3128/path", f"{MUST}, got 'http://proxy:3128/path'"),
+        ("http://proxy:3128?q", f"{MUST}, got 'http://proxy:3128?q'"),
+        ("http://proxy:3128#f", f"{MUST}, got 'http://proxy:3128#f'"),
+        ("http://[::1:3128", f"{MUST}, got 'http://[::1:3128'"),
+        ("http://:3128", f"{MUST}, got 'http://:3128'"),
+        ("http://a..b:3128", "HTTPS_PROXY: 'a..b' is not a host name: "),
+        ("http://u:p%0Aw@proxy:3128", "HTTPS_PROXY: the proxy credentials hold a control character"),
+        ("http://u%7F:pw@proxy:3128", "HTTPS_PROXY: the proxy credentials hold a control character"),
+    ],
+)
+def test_a_proxy_url_that_is_not_http_host_port_says_why_without_its_credentials(value, problem):
+    proxy, said = job.parse_proxy("HTTPS_PROXY", value)
+    assert proxy is None and said.startswith(problem) and "pw" not in said
+
+
+@pytest.mark.parametrize(
+    ("value", "proxy"),
+    [
+        ("", None),
+        ("HTTP://proxy:3128/", job.Proxy("proxy", 3128, "V")),
+        ("proxy:3128", job.Proxy("proxy", 3128, "V")),
+        ("[fd00::1]:3128", job.Proxy("fd00::1", 3128, "V")),
+        ("http://a%3Ab:c%40d@proxy:8080", job.Proxy("proxy", 8080, "V", "a:b", "c@d")),
+        ("http://user@proxy:8080", job.Proxy("proxy", 8080, "V", "user", "")),
+    ],
+)
+def test_a_proxy_url_gives_its_host_port_and_credentials(value, proxy):
+    assert job.parse_proxy("V", value) == (proxy, "")
+
+
+def test_a_proxy_names_itself_and_its_variable_and_never_its_credentials():
+    proxy = job.Proxy("fd00::1", 3128, "https_proxy", "user", "pw-0123456789")
+    assert str(proxy) == repr(proxy) == "the proxy [fd00::1]:3128 (https_proxy)"
+    assert str(job.Proxy("proxy.corp", 8080, "HTTP_PROXY")) == "the proxy proxy.corp:8080 (HTTP_PROXY)"
+    assert job.Proxy("p", 1, "V").authorization == ""
+    assert job.Proxy("p", 1, "V", "u").authorization == "Basic dTo="  # "u:"
+    assert job.Proxy("p", 1, "V", "", "p").authorization == "Basic OnA="  # ":p"
+
+
+def test_each_proxy_variable_is_read_lower_case_first_and_stripped():
+    assert job.proxy_variable({"HTTPS_PROXY": " up:1 ", "https_proxy": " low:1 "}, "HTTPS_PROXY") == (
+        "https_proxy",
+        "low:1",
+    )
+    assert job.proxy_variable({"HTTPS_PROXY": " up:1 "}, "HTTPS_PROXY") == ("HTTPS_PROXY", "up:1")
+    assert job.proxy_variable({"HTTP_PROXY": "x"}, "HTTPS_PROXY") == ("HTTPS_PROXY", "")
+    assert job.no_proxy_entries(" .A.com, ,., *,b ") == ("a.com", "*", "b")
+    assert job.no_proxy_entries("X,.XX") == ("x", "xx")  # a host named X is one
+
+
+def test_the_proxy_a_url_goes_through_depends_on_its_scheme_and_no_proxy():
+    https, http = job.Proxy("s", 1, "HTTPS_PROXY"), job.Proxy("p", 2, "HTTP_PROXY")
+    proxies = job.Proxies(https, http, ("lapi",))
+    assert proxies.for_url("https", "kv", 443) is https and proxies.for_url("http", "kv", 80) is http
+    assert proxies.for_url("https", "lapi", 443) is None and proxies.for_url("http", "lapi", 80) is None
+    assert job.Proxies().for_url("https", "kv", 443) is None
+
+
+@pytest.mark.parametrize(
+    ("entries", "host", "port", "direct"),
+    [
+        (("lapi:8080", "*"), "kv", 443, True),  # `*` anywhere in the list
+        (("other", "lapi"), "lapi", 80, True),  # not only the first entry
+        (("[fd00::1]:8080",), "[fd00::1]", 8080, True),
+        (("[fd00::1]:8080",), "fd00::1", 8081, False),
+        (("[fd00::1]",), "fd00::1", 1, True),
+        (("fd00::1",), "fd00::2", 1, False),
+        (("not-an-address", "10.0.0.1"), "10.0.0.1", 1, True),  # a name never matches an address
+        (("10.0.0.1:80",), "10.0.0.1", 443, False),
+        (("10.1.2.3/8",), "10.9.9.9", 443, True),  # host bits set: the network they are in
+        (("example.com",), "example.com.evil", 443, False),
+        (("example.com",), "badexample.com", 443, False),
+        (("example.com",), "a.b.example.com", 443, True),
+        (("EXAMPLE.com",), "example.com", 443, False),  # entries come lower case from no_proxy_entries
+    ],
+)
+def test_no_proxy_entries_each_for_what_they_name(entries, host, port, direct):
+    assert job.bypasses_proxy(entries, host, port) is direct
+
+
+def test_a_misspelled_variable_is_a_problem_and_one_with_the_jobs_prefix_a_warning():
+    names = ["LAPI_X", "dry_run", "CF_Y", "DRYRUN", "KV_Z", "NO_COLOR", "LAPI_SERVICE_HOST", "LAPI-KEY", "1CF_A"]
+    names += ["LAPI_KEY", "https_proxy", "STATE", "MAX_DELETE", "HTTPS_X"]
+    assert job.unread_variables(names) == (
+        [
+            "DRYRUN is not a variable this job reads: did you mean DRY_RUN?",
+            "MAX_DELETE is not a variable this job reads: did you mean MAX_DELETES?",
+            "dry_run is not a variable this job reads: did you mean DRY_RUN?",
+        ],
+        ["CF_Y", "KV_Z", "LAPI_X"],
+    )
+
+
+def test_the_prefixes_warned_of_are_the_known_names_first_words():
+    known = frozenset({"ALPHA_ONE_TWO", "BETA", "NO_PROXY", "https_proxy"})
+    assert job.unread_variables(["ALPHA_X", "ONE_X", "BETA_X", "NO_X", "HTTPS_X", "ALPHAX"], known) == ([], ["ALPHA_X"])
+    assert job.unread_variables(["ALPHA_ONE_TWX"], known)[0] == [
+        "ALPHA_ONE_TWX is not a variable this job reads: did you mean ALPHA_ONE_TWO?"
+    ]
+    assert job.unread_variables(["alpha_one_two"], known)[0] != []  # compared in upper case
+
+
+@pytest.mark.parametrize(
+    ("value", "is_placeholder"),
+    [("<your-account-id>", True), ("<", False), ("<x", False), ("x>", False), ("x", False), ("", False)],
+)
+def test_a_placeholder_is_angle_brackets_or_an_examples_value(value, is_placeholder):
+    assert job.placeholder(value) is is_placeholder
+    assert all(job.placeholder(v) for v in job.EXAMPLE_VALUES)
+
+
+# --------------------------------------------------------------------------- what messages and logs quote
+
+
+def test_control_characters_are_escaped_as_a_repr_writes_them_and_nothing_else():
+    text = "a\tb\x00\n\r\x1b[31m\x7f\x80\x9f\u2028\u2029\xa0é"
+    assert job.escaped_controls(text) == "a\tb\\x00\\n\\r\\x1b[31m\\x7f\\x80\\x9f\\u2028\\u2029\xa0é"
+
+
+def test_each_form_of_a_secret_is_redacted_longest_first():
+    assert job.redacted("key=abc abcdef", ["abcdef", "abc"]) == "key=[redacted] [redacted]"
+    assert job.redacted("nothing", []) == "nothing"
+
+
+def test_a_body_is_quoted_redacted_then_cut_on_one_line():
+    secret = "s3cret-0123456789abcdef"
+    assert job.snippet(b"  a\nb  ") == "'a b'"
+    assert job.snippet(f"token {secret}!".encode(), [secret]) == "'token [redacted]!'"
+    assert job.snippet(b"x" * 121) == repr("x" * 120 + "…")
+    assert job.snippet(b"x" * 120) == repr("x" * 120)
+    assert job.snippet(b"\xff\x1b") == repr("\ufffd\x1b")
+    assert job.quoted(f"{secret}{secret}", [secret], 12) == "[redacted][r…"
+    assert job.quoted("abc", [], 3) == "abc"
+
+
+# --------------------------------------------------------------------------- LAPI's junk rows
+
+
+def lapi_rows(rows: list[str]) -> int | str:
+    """How many rows lapi_batches passes on from a list sent one row a chunk, or why it stops."""
+    chunks = [b"[", *(f"{r}{',' if i < len(rows) - 1 else ''}".encode() for i, r in enumerate(rows)), b"]"]
+    config = job.Config("a" * 32, "b" * 32, "t", lapi_url="http://lapi")
+    try:
+        return sum(map(len, job.lapi_batches(chunks, config)))
+    except job.LapiUnreadable as e:
+        return str(e)
+
+
+def test_lapi_answering_mostly_junk_rows_is_unreadable_once_there_are_a_thousand():
+    junk = ["1", "null", '"x"', "[]"] * 250  # 1,000 rows, none an object
+    mostly = "LAPI answered with a list that is mostly not decisions: 1000 of its first {} rows are not JSON objects"
+    assert lapi_rows(junk[:-1]) == 999  # too few to tell
+    assert lapi_rows(junk) == mostly.format(1000)
+    assert lapi_rows(["{}"] * 999 + junk) == mostly.format(1999)  # more than half
+    assert lapi_rows(["{}"] * 1000 + junk) == 2000  # half: not more
+    assert lapi_rows(["{}"] * 5 + junk[:10] + ["{}"] * 5) == 20
+
+
+def failing_after(first: bytes, error: Exception):
+    yield first
+    raise error
+
+
+@pytest.mark.parametrize(
+    ("chunks", "says"),
+    [
+        ([b"[{}, {"], "LAPI answered with a body that is not a JSON list of decisions: "),
+        (
+            failing_after(b"[{}", job.TransportError("reset")),
+            "LAPI at http://lapi broke off its answer part-way: reset",
+        ),
+        (
+            failing_after(b"[{}", job.DeadlineExceeded("the run deadline passed")),
+            "LAPI at http://lapi did not answer: the run deadline passed",
+        ),
+    ],
+)
+def test_lapi_breaking_off_or_sending_junk_is_unreadable_naming_why(chunks, says):
+    config = job.Config("a" * 32, "b" * 32, "t", lapi_url="http://lapi")
+    with pytest.raises(job.LapiUnreadable) as caught:
+        list(job.lapi_batches(chunks, config))
+    assert str(caught.value).startswith(says)

@@ -63,6 +63,11 @@ def test_the_document_is_canonical_json_as_the_readme_shows_it():
     [
         ("range", "192.0.2.1", "192.0.2.1/32"),
         ("range", "192.0.2.0/255.255.255.0", "192.0.2.0/24"),
+        ("range", "192.0.2.0/24", "192.0.2.0/24"),
+        ("range", "10.0.0.1/31", "10.0.0.0/31"),  # host bits set, down to the lowest
+        ("range", "192.0.2.255/25", "192.0.2.128/25"),
+        ("range", "10.1.2.3/8", "10.0.0.0/8"),
+        ("range", "10.1.2.3/32", "10.1.2.3/32"),
         ("range", "::ffff:192.0.2.0/120", "192.0.2.0/24"),
         ("range", "::ffff:10.0.0.0/104", "10.0.0.0/8"),  # the broadest IPv4 range taken
         ("range", "::ffff:0:0/95", "::fffe:0:0/95"),  # wider than the mapped block: stays IPv6
@@ -132,11 +137,40 @@ def test_the_cap_keeps_bans_first_then_the_longest_ends():
     assert {r for r, _ in kept.values()} == {"ban"}  # 34 bans, more than fit
 
 
+def test_under_the_cap_equal_entries_are_kept_by_scope_then_name_whatever_their_order():
+    def kept(*entries):
+        wanted = {entry: job.Wanted("ban", NOW + 3600, "", "") for entry in entries}
+        one = job.scope_table(dict([next(iter(sorted(wanted.items())))]), 1 << 20)  # the first in order, alone
+        return job.scope_table(wanted, len(one.document)).kept
+
+    assert kept(("range", "10.0.0.0/8"), ("as", "64500")) == [("as", "64500")]  # `as` before `range`
+    assert kept(("range", "10.2.0.0/16"), ("range", "10.1.0.0/16")) == [("range", "10.1.0.0/16")]
+
+
+def test_the_cap_is_counted_to_the_byte():
+    rows = [row("198.51.100.0/24"), row("10.0.0.0/8", 7200, "captcha"), row("FR", scope="Country")]
+    rows += [row("DE", scope="Country"), row("AS64500", scope="AS"), row("AS64501", 600, "captcha", scope="AS")]
+    whole = table_of(rows)
+    # Bans first, then the longest ends, then by scope and name.
+    assert whole.kept == [
+        ("as", "64500"),
+        ("country", "DE"),
+        ("country", "FR"),
+        ("range", "198.51.100.0/24"),
+        ("range", "10.0.0.0/8"),
+        ("as", "64501"),
+    ]
+    assert table_of(rows, max_bytes=len(whole.document)) == whole  # exactly its length: every entry fits
+    less = table_of(rows, max_bytes=len(whole.document) - 1)  # a byte less: the weakest entry is left out
+    assert (less.full, less.kept) == (1, whole.kept[:-1]) and len(less.document) < len(whole.document)
+
+
 def test_no_entries_no_document():
     table = table_of(
         [row("192.0.2.1", scope="Ip"), row("FR", -1, scope="Country"), row("AS1", type="throttle", scope="AS")]
     )
-    assert (table.document, table.entries, table.full) == (b"", Counter(), 0)
+    assert table == job.ScopeTable(b"", "", 0.0, Counter(), 0, [])
+    assert job.scope_table({}, 0) == table and table_of([row("10.0.0.0/8")], max_bytes=0).full == 1
 
 
 # --------------------------------------------------------------------------- against a straightforward version
@@ -289,8 +323,12 @@ def test_the_plan_compares_the_digest_and_deletes_an_empty_table():
     assert (plan.writes, plan.deletes, plan.unchanged, action) == ([], [], [key], "unchanged")
     assert wanted == {}  # the table's key was only lent to the plan
     plan, action = job.make_plan_with_table({}, key, table, {key: job.Present(table.end, "0" * 32)}, NOW, 0.0)
-    assert [w.key for w in plan.writes] == [key] and action == "written"
-    assert plan.writes[0].ttl == math.ceil(table.end - NOW)
+    # The digest stands for the remediation; no origin or scenario (the key's metadata is the table's own).
+    assert plan.writes == [job.Write(key, table.digest, math.ceil(table.end - NOW), "", "")] and action == "written"
+    # Its expiration as KV's clock says, `offset` ahead of ours: the same end.
+    ahead = {key: job.Present(table.end + 7200, table.digest)}
+    assert job.make_plan_with_table({}, key, table, ahead, NOW, 7200.0)[1] == "unchanged"
+    assert job.make_plan_with_table({}, key, table, ahead, NOW, 0.0)[1] == "written"
     plan, action = job.make_plan_with_table({}, key, table_of([]), present, NOW, 0.0)
     assert (plan.deletes, action) == ([key], "deleted")
     assert job.make_plan_with_table({}, key, table_of([]), {}, NOW, 0.0)[1] is None
@@ -313,6 +351,45 @@ def test_the_listing_reads_the_digest_only_from_the_table_key():
         "x",
     ):
         assert job.present_keys([{"name": "ip:scopes", "metadata": metadata}], "ip:")["ip:scopes"].remediation is None
+
+
+def test_the_tables_bulk_item_carries_its_document_and_digest_and_other_keys_their_own():
+    table = table_of([row("198.51.100.0/24"), row("FR", scope="Country", type="captcha")])
+    item = job.table_item("ip:scopes", table)
+    assert item(job.Write("ip:scopes", table.digest, 7200, "", "")) == {
+        "key": "ip:scopes",
+        "value": table.document.decode(),
+        "expiration_ttl": 7200,
+        "metadata": {"table": 1, "digest": table.digest, "entries": 2},
+    }
+    address = job.Write("ip:192.0.2.1", "ban", 60, "crowdsec", "ssh-bf")
+    assert item(address) == job.bulk_item(address)
+
+
+def test_the_tables_digest_is_read_only_from_metadata_of_its_format():
+    digest = "0123456789abcdef" * 2
+    assert job.table_digest({"table": 1, "digest": digest}) == digest
+    for metadata in [
+        None,
+        [],
+        {"digest": digest},
+        {"table": 1.0, "digest": digest},
+        {"table": 2, "digest": digest},
+        {"table": 1},
+        {"table": 1, "digest": digest.upper()},
+        {"table": 1, "digest": digest + "0"},
+        {"table": 1, "digest": digest[:-1]},
+        {"table": 1, "digest": list(digest)},
+    ]:
+        assert job.table_digest(metadata) is None
+
+
+def test_an_entrys_end_is_rounded_up_to_the_hour_and_entries_are_named_scope_remediation():
+    assert [job.table_end(e) for e in (0, 1, 3599.5, 3600, 3600.001)] == [0, 3600, 3600, 3600, 7200]
+    assert job.entries_by_name(Counter({("range", "ban"): 2, ("as", "captcha"): 1})) == {
+        "range:ban": 2,
+        "as:captcha": 1,
+    }
 
 
 def test_the_record_keeps_the_table_in_its_header_and_reads_an_older_record():

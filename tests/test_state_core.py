@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import gzip
 import inspect
 import ipaddress
 import json
 import math
 import time
+import tracemalloc
+import zlib
 from collections import Counter
 from types import SimpleNamespace
 
@@ -329,6 +332,9 @@ NOT_WHOLE = "the key columns are not whole"
         (with_column(2, "[1,2,3.5]\n"), f"{NOT_WHOLE} (an expiration that is not a whole number)"),
         (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","other:10.0.0.2"]\n'), f"{NOT_WHOLE} (a key outside the prefix)"),
         (with_column(1, '["ip:10.0.0.0","ip:10.0.0.1","ip:10.0.0.1"]\n'), "a key appears twice"),
+        # An error without words is named by its type: a record cut short, an unknown remediation.
+        (three_keys()[:3], f"{NOT_WHOLE} (StopIteration)"),
+        (with_column(3, "bbz\n"), f"{NOT_WHOLE} ('z')"),
     ],
 )
 def test_a_corrupt_record_says_what_is_wrong(lines, says):
@@ -337,6 +343,144 @@ def test_a_corrupt_record_says_what_is_wrong(lines, says):
     with pytest.raises(job.RecordCorrupt) as caught:
         job.decode_record(lines)
     assert str(caught.value) == says
+
+
+def header_line(length: int | None = None, **fields) -> bytes:
+    """A record's header line (its newline included), padded to `length` bytes."""
+    header = {**json.loads(three_keys()[0]), "keys": 0, **fields}
+    line = json.dumps(header, separators=(",", ":")) + "\n"
+    if length is not None:
+        line = (
+            json.dumps({**header, "pad": "x" * (length - len(line) - len(',"pad":""'))}, separators=(",", ":")) + "\n"
+        )
+    assert length is None or len(line) == length
+    return line.encode()
+
+
+def gzip_of(text: bytes) -> bytes:
+    return gzip.compress(text, mtime=0)
+
+
+def unpacking_says(packed: bytes, limit: int = 1 << 30) -> str:
+    with pytest.raises(job.RecordCorrupt) as caught:
+        job.unpacked_record(packed, limit)
+    return str(caught.value)
+
+
+def test_a_record_unpacks_to_at_most_what_its_header_allows():
+    whole = "".join(three_keys()).encode()
+    assert job.unpacked_record(gzip_of(whole), 1 << 30) == whole
+    # Each key and recent change at its longest, and 64 bytes, after the header.
+    for keys, recent in [(0, 0), (2, 0), (0, 3), (1, 1), (100, 10)]:  # the last past the first 64 KiB read
+        head = header_line(keys=keys, recent=recent)
+        most = len(head) + keys * (job.MAX_NAME_JSON + 23) + recent * job.MAX_RECENT_JSON + 64
+        at_most = head + b"x" * (most - len(head))
+        assert job.unpacked_record(gzip_of(at_most), 1 << 30) == at_most
+        assert unpacking_says(gzip_of(at_most + b"x")) == f"unpacks to more than its header allows ({most} bytes)"
+        assert job.unpacked_record(gzip_of(at_most), most) == at_most
+        assert (
+            unpacking_says(gzip_of(at_most), most - 1) == f"unpacks to more than its header allows ({most - 1} bytes)"
+        )
+
+
+@pytest.mark.parametrize("head", [b"", header_line()])
+def test_a_bomb_is_found_out_without_being_unpacked(head):
+    """32 MiB of spaces from 32 KiB of gzip, with no header line or after one: refused having
+    unpacked at most what the header allows (tracemalloc counts bytes, not time)."""
+    pack = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = pack.compress(head) + b"".join(pack.compress(b" " * (1 << 20)) for _ in range(32)) + pack.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(job.RecordCorrupt):
+            job.unpacked_record(bomb, 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_a_header_line_is_found_in_the_first_64_kib_or_not_at_all():
+    at_most = header_line(job.MAX_HEADER_BYTES + 1)  # the newline at offset MAX_HEADER_BYTES
+    assert job.unpacked_record(gzip_of(at_most), 1 << 30) == at_most
+    assert unpacking_says(gzip_of(header_line(job.MAX_HEADER_BYTES + 2))) == "no header line in its first 64 KiB"
+    assert unpacking_says(gzip_of(b"no newline")) == "no header line in its first 64 KiB"
+    assert unpacking_says(gzip_of(b"")) == "no header line in its first 64 KiB"
+
+
+@pytest.mark.parametrize(
+    ("packed", "says"),
+    [
+        (gzip_of(header_line(keys="3")), "header lacks a field or holds a wrong type"),
+        (gzip_of(header_line(keys=-1)), "header lacks a field or holds a wrong type"),
+        (gzip_of(header_line(recent=-1)), "header lacks a field or holds a wrong type"),
+        (gzip_of(header_line(recent=1.0)), "header lacks a field or holds a wrong type"),
+        (gzip_of(b"{}\n"), "not a lapi-kv-sync state record"),
+        (gzip_of(header_line(format=2)), "format 2, this version reads 1"),
+        (gzip_of(header_line()) + gzip_of(header_line()), "not one whole gzip member"),
+        (gzip_of(header_line()) + b"\0", "not one whole gzip member"),
+        (gzip_of(header_line())[:-1], "not one whole gzip member"),
+        (header_line(), "not gzip (Error -3 while decompressing data: incorrect header check)"),
+        (zlib.compress(header_line()), "not gzip (Error -3 while decompressing data: incorrect header check)"),
+        (gzip_of(b"\n" + header_line()), "not a lapi-kv-sync state record"),  # an empty first line
+    ],
+)
+def test_a_record_file_that_is_not_one_gzip_member_with_a_header_says_so(packed, says):
+    assert unpacking_says(packed) == says
+
+
+def test_a_header_counts_two_whole_numbers_from_zero():
+    assert job.record_counts({"keys": 0}) == (0, 0)
+    assert job.record_counts({"keys": 5, "recent": 2}) == (5, 2)
+    for header in [
+        {"keys": True},
+        {"keys": 1, "recent": False},
+        {"keys": 1.0},
+        {"keys": 1, "recent": -1},
+        {"keys": -1},
+    ]:
+        with pytest.raises(ValueError, match="^a count that is not a whole number$"):
+            job.record_counts(header)
+
+
+def test_a_records_text_splits_on_newlines_only():
+    assert list(job.text_lines(b"a\nb\r\x0bc\n\nd")) == ["a\n", "b\r\x0bc\n", "\n", "d"]
+    assert list(job.text_lines(b"")) == [] and list(job.text_lines(b"\n")) == ["\n"]
+    assert list(job.text_lines(b"\nx")) == ["\n", "x"]  # a newline first
+    with pytest.raises(UnicodeDecodeError):
+        list(job.text_lines(b"ok\n\xff\n"))
+
+
+@pytest.mark.parametrize(
+    ("table", "present"),
+    [
+        (None, None),
+        (["a" * 32, 1800000000], job.Present(1800000000, "a" * 32)),
+        ([None, None], job.Present(None, None)),
+    ],
+)
+def test_the_scope_tables_key_reads_from_a_header(table, present):
+    assert job.recorded_table(table) == present
+
+
+@pytest.mark.parametrize(
+    "table", [["A" * 32, 1], ["a" * 31, 1], ["a" * 32, 1.0], ["a" * 32, True], [1, 1], ["a" * 32], "ab", 3]
+)
+def test_a_scope_tables_key_of_another_shape_is_refused(table):
+    with pytest.raises((TypeError, ValueError)):
+        job.recorded_table(table)
+
+
+def test_the_scope_tables_figures_name_a_scope_and_a_remediation():
+    assert job.table_figures({"range:ban": 2, "country:captcha": "1", "as:ban": 0}) == {
+        "range:ban": 2,
+        "country:captcha": 1,
+        "as:ban": 0,
+    }
+    for bad in [{"ip:ban": 1}, {"range:log": 1}, {"range": 1}, {"range:ban:x": 1}]:
+        with pytest.raises(ValueError):
+            job.table_figures(bad)
+    with pytest.raises(TypeError):
+        job.table_figures([])
 
 
 # --------------------------------------------------------------------------- when to audit
