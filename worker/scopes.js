@@ -5,7 +5,7 @@
 // The document: {"v":1,"range":{"192.0.2.0/24":["ban",1795615200]},"country":{"FR":[...]},"as":{"64500":[...]}}
 // each entry [remediation, end in Unix seconds]; range, country and as may each be absent.
 import { canonicalAddress, ipv6Groups } from "./address.js";
-import { cacheTtl, keyName } from "./worker.js";
+import { cacheTtl, keyName } from "./kv.js";
 
 const TABLE_KEY = "scopes"; // never an address, so it cannot collide with an address key
 const DEFAULT_REFRESH = 60; // seconds between two reads of the table in one isolate

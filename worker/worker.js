@@ -5,15 +5,12 @@
 // It never writes KV: a solved captcha is remembered in a signed cookie, not in a store.
 
 import { clientAddress } from "./address.js";
+import { cacheTtl, keyName } from "./kv.js";
 import { answerVerified, holdsPass, isChallengeAnswer, passGranted, turnstileConfigured } from "./captcha.js";
 import { banPage, challengePage } from "./pages.js";
 import { tableRemediation } from "./scopes.js";
 
 export { canonicalAddress } from "./address.js";
-
-const DEFAULT_PREFIX = "ip:"; // the job's KV_KEY_PREFIX default
-const DEFAULT_CACHE_TTL = 60; // seconds; Cloudflare's own default for a KV read
-const MIN_CACHE_TTL = 30; // KV refuses a smaller cacheTtl: the read would throw and every request pass
 
 export default {
   async fetch(request, env, ctx) {
@@ -65,15 +62,6 @@ export function strongest(a, b) {
   const [x, y] = [STRENGTH.get(a) ?? 0, STRENGTH.get(b) ?? 0];
   if (x === 0 && y === 0) return null;
   return x >= y ? a : b;
-}
-
-// The name of a key the job writes, and how long an edge location may answer its read from cache.
-export function keyName(env, suffix) {
-  return (env.KV_KEY_PREFIX ?? DEFAULT_PREFIX) + suffix;
-}
-
-export function cacheTtl(env) {
-  return Math.max(MIN_CACHE_TTL, Number(env.CACHE_TTL) || DEFAULT_CACHE_TTL);
 }
 
 async function lookUp(env, address) {
