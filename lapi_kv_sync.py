@@ -24,6 +24,7 @@ if __name__ == "__main__":
         signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import argparse
+import array
 import base64
 import bisect
 import codecs
@@ -50,6 +51,7 @@ import re
 import socket
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -1609,6 +1611,154 @@ def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> Sc
     digest = hashlib.sha256(document).hexdigest()[:32]
     end = max(end for names in sections.values() for _, end in names.values())
     return ScopeTable(document, digest, float(end), counted, len(rounded) - len(kept), kept)
+
+
+# The network table: every Range decision, and the Ip decisions of TABLE_ORIGINS, as sorted
+# disjoint address intervals of each family, each with its latest ban end and latest captcha end
+# (Unix seconds on Cloudflare's clock, 0: none), in a binary layout a Worker reads through
+# typed-array views over the ArrayBuffer KV returns: no parsing per entry, a binary search per
+# lookup. docs/kv-contract.md gives the layout; worker/networks.js reads it.
+#
+#   offset  size         field (unsigned, little-endian)
+#   0       4            magic, ASCII "LKVN"
+#   4       2            format, 1
+#   6       2            0 (reserved)
+#   8       4            n4, IPv4 intervals
+#   12      4            n6, IPv6 intervals
+#   16      4·n4 each    IPv4: first[n4], last[n4], ban[n4], captcha[n4]
+#   …       16·n6 each   IPv6: first[n6], last[n6], each address four uint32 words, most significant first
+#   …       4·n6 each    IPv6: ban[n6], captcha[n6]
+#
+# Every array starts at a multiple of 4 bytes, so a Uint32Array views it where it lies.
+NETWORKS_NAME = "networks"  # never an address, so never an address key
+NETWORKS_MAGIC = b"LKVN"
+NETWORKS_FORMAT = 1
+NETWORKS_HEADER = struct.Struct("<4sHHII")
+MAX_END = 2**32 - 1  # an end must fit a uint32 (the year 2106)
+
+
+class Interval(NamedTuple):
+    """Addresses `first` to `last` of one family (as integers), with the latest end of each
+    remediation over them (0: none)."""
+
+    first: int
+    last: int
+    ban: int
+    captcha: int
+
+
+class Intervals(NamedTuple):
+    v4: list[Interval]
+    v6: list[Interval]
+
+
+def disjoint_intervals(networks: Iterable[Interval]) -> list[Interval]:
+    """Sorted disjoint intervals from CIDR networks of one family, each carrying the latest ban end
+    and latest captcha end of every network that covers it. Two CIDR networks are either disjoint
+    or one holds the other, so a sweep in order of first address (the larger first on a tie) with
+    a stack of the networks open at that point sees every cover: each stack entry holds the maxima
+    of itself and every network around it. Where the intervals fall depends on the networks alone,
+    never on their ends, so an end moving changes no interval's bounds."""
+    out: list[Interval] = []
+    open_: list[Interval] = []  # the networks covering the cursor, outermost first, ends folded in
+    cursor = 0
+
+    def close_to(cover: Interval, last: int) -> None:
+        nonlocal cursor
+        if cursor <= last:
+            out.append(Interval(cursor, last, cover.ban, cover.captcha))
+        cursor = last + 1
+
+    for network in sorted(networks, key=lambda n: (n.first, -n.last)):
+        while open_ and open_[-1].last < network.first:
+            top = open_.pop()
+            close_to(top, top.last)
+        if open_:
+            close_to(open_[-1], network.first - 1)
+        cursor = network.first
+        outer = open_[-1] if open_ else Interval(0, 0, 0, 0)
+        open_.append(
+            Interval(network.first, network.last, max(network.ban, outer.ban), max(network.captcha, outer.captcha))
+        )
+    while open_:
+        top = open_.pop()
+        close_to(top, top.last)
+    return out
+
+
+def _words(values: Iterable[int], width: int) -> array.array:
+    """Integers of `width` 32-bit words each, most significant word first, as little-endian uint32s."""
+    words = array.array("I")
+    if width == 1:
+        words.extend(values)
+    else:
+        for value in values:
+            words.extend(
+                ((value >> 96) & 0xFFFFFFFF, (value >> 64) & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF, value & 0xFFFFFFFF)
+            )
+    return words
+
+
+def encode_networks(intervals: Intervals) -> bytes:
+    """The network table's value for these intervals (each family sorted and disjoint)."""
+    parts = [NETWORKS_HEADER.pack(NETWORKS_MAGIC, NETWORKS_FORMAT, 0, len(intervals.v4), len(intervals.v6))]
+    for family, width in ((intervals.v4, 1), (intervals.v6, 4)):
+        columns = list(zip(*family, strict=True)) or [(), (), (), ()]
+        for column, column_width in zip(columns, (width, width, 1, 1), strict=True):
+            words = _words(column, column_width)
+            if sys.byteorder == "big":
+                words.byteswap()
+            parts.append(words.tobytes())
+    return b"".join(parts)
+
+
+def decode_networks(value: bytes) -> Intervals:
+    """The intervals a network table holds; ValueError for anything but a whole, valid table of
+    this format (whatever KV holds may have been put there by anyone)."""
+    if len(value) < NETWORKS_HEADER.size:
+        raise ValueError("shorter than the header")
+    magic, version, _, n4, n6 = NETWORKS_HEADER.unpack_from(value)
+    if magic != NETWORKS_MAGIC or version != NETWORKS_FORMAT:
+        raise ValueError(f"not a network table of format {NETWORKS_FORMAT}")
+    if len(value) != NETWORKS_HEADER.size + 16 * n4 + 40 * n6:
+        raise ValueError("its length is not what its counts say")
+    words = array.array("I")
+    words.frombytes(value[NETWORKS_HEADER.size :])
+    if sys.byteorder == "big":
+        words.byteswap()
+    v4 = [Interval(*row) for row in zip(*(words[i * n4 : (i + 1) * n4] for i in range(4)), strict=True)]
+    at = 4 * n4
+
+    def addresses(start: int) -> list[int]:
+        w = words[start : start + 4 * n6]
+        return [(w[i] << 96) | (w[i + 1] << 64) | (w[i + 2] << 32) | w[i + 3] for i in range(0, 4 * n6, 4)]
+
+    firsts, lasts = addresses(at), addresses(at + 4 * n6)
+    ends = at + 8 * n6
+    v6 = [
+        Interval(*row)
+        for row in zip(firsts, lasts, words[ends : ends + n6], words[ends + n6 : ends + 2 * n6], strict=True)
+    ]
+    for family in (v4, v6):
+        previous = -1
+        for interval in family:
+            if not (previous < interval.first <= interval.last) or not (interval.ban or interval.captcha):
+                raise ValueError("intervals not sorted, overlapping, or carrying no end")
+            previous = interval.last
+    return Intervals(v4, v6)
+
+
+def networks_verdict(intervals: Intervals, address: str, now: float) -> str | None:
+    """What the table says of a canonical address at `now` (Cloudflare's clock): "ban", "captcha"
+    or None, as the reference Worker reads it: ban when a ban end is still ahead, else captcha."""
+    ip = ipaddress.ip_address(address)
+    family = intervals.v4 if ip.version == 4 else intervals.v6
+    value = int(ip)
+    at = bisect.bisect_right(family, value, key=operator.attrgetter("first")) - 1
+    if at < 0 or value > family[at].last:
+        return None
+    interval = family[at]
+    return "ban" if interval.ban > now else "captcha" if interval.captcha > now else None
 
 
 # --------------------------------------------------------------------------- Cloudflare
