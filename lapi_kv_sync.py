@@ -75,14 +75,20 @@ MAX_KEY_BYTES = 512
 MAX_METADATA_BYTES = 1024
 MAX_BULK_ITEMS = 10_000
 LIST_LIMIT = 1000
-# A key is up to date while its expiration is within this of the decision's end; it also
-# absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
+# A key is up to date while its expiration is within this of where a write would put it (the
+# decision's end); it also absorbs the 60 s TTL floor, so a decision with under a minute left is
+# never rewritten. A key is never left to outlive its decision by more than this.
 EXPIRATION_SLACK = 60
+# CrowdSec refreshes its blocklists by re-inserting every decision with a later end: a key whose
+# decision now ends later is left as it is while its expiration is more than this ahead, and
+# rewritten, with the decision's end, once it comes within it. Fifteen minutes is fifteen runs
+# at the CronJob's schedule, so one failed run or a Cloudflare outage of a few minutes never lets
+# such a key lapse; a key then costs one write per life of its decision, not one per refresh.
+REFRESH_AHEAD = 15 * 60
 # The longest TTL the job sets: a year. A longer decision (a hand-made ban for ten years) gets a
-# key that is rewritten when under MAX_TTL - MAX_TTL_REFRESH is left, about once a month, so it
-# lasts while the decision does; a key is never made to outlive its decision by more than that.
+# key of a year, rewritten as any key is when it comes within REFRESH_AHEAD of its expiration, so
+# it lasts while the decision does; a key without an expiration would outlive a job that stopped.
 MAX_TTL = 365 * 24 * 3600
-MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
 IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large", "table_full")
@@ -1967,40 +1973,56 @@ class Plan(NamedTuple):
     writes: list[Write]
     deletes: list[str]
     unchanged: list[str]
-    # When, on Cloudflare's clock, the first key capped at MAX_TTL is due to be rewritten (inf:
-    # none is): until then a plan against the same LAPI answer finds nothing to do.
-    refresh_at: float = math.inf
+    # When, on Cloudflare's clock, the first key left as it is comes due to be rewritten (inf: none
+    # does): until then a plan against the same LAPI answer finds nothing to do.
+    due_at: float = math.inf
+
+
+# What the plan does with each key (external-dns's plan writes its table the same way):
+#
+#   KV holds the key            LAPI wants it                        plan
+#   no                          yes                                  write
+#   yes, another remediation    yes                                  write
+#   yes, no metadata of ours    yes                                  write
+#   yes                         yes, ends within the slack of it     unchanged
+#   yes, expires > 15 min out   yes, ends later (a refresh)          unchanged (due 15 min before it expires)
+#   yes, expires <= 15 min out  yes, ends later                      write, with the decision's end
+#   yes                         yes, ends earlier beyond the slack   write, with the decision's end
+#   yes                         no                                   delete (not when it already expired)
+def expiration_stands(expiration: float, wanted: float, kv_now: float) -> bool:
+    """Whether a key (or a table entry) that expires at `expiration` may stay as it is for a
+    decision that a write now would make expire at `wanted`, both on Cloudflare's clock: it does
+    not outlive the decision by more than EXPIRATION_SLACK, and it is either in step with it or,
+    if the decision now ends later, still more than REFRESH_AHEAD away from expiring."""
+    return expiration <= wanted + EXPIRATION_SLACK and (
+        expiration >= wanted - EXPIRATION_SLACK or expiration > kv_now + REFRESH_AHEAD
+    )
 
 
 def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now: float, offset: float = 0.0) -> Plan:
-    """What to write and delete so KV holds `wanted`. `now` and the wanted ends are on our clock;
-    `offset` is Cloudflare's clock minus ours, the clock KV's expirations are on. A present key
-    whose expiration has passed is gone (a listing never shows one; a state record may still)."""
+    """What to write and delete so KV holds `wanted` (the table above). `now` and the wanted ends
+    are on our clock; `offset` is Cloudflare's clock minus ours, the clock KV's expirations are
+    on. A present key whose expiration has passed is gone (a listing never shows one; a state
+    record may still)."""
     writes, unchanged = [], []
     kv_now = now + offset
     get_present, nothing = present.get, (None, None)
-    refresh_at = math.inf
+    due_at = math.inf
     for key, (remediation, end, origin, scenario) in wanted.items():
         expiration, had = get_present(key, nothing)
         left = end - now
         ttl = MIN_TTL if left < MIN_TTL else MAX_TTL if left > MAX_TTL else left
         expires = kv_now + ttl  # where a write now would put the expiration
-        if (
-            had == remediation
-            and expiration is not None
-            and expires - (MAX_TTL_REFRESH if left > MAX_TTL else EXPIRATION_SLACK)
-            <= expiration
-            <= expires + EXPIRATION_SLACK
-        ):
+        if had == remediation and expiration is not None and expiration_stands(expiration, expires, kv_now):
             unchanged.append(key)
         else:
             writes.append(tuple_new(Write, (key, remediation, math.ceil(ttl), origin, scenario)))
             expiration = expires
-        if left > MAX_TTL:  # capped: rewritten once it is MAX_TTL_REFRESH old
-            refresh_at = min(refresh_at, expiration - MAX_TTL + MAX_TTL_REFRESH)
+        if end + offset > expiration + EXPIRATION_SLACK:  # the decision outlasts the key: it comes due
+            due_at = min(due_at, expiration - REFRESH_AHEAD)
     gone = present.keys() - wanted.keys()  # a set operation in C: a pass over the keys in Python cost more
     deletes = sorted(key for key in gone if present[key].expiration is None or present[key].expiration > kv_now)
-    return Plan(writes, deletes, unchanged, refresh_at)
+    return Plan(writes, deletes, unchanged, due_at)
 
 
 def make_plan_with_table(
@@ -2173,7 +2195,7 @@ def settle(
 
 # --------------------------------------------------------------------------- state file
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 STATE_KIND = "lapi-kv-sync state"
 STATE_LOCK_WAIT = 30.0  # seconds a run waits for another run's lock on the same STATE_FILE
 # Why a run lists every key (audits) instead of planning against its record; the metric's labels.
@@ -2216,7 +2238,7 @@ class Record(NamedTuple):
     # projected (AnswerDigest) and that projection's figures, for a run that finds the same answer.
     lapi_digest: str | None = None
     projected: Projected | None = None
-    refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
+    due_at: float | None = None  # that run's Plan.due_at (None: no key comes due)
     # The keys this job changed in the last KV_LIST_LAG seconds, each with when (Cloudflare's
     # clock); what each holds since is in `keys` (absent: deleted). As read from a file, the line
     # as it is, decoded only by a run that needs it (recent_changes()): after a cold run it names
@@ -2293,7 +2315,7 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "table": table,
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
-        "refresh_at": record.refresh_at,
+        "due_at": record.due_at,
     }
     if recent:
         header["recent"] = len(recent)
@@ -2333,9 +2355,9 @@ def decode_record(lines: Iterable[str]) -> Record:
             else None
         )
         table = recorded_table(header.get("table"))
-        refresh_at = header.get("refresh_at")
-        refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
-        if refresh_at is not None and not math.isfinite(refresh_at):
+        due_at = header.get("due_at")
+        due_at = None if due_at is None or lapi_digest is None else float(due_at)
+        if due_at is not None and not math.isfinite(due_at):
             raise ValueError
         settling_until = header.get("settling_until")
         settling_until = None if settling_until is None else float(settling_until)
@@ -2371,7 +2393,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         keys[prefix + TABLE_NAME] = table
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
-        refresh_at, recent, settling_until,
+        due_at, recent, settling_until,
     )  # fmt: skip
 
 
@@ -3485,10 +3507,10 @@ def converge(
                 entries_by_name(report.table_entries),
                 report.table_bytes,
             )
-            refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
+            due_at = plan.due_at if plan.due_at < math.inf else None
             after = Record(
                 config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
-                *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
+                *((answer.hexdigest(), figures, due_at) if converged else (None, None, None)),
                 *recent_and_settling(recent_after(recent, ledger, offset, kv_now), settling_until, kv_now),
             )  # fmt: skip
             save_record(state, after, kv_now, log, set_aside)
@@ -3509,11 +3531,11 @@ def converge(
             ranges = ((name, projection.table["range", name]) for scope, name in table.kept if scope == "range")
             report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix, ranges)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
+        due_at = plan.due_at if plan.due_at < math.inf else None
         if (
             state is None
             and reason is None
-            and (sent != last_sent or answer.hexdigest() != kv.lapi_digest or refresh_at != kv.refresh_at)
+            and (sent != last_sent or answer.hexdigest() != kv.lapi_digest or due_at != kv.due_at)
         ):  # a trusted record, unchanged but for when usage metrics went, LAPI's digest or when a key is due
             state = state_file
     record(ledger, converged=not applied.guarded)
@@ -3537,7 +3559,7 @@ class KnownKv(NamedTuple):
     offset: float  # Cloudflare's clock minus ours
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
-    refresh_at: float | None  # the record's (None after a listing)
+    due_at: float | None  # the record's (None after a listing)
     listed: bool = False  # as listed this run, not as recorded
 
 
@@ -3549,7 +3571,7 @@ def kv_as_listed(listed: Listing) -> KnownKv:
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
-    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
+    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.due_at)
 
 
 def log_dry_run(
@@ -3597,11 +3619,11 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
     count the keys afresh), a key capped at MAX_TTL is due to be rewritten, or a key has expired
     since (it may be one LAPI still wants, if a decision's end was ever moved: then the plan
     writes it again)."""
-    refresh_at = math.inf if record.refresh_at is None else record.refresh_at
+    due_at = math.inf if record.due_at is None else record.due_at
     return (
         record.lapi_digest is not None
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
-        and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
+        and now + record.clock_offset < min(record.earliest_expiration(), due_at)
     )
 
 

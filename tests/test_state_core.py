@@ -56,14 +56,14 @@ def test_an_absurd_duration_is_invalid_and_the_other_bans_are_kept():
     assert list(projection.wanted) == ["ip:192.0.2.2"] and projection.ignored == Counter(invalid=1)
 
 
-def test_ttl_is_capped_at_a_year_and_a_capped_key_is_refreshed_about_monthly():
+def test_ttl_is_capped_at_a_year_and_a_capped_key_is_rewritten_as_it_comes_due():
     wanted = {"ip:192.0.2.1": job.Wanted("ban", NOW + 10 * job.MAX_TTL, "o", "s")}
     plan = job.make_plan(wanted, {}, NOW)
     assert [w.ttl for w in plan.writes] == [job.MAX_TTL]
     written = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL, "ban")}
-    for days in (0, 1, 29):
+    for days in (0, 1, 29, 364):
         assert job.make_plan(wanted, written, NOW + days * 86400).writes == []
-    assert len(job.make_plan(wanted, written, NOW + 31 * 86400).writes) == 1
+    assert len(job.make_plan(wanted, written, NOW + job.MAX_TTL - job.REFRESH_AHEAD).writes) == 1
 
 
 def test_a_run_survives_an_absurd_duration(stack):
@@ -296,7 +296,7 @@ def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
 def three_keys() -> list[str]:
     keys = {f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}
     figures = job.Projected(3, {"ban": 3}, {})
-    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW), 0))
+    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, due_at=NOW), 0))
 
 
 def with_header(**changes) -> list[str]:
@@ -317,9 +317,9 @@ NOT_WHOLE = "the key columns are not whole"
     [
         ([], "not a lapi-kv-sync state record"),
         (["junk\n"], "not a lapi-kv-sync state record"),
-        (with_header(format=2), "format 2, this version reads 1"),
+        (with_header(format=1), "format 1, this version reads 2"),
         (with_header(keys="three"), "header lacks a field or holds a wrong type"),
-        (with_header(refresh_at=math.inf), "header lacks a field or holds a wrong type"),
+        (with_header(due_at=math.inf), "header lacks a field or holds a wrong type"),
         (with_header(audited_at=math.inf), "header holds a number out of range"),
         (with_header(clock_offset=math.nan), "header holds a number out of range"),
         ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more lines than the header says)"),
@@ -339,7 +339,7 @@ NOT_WHOLE = "the key columns are not whole"
 )
 def test_a_corrupt_record_says_what_is_wrong(lines, says):
     # The warning of the run that audits because of it quotes this.
-    assert job.decode_record(three_keys()).refresh_at == NOW  # whole, it reads
+    assert job.decode_record(three_keys()).due_at == NOW  # whole, it reads
     with pytest.raises(job.RecordCorrupt) as caught:
         job.decode_record(lines)
     assert str(caught.value) == says
@@ -415,7 +415,7 @@ def test_a_header_line_is_found_in_the_first_64_kib_or_not_at_all():
         (gzip_of(header_line(recent=-1)), "header lacks a field or holds a wrong type"),
         (gzip_of(header_line(recent=1.0)), "header lacks a field or holds a wrong type"),
         (gzip_of(b"{}\n"), "not a lapi-kv-sync state record"),
-        (gzip_of(header_line(format=2)), "format 2, this version reads 1"),
+        (gzip_of(header_line(format=1)), "format 1, this version reads 2"),
         (gzip_of(header_line()) + gzip_of(header_line()), "not one whole gzip member"),
         (gzip_of(header_line()) + b"\0", "not one whole gzip member"),
         (gzip_of(header_line())[:-1], "not one whole gzip member"),
@@ -779,7 +779,7 @@ def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
 def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
     figures = job.Projected(3, {"ban": 2, "captcha": 1}, {"scope": 4})
     keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:192.0.2.2": job.Present(None, None)}
-    original = record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW + 86400.5)
+    original = record(keys, lapi_digest="d" * 40, projected=figures, due_at=NOW + 86400.5)
     back = job.decode_record(line + "\n" for line in "".join(job.encode_record(original, NOW)).split("\n")[:-1])
     assert back == original and back.earliest_expiration() == NOW + 60
     assert record({}).earliest_expiration() == float("inf")
@@ -814,7 +814,7 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
     off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
     assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
     assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
-    due = fresh._replace(refresh_at=NOW + 300)  # a key capped at MAX_TTL is due to be rewritten then
+    due = fresh._replace(due_at=NOW + 300)  # a key left as its decision moved later comes due then
     assert job.may_be_unchanged(due, off, NOW, NOW + 299 - fresh.clock_offset)
     assert not job.may_be_unchanged(due, off, NOW, NOW + 300 - fresh.clock_offset)
 
@@ -822,9 +822,9 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
 def test_the_plan_says_when_the_first_key_capped_at_max_ttl_is_due_again():
     capped = job.Wanted("ban", NOW + 5 * job.MAX_TTL, "o", "s")
     short = job.Wanted("ban", NOW + 3600, "o", "s")
-    assert job.make_plan({"ip:192.0.2.2": short}, {}, NOW).refresh_at == float("inf")
+    assert job.make_plan({"ip:192.0.2.2": short}, {}, NOW).due_at == float("inf")
     written = job.make_plan({"ip:192.0.2.1": capped, "ip:192.0.2.2": short}, {}, NOW, offset=2.0)
-    assert written.refresh_at == NOW + 2.0 + job.MAX_TTL_REFRESH
+    assert written.due_at == NOW + 2.0 + job.MAX_TTL - job.REFRESH_AHEAD
     kept = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL - 86400, "ban")}  # written a day ago
     plan = job.make_plan({"ip:192.0.2.1": capped}, kept, NOW)
-    assert plan.writes == [] and plan.refresh_at == NOW - 86400 + job.MAX_TTL_REFRESH
+    assert plan.writes == [] and plan.due_at == NOW - 86400 + job.MAX_TTL - job.REFRESH_AHEAD

@@ -147,7 +147,7 @@ junk_bytes = st.one_of(
         lambda field, value: gzip.compress(
             raw_header_line(json.dumps({**HEADER, field: 0}).replace(": 0", f": {value}", 1)) + b"[]\n[]\n\n"
         ),
-        st.sampled_from(["audited_at", "clock_offset", "usage_metrics_sent_at", "keys", "refresh_at"]),
+        st.sampled_from(["audited_at", "clock_offset", "usage_metrics_sent_at", "keys", "due_at"]),
         st.sampled_from(["1e400", "-1e400", "9" * 400, "NaN", "Infinity", '"x"', "[]", "{}", "null", "-1", "1.5"]),
     ),
 )

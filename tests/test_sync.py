@@ -150,13 +150,15 @@ def test_unban_deletes_only_that_key_and_changes_rewrite_only_theirs(stack):
     by_value = {d["value"]: d for d in stack.lapi.decisions}
     stack.lapi.decisions.remove(by_value["10.0.0.5"])  # un-ban
     by_value["10.0.0.7"]["type"] = "captcha"  # ban turned captcha
-    by_value["10.0.0.9"]["until"] += 7200  # ban made longer
+    by_value["10.0.0.9"]["until"] -= 1800  # ban made shorter: the key must not outlive it
+    by_value["10.0.0.11"]["until"] += 7200  # ban made longer (a refresh): left until it comes due
     result = stack.run()
     assert result.code == 0, result.err
     assert stack.kv.deleted_keys == ["ip:10.0.0.5"]
     assert sorted(stack.kv.written_keys) == ["ip:10.0.0.7", "ip:10.0.0.9"]
     assert stack.kv.live()["ip:10.0.0.7"].value == "captcha"
-    assert stack.kv.live()["ip:10.0.0.9"].expiration > time.time() + 10000
+    assert stack.kv.live()["ip:10.0.0.9"].expiration < time.time() + 1800 + job.EXPIRATION_SLACK
+    assert stack.kv.live()["ip:10.0.0.11"].expiration < time.time() + 3600 + job.EXPIRATION_SLACK
 
 
 def test_keys_without_metadata_or_expiration_are_rewritten_once(stack):
