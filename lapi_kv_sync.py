@@ -2572,15 +2572,31 @@ def recent_and_settling(
     return recent, settling_until if settling_until is not None and settling_until > kv_now else None
 
 
-def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> None:
-    """Lay over a listing what the job changed lately (None: deleted), in place: KV's list may lag
-    a change by up to a minute, so an audit must not forget a key this job wrote, nor bring back
-    one it deleted, within that time."""
+UNKNOWN = Present(None, None)  # a key whose state is not known: the plan writes it, or deletes it
+
+
+def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> int:
+    """Mark unknown, in place, each key that a listing and the job's own changes of the last
+    KV_LIST_LAG seconds (`lately`: what each holds since, None: deleted) disagree on, so that the
+    plan sends it again: a write if LAPI wants the key, a delete if not. KV's list may lag a change
+    by up to a minute, and the key may have been changed behind the job's back meanwhile: neither
+    is the truth alone, and a write or a delete sent again is harmless. The number marked."""
+    marked = 0
     for key, have in lately.items():
-        if have is None:
-            listed.pop(key, None)
-        else:
-            listed[key] = have
+        if not same_key(listed.get(key), have):
+            listed[key] = UNKNOWN
+            marked += 1
+    return marked
+
+
+def same_key(a: Present | None, b: Present | None) -> bool:
+    """Whether two accounts of a key agree: both absent, or the same remediation and expirations
+    within EXPIRATION_SLACK (a record counts a write's expiration from when it was sent)."""
+    if a is None or b is None:
+        return a is b
+    if a.remediation is None or a.remediation != b.remediation or (a.expiration is None) != (b.expiration is None):
+        return False
+    return a.expiration is None or abs(a.expiration - b.expiration) <= EXPIRATION_SLACK
 
 
 class StateFile:
