@@ -93,10 +93,17 @@ def plain_merge(old, new):
     return strongest._replace(end=max(old.end, new.end))
 
 
-def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=False):
+def plain_network(value):
+    """A Range decision's network as (version, first, last), the obvious way: as plain_entry makes
+    it canonical; ValueError (TooBroad) as it does."""
+    network = ipaddress.ip_network(plain_entry("range", value))
+    return network.version, int(network.network_address), int(network.broadcast_address)
+
+
+def plain_project(decisions, read_at, prefix, expand_ranges_max=0, tables=False, table_origins=frozenset()):
     """The projection written the obvious way: as the job did before it was made lean, and with
-    the scope table's entries."""
-    wanted, ignored, table = {}, Counter(), {}
+    the tables' entries."""
+    wanted, ignored, scopes, networks = {}, Counter(), {}, {}
     for raw in decisions:
         fields = ("scope", "type", "origin", "scenario")
         if not isinstance(raw, dict) or any(isinstance(raw.get(f), (list, dict)) for f in fields):
@@ -105,7 +112,7 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
         text = {f: raw[f] if isinstance(raw.get(f), str) else "" for f in fields}
         row = SimpleNamespace(value=raw.get("value"), duration=raw.get("duration"), **text)
         scope, remediation = row.scope.lower(), row.type.lower()
-        table_scope = scope_table and scope in ("range", "country", "as")
+        table_scope = tables and scope in ("range", "country", "as")
         if not table_scope and (scope not in ("ip", "range") or scope == "range" and not expand_ranges_max):
             ignored["scope"] += 1
             continue
@@ -120,14 +127,21 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
         if remaining <= 0:
             ignored["expired"] += 1
             continue
+        new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
         if table_scope:
             try:
-                entry = (scope, plain_entry(scope, row.value))
+                if scope == "range":
+                    entry = (*plain_network(row.value), remediation)
+                    networks[entry] = plain_merge(networks.get(entry), new)
+                else:
+                    entry = (scope, plain_entry(scope, row.value))
+                    scopes[entry] = plain_merge(scopes.get(entry), new)
+            except job.TooBroad:
+                ignored["range_too_large"] += 1
+                continue
             except ValueError:
                 ignored["invalid"] += 1
                 continue
-            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
-            table[entry] = plain_merge(table.get(entry), new)
             if scope != "range" or not expand_ranges_max:
                 continue
         try:
@@ -135,7 +149,12 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
                 if not isinstance(row.value, str) or "%" in row.value:
                     raise ValueError
                 address = ipaddress.ip_address(row.value)
-                addresses = [str(getattr(address, "ipv4_mapped", None) or address)]
+                address = getattr(address, "ipv4_mapped", None) or address
+                if tables and ("*" in table_origins or row.origin in table_origins):
+                    entry = (address.version, int(address), int(address), remediation)
+                    networks[entry] = plain_merge(networks.get(entry), new)
+                    continue
+                addresses = [str(address)]
             else:
                 if not isinstance(row.value, str):
                     raise ValueError
@@ -153,9 +172,8 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
             if len(key.encode()) > 512:
                 ignored["invalid"] += 1
                 continue
-            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
             wanted[key] = plain_merge(wanted.get(key), new)
-    return job.Projection(wanted, ignored, table)
+    return job.Projection(wanted, ignored, scopes, networks)
 
 
 # What may stand where LAPI puts a string: nothing at all, or any other JSON value.
@@ -198,12 +216,20 @@ rows = st.lists(
 )
 
 
-@given(rows, st.sampled_from([0, 4]), st.sampled_from(["ip:", "x" * 480]), st.booleans())
-def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix, scope_table):
-    lean = job.project(iter(decisions), NOW, prefix, expand, scope_table)  # a one-pass iterator, as a stream is
-    plain = plain_project(decisions, NOW, prefix, expand, scope_table)
+@given(
+    rows,
+    st.sampled_from([0, 4]),
+    st.sampled_from(["ip:", "x" * 480]),
+    st.booleans(),
+    st.sampled_from([frozenset(), frozenset({"crowdsec"}), frozenset({"*"})]),
+)
+def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix, tables, table_origins):
+    # a one-pass iterator, as a stream is
+    lean = job.project(iter(decisions), NOW, prefix, expand, tables, table_origins)
+    plain = plain_project(decisions, NOW, prefix, expand, tables, table_origins)
     assert lean.wanted == plain.wanted
-    assert lean.table == plain.table
+    assert lean.scopes == plain.scopes
+    assert lean.networks == plain.networks
     assert +lean.ignored == +plain.ignored
 
 
@@ -429,8 +455,11 @@ def test_a_record_file_that_is_not_one_gzip_member_with_a_header_says_so(packed,
 
 
 def test_a_header_counts_two_whole_numbers_from_zero():
-    assert job.record_counts({"keys": 0}) == (0, 0)
-    assert job.record_counts({"keys": 5, "recent": 2}) == (5, 2)
+    assert job.record_counts({"keys": 0}) == (0, 0, 0)
+    assert job.record_counts({"keys": 5, "recent": 2}) == (5, 2, 0)
+    # And the tables' values in base64, a line each: 16 bytes are 24 characters and a newline.
+    tables = [["networks", "a" * 32, 1800000000, 16], ["scopes", "b" * 32, None, None]]
+    assert job.record_counts({"keys": 0, "documents": tables}) == (0, 0, 25)
     for header in [
         {"keys": True},
         {"keys": 1, "recent": False},
@@ -451,32 +480,49 @@ def test_a_records_text_splits_on_newlines_only():
 
 
 @pytest.mark.parametrize(
-    ("table", "present"),
+    ("documents", "read"),
     [
-        (None, None),
-        (["a" * 32, 1800000000], job.Present(1800000000, "a" * 32)),
-        ([None, None], job.Present(None, None)),
+        ([], []),
+        ([["networks", "a" * 32, 1800000000, 16]], [("networks", "a" * 32, 1800000000, 16)]),
+        ([["scopes", "a" * 32, 1800000000, None]], [("scopes", "a" * 32, 1800000000, None)]),
+        ([["scopes", None, None, None]], [("scopes", None, None, None)]),
     ],
 )
-def test_the_scope_tables_key_reads_from_a_header(table, present):
-    assert job.recorded_table(table) == present
+def test_the_tables_keys_read_from_a_header(documents, read):
+    assert job.recorded_documents(documents) == read
 
 
 @pytest.mark.parametrize(
-    "table", [["A" * 32, 1], ["a" * 31, 1], ["a" * 32, 1.0], ["a" * 32, True], [1, 1], ["a" * 32], "ab", 3]
+    "documents",
+    [
+        [["scopes", "A" * 32, 1, None]],
+        [["scopes", "a" * 31, 1, None]],
+        [["scopes", "a" * 32, 1.0, None]],
+        [["scopes", "a" * 32, True, None]],
+        [["scopes", 1, 1, None]],
+        [["scopes", "a" * 32, 1]],
+        [["ranges", "a" * 32, 1, None]],  # not a table's name
+        [["scopes", "a" * 32, 1, None], ["scopes", "a" * 32, 1, None]],  # twice
+        [["scopes", None, 1, 16]],  # a value without its digest
+        [["scopes", "a" * 32, 1, 0]],
+        [["scopes", "a" * 32, 1, "16"]],
+        "ab",
+        3,
+        None,
+    ],
 )
-def test_a_scope_tables_key_of_another_shape_is_refused(table):
+def test_a_tables_key_of_another_shape_is_refused(documents):
     with pytest.raises((TypeError, ValueError)):
-        job.recorded_table(table)
+        job.recorded_documents(documents)
 
 
-def test_the_scope_tables_figures_name_a_scope_and_a_remediation():
-    assert job.table_figures({"range:ban": 2, "country:captcha": "1", "as:ban": 0}) == {
-        "range:ban": 2,
+def test_the_tables_figures_name_a_scope_and_a_remediation():
+    assert job.table_figures({"network:ban": 2, "country:captcha": "1", "as:ban": 0}) == {
+        "network:ban": 2,
         "country:captcha": 1,
         "as:ban": 0,
     }
-    for bad in [{"ip:ban": 1}, {"range:log": 1}, {"range": 1}, {"range:ban:x": 1}]:
+    for bad in [{"ip:ban": 1}, {"network:log": 1}, {"network": 1}, {"network:ban:x": 1}, {"range:ban": 1}]:
         with pytest.raises(ValueError):
             job.table_figures(bad)
     with pytest.raises(TypeError):
@@ -709,6 +755,8 @@ SHAPES_THE_KEYS = {
     "lapi_scenarios_not_containing": (("ssh",), ("http",), False),
     "scope_table": (True, False, False),
     "scope_table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
+    "table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
+    "table_origins": (frozenset({"CAPI"}), frozenset({"*"}), True),
 }
 # Every other setting, and why it need not be in the digest.
 SHAPES_NO_KEY = {
@@ -739,12 +787,14 @@ def config_fields_read(node: ast.AST) -> set[str]:
 
 
 def settings_the_projection_reads() -> set[str]:
-    """Read from the code: the settings handed to project() and scope_table() (what lands in KV)
+    """Read from the code: the settings handed to project() and build_tables() (what lands in KV)
     wherever they are called, and those that make LAPI's query (which decisions LAPI answers with)."""
     module = ast.parse(inspect.getsource(job))
-    fields = config_fields_read(ast.parse(inspect.getsource(job.lapi_query)))
+    fields = set()
+    for whole in (job.lapi_query, job.build_tables, job.plan_run):  # these take the whole configuration
+        fields |= config_fields_read(ast.parse(inspect.getsource(whole)))
     for call in ast.walk(module):
-        if isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("project", "scope_table"):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "project":
             fields |= config_fields_read(call)
     return fields
 
@@ -756,7 +806,8 @@ def test_every_setting_is_known_to_shape_the_keys_or_not():
     assert not unknown, f"a new setting: put it in SHAPES_THE_KEYS (and in AnswerDigest) or SHAPES_NO_KEY: {unknown}"
     assert set(SHAPES_THE_KEYS) | set(SHAPES_NO_KEY) <= settings  # no setting that is gone
     read = settings_the_projection_reads()
-    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes"} <= read  # the scan works
+    scanned = {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes", "table_origins"}
+    assert scanned <= read  # the scan works
     assert read <= set(SHAPES_THE_KEYS), (
         f"the projection reads {read - set(SHAPES_THE_KEYS)}: add it to SHAPES_THE_KEYS"
     )

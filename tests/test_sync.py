@@ -102,8 +102,12 @@ def test_keys_values_expirations_and_reasons(stack):
     result = stack.run()
     assert result.code == 0, result.err
     live = stack.kv.live()
-    table = json.loads(live.pop("ip:scopes").value)  # the Range and Country decisions: the scope table
-    assert table == {"v": 1, "range": {"198.51.100.0/24": ["ban", ANY]}, "country": {"FR": ["ban", ANY]}}
+    table = json.loads(live.pop("ip:scopes").value)  # the Country decision: the scope table
+    assert table == {"v": 1, "country": {"FR": ["ban", ANY]}}
+    networks = job.decode_networks(live.pop("ip:networks").value)  # the Range decision: the network table
+    first, last = 0xC6336400, 0xC63364FF  # 198.51.100.0/24
+    assert networks == job.Intervals([job.Interval(first, last, ANY, 0)], [])
+    assert abs(networks.v4[0].ban - (now + 3600)) < 5
     assert {k: e.value for k, e in live.items()} == {
         "ip:2001:db8::1": "ban",
         "ip:192.0.2.6": "ban",
@@ -124,6 +128,7 @@ def test_keys_values_expirations_and_reasons(stack):
     assert stack.push.value(PREFIXED + "keys", 'remediation="ban"') == 3
     assert stack.push.value(PREFIXED + "decisions") == 4  # address keys: the table's key is not one
     assert stack.push.value(PREFIXED + "table_entries", 'scope="country",remediation="ban"') == 1
+    assert stack.push.value(PREFIXED + "table_entries", 'scope="network",remediation="ban"') == 1
 
 
 def test_each_key_is_stored_with_its_remediation_origin_and_scenario(stack):
@@ -483,7 +488,10 @@ def test_json_log_lines(stack):
     logged = datetime.datetime.fromisoformat(record["time"]).timestamp()
     assert abs(logged - time.time()) < 600  # the run's own clock, not a fixed or local-time one
     assert (record["wanted"], record["written"], record["ignored"]["scope"]) == (1, 1, 0)
-    assert record["scope_table"] == {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY}
+    assert record["tables"] == {
+        "scopes": {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY},
+        "networks": {"action": None, "entries": {}, "bytes": 0},
+    }
     result = stack.run(LOG_FORMAT="json", LAPI_KEY="wrong-key-1234")
     record = json.loads(result.err)
     assert record["level"] == "error" and record["event"] == "lapi_unreadable"
