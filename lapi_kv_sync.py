@@ -2619,7 +2619,9 @@ def decode_record(lines: Iterable[str]) -> Record:
         codes = next(lines).removesuffix("\n")
         recent = next(lines).removesuffix("\n") if recent_count else ""
         values = {
-            name: base64.b64decode(next(lines), validate=True) for name, _, _, size in documents if size is not None
+            name: base64.b64decode(next(lines).removesuffix("\n"), validate=True)
+            for name, _, _, size in documents
+            if size is not None
         }
         if next(lines, None) is not None:
             raise ValueError("more lines than the header says")
@@ -3450,15 +3452,17 @@ def table_entries(report: Report, name: str) -> Counter[tuple[str, str]]:
     return Counter({entry: n for entry, n in report.table_entries.items() if entry[0] in scopes})
 
 
-def table_words(report: Report, actions: Mapping[str, str] | None = None) -> str:
+def table_words(report: Report, actions: Mapping[str, str] | None = None, names: Iterable[str] = DOCUMENT_NAMES) -> str:
     """The tables in a few words: what became of each one's key, its entries by scope, its size."""
     actions = report.table_actions if actions is None else actions
     words = []
-    for name in DOCUMENT_NAMES:
+    for name in names:
         entries = table_entries(report, name)
         if name not in actions and not entries:
             continue
-        by_scope = counts({scope: sum(n for (s, _), n in entries.items() if s == scope) for scope in dict(entries)})
+        by_scope = counts(
+            {scope: sum(n for (s, _), n in entries.items() if s == scope) for scope in SCOPE_TABLE_SCOPES}
+        )
         size = report.table_bytes.get(name, 0)
         words.append(
             f"{name} table {actions.get(name, 'none')} ({plural(sum(entries.values()), 'entry', 'entries')}"
@@ -3483,7 +3487,9 @@ def log_table_plan(log: Log, report: Report, documents: Mapping[str, Document]) 
         more = f" (+{len(document.kept) - len(sample)} more)" if len(document.kept) > len(sample) else ""
         log.info(
             "plan",
-            f"dry run: {table_words(report, {document.name: action})}: {' '.join(sample)}{more}".rstrip(": "),
+            f"dry run: {table_words(report, {document.name: action}, [document.name])}: {' '.join(sample)}{more}".rstrip(
+                ": "
+            ),
             table=document.name,
             action=action,
             count=len(document.kept),
@@ -3875,9 +3881,13 @@ def build_tables(
         ("networks", networks_document, projection.networks, config.table_max_bytes, "TABLE_MAX_BYTES"),
     ):
         key = config.kv_key_prefix + name
-        document = build(
-            entries, held_table(key, kv.present.get(key), kept.get(name), cloudflare), kv.offset, kv_now, max_bytes
-        )
+        have = kv.present.get(key)
+        held = held_table(key, have, kept.get(name), cloudflare)
+        if held is None and have is not None and have.remediation is not None:
+            # Not the value its metadata names (edited behind the job's back), or gone since the
+            # listing: unknown, so the plan writes it whatever the new table's digest.
+            kv.present[key] = UNKNOWN  # type: ignore[index]
+        document = build(entries, held, kv.offset, kv_now, max_bytes)
         if document.full:
             projection.ignored["table_full"] += document.full
             log.warning(

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import lapi_kv_sync as job
 from tests.conftest import UNDER_MUTATION
 from tests.standins import decision
-from tests.test_scopes import plain_entry
+from tests.test_tables import plain_entry
 
 NOW = 1_800_000_000.0
 CONFIG = job.Config(cf_account_id="a" * 32, cf_namespace_id="b" * 32, cf_api_token="t", state_file="/s/record")
