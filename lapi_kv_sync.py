@@ -3987,6 +3987,7 @@ def apply_and_record(
         record(ledger, converged=False)  # what landed, and the rest as it was
         raise
     tally(report, plan, ledger, config.kv_key_prefix, guarded=bool(applied.guarded))
+    report.guarded = applied.guarded
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent

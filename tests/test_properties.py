@@ -88,7 +88,9 @@ def test_one_run_converges_and_a_second_is_free(rows, start):
                 assert all((a == 0) == (b == 0) and abs(a - b) <= 5 for a, b in zip(ends, expected[entry], strict=True))
         networks = job.networks_document(projection.networks, None, 0.0, time.time(), job.Config.table_max_bytes)
         if networks.value:
-            written, expected = map(job.interval_ends, (job.decode_networks(live.pop("ip:networks").value), networks.held))
+            written, expected = map(
+                job.interval_ends, (job.decode_networks(live.pop("ip:networks").value), networks.held)
+            )
             assert written.keys() == expected.keys()
             for entry, ends in written.items():
                 assert all((a == 0) == (b == 0) and abs(a - b) <= 5 for a, b in zip(ends, expected[entry], strict=True))

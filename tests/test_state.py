@@ -145,7 +145,9 @@ def test_a_ban_longer_than_max_ttl_still_lets_steady_runs_plan_nothing(stack, ru
     stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", 4 * 3600)]
     assert run().code == 0
     due_at = read_record(state).due_at
-    assert abs(due_at - (time.time() + job.MAX_TTL - job.REFRESH_AHEAD)) < 60  # the capped key, 15 minutes before it expires
+    assert (
+        abs(due_at - (time.time() + job.MAX_TTL - job.REFRESH_AHEAD)) < 60
+    )  # the capped key, 15 minutes before it expires
     stack.kv.reset_counts()
     steady = run()
     assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}

@@ -584,6 +584,17 @@ def held_networks(kv) -> job.Intervals:
     return job.decode_networks(kv.live()["ip:networks"].value)
 
 
+def held_ranges(value: bytes) -> dict[str, tuple[str, int]]:
+    """A network table's intervals as CIDR text (where none is nested, each is one network), each
+    with its strongest remediation and that remediation's end."""
+    table = job.decode_networks(value)
+    return {
+        job.network_text(version, i.first, i.last): ("ban", i.ban) if i.ban else ("captcha", i.captcha)
+        for version, family in ((4, table.v4), (6, table.v6))
+        for i in family
+    }
+
+
 def test_a_run_writes_both_tables_and_a_second_writes_nothing(stack):
     stack.lapi.decisions = [decision("192.0.2.1"), *table_decisions()]
     first = stack.run()
