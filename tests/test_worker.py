@@ -541,6 +541,24 @@ def test_pass_ttl_sets_how_long_a_pass_lasts(keys):
     assert "Max-Age=7200;" in junk[0]["headers"]["set-cookie"] and passed_unchanged(junk[1])  # not a number: 2 h
 
 
+# --------------------------------------------------------------------------- the pass and its key
+
+
+def test_a_pass_in_either_of_two_cookie_lines_is_honoured(keys):
+    # A client may send its cookies on two Cookie lines; workerd joins them with ", ", not "; "
+    # (fetch, and so Miniflare's dispatchFetch, would join them with "; " before sending).
+    good = signed_pass(CAPTCHA_ADDRESS, "site.test", int(time.time()) + 600)
+    work = [
+        visit(cookieLines=["theme=dark", good]),  # the pass on the second line
+        visit(cookieLines=[good, "theme=dark; lang=en"]),  # on the first
+        visit(cookieLines=["theme=dark", "lang=en"]),  # no pass on either: the challenge
+        visit(cookieLines=["theme=dark", f"{PASS_COOKIE}=junk, {good}"]),  # a comma inside a line, too
+    ]
+    second, first, none, among = drive(config=wrangler(**TURNSTILE), keys=keys, requests=work)["responses"]
+    assert passed_unchanged(second) and passed_unchanged(first) and passed_unchanged(among)
+    assert is_challenge(none)
+
+
 def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):
     node("wrangler")
     # wrangler.toml as shipped, with the optional Analytics Engine dataset switched on.

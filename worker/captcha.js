@@ -160,10 +160,13 @@ async function readAtMost(message, limit) {
   return new TextDecoder().decode(bytes);
 }
 
+// Pairs are split on ";" and on ",": a client that sends two Cookie lines has them joined with
+// ", " by workerd (its pass would be lost in the value before it). A comma cannot occur in a
+// cookie value (RFC 6265), so a pass is never cut in two.
 function cookieValues(header, name) {
   if (header === null) return [];
   const values = [];
-  for (const pair of header.split(";")) {
+  for (const pair of header.split(/[;,]/)) {
     const at = pair.indexOf("=");
     if (at > 0 && pair.slice(0, at).trim() === name) values.push(pair.slice(at + 1).trim());
   }
