@@ -2,6 +2,8 @@
 // answer with Turnstile's siteverify, and the pass that lets a client through afterwards.
 // Nothing here writes KV: a pass lives in the client's cookie, signed, not in a store.
 
+import { wholeSetting } from "./settings.js";
+
 const SITEVERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
 const SITEVERIFY_TIMEOUT_MS = 5000; // siteverify answers in well under a second; past this, the check failed
 const MAX_VERDICT_BYTES = 16 * 1024; // its answer is a small JSON object
@@ -12,8 +14,9 @@ const MAX_DRAIN_BYTES = 4 * 1024 * 1024; // read and dropped, so the client is n
 const PASS_COOKIE = "__Host-crowdsec_pass"; // __Host-: only this host, over HTTPS, may have set it
 const PASS_FORMAT = /^([0-9]{1,12})\.([A-Za-z0-9_-]{43})$/; // <expiry>.<HMAC-SHA256, base64url>
 const MAX_PASS_COOKIES = 3; // a client sending more gets at most this many signature checks
-const DEFAULT_PASS_TTL = 7200;
-const MAX_PASS_TTL = 30 * 24 * 3600;
+// PASS_TTL: under a minute, the pass could run out before the browser is back from the 303, and
+// the visitor would go round the challenge for ever.
+const PASS_TTL = { fallback: 7200, min: 60, max: 30 * 24 * 3600 };
 
 /** Both keys set: the Worker can show a challenge and check its answer. */
 export function turnstileConfigured(env) {
@@ -92,11 +95,9 @@ export async function passGranted(request, env, address, host) {
   });
 }
 
-/** PASS_TTL in seconds: a whole number from 1 to 30 days, else the default (2 hours). */
+/** PASS_TTL in seconds: clamped to 1 minute .. 30 days; not a whole number, the default (2 hours). */
 export function passTtl(env) {
-  const text = String(env.PASS_TTL ?? "").trim();
-  const seconds = /^[0-9]{1,9}$/.test(text) ? Number(text) : 0;
-  return seconds >= 1 && seconds <= MAX_PASS_TTL ? seconds : DEFAULT_PASS_TTL;
+  return wholeSetting(env, "PASS_TTL", PASS_TTL);
 }
 
 // What the pass signs: the address and host it is good for, and its end. A newline cannot occur in
