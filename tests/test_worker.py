@@ -107,7 +107,9 @@ def passed_unchanged(response: dict, url: str = f"{SITE}/page?q=1", method: str 
 
 
 TURNSTILE_SECRET = "turnstile-secret"
-TURNSTILE = {"TURNSTILE_SITE_KEY": "site-key-123", "TURNSTILE_SECRET_KEY": TURNSTILE_SECRET}
+PASS_SECRET = "pass-secret-0123456789abcdefghijklmnop"  # 32 characters or more: no warning
+# The recommended setup: both Turnstile keys, and a key of the pass's own.
+TURNSTILE = {"TURNSTILE_SITE_KEY": "site-key-123", "TURNSTILE_SECRET_KEY": TURNSTILE_SECRET, "PASS_SECRET": PASS_SECRET}
 PASS_COOKIE = "__Host-crowdsec_pass"
 CAPTCHA_ADDRESS = "2001:db8::1:0:0:7"  # CAPTCHA_V6 as the job and the Worker spell it
 
@@ -126,7 +128,7 @@ def is_challenge(response: dict, failed: bool = False, site_key: str = "site-key
     )
 
 
-def signed_pass(address: str, host: str, expiry: int, secret: str = TURNSTILE_SECRET) -> str:
+def signed_pass(address: str, host: str, expiry: int, secret: str = PASS_SECRET) -> str:
     """A pass as the Worker signs one: HMAC-SHA256 over address, host and expiry (worker/captcha.js)."""
     message = f"crowdsec-pass-v1\n{address}\n{host}\n{expiry}".encode()
     mac = hmac.new(secret.encode(), message, hashlib.sha256).digest()
@@ -569,6 +571,66 @@ def test_a_pass_in_either_of_two_cookie_lines_is_honoured(keys):
     second, first, none, among = drive(config=wrangler(**TURNSTILE), keys=keys, requests=work)["responses"]
     assert passed_unchanged(second) and passed_unchanged(first) and passed_unchanged(among)
     assert is_challenge(none)
+
+
+OLD_PASS_SECRET = "old-pass-secret-0123456789abcdefghijkl"
+NEW_PASS_SECRET = "new-pass-secret-0123456789abcdefghijkl"
+
+
+def pass_secret_warnings(result: dict) -> list[str]:
+    return [log["message"] for log in result["logs"] if log["message"].startswith("PASS_SECRET")]
+
+
+def test_pass_secret_rotates_as_the_readme_says_and_the_turnstile_secret_freely(keys):
+    # Before: PASS_SECRET signs every pass.
+    before = wrangler(**(TURNSTILE | {"PASS_SECRET": OLD_PASS_SECRET}))
+    result = drive(config=before, keys=keys, requests=[answer("solved|site.test")])
+    given_before = result["responses"][0]["headers"]["set-cookie"].split(";")[0]
+    expiry = int(given_before.removeprefix(f"{PASS_COOKIE}=").split(".")[0])
+    assert given_before == signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=OLD_PASS_SECRET)
+    assert pass_secret_warnings(result) == []
+
+    # During (worker/README.md): the old one as PASS_SECRET_PREVIOUS, a new PASS_SECRET; the
+    # Turnstile secret rotated too, which no longer touches passes.
+    signed_with_turnstile = signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=TURNSTILE_SECRET)
+    rotated = {"TURNSTILE_SECRET_KEY": "rotated-turnstile-secret", "PASS_SECRET": NEW_PASS_SECRET}
+    during = wrangler(**(TURNSTILE | rotated), PASS_SECRET_PREVIOUS=OLD_PASS_SECRET)
+    work = [visit(given_before), answer("solved|site.test"), visit(signed_with_turnstile)]
+    result = drive(config=during, keys=keys, requests=work)
+    kept, solved, not_ours = result["responses"]
+    assert passed_unchanged(kept)  # a pass given before the rotation still lets its holder through
+    given_during = solved["headers"]["set-cookie"].split(";")[0]
+    expiry = int(given_during.removeprefix(f"{PASS_COOKIE}=").split(".")[0])
+    assert given_during == signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=NEW_PASS_SECRET)
+    assert is_challenge(not_ours)  # with PASS_SECRET set, the Turnstile secret signs nothing
+    assert result["siteverify"][0]["secretOk"] and pass_secret_warnings(result) == []
+
+    # After PASS_TTL: PASS_SECRET_PREVIOUS deleted, the old passes end.
+    after = wrangler(**(TURNSTILE | {"PASS_SECRET": NEW_PASS_SECRET}))
+    old, new = drive(config=after, keys=keys, requests=[visit(given_before), visit(given_during)])["responses"]
+    assert is_challenge(old) and passed_unchanged(new)
+
+
+@pytest.mark.parametrize(
+    ("pass_secret", "said"),
+    [
+        (None, "PASS_SECRET is not set: passes are signed with TURNSTILE_SECRET_KEY, so rotating it ends every pass"),
+        (" ", "PASS_SECRET is not set: passes are signed with TURNSTILE_SECRET_KEY, so rotating it ends every pass"),
+        ("short-secret", "PASS_SECRET has 12 characters: use 32 or more, random"),
+    ],
+)
+def test_without_a_usable_pass_secret_passes_still_work_and_the_worker_says_so_once(keys, pass_secret, said):
+    config = wrangler(**TURNSTILE)
+    if pass_secret is None:
+        config["vars"].pop("PASS_SECRET")
+    else:
+        config["vars"]["PASS_SECRET"] = pass_secret
+    signing = TURNSTILE_SECRET if pass_secret in (None, " ") else pass_secret  # as before PASS_SECRET existed
+    held = signed_pass(CAPTCHA_ADDRESS, "site.test", int(time.time()) + 600, secret=signing)
+    result = drive(config=config, keys=keys, requests=[answer("solved|site.test"), visit(passFrom=0), visit(held)])
+    solved, passed, kept = result["responses"]
+    assert solved["status"] == 303 and passed_unchanged(passed) and passed_unchanged(kept)
+    assert pass_secret_warnings(result) == [said]  # once per isolate, not once per request
 
 
 def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):
