@@ -121,7 +121,8 @@ def is_challenge(response: dict, failed: bool = False, site_key: str = "site-key
         response["status"] == 403
         and not response["origin"]
         and f'class="cf-turnstile" data-sitekey="{site_key}"' in body
-        and '<form method="post">' in body  # no action: the same URL
+        and '<form method="post" id="crowdsec-challenge">' in body  # no action: the same URL
+        and '<button type="submit">Continue</button>' in body  # for when its script does not run
         and "https://challenges.cloudflare.com/turnstile/v0/api.js" in body
         and ("The check did not go through" in body) == failed
         and "set-cookie" not in response["headers"]
@@ -631,6 +632,57 @@ def test_without_a_usable_pass_secret_passes_still_work_and_the_worker_says_so_o
     solved, passed, kept = result["responses"]
     assert solved["status"] == 303 and passed_unchanged(passed) and passed_unchanged(kept)
     assert pass_secret_warnings(result) == [said]  # once per isolate, not once per request
+
+
+# --------------------------------------------------------------------------- the challenge page's own script
+
+
+RUN_CHALLENGE_SCRIPT = """
+const vm = require("node:vm");
+const { script, callback, formId, widgetField } = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+const added = [];
+const submitted = [];
+const elements = widgetField ? { "cf-turnstile-response": { value: "" } } : {};
+const field = () => elements["cf-turnstile-response"] ?? added.find((node) => node.name === "cf-turnstile-response");
+const form = { elements, appendChild: (node) => added.push(node), submit: () => submitted.push(field().value) };
+const document = {
+  getElementById: (id) => (id === formId ? form : null),
+  createElement: (tag) => ({ tag }),
+};
+const context = vm.createContext({ document });
+vm.runInContext(script, context);
+vm.runInContext(`${callback}("the-token")`, context);
+process.stdout.write(JSON.stringify({ submitted, added }));
+"""
+
+
+def test_the_challenge_sends_itself_once_solved_by_a_script_its_csp_allows_by_hash(keys):
+    (challenge,) = drive(config=wrangler(**TURNSTILE), keys=keys, requests=[visit()])["responses"]
+    assert is_challenge(challenge)
+    body = challenge["body"]
+    inline = re.findall(r"<script>(.*?)</script>", body, flags=re.DOTALL)
+    assert len(inline) == 1 and len(re.findall(r"<script", body)) == 2  # its own, and Turnstile's api.js
+    directives = dict(d.strip().split(" ", 1) for d in challenge["headers"]["content-security-policy"].split(";"))
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert directives["script-src"].split() == ["https://challenges.cloudflare.com", f"'sha256-{digest}'"]
+    assert "unsafe-inline" not in directives["script-src"] and "unsafe-eval" not in directives["script-src"]
+
+    (callback,) = re.findall(r'data-callback="([A-Za-z_$][\w$]*)"', body)  # Turnstile calls it once solved
+    (form_id,) = re.findall(r'<form method="post" id="([^"]+)">', body)
+    for widget_field in (True, False):  # the widget's hidden field already there, or not yet
+        run = subprocess.run(
+            [node(), "-e", RUN_CHALLENGE_SCRIPT],
+            input=json.dumps(
+                {"script": inline[0], "callback": callback, "formId": form_id, "widgetField": widget_field}
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        ran = json.loads(run.stdout)
+        assert ran["submitted"] == ["the-token"]  # the form went, once, with the token in its field
+        assert len(ran["added"]) == (0 if widget_field else 1)  # never a second token field
 
 
 def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):
