@@ -417,6 +417,7 @@ def test_a_check_that_fails_shows_the_challenge_again_saying_so(keys):
     assert [call["response"] for call in result["siteverify"]] == FAILING_TOKENS
     warnings = [log["message"] for log in result["logs"] if log["message"].startswith("captcha check failed")]
     assert len(warnings) == len(FAILING_TOKENS)
+    assert 'siteverify vouched for "other.test", not site.test' in warnings[1]  # says which host, to fix the widget
 
 
 def test_a_siteverify_that_does_not_answer_in_time_is_a_failed_check(keys):
@@ -554,6 +555,29 @@ def test_pass_ttl_sets_how_long_a_pass_lasts_and_a_value_out_of_range_is_clamped
     assert passed_unchanged(held) if used > 600 else is_challenge(held)  # a pass reaching past PASS_TTL: refused
     # said once per isolate, not once per request (each of the three read PASS_TTL)
     assert [log["message"] for log in result["logs"] if "PASS_TTL" in log["message"]] == ([said] if said else [])
+
+
+TEST_KEYS = {
+    "TURNSTILE_SITE_KEY": "1x00000000000000000000AA",
+    "TURNSTILE_SECRET_KEY": "1x0000000000000000000000000000000AA",
+}
+
+
+def test_turnstiles_test_keys_fail_the_host_check_as_the_readme_says(keys):
+    # Turnstile's "always passes" test secret: siteverify says success, for the host name
+    # example.com whatever the site. The operator trying them sees the challenge again, saying the
+    # check did not go through, and `wrangler tail` shows the line worker/README.md quotes.
+    result = drive(config=wrangler(**TEST_KEYS), keys=keys, requests=[visit(), answer("solved|example.com")])
+    challenge, refused = result["responses"]
+    assert is_challenge(challenge, site_key=TEST_KEYS["TURNSTILE_SITE_KEY"])
+    assert is_challenge(refused, failed=True, site_key=TEST_KEYS["TURNSTILE_SITE_KEY"])
+    # The first page sends itself once solved; the one after a failed check waits for "Continue",
+    # or a widget that always solves and a check that always fails would loop without end.
+    assert 'data-callback="' in challenge["body"] and "data-callback" not in refused["body"]
+    (said,) = [log["message"] for log in result["logs"] if log["message"].startswith("captcha check failed")]
+    assert "example.com" in said and "test keys" in said
+    readme = (WORKER / "README.md").read_text()
+    assert said.replace("site.test", "<your host name>") in readme
 
 
 # --------------------------------------------------------------------------- the pass and its key

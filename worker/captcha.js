@@ -18,6 +18,9 @@ const MAX_PASS_COOKIES = 3; // a client sending more gets at most this many pass
 // the visitor would go round the challenge for ever.
 const PASS_TTL = { fallback: 7200, min: 60, max: 30 * 24 * 3600 };
 const MIN_PASS_SECRET_LENGTH = 32; // shorter, a pass cookie (message and MAC) invites guessing the key offline
+// Turnstile's documented test secret that always passes: its siteverify answers vouch for the
+// host name example.com, whatever the site, so the host check refuses them (worker/README.md).
+const TEST_SECRET_PASSES = "1x0000000000000000000000000000000AA";
 
 /** Both keys set: the Worker can show a challenge and check its answer. */
 export function turnstileConfigured(env) {
@@ -80,7 +83,15 @@ export async function answerVerified(request, env, address, host) {
     return refused(`siteverify said no (${String(codes).slice(0, 200)})`);
   }
   if (typeof verdict.hostname !== "string" || verdict.hostname.toLowerCase() !== host) {
-    return refused(`the token was solved on another host name, not ${host}`);
+    // Which host siteverify named (JSON-quoted: no control character reaches the log), so the
+    // operator can tell a widget set up for another host name, or Turnstile's test keys.
+    const named =
+      typeof verdict.hostname === "string" ? JSON.stringify(verdict.hostname.slice(0, 253)) : "no host name";
+    const hint =
+      env.TURNSTILE_SECRET_KEY === TEST_SECRET_PASSES
+        ? ": Turnstile's test keys always answer example.com; try the flow with a widget of your own (worker/README.md)"
+        : "";
+    return refused(`siteverify vouched for ${named}, not ${host}${hint}`);
   }
   return true;
 }
