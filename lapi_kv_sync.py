@@ -512,6 +512,9 @@ class Response(NamedTuple):
     body: bytes
     # A streamed 200's body, read as it arrives (`body` is then empty); nothing otherwise.
     chunks: Iterator[bytes] = iter(())
+    # The proxy a plain HTTP request went through (HTTP_PROXY): the answer may be its own. None
+    # direct, and through a CONNECT tunnel, where every answer is the target's.
+    via: Proxy | None = None
 
 
 class TransportError(Exception):
@@ -809,10 +812,9 @@ class Http:
         code = int(status[1])
         if 200 <= code < 300:
             return
-        reason = snippet(status[2], self.proxies.secrets)
-        hint = PROXY_HINTS.get(code, "")
         # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
-        raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
+        refusal = proxy_refusal(proxy, f"CONNECT {authority}", code, status[2], self.proxies.secrets)
+        raise ProxyError(refusal, retry=code >= 500)
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -934,11 +936,20 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                via = conn.forward_proxy  # type: ignore[attr-defined]
+                if via is not None and refused_by_proxy(answer.status, answer.headers):
+                    conn.close()  # its page is not read: the connection goes with it
+                    self._release(conn)
+                    where = urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(query="", fragment=""))
+                    refusal = proxy_refusal(
+                        via, f"{method} {where}", answer.status, answer.reason, self.proxies.secrets
+                    )
+                    raise TransportError(refusal, retry=False)  # the proxy's final word, as for CONNECT
                 if on_answer:
                     on_answer()
                 if stream and answer.status == 200:
-                    return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
-                response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
+                    return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit), via)
+                response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)), via=via)
             except TransportError as e:
                 if attempt == retry.attempts or not e.retry:
                     raise
@@ -1007,10 +1018,42 @@ def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
 
 
 # What to check when a proxy refuses a tunnel with these statuses.
-PROXY_HINTS = {
-    403: " (the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster one)",
-    407: " (the proxy wants credentials: http://user:password@host:port in the variable)",
-}
+PROXY_ALLOWS = "its allow list, or NO_PROXY for an in-cluster host"
+PROXY_403_HINT = f"the proxy does not let the job reach this host: {PROXY_ALLOWS}"
+
+
+def refused_by_proxy(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an answer to a request sent through a proxy in absolute form is the proxy's own
+    refusal: a 407 (only a proxy asks for proxy credentials), or a 403 the proxy marks as its own,
+    as Squid does (`X-Squid-Error: ERR_ACCESS_DENIED 0`) and RFC 9209 says (`Proxy-Status` with an
+    `error` parameter). A 403 it passes on from the target carries neither."""
+    if status == 407:
+        return True
+    if status != 403:
+        return False
+    return (
+        bool(headers.get("X-Squid-Error")) or re.search(r";\s*error\s*=", headers.get("Proxy-Status") or "") is not None
+    )
+
+
+def proxy_refusal(proxy: Proxy, request: str, status: int, reason: str | bytes, secrets: Iterable[str]) -> str:
+    """What the job says when `proxy` refused `request` ("CONNECT host:port", "GET url") itself."""
+    hints = {403: PROXY_403_HINT}
+    if proxy.authorization:
+        hints[407] = f"the proxy refused the credentials in {proxy.variable}: check the user and the password"
+    else:
+        hints[407] = f"the proxy wants credentials: http://user:password@host:port in {proxy.variable}"
+    reason_text = snippet(reason if isinstance(reason, bytes) else reason.encode(errors="replace"), secrets)
+    hint = f" ({hints[status]})" if status in hints else ""
+    return f"{proxy} refused {request}: HTTP {status} {reason_text}{hint}"
+
+
+def through_proxy_note(response: Response) -> str:
+    """For an error answer not in its destination's own words: the proxy it came through, which
+    may have sent it itself ("" when it came direct or through a CONNECT tunnel)."""
+    if response.via is None:
+        return ""
+    return f" (through {response.via}: if the answer is the proxy's own, see {PROXY_ALLOWS})"
 
 
 # --------------------------------------------------------------------------- LAPI
@@ -1060,10 +1103,28 @@ def read_decisions(http: Http, config: Config) -> Decisions:
         response = http.request("GET", url, headers=headers, retry=LAPI_RETRY, stream=True, limit=config.lapi_max_bytes)
     read_at = http.clock.now()
     if response.status in (401, 403):
-        raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
+        raise LapiUnreadable(lapi_refusal(response, config.secrets))
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
+        raise LapiUnreadable(
+            f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            + through_proxy_note(response)
+        )
     return Decisions(response.chunks, read_at)
+
+
+def lapi_refusal(response: Response, secrets: Iterable[str]) -> str:
+    """What LAPI's 401 or 403 means. LAPI refuses a bouncer key with `{"message": …}`; the same
+    status through a proxy (HTTP_PROXY), in other words, may be the proxy's: then both are named."""
+    try:
+        own = isinstance(json.loads(response.body).get("message"), str)
+    except (ValueError, AttributeError):
+        own = False
+    if response.via is None or own:
+        return f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY"
+    return (
+        f"HTTP {response.status} through {response.via}, not in LAPI's words ({snippet(response.body, secrets)}): "
+        f"either the proxy refused the request ({PROXY_ALLOWS}) or LAPI refused the bouncer credentials (check LAPI_KEY)"
+    )
 
 
 def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
@@ -1835,7 +1896,8 @@ class Cloudflare:
             raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
         envelope, problem = read_envelope(response, self.secrets)
         if problem:
-            raise CloudflareError(f"{operation}: {problem}")
+            # Not an envelope at all: an answer Cloudflare did not write, perhaps the proxy's.
+            raise CloudflareError(f"{operation}: {problem}{'' if envelope else through_proxy_note(response)}")
         return envelope, response
 
     def list_keys(self, prefix: str) -> Listing:
@@ -2851,7 +2913,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         return
     if response.status >= 300:
         log.warning(
-            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            "push_failed",
+            f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            + through_proxy_note(response),
         )
 
 

@@ -23,6 +23,7 @@ functions=(
     unread_variables placeholder                                         # misspelt and unread variables
     proxy_variable parse_proxy no_proxy_entries bypasses_proxy           # proxies, NO_PROXY
     'ǁProxiesǁfor_url' 'ǁProxyǁ__str__'
+    refused_by_proxy proxy_refusal lapi_refusal through_proxy_note       # a proxy's own refusal
     record_header record_counts unpacked_record text_lines               # the record, read in bounds
     lapi_batches                                                         # LAPI's junk rows
     snippet quoted redacted escaped_controls rfc3339                     # what messages and logs quote
