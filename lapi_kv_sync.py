@@ -8,7 +8,7 @@ When LAPI cannot be read nothing in KV is touched, so existing keys expire by th
 
 Standard library only, so it runs on a stock python:3.12-alpine from a mounted file.
 Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped),
-143 / 130 stopped by SIGTERM / SIGINT.
+4 STATE_FILE's volume kept the run from changing KV, 143 / 130 stopped by SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ USER_AGENT = f"lapi-kv-sync/{__version__}"
 JOB_NAME = "crowdsec-kv-sync"
 
 EXIT_OK, EXIT_CLOUDFLARE, EXIT_CONFIG, EXIT_LAPI = 0, 1, 2, 3
+EXIT_STATE = 4  # STATE_FILE's volume kept the run from changing KV (it could not make the record untrusted)
 
 # Cloudflare's published limits (see SPEC.md, "Facts about the two APIs").
 MIN_TTL = 60
@@ -2812,7 +2813,8 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "duration_seconds", "How long the last run took.", {}, report.duration),
         (
             p + "exit_code",
-            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), 143/130 SIGTERM/SIGINT.",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), "
+            "4 STATE_FILE's volume kept it from changing KV, 143/130 SIGTERM/SIGINT.",
             {},
             report.exit_code,
         ),
@@ -3341,7 +3343,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
         "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
-        "143 SIGTERM, 130 SIGINT",
+        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for option, variable, meaning in RUN_FLAGS:
@@ -3396,13 +3398,9 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         detail = f"cannot open {state.lock_path}: {e.strerror or e}"
         try:
             state.set_aside()
-        except OSError as aside:
-            log.error(
-                "state_stale",
-                f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside}): this run "
-                "changed nothing, since the record would no longer match KV; make the volume writable",
-            )
-            return EXIT_CLOUDFLARE
+        except OSError as aside:  # a read-only volume
+            cause = f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside})"
+            return on_read_only_volume(http, config, log, report, force, audit, state, cause)
         log.warning(
             "state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing (any record set aside)"
         )
@@ -3419,6 +3417,80 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         return converge(http, config, log, report, dry_run, force, audit, state, functools.partial(state.load, seen_at))
     finally:
         state.unlock()
+
+
+def on_read_only_volume(
+    http: Http, config: Config, log: Log, report: Report, force: bool, audit: bool, state: StateFile, cause: str
+) -> int:
+    """A run on a STATE_FILE volume where nothing can be written (read-only): the lock cannot be
+    taken, nor the record set aside. It changes KV, as a run without STATE_FILE does (an audit,
+    recording nothing), once no later run can trust the record in place; until then it changes
+    nothing and exits EXIT_STATE, saying when that will be: had it changed KV, the record would
+    claim what KV no longer holds, and be trusted once the volume is writable again."""
+    record, readable_later = record_on_disk(state)
+    now = http.clock.now()
+    trusted_until = record_trusted_until(record, readable_later, config)
+    if now < trusted_until:
+        when = (
+            "cannot be read now, and a later run might read and trust it: no run changes KV until it can be"
+            if trusted_until == math.inf
+            else f"would still be trusted by a run that can write, until {rfc3339(trusted_until)} ("
+            f"{trusted_until - now:.0f}s from now: AUDIT_INTERVAL after its last audit); from then on, runs "
+            "change KV without recording"
+        )
+        log.error(
+            "state_stale",
+            f"{cause}: this run changed nothing, since the record in place would no longer match KV; that record "
+            f"{when}; make the volume writable",
+        )
+        return EXIT_STATE
+    why = (
+        "no record is in place"
+        if record is None
+        else f"the record in place was last audited {now - record.audited_at:.0f}s ago"
+    )
+    log.warning(
+        "state_unusable",
+        f"{cause}; this run audits, changes KV and records nothing, since no later run can trust the record on "
+        f"disk ({why}); make the volume writable",
+    )
+    unusable = Loaded(None, "unreadable", cause.removeprefix("STATE_FILE: "))
+    return converge(http, config, log, report, False, force, audit, None, lambda: unusable)
+
+
+def record_on_disk(state: StateFile) -> tuple[Record | None, bool]:
+    """The record at STATE_FILE, if it can be read; and, when it cannot, whether a later run might:
+    not when there is none, nor when what is there is no record of this format or no regular file."""
+    try:
+        return state.read(state.path), True
+    except FileNotFoundError:
+        return None, False
+    except OSError as e:  # unreadable now (permissions, I/O): perhaps not later
+        return None, e.errno not in (errno.EINVAL, errno.ELOOP)  # not a regular file, a symbolic link
+    except Exception:  # noqa: BLE001  # not a record, and it cannot change on a read-only volume
+        return None, False
+
+
+def record_trusted_until(record: Record | None, readable_later: bool, config: Config) -> float:
+    """The last wall time at which a run could still plan against `record` or lay its recent changes
+    over a listing, were the clock never to go back (audit_reason, converge): the end of its audit
+    interval, of its settling time, of its recent changes' KV_LIST_LAG. -inf when no run ever will
+    (none, another owner's, or not a record); inf when it cannot be told (not read now, `readable_later`)."""
+    if record is None:
+        return math.inf if readable_later else -math.inf
+    if (record.account, record.namespace, record.prefix) != (
+        config.cf_account_id,
+        config.cf_namespace_id,
+        config.kv_key_prefix,
+    ):
+        return -math.inf
+    until = record.audited_at + config.audit_interval
+    if record.settling_until is not None:
+        until = max(until, record.settling_until - record.clock_offset)
+    recent = record.recent_changes()
+    if recent:
+        until = max(until, max(recent.values()) - record.clock_offset + KV_LIST_LAG)
+    return until
 
 
 def record_limit(config: Config) -> int:
@@ -3534,7 +3606,7 @@ def converge(
                 f"STATE_FILE: cannot set {state.path} aside before changing KV ({e.strerror or e}): this run "
                 "changed nothing, since the record would no longer match KV",
             )
-            return EXIT_CLOUDFLARE
+            return EXIT_STATE
     elif reason is None:
         state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 

@@ -14,7 +14,7 @@ functions=(
     project merge 'ǁSharedǁ__missing__' bulk_item                        # projection, metadata
     make_plan chunks present_keys unsuccessful_keys                      # plan
     encode_record decode_record figures 'ǁRecordǁearliest_expiration'    # the state record
-    audit_reason record_after may_be_unchanged                           # when a record stands
+    audit_reason record_after may_be_unchanged record_trusted_until      # when a record stands
     'ǁAnswerDigestǁ__init__' 'ǁAnswerDigestǁpassing' 'ǁAnswerDigestǁhexdigest' lapi_query  # digest
     exposition                                                           # metrics
     load_config valid_port unresolvable                                  # configuration
