@@ -3435,8 +3435,8 @@ def on_read_only_volume(
             "cannot be read now, and a later run might read and trust it: no run changes KV until it can be"
             if trusted_until == math.inf
             else f"would still be trusted by a run that can write, until {rfc3339(trusted_until)} ("
-            f"{trusted_until - now:.0f}s from now: AUDIT_INTERVAL after its last audit); from then on, runs "
-            "change KV without recording"
+            f"{trusted_until - now:.0f}s from now: {until_what(record, trusted_until, config)}); from then on, "
+            "runs change KV without recording"
         )
         log.error(
             "state_stale",
@@ -3456,6 +3456,12 @@ def on_read_only_volume(
     )
     unusable = Loaded(None, "unreadable", cause.removeprefix("STATE_FILE: "))
     return converge(http, config, log, report, False, force, audit, None, lambda: unusable)
+
+
+def until_what(record: Record | None, trusted_until: float, config: Config) -> str:
+    if record is not None and trusted_until == record.audited_at + config.audit_interval:
+        return "AUDIT_INTERVAL after its last audit"
+    return "the listing lag of its last changes, or an audit it put off"
 
 
 def record_on_disk(state: StateFile) -> tuple[Record | None, bool]:

@@ -338,6 +338,20 @@ def test_a_read_only_volume_past_the_records_audit_interval_still_enforces_and_r
     assert_kv_is_the_record(stack.kv, state)
 
 
+def test_a_read_only_volume_waits_out_the_listing_lag_of_the_records_last_changes(stack, state, monkeypatch, first_run):
+    """Past its audit interval, a record whose keys changed in the last two minutes would still be
+    laid over the next audit's listing: a read-only run changes nothing until those are past."""
+    record = read_record(state)
+    write_record(state, record._replace(audited_at=record.audited_at - 901))
+    before = stack.kv.snapshot()
+    with monkeypatch.context() as m:
+        read_only(m, state.parent)
+        refused = run(stack, state)
+    assert refused.code == job.EXIT_STATE, refused.err
+    assert "the listing lag of its last changes, or an audit it put off" in refused.err
+    assert stack.kv.snapshot() == before
+
+
 def test_a_read_only_volume_without_a_record_converges_from_the_start(stack, state, monkeypatch):
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(3)]
     with monkeypatch.context() as m:
