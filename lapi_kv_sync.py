@@ -8,7 +8,7 @@ When LAPI cannot be read nothing in KV is touched, so existing keys expire by th
 
 Standard library only, so it runs on a stock python:3.12-alpine from a mounted file.
 Exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (skipped),
-143 / 130 stopped by SIGTERM / SIGINT.
+4 STATE_FILE's volume kept the run from changing KV, 143 / 130 stopped by SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ USER_AGENT = f"lapi-kv-sync/{__version__}"
 JOB_NAME = "crowdsec-kv-sync"
 
 EXIT_OK, EXIT_CLOUDFLARE, EXIT_CONFIG, EXIT_LAPI = 0, 1, 2, 3
+EXIT_STATE = 4  # STATE_FILE's volume kept the run from changing KV (it could not make the record untrusted)
 
 # Cloudflare's published limits (see SPEC.md, "Facts about the two APIs").
 MIN_TTL = 60
@@ -531,6 +532,9 @@ class Response(NamedTuple):
     body: bytes
     # A streamed 200's body, read as it arrives (`body` is then empty); nothing otherwise.
     chunks: Iterator[bytes] = iter(())
+    # The proxy a plain HTTP request went through (HTTP_PROXY): the answer may be its own. None
+    # direct, and through a CONNECT tunnel, where every answer is the target's.
+    via: Proxy | None = None
 
 
 class TransportError(Exception):
@@ -828,10 +832,9 @@ class Http:
         code = int(status[1])
         if 200 <= code < 300:
             return
-        reason = snippet(status[2], self.proxies.secrets)
-        hint = PROXY_HINTS.get(code, "")
         # A 4xx is the proxy's final word on this tunnel (policy, credentials); a 5xx may pass.
-        raise ProxyError(f"{proxy} refused CONNECT {authority}: HTTP {code} {reason}{hint}", retry=code >= 500)
+        refusal = proxy_refusal(proxy, f"CONNECT {authority}", code, status[2], self.proxies.secrets)
+        raise ProxyError(refusal, retry=code >= 500)
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -953,11 +956,20 @@ class Http:
             response, wait, told = None, None, ""
             try:
                 conn, answer = self._once(method, url, headers, body, on_attempt or (lambda: None), read_timeout)
+                via = conn.forward_proxy  # type: ignore[attr-defined]
+                if via is not None and refused_by_proxy(answer.status, answer.headers):
+                    conn.close()  # its page is not read: the connection goes with it
+                    self._release(conn)
+                    where = urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(query="", fragment=""))
+                    refusal = proxy_refusal(
+                        via, f"{method} {where}", answer.status, answer.reason, self.proxies.secrets
+                    )
+                    raise TransportError(refusal, retry=False)  # the proxy's final word, as for CONNECT
                 if on_answer:
                     on_answer()
                 if stream and answer.status == 200:
-                    return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit))
-                response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)))
+                    return Response(answer.status, answer.headers, b"", self._chunks(conn, answer, limit), via)
+                response = Response(answer.status, answer.headers, b"".join(self._chunks(conn, answer, limit)), via=via)
             except TransportError as e:
                 if attempt == retry.attempts or not e.retry:
                     raise
@@ -1026,10 +1038,42 @@ def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
 
 
 # What to check when a proxy refuses a tunnel with these statuses.
-PROXY_HINTS = {
-    403: " (the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster one)",
-    407: " (the proxy wants credentials: http://user:password@host:port in the variable)",
-}
+PROXY_ALLOWS = "its allow list, or NO_PROXY for an in-cluster host"
+PROXY_403_HINT = f"the proxy does not let the job reach this host: {PROXY_ALLOWS}"
+
+
+def refused_by_proxy(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an answer to a request sent through a proxy in absolute form is the proxy's own
+    refusal: a 407 (only a proxy asks for proxy credentials), or a 403 the proxy marks as its own,
+    as Squid does (`X-Squid-Error: ERR_ACCESS_DENIED 0`) and RFC 9209 says (`Proxy-Status` with an
+    `error` parameter). A 403 it passes on from the target carries neither."""
+    if status == 407:
+        return True
+    if status != 403:
+        return False
+    return (
+        bool(headers.get("X-Squid-Error")) or re.search(r";\s*error\s*=", headers.get("Proxy-Status") or "") is not None
+    )
+
+
+def proxy_refusal(proxy: Proxy, request: str, status: int, reason: str | bytes, secrets: Iterable[str]) -> str:
+    """What the job says when `proxy` refused `request` ("CONNECT host:port", "GET url") itself."""
+    hints = {403: PROXY_403_HINT}
+    if proxy.authorization:
+        hints[407] = f"the proxy refused the credentials in {proxy.variable}: check the user and the password"
+    else:
+        hints[407] = f"the proxy wants credentials: http://user:password@host:port in {proxy.variable}"
+    reason_text = snippet(reason if isinstance(reason, bytes) else reason.encode(errors="replace"), secrets)
+    hint = f" ({hints[status]})" if status in hints else ""
+    return f"{proxy} refused {request}: HTTP {status} {reason_text}{hint}"
+
+
+def through_proxy_note(response: Response) -> str:
+    """For an error answer not in its destination's own words: the proxy it came through, which
+    may have sent it itself ("" when it came direct or through a CONNECT tunnel)."""
+    if response.via is None:
+        return ""
+    return f" (through {response.via}: if the answer is the proxy's own, see {PROXY_ALLOWS})"
 
 
 # --------------------------------------------------------------------------- LAPI
@@ -1079,10 +1123,28 @@ def read_decisions(http: Http, config: Config) -> Decisions:
         response = http.request("GET", url, headers=headers, retry=LAPI_RETRY, stream=True, limit=config.lapi_max_bytes)
     read_at = http.clock.now()
     if response.status in (401, 403):
-        raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
+        raise LapiUnreadable(lapi_refusal(response, config.secrets))
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
+        raise LapiUnreadable(
+            f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            + through_proxy_note(response)
+        )
     return Decisions(response.chunks, read_at)
+
+
+def lapi_refusal(response: Response, secrets: Iterable[str]) -> str:
+    """What LAPI's 401 or 403 means. LAPI refuses a bouncer key with `{"message": …}`; the same
+    status through a proxy (HTTP_PROXY), in other words, may be the proxy's: then both are named."""
+    try:
+        own = isinstance(json.loads(response.body).get("message"), str)
+    except (ValueError, AttributeError):
+        own = False
+    if response.via is None or own:
+        return f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY"
+    return (
+        f"HTTP {response.status} through {response.via}, not in LAPI's words ({snippet(response.body, secrets)}): "
+        f"either the proxy refused the request ({PROXY_ALLOWS}) or LAPI refused the bouncer credentials (check LAPI_KEY)"
+    )
 
 
 def held_answer(chunks: Iterable[bytes], config: Config) -> list[bytes]:
@@ -2073,7 +2135,8 @@ class Cloudflare:
         response = self.send(operation, method, path, body)
         envelope, problem = read_envelope(response, self.secrets)
         if problem:
-            raise CloudflareError(f"{operation}: {problem}")
+            # Not an envelope at all: an answer Cloudflare did not write, perhaps the proxy's.
+            raise CloudflareError(f"{operation}: {problem}{'' if envelope else through_proxy_note(response)}")
         return envelope, response
 
     def list_keys(self, prefix: str) -> Listing:
@@ -3063,7 +3126,8 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "duration_seconds", "How long the last run took.", {}, report.duration),
         (
             p + "exit_code",
-            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), 143/130 SIGTERM/SIGINT.",
+            "Exit code of the last run: 0 done, 1 Cloudflare side failed, 3 LAPI unreadable (skipped), "
+            "4 STATE_FILE's volume kept it from changing KV, 143/130 SIGTERM/SIGINT.",
             {},
             report.exit_code,
         ),
@@ -3173,7 +3237,9 @@ def push_metrics(http: Http, config: Config, report: Report, log: Log) -> None:
         return
     if response.status >= 300:
         log.warning(
-            "push_failed", f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            "push_failed",
+            f"Pushgateway answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            + through_proxy_note(response),
         )
 
 
@@ -3650,7 +3716,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
         "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
-        "143 SIGTERM, 130 SIGINT",
+        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for option, variable, meaning in RUN_FLAGS:
@@ -3705,13 +3771,9 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         detail = f"cannot open {state.lock_path}: {e.strerror or e}"
         try:
             state.set_aside()
-        except OSError as aside:
-            log.error(
-                "state_stale",
-                f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside}): this run "
-                "changed nothing, since the record would no longer match KV; make the volume writable",
-            )
-            return EXIT_CLOUDFLARE
+        except OSError as aside:  # a read-only volume
+            cause = f"STATE_FILE: {detail}, nor set {state.path} aside ({aside.strerror or aside})"
+            return on_read_only_volume(http, config, log, report, force, audit, state, cause)
         log.warning(
             "state_unusable", f"STATE_FILE: {detail}; this run audits and records nothing (any record set aside)"
         )
@@ -3728,6 +3790,86 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
         return converge(http, config, log, report, dry_run, force, audit, state, functools.partial(state.load, seen_at))
     finally:
         state.unlock()
+
+
+def on_read_only_volume(
+    http: Http, config: Config, log: Log, report: Report, force: bool, audit: bool, state: StateFile, cause: str
+) -> int:
+    """A run on a STATE_FILE volume where nothing can be written (read-only): the lock cannot be
+    taken, nor the record set aside. It changes KV, as a run without STATE_FILE does (an audit,
+    recording nothing), once no later run can trust the record in place; until then it changes
+    nothing and exits EXIT_STATE, saying when that will be: had it changed KV, the record would
+    claim what KV no longer holds, and be trusted once the volume is writable again."""
+    record, readable_later = record_on_disk(state)
+    now = http.clock.now()
+    trusted_until = record_trusted_until(record, readable_later, config)
+    if now < trusted_until:
+        when = (
+            "cannot be read now, and a later run might read and trust it: no run changes KV until it can be"
+            if trusted_until == math.inf
+            else f"would still be trusted by a run that can write, until {rfc3339(trusted_until)} ("
+            f"{trusted_until - now:.0f}s from now: {until_what(record, trusted_until, config)}); from then on, "
+            "runs change KV without recording"
+        )
+        log.error(
+            "state_stale",
+            f"{cause}: this run changed nothing, since the record in place would no longer match KV; that record "
+            f"{when}; make the volume writable",
+        )
+        return EXIT_STATE
+    why = (
+        "no record is in place"
+        if record is None
+        else f"the record in place was last audited {now - record.audited_at:.0f}s ago"
+    )
+    log.warning(
+        "state_unusable",
+        f"{cause}; this run audits, changes KV and records nothing, since no later run can trust the record on "
+        f"disk ({why}); make the volume writable",
+    )
+    unusable = Loaded(None, "unreadable", cause.removeprefix("STATE_FILE: "))
+    return converge(http, config, log, report, False, force, audit, None, lambda: unusable)
+
+
+def until_what(record: Record | None, trusted_until: float, config: Config) -> str:
+    if record is not None and trusted_until == record.audited_at + config.audit_interval:
+        return "AUDIT_INTERVAL after its last audit"
+    return "the listing lag of its last changes, or an audit it put off"
+
+
+def record_on_disk(state: StateFile) -> tuple[Record | None, bool]:
+    """The record at STATE_FILE, if it can be read; and, when it cannot, whether a later run might:
+    not when there is none, nor when what is there is no record of this format or no regular file."""
+    try:
+        return state.read(state.path), True
+    except FileNotFoundError:
+        return None, False
+    except OSError as e:  # unreadable now (permissions, I/O): perhaps not later
+        return None, e.errno not in (errno.EINVAL, errno.ELOOP)  # not a regular file, a symbolic link
+    except Exception:  # noqa: BLE001  # not a record, and it cannot change on a read-only volume
+        return None, False
+
+
+def record_trusted_until(record: Record | None, readable_later: bool, config: Config) -> float:
+    """The last wall time at which a run could still plan against `record` or lay its recent changes
+    over a listing, were the clock never to go back (audit_reason, converge): the end of its audit
+    interval, of its settling time, of its recent changes' KV_LIST_LAG. -inf when no run ever will
+    (none, another owner's, or not a record); inf when it cannot be told (not read now, `readable_later`)."""
+    if record is None:
+        return math.inf if readable_later else -math.inf
+    if (record.account, record.namespace, record.prefix) != (
+        config.cf_account_id,
+        config.cf_namespace_id,
+        config.kv_key_prefix,
+    ):
+        return -math.inf
+    until = record.audited_at + config.audit_interval
+    if record.settling_until is not None:
+        until = max(until, record.settling_until - record.clock_offset)
+    recent = record.recent_changes()
+    if recent:
+        until = max(until, max(recent.values()) - record.clock_offset + KV_LIST_LAG)
+    return until
 
 
 def record_limit(config: Config) -> int:
@@ -3958,7 +4100,7 @@ def apply_and_record(
                 f"STATE_FILE: cannot set {state.path} aside before changing KV ({e.strerror or e}): this run "
                 "changed nothing, since the record would no longer match KV",
             )
-            return EXIT_CLOUDFLARE
+            return EXIT_STATE
     elif not kv.listed:
         record_to = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 

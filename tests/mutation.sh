@@ -14,7 +14,7 @@ functions=(
     project merge 'ǁSharedǁ__missing__' bulk_item                        # projection, metadata
     make_plan chunks present_keys unsuccessful_keys                      # plan
     encode_record decode_record figures 'ǁRecordǁearliest_expiration'    # the state record
-    audit_reason record_after may_be_unchanged                           # when a record stands
+    audit_reason record_after may_be_unchanged record_trusted_until      # when a record stands
     'ǁAnswerDigestǁ__init__' 'ǁAnswerDigestǁpassing' 'ǁAnswerDigestǁhexdigest' lapi_query  # digest
     exposition                                                           # metrics
     load_config valid_port unresolvable                                  # configuration
@@ -23,6 +23,7 @@ functions=(
     unread_variables placeholder                                         # misspelt and unread variables
     proxy_variable parse_proxy no_proxy_entries bypasses_proxy           # proxies, NO_PROXY
     'ǁProxiesǁfor_url' 'ǁProxyǁ__str__'
+    refused_by_proxy proxy_refusal lapi_refusal through_proxy_note       # a proxy's own refusal
     record_header record_counts unpacked_record text_lines               # the record, read in bounds
     lapi_batches                                                         # LAPI's junk rows
     snippet quoted redacted escaped_controls rfc3339                     # what messages and logs quote

@@ -861,7 +861,9 @@ class ProxyStandin(Standin):
     form, sent on. It records what it was asked in `requests`. `hosts` maps a target's name to
     the address it connects to (a name no DNS knows then reaches a stand-in on 127.0.0.1);
     `refuse` answers every request with that status instead; `credentials` ("user:password")
-    makes it answer 407 to a request without them."""
+    makes it answer 407 to a request without them. Its refusals are Squid's: an HTML page with
+    `X-Squid-Error` (ERR_ACCESS_DENIED, ERR_CACHE_ACCESS_DENIED for 407); `marked` False leaves
+    that header out, as a proxy that says nothing of itself does."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -869,6 +871,7 @@ class ProxyStandin(Standin):
         self.hosts: dict[str, str] = {}
         self.refuse: int | None = None
         self.credentials: str | None = None
+        self.marked = True
         self.silent = False  # read a CONNECT, then answer nothing until the client goes away
 
     def handle(self, request: _Handler, method: str) -> None:
@@ -881,9 +884,14 @@ class ProxyStandin(Standin):
             expected = "Basic " + base64.b64encode(self.credentials.encode()).decode()
         if self.refuse or (expected is not None and authorization != expected):
             status = self.refuse or 407
-            headers = {"Proxy-Authenticate": 'Basic realm="proxy"'} if status == 407 else {}
+            headers = {"Server": "squid/6.10"}
+            if self.marked:
+                headers["X-Squid-Error"] = f"{'ERR_CACHE_ACCESS_DENIED' if status == 407 else 'ERR_ACCESS_DENIED'} 0"
+            if status == 407:
+                headers["Proxy-Authenticate"] = 'Basic realm="proxy"'
             request.close_connection = True
-            return request.send(status, f"{status} from the proxy", "text/plain", headers)
+            page = f"<html><body><h1>ERROR</h1><p>{status}: access denied by the proxy</p></body></html>"
+            return request.send(status, page, "text/html", headers)
         if method == "CONNECT" and self.silent:
             request.close_connection = True
             self.stopped.wait(LIFETIME)

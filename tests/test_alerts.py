@@ -29,6 +29,7 @@ from tests.conftest import CF_TOKEN, LAPI_KEY, Stack, assert_no_secret
 from tests.real import RealPushgateway, require
 from tests.standins import Entry, KvStandin, LapiStandin, decision
 from tests.test_deploy import ALERTS, rendered_rules
+from tests.test_state_robust import read_only
 
 JOB = job.JOB_NAME
 START = 5  # seconds past the minute a CronJob's run starts (scheduling, pod start)
@@ -86,6 +87,7 @@ class Run:
     env: tuple[tuple[str, str], ...] = ()
     stray_key: bool = False  # a key in KV that LAPI no longer wants
     exit_code: int = job.EXIT_OK
+    read_only: bool = False  # the scenario's STATE_FILE folder as on a volume remounted read-only
 
 
 OK = Run()
@@ -98,6 +100,10 @@ WITH_STATE = (("STATE_FILE", "{state}/record.gz"),)
 OK_WITH_STATE = Run(env=WITH_STATE)
 REVOKED_WITH_STATE = Run(env=WITH_STATE + CLOUDFLARE_REFUSED.env)
 REVOKED_WITH_STATE_FAILING = Run(env=REVOKED_WITH_STATE.env, exit_code=job.EXIT_CLOUDFLARE)
+# The volume turns read-only after a first audit: refused while a later run could still trust the
+# record in place (AUDIT_INTERVAL after that audit), then converging KV without recording.
+READ_ONLY_REFUSED = Run(env=WITH_STATE, read_only=True, exit_code=job.EXIT_STATE)
+READ_ONLY_ENFORCING = Run(env=WITH_STATE, read_only=True)
 DRY = Run(args=("--dry-run",))
 DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env, exit_code=job.EXIT_LAPI)
 NONE = None  # no run that minute (CronJob suspended)
@@ -138,7 +144,10 @@ def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPush
                 out, err = io.StringIO(), io.StringIO()
                 at = SimClock(minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
                 env = {name: value.replace("{state}", state) for name, value in run.env}
-                code = job.main(list(run.args), stack.env(**env), out, err, at.clock())
+                with pytest.MonkeyPatch.context() as patch:
+                    if run.read_only:
+                        read_only(patch, Path(state))
+                    code = job.main(list(run.args), stack.env(**env), out, err, at.clock())
                 assert_no_secret(out.getvalue(), err.getvalue())
                 assert code == run.exit_code, err.getvalue()
         scrapes.append(scrape(pushgateway))
@@ -162,6 +171,7 @@ class Scenario:
     runs: Callable[[], list]
     fires: dict[str, int] = field(default_factory=dict)  # alert -> the first scrape (minute) its condition holds
     silent: bool = False  # no alert fires at any minute
+    never: tuple[str, ...] = ()  # alerts that must not fire at any minute (another is the one that names the cause)
 
 
 def after(minute_of_last: int, threshold: int) -> int:
@@ -228,6 +238,15 @@ SCENARIOS = [
         fires={"CrowdsecKvSyncStateUntrusted": 6},
     ),
     Scenario(
+        # Audited at minute 0 (5 s past it); read-only from minute 3. The runs of minutes 3 to 14
+        # change nothing (exit 4): a run that can write would trust the record until 905 s. From
+        # minute 15 they converge KV without it (exit 0, state_trusted 0). Not Cloudflare's alert.
+        "a state volume that turns read-only at minute 3: named, and enforcing again after AUDIT_INTERVAL",
+        lambda: [OK_WITH_STATE] * 3 + [READ_ONLY_REFUSED] * 12 + [READ_ONLY_ENFORCING] * 20,
+        fires={"CrowdsecKvSyncStateUnwritable": 4, "CrowdsecKvSyncStateUntrusted": 16},
+        never=("CrowdsecKvSyncCloudflareFailing", "CrowdsecKvSyncStale"),
+    ),
+    Scenario(
         "never pushed: only dry runs",
         lambda: [DRY] * 15,
         fires={"CrowdsecKvSyncAbsent": 0},
@@ -248,6 +267,11 @@ def promtool_test(scenario: Scenario, series: dict[str, list[str]], rules: dict[
     if scenario.silent:
         test["promql_expr_test"].append(
             {"expr": f"count_over_time({firing % ''}[{end}m])", "eval_time": f"{end}m", "exp_samples": []}
+        )
+    for alert in scenario.never:
+        only = firing % f',alertname="{alert}"'
+        test["promql_expr_test"].append(
+            {"expr": f"count_over_time({only}[{end}m])", "eval_time": f"{end}m", "exp_samples": []}
         )
     for alert, onset in scenario.fires.items():
         fires_at = onset + minutes(rules[alert].get("for"))

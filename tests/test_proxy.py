@@ -225,7 +225,7 @@ def test_a_proxy_that_refuses_the_tunnel_fails_the_run_at_once(proxied, status):
     port = proxy.server.server_address[1]
     assert f"refused CONNECT {KV_HOST}:" in result.err and f"HTTP {status}" in result.err
     assert f"the proxy 127.0.0.1:{port} (HTTPS_PROXY)" in result.err
-    assert ("allow list" if status == 403 else "wants credentials") in result.err
+    assert ("allow list" if status == 403 else "the proxy refused the credentials in HTTPS_PROXY") in result.err
     assert PROXY_PASSWORD not in result.err
     assert len(proxy.requests) == 1 and result.sleeps == []  # its final word: not retried
     assert stack.kv.live() == {} and stack.lapi.queries  # LAPI read, KV never reached
@@ -252,7 +252,141 @@ def test_the_proxy_wants_credentials_the_variable_does_not_give(proxied):
     port = proxy.server.server_address[1]
     result = stack.run(**through_proxy(stack, proxy, HTTPS_PROXY=f"http://127.0.0.1:{port}"))
     assert result.code == job.EXIT_CLOUDFLARE and "HTTP 407" in result.err
+    assert "the proxy wants credentials: http://user:password@host:port in HTTPS_PROXY" in result.err
     assert [r.authorization for r in proxy.requests] == [None]
+
+
+# --------------------------------------------------------------------------- a proxy's own refusal, in plain HTTP
+
+
+def through_http_proxy_to(stack: Stack, proxy: ProxyStandin, destination: str, credentials: bool = True) -> dict:
+    """HTTP_PROXY for one destination only; the other two go direct (NO_PROXY's host:port entries)."""
+    urls = {"lapi": stack.lapi.url, "cloudflare": stack.kv.url, "pushgateway": stack.push.url}
+    direct = [url.removeprefix("http://") for name, url in urls.items() if name != destination]
+    userinfo = f"{PROXY_USER}:{PROXY_PASSWORD}@" if credentials else ""
+    return {"HTTP_PROXY": f"http://{userinfo}127.0.0.1:{proxy.server.server_address[1]}", "NO_PROXY": ",".join(direct)}
+
+
+@pytest.mark.parametrize("status", [403, 407])
+@pytest.mark.parametrize("destination", ["lapi", "cloudflare", "pushgateway"])
+def test_a_proxy_refusing_a_plain_http_request_is_named_not_the_destination(stack, destination, status):
+    """Squid's `access denied` (403) and its demand for credentials (407), in answer to a request
+    sent to it in absolute form: the proxy's word, not LAPI's, Cloudflare's or the Pushgateway's."""
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    with ProxyStandin() as proxy:
+        proxy.credentials = f"{PROXY_USER}:{PROXY_PASSWORD}"
+        proxy.refuse = status  # 407 with the credentials given: refused
+        result = stack.run(**through_http_proxy_to(stack, proxy, destination))
+        port = proxy.server.server_address[1]
+        seen = [(r.method, r.target.split("?")[0]) for r in proxy.requests]
+    assert f"the proxy 127.0.0.1:{port} (HTTP_PROXY) refused " in result.err and f"HTTP {status}" in result.err
+    assert ("allow list" if status == 403 else "the proxy refused the credentials in HTTP_PROXY") in result.err
+    assert "LAPI_KEY" not in result.err and "CF_API_TOKEN" not in result.err
+    assert PROXY_PASSWORD not in result.out + result.err
+    assert result.sleeps == []  # the proxy's final word: not retried
+    if destination == "lapi":
+        assert result.code == job.EXIT_LAPI and "bouncer" not in result.err
+        assert seen == [("GET", f"{stack.lapi.url}/v1/decisions")] and stack.lapi.queries == []
+        assert sum(stack.kv.requests.values()) == 0
+    elif destination == "cloudflare":
+        assert result.code == job.EXIT_CLOUDFLARE and "list: no answer from Cloudflare: the proxy" in result.err
+        assert seen == [("GET", f"{stack.kv.api_url}/accounts/{ACCOUNT}/storage/kv/namespaces/{NAMESPACE}/keys")]
+        assert sum(stack.kv.requests.values()) == 0 and stack.kv.live() == {}
+    else:
+        assert result.code == 0 and f"Pushgateway at {stack.push.url} took no metrics: the proxy" in result.err
+        assert seen == [("PUT", f"{stack.push.url}/metrics/job/crowdsec-kv-sync")] and stack.push.pushes == []
+        assert {k: e.value for k, e in stack.kv.live().items()} == {"ip:192.0.2.1": "ban"}
+
+
+def test_a_proxy_wanting_credentials_for_plain_http_says_where_they_go(stack):
+    with ProxyStandin() as proxy:
+        proxy.credentials = f"{PROXY_USER}:{PROXY_PASSWORD}"
+        result = stack.run(**through_http_proxy_to(stack, proxy, "lapi", credentials=False))
+        port = proxy.server.server_address[1]
+    assert result.code == job.EXIT_LAPI
+    assert f"the proxy 127.0.0.1:{port} (HTTP_PROXY) refused GET {stack.lapi.url}/v1/decisions: HTTP 407" in result.err
+    assert "the proxy wants credentials: http://user:password@host:port in HTTP_PROXY" in result.err
+
+
+def test_a_403_the_proxy_does_not_mark_as_its_own_names_both_the_proxy_and_the_bouncer_key(stack):
+    """Without Squid's X-Squid-Error (or RFC 9209's Proxy-Status error), a 403 that is not in LAPI's
+    words may be either's: the message says both, and where each is fixed."""
+    with ProxyStandin() as proxy:
+        proxy.refuse, proxy.marked = 403, False
+        result = stack.run(**through_http_proxy_to(stack, proxy, "lapi"))
+        port = proxy.server.server_address[1]
+    assert result.code == job.EXIT_LAPI
+    assert f"HTTP 403 through the proxy 127.0.0.1:{port} (HTTP_PROXY)" in result.err
+    assert "NO_PROXY" in result.err and "check LAPI_KEY" in result.err
+
+
+def test_lapi_refusing_the_key_through_a_proxy_still_blames_the_key(stack):
+    """LAPI's own 403 (`{"message":"access forbidden"}`), passed on by the proxy, is LAPI's."""
+    with ProxyStandin() as proxy:
+        result = stack.run(LAPI_KEY="not-the-bouncer-key", **through_http_proxy_to(stack, proxy, "lapi"))
+        assert [r.method for r in proxy.requests] == ["GET"]
+    assert result.code == job.EXIT_LAPI
+    assert "LAPI refused the bouncer credentials (HTTP 403): check LAPI_KEY" in result.err
+    assert "proxy" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "own"),
+    [
+        (407, {}, True),  # only a proxy sends 407
+        (403, {"X-Squid-Error": "ERR_ACCESS_DENIED 0"}, True),
+        (403, {"Proxy-Status": "corp-proxy; error=http_request_denied"}, True),
+        (403, {"Proxy-Status": 'edge; received-status=200, corp; error="destination_ip_prohibited"'}, True),
+        (403, {"Proxy-Status": "corp-proxy; received-status=403"}, False),  # passed on from the target
+        (403, {}, False),
+        (403, {"Via": "1.1 squid"}, False),  # Via is added to what a proxy passes on, too
+        (401, {"X-Squid-Error": "ERR_ACCESS_DENIED 0"}, False),
+        (502, {"X-Squid-Error": "ERR_CONNECT_FAIL 111"}, False),  # a failure to reach it: retried as a 5xx
+    ],
+)
+def test_which_answers_are_a_proxys_own_refusal(status, headers, own):
+    assert job.refused_by_proxy(status, headers) is own
+
+
+def test_a_proxys_refusal_names_the_proxy_the_request_and_where_the_fix_goes():
+    given = job.Proxy("proxy.corp", 3128, "HTTP_PROXY", PROXY_USER, PROXY_PASSWORD)
+    bare = job.Proxy("proxy.corp", 3128, "https_proxy")
+    secrets = job.Proxies(http=given).secrets
+    assert job.proxy_refusal(given, "GET http://lapi:8080/v1/decisions", 403, "Forbidden", secrets) == (
+        "the proxy proxy.corp:3128 (HTTP_PROXY) refused GET http://lapi:8080/v1/decisions: HTTP 403 'Forbidden' "
+        "(the proxy does not let the job reach this host: its allow list, or NO_PROXY for an in-cluster host)"
+    )
+    assert job.proxy_refusal(given, "CONNECT kv:443", 407, b" Denied " + PROXY_PASSWORD.encode(), secrets) == (
+        "the proxy proxy.corp:3128 (HTTP_PROXY) refused CONNECT kv:443: HTTP 407 'Denied [redacted]' "
+        "(the proxy refused the credentials in HTTP_PROXY: check the user and the password)"
+    )
+    assert job.proxy_refusal(bare, "CONNECT kv:443", 407, "", ()).endswith(
+        "(the proxy wants credentials: http://user:password@host:port in https_proxy)"
+    )
+    assert job.proxy_refusal(bare, "CONNECT kv:443", 502, "Bad Gateway", ()).endswith("HTTP 502 'Bad Gateway'")
+
+
+@pytest.mark.parametrize("via", [None, job.Proxy("proxy.corp", 3128, "HTTP_PROXY")])
+@pytest.mark.parametrize("body", [b'{"message":"access forbidden"}', b"<html>denied</html>", b'{"msg": 1}', b"[]"])
+def test_lapis_refusal_is_the_bouncer_keys_unless_a_proxy_may_have_sent_it(via, body):
+    message = job.lapi_refusal(job.Response(401, {}, body, via=via), ())
+    if via is None or body.startswith(b'{"message"'):
+        assert message == "LAPI refused the bouncer credentials (HTTP 401): check LAPI_KEY"
+    else:
+        assert message.startswith("HTTP 401 through the proxy proxy.corp:3128 (HTTP_PROXY), not in LAPI's words (")
+        assert message.endswith(
+            "either the proxy refused the request (its allow list, or NO_PROXY for an in-cluster host) "
+            "or LAPI refused the bouncer credentials (check LAPI_KEY)"
+        )
+
+
+def test_an_answer_through_a_proxy_says_so():
+    via = job.Proxy("proxy.corp", 3128, "HTTP_PROXY")
+    assert job.through_proxy_note(job.Response(502, {}, b"", via=None)) == ""
+    assert job.through_proxy_note(job.Response(502, {}, b"", via=via)) == (
+        " (through the proxy proxy.corp:3128 (HTTP_PROXY): if the answer is the proxy's own, "
+        "see its allow list, or NO_PROXY for an in-cluster host)"
+    )
 
 
 def test_a_proxy_that_cannot_be_reached_fails_the_run_naming_it(proxied):

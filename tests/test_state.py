@@ -261,6 +261,67 @@ def test_drift_is_put_right_within_audit_interval(stack, run, state):
     assert ours(stack.kv) == wanted and stack.kv.requests["list"] == 1
 
 
+# Edits behind the job's back under its prefix, each as KV holds the key afterwards, from how the
+# job wrote it (`ip:10.0.0.3`, a ban for an hour): what docs/operations.md says an audit puts right.
+HOUR = 3600
+REPAIRED_EDITS = {
+    "deleted": None,
+    "written without metadata (wrangler kv key put)": lambda e: Entry("allow", e.expiration, None),
+    "metadata of another remediation, value kept": lambda e: Entry("ban", e.expiration, {"remediation": "captcha"}),
+    "value and metadata of another remediation": lambda e: Entry("captcha", e.expiration, {"remediation": "captcha"}),
+    "metadata not the job's": lambda e: Entry("allow", e.expiration, {"note": "let in"}),
+    "no expiration": lambda e: Entry(e.value, None, e.metadata),
+    "expiration a day later": lambda e: Entry(e.value, e.expiration + 24 * HOUR, e.metadata),
+    "expiration half an hour earlier": lambda e: Entry(e.value, e.expiration - HOUR // 2, e.metadata),
+}
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["STATE_FILE --audit", "no STATE_FILE"])
+@pytest.mark.parametrize("edit", list(REPAIRED_EDITS))
+def test_an_edit_the_listing_shows_is_put_right_by_an_audit(stack, run, state, edit, with_state):
+    stack.lapi.decisions = [decision(ip, HOUR) for ip in ips(5)]
+    audit = (lambda: run("--audit")) if with_state else stack.run
+    assert audit().code == 0
+    wanted = {k: (e.value, e.metadata["remediation"]) for k, e in stack.kv.live().items()}
+    if with_state:
+        write_record(state, read_record(state)._replace(recent=""))  # the job's own changes long listed
+    key = "ip:10.0.0.3"
+    if REPAIRED_EDITS[edit] is None:
+        stack.kv.store.pop(key)
+    else:
+        stack.kv.store[key] = REPAIRED_EDITS[edit](stack.kv.store[key])
+    stack.kv.reset_counts()
+    result = audit()
+    assert result.code == 0, result.err
+    assert stack.kv.written_keys == [key]
+    assert {k: (e.value, e.metadata["remediation"]) for k, e in stack.kv.live().items()} == wanted
+    assert time.time() + HOUR - 60 <= stack.kv.store[key].expiration <= time.time() + HOUR + 60
+    if with_state:
+        assert_kv_is_the_record(stack.kv, state)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["STATE_FILE --audit", "no STATE_FILE"])
+def test_a_value_edited_with_the_jobs_metadata_kept_is_not_seen_until_its_key_is_deleted(stack, run, state, with_state):
+    """The documented limit (docs/operations.md, "What holds"): a listing shows names, expirations
+    and metadata, not values, and the job reads no value. A key's value changed by a write that
+    sends the job's metadata and expiration back stays so through audits; deleted by hand, the
+    key is written again by the next audit (`--audit` at once), as the docs say to do."""
+    stack.lapi.decisions = [decision(ip, HOUR) for ip in ips(5)]
+    audit = (lambda: run("--audit")) if with_state else stack.run
+    assert audit().code == 0
+    if with_state:
+        write_record(state, read_record(state)._replace(recent=""))
+    key = "ip:10.0.0.3"
+    stack.kv.store[key] = Entry("allow", stack.kv.store[key].expiration, stack.kv.store[key].metadata)
+    stack.kv.reset_counts()
+    assert audit().code == 0
+    assert stack.kv.requests["list"] == 1 and stack.kv.written_keys == []
+    assert stack.kv.live()[key].value == "allow"  # not seen
+    stack.kv.store.pop(key)  # the remedy: delete it (wrangler kv key delete), then audit
+    assert audit().code == 0
+    assert stack.kv.written_keys == [key] and stack.kv.live()[key].value == "ban"
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [

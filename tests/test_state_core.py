@@ -581,6 +581,51 @@ def test_audit_reasons_say_why_in_words():
     assert reason(job.Loaded(record(audited_at=NOW), None)) == (None, "record trusted, last audit 0s ago")  # just now
 
 
+# --------------------------------------------------------------------------- a record no run will trust again
+
+
+@given(
+    audited=st.floats(-3000, 0),
+    settling=st.none() | st.floats(-600, 600),
+    recent=st.lists(st.integers(-600, 100), max_size=3),
+    interval=st.sampled_from([0.0, 60.0, 900.0]),
+    offset=st.floats(-5, 5),
+    after=st.floats(0, 5000),
+)
+def test_no_run_uses_a_record_past_record_trusted_until_and_one_would_just_before(
+    audited, settling, recent, interval, offset, after
+):
+    """What a read-only volume's run relies on to change KV: from record_trusted_until on, no run
+    plans against the record (audit_reason) nor lays its recent changes over a listing (converge's
+    `lately`), as long as the clock does not go back; a moment earlier, one would."""
+    found = record(
+        audited_at=NOW + audited,
+        clock_offset=offset,
+        settling_until=None if settling is None else NOW + settling,
+        recent={f"ip:192.0.2.{i}": int(NOW + r) for i, r in enumerate(recent)},
+    )
+    config = dataclasses.replace(CONFIG, audit_interval=interval)
+    until = job.record_trusted_until(found, True, config)
+    assert math.isfinite(until)
+
+    def used_at(t: float) -> bool:
+        since = t + found.clock_offset - job.KV_LIST_LAG
+        lately = [at for at in found.recent_changes().values() if at > since]
+        return job.audit_reason(job.Loaded(found, None), config, t, False)[0] is None or bool(lately)
+
+    assert not used_at(until + after)
+    if until - 0.5 >= found.audited_at:  # before the last audit the clock went back: an audit anyway
+        assert used_at(until - 0.5)
+
+
+def test_a_record_no_run_can_read_or_trust_is_trusted_until_never_and_one_unread_until_ever():
+    assert job.record_trusted_until(None, False, CONFIG) == -math.inf  # none, or not a record
+    assert job.record_trusted_until(None, True, CONFIG) == math.inf  # cannot be read now: perhaps later
+    for foreign in ({"account": "c" * 32}, {"namespace": "c" * 32}, {"prefix": "cs:"}):
+        assert job.record_trusted_until(record(**foreign), True, CONFIG) == -math.inf
+    assert job.record_trusted_until(record(), True, CONFIG) == NOW - 100 + 900
+
+
 # --------------------------------------------------------------------------- applying confirmed results
 
 

@@ -280,20 +280,86 @@ def read_only(monkeypatch, directory: Path) -> None:
 
 
 def test_a_read_only_volume_changes_nothing_and_leaves_the_record_true(stack, state, monkeypatch, first_run):
-    """A run that can neither lock nor set the record aside must not change KV: the record would
-    claim what KV no longer holds, and be trusted once the volume is writable again."""
-    before = stack.kv.snapshot()
+    """A run that can neither lock nor set the record aside must not change KV while a later run
+    would still trust the record: it would claim what KV no longer holds once the volume is
+    writable again. The exit code and the message name the volume, not Cloudflare."""
+    before, queries = stack.kv.snapshot(), len(stack.lapi.queries)
+    audited_at = read_record(state).audited_at
+    stack.kv.reset_counts()
     with monkeypatch.context() as m:
         read_only(m, state.parent)
         refused = run(stack, state)
-    assert refused.code == 1
+    assert refused.code == job.EXIT_STATE == 4
     assert "make the volume writable" in refused.err and "changed nothing" in refused.err
-    assert stack.kv.snapshot() == before
+    assert "Read-only file system" in refused.err and "Cloudflare" not in refused.err
+    until = job.rfc3339(audited_at + 900)
+    assert f"would still be trusted by a run that can write, until {until} (" in refused.err
+    assert "from then on, runs change KV without recording" in refused.err
+    assert stack.kv.snapshot() == before and sum(stack.kv.requests.values()) == 0
+    assert len(stack.lapi.queries) == queries  # LAPI not even read: nothing could come of it
+    assert stack.push.value("crowdsec_kv_sync_exit_code") == job.EXIT_STATE
     stack.lapi.decisions.append(first_run_ban())  # LAPI bans the address again
     healthy = run(stack, state)
     assert healthy.code == 0, healthy.err
     assert_converged(stack)
     assert_kv_is_the_record(stack.kv, state)
+
+
+def test_a_read_only_volume_past_the_records_audit_interval_still_enforces_and_records_nothing(
+    stack, state, monkeypatch, first_run
+):
+    """Once no later run can trust the record in place (its audit interval, settling time and
+    recent changes all past), a run on a read-only volume converges KV as a run without STATE_FILE
+    does: it audits, applies, records nothing. The stale record it leaves is never trusted."""
+    recorded = state.read_bytes()
+    stack.kv.reset_counts()
+    with monkeypatch.context() as m:
+        read_only(m, state.parent)
+        enforced = run(stack, state, clock_offset=901)
+    assert enforced.code == 0, enforced.err
+    assert "this run audits, changes KV and records nothing" in enforced.err
+    assert (
+        "the record in place was last audited 901s ago" in enforced.err and "make the volume writable" in enforced.err
+    )
+    assert "audited: unreadable (cannot open" in enforced.out and "Read-only file system" in enforced.out
+    assert_converged(stack)  # the ban un-banned is deleted, the new one written
+    assert "ip:192.0.2.9" in stack.kv.written_keys and f"ip:{ips(6)[0]}" in stack.kv.deleted_keys
+    assert stack.kv.requests["list"] == 1
+    assert state.read_bytes() == recorded and not Path(f"{state}.unfinished").exists()
+    assert stack.push.value("crowdsec_kv_sync_state_trusted") == 0
+    assert stack.push.value("crowdsec_kv_sync_audited", 'reason="unreadable"') == 1
+    # The record left in place still holds the address un-banned above: LAPI bans it again. The
+    # next run on a writable volume must not trust that record, nor leave the address out.
+    stack.lapi.decisions.append(first_run_ban())
+    writable = run(stack, state, clock_offset=960)
+    assert writable.code == 0, writable.err
+    assert "audited: interval (last audit 960s ago" in writable.out
+    assert_converged(stack)
+    assert_kv_is_the_record(stack.kv, state)
+
+
+def test_a_read_only_volume_waits_out_the_listing_lag_of_the_records_last_changes(stack, state, monkeypatch, first_run):
+    """Past its audit interval, a record whose keys changed in the last two minutes would still be
+    laid over the next audit's listing: a read-only run changes nothing until those are past."""
+    record = read_record(state)
+    write_record(state, record._replace(audited_at=record.audited_at - 901))
+    before = stack.kv.snapshot()
+    with monkeypatch.context() as m:
+        read_only(m, state.parent)
+        refused = run(stack, state)
+    assert refused.code == job.EXIT_STATE, refused.err
+    assert "the listing lag of its last changes, or an audit it put off" in refused.err
+    assert stack.kv.snapshot() == before
+
+
+def test_a_read_only_volume_without_a_record_converges_from_the_start(stack, state, monkeypatch):
+    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(3)]
+    with monkeypatch.context() as m:
+        read_only(m, state.parent)
+        result = run(stack, state)
+    assert result.code == 0, result.err
+    assert_converged(stack)
+    assert not state.exists()
 
 
 def test_a_record_that_cannot_be_set_aside_means_kv_is_not_changed(stack, state, monkeypatch, first_run):
@@ -308,7 +374,7 @@ def test_a_record_that_cannot_be_set_aside_means_kv_is_not_changed(stack, state,
     with monkeypatch.context() as m:
         m.setattr(os, "replace", no_rename)
         refused = run(stack, state)
-    assert refused.code == 1 and "cannot set" in refused.err and "this run changed nothing" in refused.err
+    assert refused.code == job.EXIT_STATE and "cannot set" in refused.err and "this run changed nothing" in refused.err
     assert stack.kv.snapshot() == before
     assert run(stack, state).code == 0
     assert_converged(stack)

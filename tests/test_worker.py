@@ -107,7 +107,9 @@ def passed_unchanged(response: dict, url: str = f"{SITE}/page?q=1", method: str 
 
 
 TURNSTILE_SECRET = "turnstile-secret"
-TURNSTILE = {"TURNSTILE_SITE_KEY": "site-key-123", "TURNSTILE_SECRET_KEY": TURNSTILE_SECRET}
+PASS_SECRET = "pass-secret-0123456789abcdefghijklmnop"  # 32 characters or more: no warning
+# The recommended setup: both Turnstile keys, and a key of the pass's own.
+TURNSTILE = {"TURNSTILE_SITE_KEY": "site-key-123", "TURNSTILE_SECRET_KEY": TURNSTILE_SECRET, "PASS_SECRET": PASS_SECRET}
 PASS_COOKIE = "__Host-crowdsec_pass"
 CAPTCHA_ADDRESS = "2001:db8::1:0:0:7"  # CAPTCHA_V6 as the job and the Worker spell it
 
@@ -119,14 +121,15 @@ def is_challenge(response: dict, failed: bool = False, site_key: str = "site-key
         response["status"] == 403
         and not response["origin"]
         and f'class="cf-turnstile" data-sitekey="{site_key}"' in body
-        and '<form method="post">' in body  # no action: the same URL
+        and '<form method="post" id="crowdsec-challenge">' in body  # no action: the same URL
+        and '<button type="submit">Continue</button>' in body  # for when its script does not run
         and "https://challenges.cloudflare.com/turnstile/v0/api.js" in body
         and ("The check did not go through" in body) == failed
         and "set-cookie" not in response["headers"]
     )
 
 
-def signed_pass(address: str, host: str, expiry: int, secret: str = TURNSTILE_SECRET) -> str:
+def signed_pass(address: str, host: str, expiry: int, secret: str = PASS_SECRET) -> str:
     """A pass as the Worker signs one: HMAC-SHA256 over address, host and expiry (worker/captcha.js)."""
     message = f"crowdsec-pass-v1\n{address}\n{host}\n{expiry}".encode()
     mac = hmac.new(secret.encode(), message, hashlib.sha256).digest()
@@ -414,6 +417,7 @@ def test_a_check_that_fails_shows_the_challenge_again_saying_so(keys):
     assert [call["response"] for call in result["siteverify"]] == FAILING_TOKENS
     warnings = [log["message"] for log in result["logs"] if log["message"].startswith("captcha check failed")]
     assert len(warnings) == len(FAILING_TOKENS)
+    assert 'siteverify vouched for "other.test", not site.test' in warnings[1]  # says which host, to fix the widget
 
 
 def test_a_siteverify_that_does_not_answer_in_time_is_a_failed_check(keys):
@@ -530,15 +534,179 @@ def test_without_a_dataset_bound_nothing_is_counted_and_nothing_breaks(keys, met
     assert len(failed_writes) == (0 if metrics is None else 3)
 
 
-def test_pass_ttl_sets_how_long_a_pass_lasts(keys):
+@pytest.mark.parametrize(
+    ("ttl", "used", "said"),
+    [
+        ("60", 60, None),
+        ("1e9", 7200, 'PASS_TTL="1e9": not a whole number of seconds, 7200 used'),
+        ("Infinity", 7200, 'PASS_TTL="Infinity": not a whole number of seconds, 7200 used'),
+        ("-5", 7200, 'PASS_TTL="-5": not a whole number of seconds, 7200 used'),
+        # a pass that could run out before the browser is back from the 303: the visitor would loop
+        ("0", 60, "PASS_TTL=0: outside 60..2592000, 60 used"),
+        ("2147483648", 2592000, "PASS_TTL=2147483648: outside 60..2592000, 2592000 used"),  # past 30 days
+    ],
+)
+def test_pass_ttl_sets_how_long_a_pass_lasts_and_a_value_out_of_range_is_clamped_and_said(keys, ttl, used, said):
     now = int(time.time())
-    work = [answer("solved|site.test"), visit(signed_pass(CAPTCHA_ADDRESS, "site.test", now + 600))]
-    short, junk = (
-        drive(config=wrangler(**TURNSTILE, PASS_TTL=ttl), keys=keys, requests=work)["responses"]
-        for ttl in ("60", "1e9")
-    )
-    assert "Max-Age=60;" in short[0]["headers"]["set-cookie"] and is_challenge(short[1])  # 600 s is past 60
-    assert "Max-Age=7200;" in junk[0]["headers"]["set-cookie"] and passed_unchanged(junk[1])  # not a number: 2 h
+    work = [answer("solved|site.test"), visit(signed_pass(CAPTCHA_ADDRESS, "site.test", now + 600)), visit()]
+    result = drive(config=wrangler(**TURNSTILE, PASS_TTL=ttl), keys=keys, requests=work)
+    granted, held, _ = result["responses"]
+    assert f"Max-Age={used};" in granted["headers"]["set-cookie"]
+    assert passed_unchanged(held) if used > 600 else is_challenge(held)  # a pass reaching past PASS_TTL: refused
+    # said once per isolate, not once per request (each of the three read PASS_TTL)
+    assert [log["message"] for log in result["logs"] if "PASS_TTL" in log["message"]] == ([said] if said else [])
+
+
+TEST_KEYS = {
+    "TURNSTILE_SITE_KEY": "1x00000000000000000000AA",
+    "TURNSTILE_SECRET_KEY": "1x0000000000000000000000000000000AA",
+}
+
+
+def test_turnstiles_test_keys_fail_the_host_check_as_the_readme_says(keys):
+    # Turnstile's "always passes" test secret: siteverify says success, for the host name
+    # example.com whatever the site. The operator trying them sees the challenge again, saying the
+    # check did not go through, and `wrangler tail` shows the line worker/README.md quotes.
+    result = drive(config=wrangler(**TEST_KEYS), keys=keys, requests=[visit(), answer("solved|example.com")])
+    challenge, refused = result["responses"]
+    assert is_challenge(challenge, site_key=TEST_KEYS["TURNSTILE_SITE_KEY"])
+    assert is_challenge(refused, failed=True, site_key=TEST_KEYS["TURNSTILE_SITE_KEY"])
+    # The first page sends itself once solved; the one after a failed check waits for "Continue",
+    # or a widget that always solves and a check that always fails would loop without end.
+    assert 'data-callback="' in challenge["body"] and "data-callback" not in refused["body"]
+    (said,) = [log["message"] for log in result["logs"] if log["message"].startswith("captcha check failed")]
+    assert "example.com" in said and "test keys" in said
+    readme = (WORKER / "README.md").read_text()
+    assert said.replace("site.test", "<your host name>") in readme
+
+
+# --------------------------------------------------------------------------- the pass and its key
+
+
+def test_a_pass_in_either_of_two_cookie_lines_is_honoured(keys):
+    # A client may send its cookies on two Cookie lines; workerd joins them with ", ", not "; "
+    # (fetch, and so Miniflare's dispatchFetch, would join them with "; " before sending).
+    good = signed_pass(CAPTCHA_ADDRESS, "site.test", int(time.time()) + 600)
+    work = [
+        visit(cookieLines=["theme=dark", good]),  # the pass on the second line
+        visit(cookieLines=[good, "theme=dark; lang=en"]),  # on the first
+        visit(cookieLines=["theme=dark", "lang=en"]),  # no pass on either: the challenge
+        visit(cookieLines=["theme=dark", f"{PASS_COOKIE}=junk, {good}"]),  # a comma inside a line, too
+    ]
+    second, first, none, among = drive(config=wrangler(**TURNSTILE), keys=keys, requests=work)["responses"]
+    assert passed_unchanged(second) and passed_unchanged(first) and passed_unchanged(among)
+    assert is_challenge(none)
+
+
+OLD_PASS_SECRET = "old-pass-secret-0123456789abcdefghijkl"
+NEW_PASS_SECRET = "new-pass-secret-0123456789abcdefghijkl"
+
+
+def pass_secret_warnings(result: dict) -> list[str]:
+    return [log["message"] for log in result["logs"] if log["message"].startswith("PASS_SECRET")]
+
+
+def test_pass_secret_rotates_as_the_readme_says_and_the_turnstile_secret_freely(keys):
+    # Before: PASS_SECRET signs every pass.
+    before = wrangler(**(TURNSTILE | {"PASS_SECRET": OLD_PASS_SECRET}))
+    result = drive(config=before, keys=keys, requests=[answer("solved|site.test")])
+    given_before = result["responses"][0]["headers"]["set-cookie"].split(";")[0]
+    expiry = int(given_before.removeprefix(f"{PASS_COOKIE}=").split(".")[0])
+    assert given_before == signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=OLD_PASS_SECRET)
+    assert pass_secret_warnings(result) == []
+
+    # During (worker/README.md): the old one as PASS_SECRET_PREVIOUS, a new PASS_SECRET; the
+    # Turnstile secret rotated too, which no longer touches passes.
+    signed_with_turnstile = signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=TURNSTILE_SECRET)
+    rotated = {"TURNSTILE_SECRET_KEY": "rotated-turnstile-secret", "PASS_SECRET": NEW_PASS_SECRET}
+    during = wrangler(**(TURNSTILE | rotated), PASS_SECRET_PREVIOUS=OLD_PASS_SECRET)
+    work = [visit(given_before), answer("solved|site.test"), visit(signed_with_turnstile)]
+    result = drive(config=during, keys=keys, requests=work)
+    kept, solved, not_ours = result["responses"]
+    assert passed_unchanged(kept)  # a pass given before the rotation still lets its holder through
+    given_during = solved["headers"]["set-cookie"].split(";")[0]
+    expiry = int(given_during.removeprefix(f"{PASS_COOKIE}=").split(".")[0])
+    assert given_during == signed_pass(CAPTCHA_ADDRESS, "site.test", expiry, secret=NEW_PASS_SECRET)
+    assert is_challenge(not_ours)  # with PASS_SECRET set, the Turnstile secret signs nothing
+    assert result["siteverify"][0]["secretOk"] and pass_secret_warnings(result) == []
+
+    # After PASS_TTL: PASS_SECRET_PREVIOUS deleted, the old passes end.
+    after = wrangler(**(TURNSTILE | {"PASS_SECRET": NEW_PASS_SECRET}))
+    old, new = drive(config=after, keys=keys, requests=[visit(given_before), visit(given_during)])["responses"]
+    assert is_challenge(old) and passed_unchanged(new)
+
+
+@pytest.mark.parametrize(
+    ("pass_secret", "said"),
+    [
+        (None, "PASS_SECRET is not set: passes are signed with TURNSTILE_SECRET_KEY, so rotating it ends every pass"),
+        (" ", "PASS_SECRET is not set: passes are signed with TURNSTILE_SECRET_KEY, so rotating it ends every pass"),
+        ("short-secret", "PASS_SECRET has 12 characters: use 32 or more, random"),
+    ],
+)
+def test_without_a_usable_pass_secret_passes_still_work_and_the_worker_says_so_once(keys, pass_secret, said):
+    config = wrangler(**TURNSTILE)
+    if pass_secret is None:
+        config["vars"].pop("PASS_SECRET")
+    else:
+        config["vars"]["PASS_SECRET"] = pass_secret
+    signing = TURNSTILE_SECRET if pass_secret in (None, " ") else pass_secret  # as before PASS_SECRET existed
+    held = signed_pass(CAPTCHA_ADDRESS, "site.test", int(time.time()) + 600, secret=signing)
+    result = drive(config=config, keys=keys, requests=[answer("solved|site.test"), visit(passFrom=0), visit(held)])
+    solved, passed, kept = result["responses"]
+    assert solved["status"] == 303 and passed_unchanged(passed) and passed_unchanged(kept)
+    assert pass_secret_warnings(result) == [said]  # once per isolate, not once per request
+
+
+# --------------------------------------------------------------------------- the challenge page's own script
+
+
+RUN_CHALLENGE_SCRIPT = """
+const vm = require("node:vm");
+const { script, callback, formId, widgetField } = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+const added = [];
+const submitted = [];
+const elements = widgetField ? { "cf-turnstile-response": { value: "" } } : {};
+const field = () => elements["cf-turnstile-response"] ?? added.find((node) => node.name === "cf-turnstile-response");
+const form = { elements, appendChild: (node) => added.push(node), submit: () => submitted.push(field().value) };
+const document = {
+  getElementById: (id) => (id === formId ? form : null),
+  createElement: (tag) => ({ tag }),
+};
+const context = vm.createContext({ document });
+vm.runInContext(script, context);
+vm.runInContext(`${callback}("the-token")`, context);
+process.stdout.write(JSON.stringify({ submitted, added }));
+"""
+
+
+def test_the_challenge_sends_itself_once_solved_by_a_script_its_csp_allows_by_hash(keys):
+    (challenge,) = drive(config=wrangler(**TURNSTILE), keys=keys, requests=[visit()])["responses"]
+    assert is_challenge(challenge)
+    body = challenge["body"]
+    inline = re.findall(r"<script>(.*?)</script>", body, flags=re.DOTALL)
+    assert len(inline) == 1 and len(re.findall(r"<script", body)) == 2  # its own, and Turnstile's api.js
+    directives = dict(d.strip().split(" ", 1) for d in challenge["headers"]["content-security-policy"].split(";"))
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert directives["script-src"].split() == ["https://challenges.cloudflare.com", f"'sha256-{digest}'"]
+    assert "unsafe-inline" not in directives["script-src"] and "unsafe-eval" not in directives["script-src"]
+
+    (callback,) = re.findall(r'data-callback="([A-Za-z_$][\w$]*)"', body)  # Turnstile calls it once solved
+    (form_id,) = re.findall(r'<form method="post" id="([^"]+)">', body)
+    for widget_field in (True, False):  # the widget's hidden field already there, or not yet
+        run = subprocess.run(
+            [node(), "-e", RUN_CHALLENGE_SCRIPT],
+            input=json.dumps(
+                {"script": inline[0], "callback": callback, "formId": form_id, "widgetField": widget_field}
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        ran = json.loads(run.stdout)
+        assert ran["submitted"] == ["the-token"]  # the form went, once, with the token in its field
+        assert len(ran["added"]) == (0 if widget_field else 1)  # never a second token field
 
 
 def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):

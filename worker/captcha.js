@@ -2,6 +2,8 @@
 // answer with Turnstile's siteverify, and the pass that lets a client through afterwards.
 // Nothing here writes KV: a pass lives in the client's cookie, signed, not in a store.
 
+import { warnOnce, wholeSetting } from "./settings.js";
+
 const SITEVERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify";
 const SITEVERIFY_TIMEOUT_MS = 5000; // siteverify answers in well under a second; past this, the check failed
 const MAX_VERDICT_BYTES = 16 * 1024; // its answer is a small JSON object
@@ -11,9 +13,14 @@ const MAX_DRAIN_BYTES = 4 * 1024 * 1024; // read and dropped, so the client is n
 
 const PASS_COOKIE = "__Host-crowdsec_pass"; // __Host-: only this host, over HTTPS, may have set it
 const PASS_FORMAT = /^([0-9]{1,12})\.([A-Za-z0-9_-]{43})$/; // <expiry>.<HMAC-SHA256, base64url>
-const MAX_PASS_COOKIES = 3; // a client sending more gets at most this many signature checks
-const DEFAULT_PASS_TTL = 7200;
-const MAX_PASS_TTL = 30 * 24 * 3600;
+const MAX_PASS_COOKIES = 3; // a client sending more gets at most this many passes checked
+// PASS_TTL: under a minute, the pass could run out before the browser is back from the 303, and
+// the visitor would go round the challenge for ever.
+const PASS_TTL = { fallback: 7200, min: 60, max: 30 * 24 * 3600 };
+const MIN_PASS_SECRET_LENGTH = 32; // shorter, a pass cookie (message and MAC) invites guessing the key offline
+// Turnstile's documented test secret that always passes: its siteverify answers vouch for the
+// host name example.com, whatever the site, so the host check refuses them (worker/README.md).
+const TEST_SECRET_PASSES = "1x0000000000000000000000000000000AA";
 
 /** Both keys set: the Worker can show a challenge and check its answer. */
 export function turnstileConfigured(env) {
@@ -24,14 +31,17 @@ export function turnstileConfigured(env) {
 export async function holdsPass(request, env, address, host) {
   const now = nowSeconds();
   const latest = now + passTtl(env); // one reaching further (given under a longer PASS_TTL) is refused
+  const secrets = passSecrets(env);
   for (const value of cookieValues(request.headers.get("Cookie"), PASS_COOKIE).slice(0, MAX_PASS_COOKIES)) {
     const parts = PASS_FORMAT.exec(value);
     if (parts === null) continue;
     const expiry = Number(parts[1]);
     if (expiry <= now || expiry > latest) continue;
     const mac = base64urlBytes(parts[2]);
-    const key = await passKey(env.TURNSTILE_SECRET_KEY);
-    if (await crypto.subtle.verify("HMAC", key, mac, passMessage(address, host, expiry))) return true;
+    const message = passMessage(address, host, expiry);
+    for (const secret of secrets) {
+      if (await crypto.subtle.verify("HMAC", await passKey(secret), mac, message)) return true;
+    }
   }
   return false;
 }
@@ -73,7 +83,15 @@ export async function answerVerified(request, env, address, host) {
     return refused(`siteverify said no (${String(codes).slice(0, 200)})`);
   }
   if (typeof verdict.hostname !== "string" || verdict.hostname.toLowerCase() !== host) {
-    return refused(`the token was solved on another host name, not ${host}`);
+    // Which host siteverify named (JSON-quoted: no control character reaches the log), so the
+    // operator can tell a widget set up for another host name, or Turnstile's test keys.
+    const named =
+      typeof verdict.hostname === "string" ? JSON.stringify(verdict.hostname.slice(0, 253)) : "no host name";
+    const hint =
+      env.TURNSTILE_SECRET_KEY === TEST_SECRET_PASSES
+        ? ": Turnstile's test keys always answer example.com; try the flow with a widget of your own (worker/README.md)"
+        : "";
+    return refused(`siteverify vouched for ${named}, not ${host}${hint}`);
   }
   return true;
 }
@@ -82,7 +100,7 @@ export async function answerVerified(request, env, address, host) {
 export async function passGranted(request, env, address, host) {
   const ttl = passTtl(env);
   const expiry = nowSeconds() + ttl;
-  const key = await passKey(env.TURNSTILE_SECRET_KEY);
+  const key = await passKey(passSecrets(env)[0]);
   const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, passMessage(address, host, expiry)));
   const value = `${expiry}.${bytesBase64url(mac)}`;
   const cookie = `${PASS_COOKIE}=${value}; Max-Age=${ttl}; Path=/; Secure; HttpOnly; SameSite=Lax`;
@@ -92,11 +110,31 @@ export async function passGranted(request, env, address, host) {
   });
 }
 
-/** PASS_TTL in seconds: a whole number from 1 to 30 days, else the default (2 hours). */
+/** PASS_TTL in seconds: clamped to 1 minute .. 30 days; not a whole number, the default (2 hours). */
 export function passTtl(env) {
-  const text = String(env.PASS_TTL ?? "").trim();
-  const seconds = /^[0-9]{1,9}$/.test(text) ? Number(text) : 0;
-  return seconds >= 1 && seconds <= MAX_PASS_TTL ? seconds : DEFAULT_PASS_TTL;
+  return wholeSetting(env, "PASS_TTL", PASS_TTL);
+}
+
+/**
+ * The secrets a pass may be signed with, the one that signs new passes first: PASS_SECRET, and
+ * during a rotation PASS_SECRET_PREVIOUS, accepted until the passes it signed have run out.
+ * Without PASS_SECRET, the Turnstile secret signs them (as before PASS_SECRET existed, so the
+ * passes already given stay good), said once per isolate: rotating that secret then ends every pass.
+ */
+export function passSecrets(env) {
+  const current = secretSetting(env, "PASS_SECRET");
+  const previous = secretSetting(env, "PASS_SECRET_PREVIOUS");
+  if (current === "") {
+    warnOnce("PASS_SECRET is not set: passes are signed with TURNSTILE_SECRET_KEY, so rotating it ends every pass");
+  } else if (current.length < MIN_PASS_SECRET_LENGTH) {
+    warnOnce(`PASS_SECRET has ${current.length} characters: use ${MIN_PASS_SECRET_LENGTH} or more, random`);
+  }
+  const signing = current || String(env.TURNSTILE_SECRET_KEY);
+  return previous === "" || previous === signing ? [signing] : [signing, previous];
+}
+
+function secretSetting(env, name) {
+  return String(env[name] ?? "").trim();
 }
 
 // What the pass signs: the address and host it is good for, and its end. A newline cannot occur in
@@ -106,20 +144,23 @@ function passMessage(address, host, expiry) {
   return new TextEncoder().encode(`crowdsec-pass-v1\n${address ?? ""}\n${host}\n${expiry}`);
 }
 
-let cachedKey = { secret: null, key: null }; // one import per isolate, not one per request
+const cachedKeys = new Map(); // secret -> key: one import per secret per isolate, not one per request
+const MAX_CACHED_KEYS = 4; // an isolate sees one set of settings (two keys at most): a bound, not a working size
 
 async function passKey(secret) {
-  if (cachedKey.secret !== secret) {
-    const key = await crypto.subtle.importKey(
+  let key = cachedKeys.get(secret);
+  if (key === undefined) {
+    key = await crypto.subtle.importKey(
       "raw",
       new TextEncoder().encode(secret),
       { name: "HMAC", hash: "SHA-256" },
       false,
       ["sign", "verify"],
     );
-    cachedKey = { secret, key };
+    if (cachedKeys.size >= MAX_CACHED_KEYS) cachedKeys.clear();
+    cachedKeys.set(secret, key);
   }
-  return cachedKey.key;
+  return key;
 }
 
 function refused(reason) {
@@ -160,10 +201,13 @@ async function readAtMost(message, limit) {
   return new TextDecoder().decode(bytes);
 }
 
+// Pairs are split on ";" and on ",": a client that sends two Cookie lines has them joined with
+// ", " by workerd (its pass would be lost in the value before it). A comma cannot occur in a
+// cookie value (RFC 6265), so a pass is never cut in two.
 function cookieValues(header, name) {
   if (header === null) return [];
   const values = [];
-  for (const pair of header.split(";")) {
+  for (const pair of header.split(/[;,]/)) {
     const at = pair.indexOf("=");
     if (at > 0 && pair.slice(0, at).trim() === name) values.push(pair.slice(at + 1).trim());
   }

@@ -26,7 +26,7 @@ export function wholeSetting(env, name, { fallback, min, max }) {
   return value;
 }
 
-function warnOnce(problem) {
+export function warnOnce(problem) {
   if (said.has(problem)) return;
   said.add(problem);
   console.warn(problem);

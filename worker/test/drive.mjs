@@ -2,9 +2,12 @@
 // Input (JSON on stdin):
 //   config:    { main, compatibilityDate, binding, vars } from wrangler.toml (main: relative to worker/)
 //   keys:      [{ name, value, expiration?, metadata? }] loaded into the local KV namespace first
-//   requests:  [{ url, address, method?, body?, headers?, passFrom?, cf? }] sent with CF-Connecting-IP:
-//              address (none when null; Miniflare then sets 127.0.0.1); passFrom: i sends the cookie the
-//              answer to request i set; cf: merged into Miniflare's placeholder (country US, asn 395747)
+//   requests:  [{ url, address, method?, body?, headers?, passFrom?, cf?, cookieLines? }] sent with
+//              CF-Connecting-IP: address (none when null; Miniflare then sets 127.0.0.1); passFrom: i
+//              sends the cookie the answer to request i set; cf: merged into Miniflare's placeholder
+//              (country US, asn 395747); cookieLines: [text] sent as that many Cookie header lines,
+//              as a browser may (fetch would join them into one line with "; " first; workerd joins
+//              separate lines with ", "), over plain HTTP to Miniflare, without cf
 //   steps:     [{ put?: keys, delete?: [name], failReads?: [name], sleep?: seconds,
 //                 requests?: [request] (one after the other), concurrent?: [request] (all at once) }]
 //              run in order after `requests`, against the same Worker (one isolate, one module state);
@@ -26,6 +29,7 @@
 //   canonical: [text | null]; strongest: [remediation | null]
 //   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: [remediation | null] } | { error }]
 import { readdirSync, readFileSync } from "node:fs";
+import { request as httpRequest } from "node:http";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
@@ -205,18 +209,48 @@ export default {
   compatibilityDate: config.compatibilityDate,
 };
 
-async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom, cf }) {
+async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom, cf, cookieLines }) {
   const headers = { "X-Tag": "from-client", ...extra, ...(address === null ? {} : { "CF-Connecting-IP": address }) };
   if (passFrom !== undefined) headers.Cookie = output.responses[passFrom].headers["set-cookie"].split(";")[0];
+  if (cookieLines !== undefined) return sendLines(mf, { url, method, body, headers, cookieLines });
   const response = await mf.dispatchFetch(url, { method, body, headers, redirect: "manual", cf });
-  const watched = (name) => (response.headers.has(name) ? JSON.parse(response.headers.get(name)) : null);
+  return answerSeen(response.status, Object.fromEntries(response.headers), await response.text());
+}
+
+// A request with its own header lines, as the client wrote them, to Miniflare's own address: its
+// entry point takes the URL the Worker sees from MF-Original-URL, as for dispatchFetch.
+async function sendLines(mf, { url, method, body, headers, cookieLines }) {
+  const listening = await mf.ready;
+  const lines = ["Host", listening.host, "MF-Original-URL", url, ...Object.entries(headers).flat()];
+  for (const line of cookieLines) lines.push("Cookie", line);
+  if (body !== undefined) lines.push("Content-Length", String(Buffer.byteLength(body)));
+  const path = new URL(url).pathname + new URL(url).search;
+  return new Promise((resolve, reject) => {
+    const asked = httpRequest(listening, { method, path, headers: lines }, (answer) => {
+      const chunks = [];
+      answer.on("data", (chunk) => chunks.push(chunk));
+      answer.on("error", reject);
+      answer.on("end", () => {
+        const seen = Object.fromEntries(
+          Object.entries(answer.headers).map(([name, value]) => [name, [value].flat().join(", ")]),
+        );
+        resolve(answerSeen(answer.statusCode, seen, Buffer.concat(chunks).toString("utf8")));
+      });
+    });
+    asked.on("error", reject);
+    asked.end(body);
+  });
+}
+
+function answerSeen(status, headers, body) {
+  const watched = (name) => (name in headers ? JSON.parse(headers[name]) : null);
   const answer = {
-    status: response.status,
-    headers: Object.fromEntries(response.headers),
-    body: await response.text(),
-    origin: response.headers.get("X-Origin") === "reached",
-    kv: watched("X-Test-KV"),
-    points: watched("X-Test-Points"),
+    status,
+    headers,
+    body,
+    origin: headers["x-origin"] === "reached",
+    kv: watched("x-test-kv"),
+    points: watched("x-test-points"),
   };
   delete answer.headers["x-test-kv"];
   delete answer.headers["x-test-points"];
