@@ -24,7 +24,7 @@ SCRIPT = ROOT / "lapi_kv_sync.py"
 # The mutation check (tests/README.md) runs the tests on a copy of the job that mutmut rewrote:
 # its source no longer reads as the job's, so tests that scan the source leave that to the usual runs.
 UNDER_MUTATION = "MUTANT_UNDER_TEST" in os.environ
-# Under it, the test files it takes beyond the fast ones (test_scopes.py, test_proxy.py) give only
+# Under it, the test files it takes beyond the fast ones (test_tables.py, test_proxy.py) give only
 # their pure tests: those that start stand-in servers are the usual runs' (pytest_collection_modifyitems).
 SERVER_FIXTURES = frozenset({"stack", "proxied"})
 LAPI_KEY = "lapi-test-key-0123456789"

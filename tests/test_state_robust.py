@@ -408,12 +408,17 @@ def test_a_fifo_at_state_file_or_its_lock_is_refused_without_blocking(stack, sta
 # --------------------------------------------------------------------------- a lagging listing
 
 
-def test_an_audit_from_a_lagging_listing_keeps_a_write_this_job_made(stack, state):
+def written_while_the_listing_lags(stack, state, address: str) -> None:
+    """Four keys written and listed; then `address` written while the listing lags behind."""
     stack.lapi.decisions = [decision(ip, 3600) for ip in ips(4)]
     assert run(stack, state).code == 0
     stack.kv.freeze_listing()  # from here, the listing does not show what follows yet
-    stack.lapi.decisions.append(decision("192.0.2.50", 3600))
-    assert run(stack, state).code == 0 and "ip:192.0.2.50" in stack.kv.live()  # written, not listed
+    stack.lapi.decisions.append(decision(address, 3600))
+    assert run(stack, state).code == 0 and f"ip:{address}" in stack.kv.live()  # written, not listed
+
+
+def test_an_audit_from_a_lagging_listing_keeps_a_write_this_job_made(stack, state):
+    written_while_the_listing_lags(stack, state, "192.0.2.50")
     stack.lapi.decisions.pop()  # LAPI un-bans it
     audited = run(stack, state, "--audit")
     assert audited.code == 0, audited.err
@@ -450,11 +455,7 @@ def test_an_audit_within_the_lag_heals_a_key_deleted_behind_the_jobs_back(stack,
 
 
 def test_an_audit_within_the_lag_sends_again_what_a_lagging_listing_does_not_show(stack, state):
-    stack.lapi.decisions = [decision(ip, 3600) for ip in ips(4)]
-    assert run(stack, state).code == 0
-    stack.kv.freeze_listing()  # from here, the listing does not show what follows yet
-    stack.lapi.decisions.append(decision("192.0.2.50", 3600))
-    assert run(stack, state).code == 0 and "ip:192.0.2.50" in stack.kv.live()  # written, not listed
+    written_while_the_listing_lags(stack, state, "192.0.2.50")
     stack.kv.store.pop("ip:192.0.2.50")  # and then lost: a wipe, another instance, a hand delete
     stack.kv.reset_counts()
     audited = run(stack, state, "--audit")
