@@ -49,6 +49,7 @@ import os
 import platform
 import random
 import re
+import reprlib
 import socket
 import ssl
 import stat
@@ -1466,9 +1467,50 @@ class Wanted(NamedTuple):
 NetworkEntry = tuple[int, int, int, str]
 
 
+class Dropped(NamedTuple):
+    """A decision left out, as the log names it."""
+
+    value: str
+    scope: str
+    type: str
+    origin: str
+
+
+LEFT_OUT_SAMPLES = 5  # decisions named per reason: enough to see what is wrong, never a flood
+
+
+class LeftOut(Counter):
+    """Decisions left out, counted by reason, with the first LEFT_OUT_SAMPLES of each reason kept
+    to be named (an operator can only fix what the log names)."""
+
+    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
+        super().__init__(counts or {})
+        self.samples: dict[str, list[Dropped]] = {}
+
+    def add(self, reason: str, row: Any) -> None:
+        """Count one decision left out for `reason`, and name it while there are few (a LAPI row)."""
+        self[reason] += 1
+        self.name(reason, row)
+
+    def name(self, reason: str, row: Any) -> None:
+        kept = self.samples.setdefault(reason, [])
+        if len(kept) < LEFT_OUT_SAMPLES:
+            kept.append(row if type(row) is Dropped else dropped_row(row))
+
+
+def dropped_row(row: Any) -> Dropped:
+    """A LAPI row as the log names it: whatever it holds, bounded (a hostile row may be huge)."""
+    if type(row) is not dict:
+        return Dropped(reprlib.repr(row), "", "", "")
+    fields = (row.get(name) for name in ("value", "scope", "type", "origin"))
+    return Dropped(
+        *(field[:80] if type(field) is str else "" if field is None else reprlib.repr(field) for field in fields)
+    )
+
+
 class Projection(NamedTuple):
     wanted: dict[str, Wanted]  # the address keys
-    ignored: Counter[str]
+    ignored: LeftOut
     # The tables' entries (empty when the tables are off), ends on our clock: Country and AS by
     # (scope, canonical value); every Range, and the Ip decisions of TABLE_ORIGINS, by network.
     scopes: dict[tuple[str, str], Wanted] = {}  # noqa: RUF012  # never changed: project() passes its own
@@ -1608,7 +1650,8 @@ def project(
     LapiUnreadable midway), and does the least Python work per row: this is the hot loop. A row
     that is not an object, or has a list or an object where a string belongs, is invalid."""
     wanted: dict[str, Wanted] = {}
-    ignored: Counter[str] = Counter()
+    ignored = LeftOut()
+    drop = ignored.add
     scopes: dict[tuple[str, str], Wanted] = {}
     networks: dict[NetworkEntry, Wanted] = {}
     table_scopes = SCOPE_TABLE_SCOPES if tables else ()
@@ -1623,21 +1666,21 @@ def project(
             scope, remediation = lowered[get("scope")], lowered[get("type")]
             origin, scenario = shared[get("origin")], shared[get("scenario")]
         except (AttributeError, TypeError):  # not an object; an unhashable field
-            ignored["invalid"] += 1
+            drop("invalid", row)
             continue
         if scope != "ip" and scope not in table_scopes and (scope != "range" or not (tables or expand_ranges_max)):
-            ignored["scope"] += 1
+            drop("scope", row)
             continue
         if remediation not in REMEDIATION_RANK:
-            ignored["type"] += 1
+            drop("type", row)
             continue
         try:
             remaining = parse_go_duration(get("duration"))
         except (TypeError, ValueError):
-            ignored["invalid"] += 1
+            drop("invalid", row)
             continue
         if remaining <= 0:
-            ignored["expired"] += 1
+            drop("expired", row)
             continue
         end = read_at + remaining
         new = tuple_new(Wanted, (remediation, end, origin, scenario))
@@ -1658,22 +1701,22 @@ def project(
                 expandable -= len(addresses)  # type: ignore[arg-type]
                 if not addresses:
                     if not tables:  # with the tables the range is in the network table, not left out
-                        ignored["range_too_large"] += 1
+                        drop("range_too_large", row)
                     continue
             else:  # a scope of the scope table
                 entry = scope_entry(scope, value)
                 scopes[entry] = merge(scopes.get(entry), new)
                 continue
         except TooBroad:
-            ignored["range_too_large"] += 1
+            drop("range_too_large", row)
             continue
         except ValueError:
-            ignored["invalid"] += 1
+            drop("invalid", row)
             continue
         for address in addresses:
             key = prefix + address
             if check_length and len(key.encode()) > MAX_KEY_BYTES:
-                ignored["invalid"] += 1
+                drop("invalid", row)
                 continue
             old = get_wanted(key)
             wanted[key] = new if old is None else merge(old, new)
@@ -1884,6 +1927,7 @@ class Document(NamedTuple):
     full: int  # entries left out: past the cap (table_full)
     kept: list[Any]  # the entries in it, in order, as projected (a dry run samples them)
     held: Any = None  # the network table's Intervals, as KV is to hold them (None for the scope table)
+    left_out: list[Any] = []  # noqa: RUF012  # never changed  # the first entries past the cap, as projected
 
     @property
     def digest(self) -> str:
@@ -1893,9 +1937,11 @@ class Document(NamedTuple):
     def metadata(self) -> dict[str, Any]:
         return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
 
-    def sample(self) -> list[str]:
+    def sample(self, entries: list[Any] | None = None) -> list[str]:
+        """Its entries (or these of its entries) as text, the first SAMPLE_KEYS of them."""
         text = network_text if self.name == "networks" else lambda scope, name: f"{scope}:{name}"
-        return [text(*entry[:3]) + (f" ({entry[3]})" if len(entry) > 3 else "") for entry in self.kept[:SAMPLE_KEYS]]
+        chosen = self.kept if entries is None else entries
+        return [text(*entry[:3]) + (f" ({entry[3]})" if len(entry) > 3 else "") for entry in chosen[:SAMPLE_KEYS]]
 
 
 def held_end(end: float, offset: float, kv_now: float) -> int:
@@ -1958,6 +2004,7 @@ def scope_document(
         kept.append((scope, name))
     figures = Counter((scope, entries[scope, name].remediation) for scope, name in kept)
     fresh = {(s, n): remediation_ends(*sections[s][n]) for s, n in kept}
+    left_out = [e for e, _ in strongest_first(entries.items())[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
     due = standing(scope_entries(stored), fresh, kv_now) if stored else None
     if due is not None:
         value = stored
@@ -1967,7 +2014,7 @@ def scope_document(
         )
         due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
     end = max((max(ends) for ends in scope_entries(value).values()), default=0) if value else 0
-    return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept)
+    return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept, None, left_out)
 
 
 def remediation_ends(remediation: str, end: int) -> Ends:
@@ -2027,7 +2074,8 @@ def networks_document(
         value = encode_networks(intervals) if kept else b""
         due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
     end = max((max(i.ban, i.captcha) for family in held for i in family), default=0) if value else 0
-    return Document("networks", value, float(end), due, figures, len(entries) - len(kept), kept, held)
+    left_out = [entry for entry, _ in ordered[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
+    return Document("networks", value, float(end), due, figures, len(entries) - len(kept), kept, held, left_out)
 
 
 def network_intervals(
@@ -3464,6 +3512,48 @@ def counts(counter: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.items())
 
 
+def left_out_named(ignored: Counter[str], reasons: Iterable[str]) -> dict[str, str]:
+    """The decisions left out for each of these reasons, named as far as `ignored` (a LeftOut)
+    kept them: value (scope type, origin), then how many more."""
+    samples = getattr(ignored, "samples", {})
+    named = {}
+    for reason in reasons:
+        kept = samples.get(reason, [])
+        if not ignored[reason] or not kept:
+            continue
+        words = [
+            f"{d.value} ({' '.join(filter(None, (d.scope, d.type))) or '?'}, origin {d.origin or '?'})" for d in kept
+        ]
+        more = ignored[reason] - len(kept)
+        named[reason] = ", ".join(words) + (f" (+{more} more)" if more > 0 else "")
+    return named
+
+
+# A run names the decisions it leaves out for a reason that is new since the last converged run
+# (what the state record says it left out); without a record, the run that starts in the first
+# minute of an hour does: never the same names every minute. `expired` is named by dry runs only:
+# a decision that ended as LAPI answered is no mistake.
+NAMED_SLOT = 60
+
+
+def log_left_out(log: Log, ignored: Counter[str], before: Mapping[str, int] | None, started: float) -> None:
+    reasons = [
+        r
+        for r in IGNORE_REASONS
+        if r != "expired"
+        and ignored[r]
+        and (before.get(r, 0) == 0 if before is not None else started % 3600 < NAMED_SLOT)
+    ]
+    named = left_out_named(ignored, reasons)
+    if named:
+        log.info(
+            "ignored",
+            "decisions left out, named once (a new reason since the last run, or once an hour): "
+            + "; ".join(f"{reason} {ignored[reason]}: {words}" for reason, words in named.items()),
+            ignored={reason: ignored[reason] for reason in named},
+        )
+
+
 def log_summary(log: Log, report: Report) -> None:
     ignored = Counter({r: report.ignored[r] for r in IGNORE_REASONS})
     message = (
@@ -3585,6 +3675,8 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
         ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
         ("left to expire", plan.spared, lambda key: present[key].remediation or "unknown"),
     ):
+        if action == "left to expire" and not keys:
+            continue  # only with the network table holding keys LAPI no longer wants
         sample = keys[:SAMPLE_KEYS]
         remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
@@ -3929,6 +4021,7 @@ def converge(
     if dry_run:
         log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, documents, kv, report)
         return EXIT_OK
+    log_left_out(log, projection.ignored, carried.ignored_before, report.started)
     carried = carried._replace(trusted=None)  # the plan holds what it needs of it
     return apply_and_record(
         http, config, log, report, cloudflare, plan, documents, kv, carried, state, answer, force, projection
@@ -3955,6 +4048,7 @@ class FromRecord(NamedTuple):
     settling_until: float | None  # likewise
     tables: Mapping[str, bytes]  # the tables' values as recorded (any record: a digest tells if KV holds them)
     usage_metrics_sent_at: float | None
+    ignored_before: Mapping[str, int] | None = None  # the last converged run's decisions left out, by reason
 
 
 def from_record(record: Record | None, reason: str | None, now: float) -> FromRecord:
@@ -3962,12 +4056,13 @@ def from_record(record: Record | None, reason: str | None, now: float) -> FromRe
     if record is None:
         return FromRecord(None, {}, {}, None, {}, None)
     tables, sent = record.documents, record.usage_metrics_sent_at
+    before = record.projected.ignored if record.projected else None
     if reason not in TRUSTED_AUDITS:
-        return FromRecord(None, {}, {}, None, tables, sent)
+        return FromRecord(None, {}, {}, None, tables, sent, before)
     recent = record.recent_changes()
     since = now + record.clock_offset - KV_LIST_LAG
     lately = {key: record.keys.get(key) for key, at in recent.items() if at > since} if reason else {}
-    return FromRecord(None if reason else record, lately, recent, record.settling_until, tables, sent)
+    return FromRecord(None if reason else record, lately, recent, record.settling_until, tables, sent, before)
 
 
 def list_and_project(
@@ -4032,6 +4127,8 @@ def build_tables(
         document = build(entries, held, kv.offset, kv_now, max_bytes)
         if document.full:
             projection.ignored["table_full"] += document.full
+            for text in document.sample(document.left_out):
+                projection.ignored.name("table_full", Dropped(text, name, "", ""))
             log.warning(
                 "table_full",
                 f"{name} table: {document.full} entries left out (table_full), past {setting}={max_bytes} "
@@ -4275,6 +4372,8 @@ def log_dry_run(
     log_table_plan(log, report, documents)
     ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
     log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    for reason, named in left_out_named(report.ignored, IGNORE_REASONS).items():
+        log.info("plan", f"dry run: ignored ({reason}): {named}", reason=reason, count=report.ignored[reason])
     deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
     bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
     log.info(

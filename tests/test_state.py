@@ -621,3 +621,47 @@ def test_with_a_working_token_the_check_costs_one_request_an_interval(stack, run
     age_record(state, 520)  # past the minute: no check
     stack.kv.reset_counts()
     assert run().code == 0 and dict(stack.kv.requests) == {}
+
+
+# --------------------------------------------------------------------------- decisions left out, named
+
+
+def test_decisions_left_out_are_named_once_per_new_reason(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle")]
+    off_slot = 600  # not in the first minute of an hour: only a record tells what is new
+    first = run(clock_offset=off_slot - time.time() % 3600)
+    assert first.code == 0 and "named once" not in first.out  # no record of what the last run left out
+    stack.lapi.decisions += [decision("not-an-address"), decision("0.0.0.0/0", scope="Range", origin="cscli")]
+    stack.lapi.decisions += [decision(f"junk-{i}") for i in range(7)]
+    second = run()
+    assert second.code == 0, second.err
+    (line,) = [line for line in second.out.splitlines() if "named once" in line]
+    # New since the last run: invalid and range_too_large, each named (a few, then how many more);
+    # type was there before, so it is not named again.
+    assert "invalid 8: not-an-address (Ip ban, origin crowdsec), junk-0 (Ip ban, origin crowdsec)" in line
+    assert "junk-3 (Ip ban, origin crowdsec) (+3 more)" in line
+    assert "range_too_large 1: 0.0.0.0/0 (Range ban, origin cscli)" in line
+    assert "type" not in line
+    stack.lapi.decisions.append(decision("192.0.2.2"))  # another answer, the same reasons
+    third = run()
+    assert third.code == 0 and "named once" not in third.out
+
+
+def test_without_a_record_decisions_left_out_are_named_once_an_hour(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle")]
+    at_the_hour = 3600 - time.time() % 3600 + 5  # five seconds into the next hour
+    named = stack.run(clock_offset=at_the_hour)
+    assert "named once (a new reason since the last run, or once an hour): type 1: 192.0.2.4 (Ip throttle" in named.out
+    assert "named once" not in stack.run(clock_offset=at_the_hour + 120).out
+
+
+def test_a_dry_run_names_every_reason(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle"), decision("192.0.2.5", -3)]
+    stack.lapi.decisions.append({"value": ["a"] * 10_000, "type": "ban", "scope": "Ip", "duration": "4h"})
+    dry = stack.run("--dry-run")
+    assert dry.code == 0
+    assert "dry run: ignored (type): 192.0.2.4 (Ip throttle, origin crowdsec)" in dry.out
+    assert "dry run: ignored (expired): 192.0.2.5 (Ip ban, origin crowdsec)" in dry.out
+    # A hostile value is named bounded, whatever its size; a missing origin says so.
+    (invalid,) = [line for line in dry.out.splitlines() if "ignored (invalid)" in line]
+    assert len(invalid) < 200 and "origin ?" in invalid
