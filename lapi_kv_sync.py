@@ -1808,30 +1808,39 @@ def disjoint_intervals(networks: Iterable[Interval]) -> list[Interval]:
     a stack of the networks open at that point sees every cover: each stack entry holds the maxima
     of itself and every network around it. Where the intervals fall depends on the networks alone,
     never on their ends, so an end moving changes no interval's bounds."""
+    # (first, -last, ban, captcha) sorts in C in sweep order; a blocklist's networks are mostly
+    # single addresses, none inside another: then the sorted networks are the intervals.
+    ordered = sorted((n[0], -n[1], n[2], n[3]) for n in networks)
+    previous = -1
+    for first, negative_last, _, _ in ordered:
+        if first <= previous:
+            break
+        previous = -negative_last
+    else:
+        return [
+            tuple_new(Interval, (first, -negative_last, ban, captcha)) for first, negative_last, ban, captcha in ordered
+        ]
     out: list[Interval] = []
-    open_: list[Interval] = []  # the networks covering the cursor, outermost first, ends folded in
+    open_: list[tuple[int, int, int]] = []  # (last, ban, captcha) of the networks covering the cursor, outermost first
     cursor = 0
-
-    def close_to(cover: Interval, last: int) -> None:
-        nonlocal cursor
-        if cursor <= last:
-            out.append(Interval(cursor, last, cover.ban, cover.captcha))
-        cursor = last + 1
-
-    for network in sorted(networks, key=lambda n: (n.first, -n.last)):
-        while open_ and open_[-1].last < network.first:
-            top = open_.pop()
-            close_to(top, top.last)
+    for first, negative_last, ban, captcha in ordered:
+        while open_ and open_[-1][0] < first:
+            last, cover_ban, cover_captcha = open_.pop()
+            if cursor <= last:
+                out.append(tuple_new(Interval, (cursor, last, cover_ban, cover_captcha)))
+            cursor = last + 1
         if open_:
-            close_to(open_[-1], network.first - 1)
-        cursor = network.first
-        outer = open_[-1] if open_ else Interval(0, 0, 0, 0)
-        open_.append(
-            Interval(network.first, network.last, max(network.ban, outer.ban), max(network.captcha, outer.captcha))
-        )
+            _, cover_ban, cover_captcha = open_[-1]
+            if cursor <= first - 1:
+                out.append(tuple_new(Interval, (cursor, first - 1, cover_ban, cover_captcha)))
+            ban, captcha = max(ban, cover_ban), max(captcha, cover_captcha)
+        cursor = first
+        open_.append((-negative_last, ban, captcha))
     while open_:
-        top = open_.pop()
-        close_to(top, top.last)
+        last, cover_ban, cover_captcha = open_.pop()
+        if cursor <= last:
+            out.append(tuple_new(Interval, (cursor, last, cover_ban, cover_captcha)))
+        cursor = last + 1
     return out
 
 
@@ -1925,8 +1934,7 @@ class Document(NamedTuple):
     due_at: float  # Cloudflare's clock: when an end it holds comes due (inf: none does)
     entries: Counter[tuple[str, str]]  # entries wanted in it, by (scope, remediation)
     full: int  # entries left out: past the cap (table_full)
-    kept: list[Any]  # the entries in it, in order, as projected (a dry run samples them)
-    held: Any = None  # the network table's Intervals, as KV is to hold them (None for the scope table)
+    kept: list[Any]  # the entries in it, as projected (a dry run samples them)
     left_out: list[Any] = []  # noqa: RUF012  # never changed  # the first entries past the cap, as projected
 
     @property
@@ -1936,6 +1944,11 @@ class Document(NamedTuple):
     @property
     def metadata(self) -> dict[str, Any]:
         return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
+
+    @property
+    def intervals(self) -> Intervals:
+        """The network table's intervals, as KV is to hold them (decoded: only when asked)."""
+        return decode_networks(self.value) if self.value else Intervals([], [])
 
     def sample(self, entries: list[Any] | None = None) -> list[str]:
         """Its entries (or these of its entries) as text, the first SAMPLE_KEYS of them."""
@@ -2005,7 +2018,7 @@ def scope_document(
     figures = Counter((scope, entries[scope, name].remediation) for scope, name in kept)
     fresh = {(s, n): remediation_ends(*sections[s][n]) for s, n in kept}
     left_out = [e for e, _ in strongest_first(entries.items())[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
-    due = standing(scope_entries(stored), fresh, kv_now) if stored else None
+    due = standing(scope_entries(stored), fresh, kv_now) if stored and kept else None
     if due is not None:
         value = stored
     else:
@@ -2014,7 +2027,7 @@ def scope_document(
         )
         due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
     end = max((max(ends) for ends in scope_entries(value).values()), default=0) if value else 0
-    return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept, None, left_out)
+    return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept, left_out)
 
 
 def remediation_ends(remediation: str, end: int) -> Ends:
@@ -2047,46 +2060,89 @@ def networks_document(
     """The network table for these entries, at most `max_bytes` long: past it, what fits, bans
     first, then the longest ends. `stored` (the table KV holds, or None) is kept as it is while
     it may stand."""
-    ordered = strongest_first(entries.items())
-    kept = [entry for entry, _ in ordered]
+    # Each network adds at most two intervals (one inside another splits it in three): under the
+    # cap even so, every entry is kept, in LAPI's order, and no sort by strength is needed.
+    candidates = list(entries)
+    if NETWORKS_HEADER.size + 80 * len(candidates) > max_bytes:
+        candidates = [entry for entry, _ in strongest_first(entries.items())]
+    kept = candidates
     intervals = network_intervals(kept, entries, offset, kv_now)
     if networks_size(intervals) > max_bytes:  # rare: find how many fit, the strongest first
-        fits = (
-            bisect.bisect_right(
-                range(len(kept) + 1),
-                max_bytes,
-                key=lambda n: networks_size(network_intervals(kept[:n], entries, offset, kv_now)),
-            )
-            - 1
+        fits = bisect.bisect_right(
+            range(len(candidates) + 1),
+            max_bytes,
+            key=lambda n: networks_size(network_intervals(candidates[:n], entries, offset, kv_now)),
         )
-        kept = kept[:fits]
+        kept = candidates[: fits - 1]
         intervals = network_intervals(kept, entries, offset, kv_now)
-    figures = Counter(("network", entry[3]) for entry in kept)
-    due, held = None, None
-    if stored:
-        with contextlib.suppress(ValueError):
-            held = decode_networks(stored)
-            due = standing(interval_ends(held), interval_ends(intervals), kv_now)
+    value = encode_networks(intervals) if kept else b""
+    due = networks_standing(stored, value, kv_now) if stored and value else None
     if due is not None:
         value = stored
     else:
-        held = intervals
-        value = encode_networks(intervals) if kept else b""
         due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
-    end = max((max(i.ban, i.captcha) for family in held for i in family), default=0) if value else 0
-    left_out = [entry for entry, _ in ordered[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
-    return Document("networks", value, float(end), due, figures, len(entries) - len(kept), kept, held, left_out)
+    left_out = candidates[len(kept) : len(kept) + LEFT_OUT_SAMPLES]
+    figures = Counter(("network", entry[3]) for entry in kept)
+    full = len(entries) - len(kept)
+    return Document("networks", value, float(networks_end(value)), due, figures, full, kept, left_out)
+
+
+def networks_standing(stored: bytes, fresh: bytes, kv_now: float) -> float | None:
+    """standing() for two network tables as KV holds them (None: `stored` may not stand for
+    `fresh`). When both hold the same intervals (a refresh, time passing: what runs mostly see),
+    their bounds are compared as bytes and their ends column by column, with no per-interval object;
+    otherwise, entry by entry, an interval whose ends have all passed counting as gone."""
+    n4, n6 = NETWORKS_HEADER.unpack_from(fresh)[3:]
+    bounds = [(16, 16 + 8 * n4), (16 + 16 * n4, 16 + 16 * n4 + 32 * n6)]
+    if len(stored) != len(fresh) or stored[:16] != fresh[:16] or any(stored[a:b] != fresh[a:b] for a, b in bounds):
+        try:
+            held = decode_networks(stored)
+        except ValueError:
+            return None
+        return standing(interval_ends(held), interval_ends(decode_networks(fresh)), kv_now)
+    have, want = (uint32_words(value, 16 + 8 * n4, 8 * n4) for value in (stored, fresh))  # v4 ban and captcha
+    have6, want6 = (uint32_words(value, 16 + 16 * n4 + 32 * n6, 8 * n6) for value in (stored, fresh))
+    due_at = math.inf
+    for held_end_, wanted_end in zip(have + have6, want + want6, strict=True):
+        held_end_ = held_end_ if held_end_ > kv_now else 0
+        if (held_end_ == 0) != (wanted_end == 0):
+            return None
+        if held_end_:
+            if not expiration_stands(held_end_, wanted_end, kv_now):
+                return None
+            if wanted_end > held_end_ + EXPIRATION_SLACK:
+                due_at = min(due_at, held_end_ - REFRESH_AHEAD)
+    return due_at
+
+
+def uint32_words(value: bytes, start: int, size: int) -> array.array:
+    """`size` bytes of little-endian uint32s from `start`, as integers."""
+    words = array.array("I")
+    words.frombytes(value[start : start + size])
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words
+
+
+def networks_end(value: bytes) -> int:
+    """The latest end a network table holds (0: none)."""
+    if not value:
+        return 0
+    n4, n6 = NETWORKS_HEADER.unpack_from(value)[3:]
+    ends = uint32_words(value, 16 + 8 * n4, 8 * n4) + uint32_words(value, 16 + 16 * n4 + 32 * n6, 8 * n6)
+    return max(ends, default=0)
 
 
 def network_intervals(
     kept: Iterable[NetworkEntry], entries: Mapping[NetworkEntry, Wanted], offset: float, kv_now: float
 ) -> Intervals:
-    """The network table's intervals for these entries, ends as it holds them."""
-    families: dict[int, list[Interval]] = {4: [], 6: []}
+    """The network table's intervals for these entries, ends as it holds them (held_end())."""
+    cap = min(math.ceil(kv_now + MAX_TTL), MAX_END)
+    families: dict[int, list[tuple[int, int, int, int]]] = {4: [], 6: []}
     for entry in kept:
         version, first, last, remediation = entry
-        end = held_end(entries[entry].end, offset, kv_now)
-        families[version].append(Interval(first, last, *remediation_ends(remediation, end)))
+        end = min(math.ceil(entries[entry].end + offset), cap)
+        families[version].append((first, last, end, 0) if remediation == "ban" else (first, last, 0, end))
     return Intervals(disjoint_intervals(families[4]), disjoint_intervals(families[6]))
 
 
@@ -4163,7 +4219,7 @@ def plan_run(wanted: dict[str, Wanted], documents: Mapping[str, Document], kv: K
             del wanted[key]
     plan = plan._replace(due_at=min([plan.due_at, *(d.due_at for d in documents.values() if d.value)]))
     networks = documents.get(config.kv_key_prefix + "networks")
-    held = networks.held if networks is not None and networks.value else None
+    held = networks.intervals if networks is not None and networks.value and plan.deletes else None
     return spare_covered(plan, kv.present, held, config.kv_key_prefix, kv.now + kv.offset)
 
 

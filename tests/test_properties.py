@@ -89,7 +89,7 @@ def test_one_run_converges_and_a_second_is_free(rows, start):
         networks = job.networks_document(projection.networks, None, 0.0, time.time(), job.Config.table_max_bytes)
         if networks.value:
             written, expected = map(
-                job.interval_ends, (job.decode_networks(live.pop("ip:networks").value), networks.held)
+                job.interval_ends, (job.decode_networks(live.pop("ip:networks").value), networks.intervals)
             )
             assert written.keys() == expected.keys()
             for entry, ends in written.items():

@@ -99,7 +99,7 @@ def test_the_network_table_is_the_documented_binary_layout():
     assert words(base, 4) == [0x20010DB8, 0, 0, 0]  # first, most significant word first
     assert words(base + 16, 4) == [0x20010DB8, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF]  # last
     assert words(base + 32, 2) == [0, end + 600]  # ban, captcha
-    assert job.decode_networks(table.value) == table.held
+    assert table.intervals.v4[1] == job.Interval(v4("192.0.2.128"), v4("192.0.2.255"), end + 3600, end + 7200)
     assert table.metadata == {"table": 1, "digest": table.digest, "entries": 4}
     assert table.entries == Counter({("network", "ban"): 2, ("network", "captcha"): 2})
 
@@ -221,16 +221,20 @@ def test_the_cap_keeps_bans_first_then_the_longest_ends():
 
 def capped_end(document, entry):
     version, first, _, remediation = entry
-    return job.network_ends(document.held, job.network_text(version, first, first).split("/")[0])[remediation != "ban"]
+    return job.network_ends(document.intervals, job.network_text(version, first, first).split("/")[0])[
+        remediation != "ban"
+    ]
 
 
 def test_the_network_tables_cap_is_counted_to_the_byte():
     rows = [row("10.0.0.0/8", 7200), row("10.1.0.0/16", 3600, "captcha"), row("192.0.2.0/24", 600)]
     whole = networks_of(rows)  # the /16 splits the /8: 4 intervals
-    assert len(whole.held.v4) == 4 and len(whole.value) == 16 + 16 * 4
+    assert len(whole.intervals.v4) == 4 and len(whole.value) == 16 + 16 * 4
     assert networks_of(rows, max_bytes=len(whole.value)).full == 0  # exactly its length: every entry fits
     less = networks_of(rows, max_bytes=len(whole.value) - 1)  # a byte less: the weakest entry is left out
-    assert (less.full, less.kept) == (1, whole.kept[:-1]) and len(less.value) == 16 + 16 * 2
+    ban_8, captcha_16, ban_24 = whole.kept  # as LAPI gave them: under the cap, no order is needed
+    assert (less.full, less.kept, less.left_out) == (1, [ban_8, ban_24], [captcha_16])
+    assert len(less.value) == 16 + 16 * 2
 
 
 def test_the_scope_tables_cap_is_counted_to_the_byte():
@@ -380,7 +384,7 @@ probes = st.one_of(
 def test_the_network_table_says_of_every_address_what_its_networks_say(rows, addresses, later):
     table = networks_of(rows, read_at=NOW)
     intervals = job.decode_networks(table.value) if table.value else job.Intervals([], [])
-    assert intervals == (table.held if table.value else intervals)
+    assert intervals == (table.intervals if table.value else intervals)
     for family in intervals:  # sorted, disjoint, each with an end
         assert all(a.last < b.first for a, b in zip(family, family[1:], strict=False))
         assert all(i.first <= i.last and (i.ban or i.captcha) for i in family)
@@ -480,7 +484,7 @@ def test_a_network_table_with_an_interval_out_of_order_or_without_an_end_is_refu
 def test_keys_the_network_table_holds_are_left_to_expire():
     held = networks_of(
         [row("192.0.2.0/24", 7200), row("198.51.100.7", 3600, "captcha", scope="Ip", origin="CAPI")], origins={"CAPI"}
-    ).held
+    ).intervals
     present = {
         "ip:192.0.2.1": job.Present(NOW + 3600, "ban"),  # held by a /24 ban that lasts longer: left
         "ip:192.0.2.2": job.Present(NOW + 7200 + 3600, "ban"),  # would outlive the table's end: deleted
