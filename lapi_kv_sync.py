@@ -3901,6 +3901,19 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
     return args, config, unknown
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Settings that work but are likely slips: each a warning, never a refusal."""
+    warnings = []
+    if config.kv_key_prefix[-1].isalnum():
+        example = config.kv_key_prefix + "192.0.2.1"
+        warnings.append(
+            f"KV_KEY_PREFIX={config.kv_key_prefix!r} ends with a letter or digit: keys are named like "
+            f"{example!r}; end it with a separator (e.g. {config.kv_key_prefix + ':'!r}), and set the Worker's "
+            "KV_KEY_PREFIX to the same"
+        )
+    return warnings
+
+
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
     """One run; fills `report` as it goes and returns the exit code. With STATE_FILE, the run holds
     its lock throughout (a dry run only reads the record, and takes no lock)."""
@@ -4651,6 +4664,8 @@ def main(
                 log.warning(
                     "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
                 )
+            for warning in config_warnings(config):
+                log.warning("configuration", warning)
             report, started = Report(started=clock.now()), clock.monotonic()
         except ConfigError as e:
             Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))
