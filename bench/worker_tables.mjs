@@ -77,11 +77,13 @@ const tableHarness = (folder, kind) => ({
   contents:
     kind === "networks"
       ? `import { mapNetworks, networkVerdict } from "./networks.js";
-const load = async (env, key) => mapNetworks(await env.DECISIONS.get(key, { type: "arrayBuffer" }));
+const read = (env, key) => env.DECISIONS.get(key, { type: "arrayBuffer" });
+const use = (value) => mapNetworks(value);
 const look = (table, address, now) => networkVerdict(table, address, now);
 ${harnessBody}`
       : `import { buildTable, tableVerdict } from "./scopes.js";
-const load = async (env, key) => buildTable(JSON.parse(await env.DECISIONS.get(key, { type: "text" })));
+const read = (env, key) => env.DECISIONS.get(key, { type: "text" });
+const use = (value) => buildTable(JSON.parse(value));
 const look = (table, address, now) => tableVerdict(table, address, null, now);
 ${harnessBody}`,
 });
@@ -90,16 +92,22 @@ const harnessBody = `export default {
   async fetch(request, env) {
     const url = new URL(request.url);
     const key = url.searchParams.get("key");
+    const reps = Number(url.searchParams.get("reps"));
     if (url.pathname === "/load") {
-      const reps = Number(url.searchParams.get("reps"));
       const started = performance.now();
-      for (let i = 0; i < reps; i++) await load(env, key);
+      for (let i = 0; i < reps; i++) use(await read(env, key));
+      return Response.json({ ms: performance.now() - started });
+    }
+    if (url.pathname === "/use") {
+      const value = await read(env, key);
+      const started = performance.now();
+      for (let i = 0; i < reps; i++) use(value);
       return Response.json({ ms: performance.now() - started });
     }
     // /lookup: the table loaded, then n lookups of the addresses given (n = 0: the same work
     // without the lookups, to subtract)
     const { addresses } = await request.json();
-    const table = await load(env, key);
+    const table = use(await read(env, key));
     const n = Number(url.searchParams.get("n"));
     const now = Date.now() / 1000;
     let found = 0;
@@ -135,7 +143,7 @@ for (const variant of variants) {
 }
 
 const mf = new Miniflare({ workers, cf: false });
-const output = { cold: {}, warm: {}, load: {}, lookup: {} };
+const output = { cold: {}, warm: {}, load: {}, use: {}, lookup: {} };
 try {
   const kv = await mf.getKVNamespace("DECISIONS", workers[0].name);
   for (const variant of variants) {
@@ -170,6 +178,21 @@ try {
         cpuMs: (many.cpuMs - once.cpuMs) / (loads - 1),
         wallMs: (many.wallMs - once.wallMs) / (loads - 1),
         isolateMs: (many.body.ms - once.body.ms) / (loads - 1),
+      });
+    }
+  }
+  // What the Worker does with the value once read, alone: mapNetworks (views over the bytes), or
+  // JSON.parse and buildTable; `uses` times against once in one request, per use.
+  for (let i = 0; i < reps; i++) {
+    for (const variant of variants) {
+      const worker = await mf.getWorker(`${variant.name}-tables`);
+      const uses = variant.kind === "legacy" ? 3 : 1000;
+      const url = (n) => `http://bench.test/use?key=${encodeURIComponent(`${variant.name}:${variant.key}`)}&reps=${n}`;
+      const once = await measured(worker, url(1));
+      const many = await measured(worker, url(uses));
+      (output.use[variant.name] ??= []).push({
+        cpuMs: (many.cpuMs - once.cpuMs) / (uses - 1),
+        isolateMs: (many.body.ms - once.body.ms) / (uses - 1),
       });
     }
   }
