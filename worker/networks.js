@@ -66,8 +66,9 @@ const EMPTY = mapNetworks(new Uint32Array([MAGIC, FORMAT, 0, 0]).buffer); // on 
  * IPv4-mapped address as IPv4), or null when no interval holds it: one binary search.
  */
 export function networkEnds(table, address) {
-  const family = address.includes(":") ? table.v6 : table.v4;
-  const target = address.includes(":") ? ipv6Words(address) : [ipv4Word(address)];
+  const v6 = address.includes(":");
+  const family = v6 ? table.v6 : table.v4;
+  const target = v6 ? ipv6Words(address) : [ipv4Word(address)];
   const { width, first, last } = family;
   // The last interval whose first address is at most the target; the target is in it or in none.
   let [low, high] = [0, first.length / width - 1];
