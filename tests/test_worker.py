@@ -173,10 +173,10 @@ def test_the_worker_enforces_what_the_job_wrote_in_every_spelling(keys):
         assert passed_unchanged(by_address[address]), address
     assert all(a["headers"].get("cache-control") == "no-store" for a in answers if not a["origin"])
     # One KV read per request, of the address as the job spells it; none for what is not an address.
-    # The first also reads the scope table, which the isolate then holds (test_worker_scopes.py).
+    # The first also reads the two tables, which the isolate then holds (test_worker_networks.py).
     for i, (address, answer) in enumerate(by_address.items()):
         reads = [] if address in MALFORMED else [["get", "ip:" + job.canonical_address(address)]]
-        assert answer["kv"] == reads + [["get", "ip:scopes"]] * (i == 0), address
+        assert answer["kv"] == reads + [["get", "ip:networks"], ["get", "ip:scopes"]] * (i == 0), address
 
 
 def test_an_unlisted_client_reaches_the_origin_with_its_request_as_sent(keys):
@@ -187,15 +187,39 @@ def test_an_unlisted_client_reaches_the_origin_with_its_request_as_sent(keys):
 
 def test_a_kv_that_throws_lets_every_request_through():
     # Every read fails, so no key can be found: a banned address passes, as one with no key does.
-    answers = drive(config=wrangler(), brokenKv=True, requests=requests(BANNED_V4, "2001:db8::1:0:0:7"))
-    assert all(passed_unchanged(a) for a in answers["responses"])
+    output = drive(config=wrangler(), brokenKv=True, requests=requests(BANNED_V4, "2001:db8::1:0:0:7", BANNED_V4))
+    assert all(passed_unchanged(a) for a in output["responses"])
+    # Said once each (the address keys, each table), not once per request.
+    assert sorted(log["message"].split(":")[0] for log in output["logs"]) == [
+        "KV read of an address key failed, request let through",
+        "network table unusable, the last good copy (if any) kept",
+        "scope table unusable, the last good copy (if any) kept",
+    ]
 
 
-@pytest.mark.parametrize("cache_ttl", ["5", "soon", ""])
-def test_a_cache_ttl_kv_would_refuse_does_not_turn_enforcement_off(keys, cache_ttl):
-    # KV throws on a cacheTtl under 30 s: taken as is, the Worker would fail open on every request.
-    (answer,) = drive(config=wrangler(CACHE_TTL=cache_ttl), keys=keys, requests=requests(BANNED_V4))["responses"]
-    assert is_ban_page(answer)
+@pytest.mark.parametrize(
+    ("cache_ttl", "said"),
+    [
+        ("5", "CACHE_TTL=5: outside 30..31536000, 30 used"),
+        ("soon", 'CACHE_TTL="soon": not a whole number of seconds, 60 used'),
+        ("", None),
+        ("2147483648", "CACHE_TTL=2147483648: outside 30..31536000, 31536000 used"),
+        ("1e10", 'CACHE_TTL="1e10": not a whole number of seconds, 60 used'),
+        ("1e400", 'CACHE_TTL="1e400": not a whole number of seconds, 60 used'),
+        ("Infinity", 'CACHE_TTL="Infinity": not a whole number of seconds, 60 used'),
+        ("-60", 'CACHE_TTL="-60": not a whole number of seconds, 60 used'),
+        ("60.5", 'CACHE_TTL="60.5": not a whole number of seconds, 60 used'),
+    ],
+)
+def test_a_cache_ttl_kv_would_refuse_does_not_turn_enforcement_off(keys, cache_ttl, said):
+    # KV throws on a cacheTtl under 30 s, and workerd on one past 2^31 - 1 (and on 1e10, 1e400,
+    # Infinity): taken as is, the Worker would fail open on every request. Said once, not per request.
+    work = requests(BANNED_V4, "2001:db8::1:0:0:7", BANNED_V4)
+    output = drive(config=wrangler(CACHE_TTL=cache_ttl), keys=keys, requests=work)
+    banned, challenged, again = output["responses"]
+    assert is_ban_page(banned) and is_ban_page(again)
+    assert is_ban_page(challenged)  # a captcha without Turnstile keys: CAPTCHA_FALLBACK, ban
+    assert [log["message"] for log in output["logs"]] == ([said] if said else [])
 
 
 def test_the_prefix_is_the_jobs_kv_key_prefix(stack):
@@ -392,9 +416,9 @@ def test_a_solved_challenge_earns_a_pass_for_this_address_and_host_only(captcha_
         assert is_challenge(refused)
     assert is_ban_page(banned) and events(banned) == ["ban"]
     assert passed_unchanged(signed_here) and passed_unchanged(among_junk) and is_challenge(buried)
-    # KV: one read per request (and the scope table's with the first), whatever the captcha did,
+    # KV: one read per request (and the two tables' with the first), whatever the captcha did,
     # and not one write.
-    assert only_reads(answers) and [len(a["kv"]) for a in answers] == [2] + [1] * (len(answers) - 1)
+    assert only_reads(answers) and [len(a["kv"]) for a in answers] == [3] + [1] * (len(answers) - 1)
 
 
 FAILING_TOKENS = [

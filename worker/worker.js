@@ -1,14 +1,18 @@
 // Reference edge Worker for lapi-kv-sync: enforces the CrowdSec decisions the job keeps in Workers KV.
-// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none,
-// and the Range, Country and AS decisions of the scope table (scopes.js), read once a minute per isolate.
+// Per request: one KV read of KV_KEY_PREFIX + the client's canonical address -> "ban" | "captcha" | none
+// (none with ADDRESS_KEYS=false), plus two tables each isolate holds in memory, read at most once a
+// minute: the network table (networks.js: Range decisions, and the Ip decisions the job puts there)
+// and the scope table (scopes.js: Country and AS). No KV read keeps a request waiting past KV_TIMEOUT_MS.
 // Plain JavaScript modules, no build step: copy them, change the pages, deploy with `wrangler deploy`.
 // It never writes KV: a solved captcha is remembered in a signed cookie, not in a store.
 
 import { clientAddress } from "./address.js";
-import { cacheTtl, keyName } from "./kv.js";
+import { cacheTtl, keyName, problemReporter, withinBound } from "./kv.js";
 import { answerVerified, holdsPass, isChallengeAnswer, passGranted, turnstileConfigured } from "./captcha.js";
+import { networkRemediation } from "./networks.js";
 import { banPage, challengePage } from "./pages.js";
-import { tableRemediation } from "./scopes.js";
+import { scopeRemediation } from "./scopes.js";
+import { flagSetting } from "./settings.js";
 
 export { canonicalAddress } from "./address.js";
 
@@ -16,18 +20,19 @@ export default {
   async fetch(request, env, ctx) {
     const address = clientAddress(request.headers); // null: not one address, nothing to look up
     const host = new URL(request.url).hostname;
-    // Both at once: a warm isolate holds the scope table in memory, a cold one reads it alongside.
-    const [keyed, scoped] = await Promise.all([
-      address === null ? null : lookUp(env, address),
-      tableRemediation(request, env, ctx, address), // Range (the address), Country and AS (request.cf)
+    // All at once: a warm isolate holds both tables in memory, a cold one reads them alongside.
+    const [keyed, networked, scoped] = await Promise.all([
+      address === null || !flagSetting(env, "ADDRESS_KEYS", true) ? null : addressRemediation(env, address),
+      networkRemediation(env, ctx, address), // the networks holding the address
+      scopeRemediation(request, env, ctx), // its country and AS (request.cf)
     ]);
-    let remediation = strongest(keyed, scoped);
+    let remediation = strongest(keyed, strongest(networked, scoped));
     // Any other source of decisions joins here, one line each: remediation = strongest(remediation, …(ctx)).
     // Everything below treats the result alike, whatever its source: a pass only ever lifts a captcha.
     if (remediation === "captcha" && !turnstileConfigured(env)) remediation = captchaFallback(env);
     if (remediation === null) return fetch(request); // no decision: on to the origin, unchanged
 
-    if (logOnly(env)) {
+    if (flagSetting(env, "LOG_ONLY", false)) {
       console.log(JSON.stringify({ logOnly: true, wouldDo: remediation, address, host }));
       count(env, "log_only", remediation, host);
       return fetch(request);
@@ -64,34 +69,18 @@ export function strongest(a, b) {
   return x >= y ? a : b;
 }
 
-async function lookUp(env, address) {
+const reportKeyRead = problemReporter();
+
+// The address key's remediation. Fail open, as the job does: a KV outage, or a read slower than
+// KV_TIMEOUT_MS, must not take the whole site down with it.
+async function addressRemediation(env, address) {
   try {
-    const value = await env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
-    return strongest(value, null);
+    const reading = env.DECISIONS.get(keyName(env, address), { cacheTtl: cacheTtl(env) });
+    return strongest(await withinBound(reading, env), null);
   } catch (error) {
-    // Fail open, as the job does: a KV outage must not take the whole site down with it.
-    console.error(`KV read failed, request let through: ${error}`);
+    reportKeyRead(`KV read of an address key failed, request let through: ${error.message ?? error}`);
     return null;
   }
-}
-
-// LOG_ONLY read as the job reads its flags (DRY_RUN=1): a first rollout with LOG_ONLY=1 or yes must
-// not enforce. Anything else but false, 0, no or nothing is said, and enforced.
-const LOG_ONLY_VALUES = new Map([
-  ["true", true],
-  ["1", true],
-  ["yes", true],
-  ["false", false],
-  ["0", false],
-  ["no", false],
-  ["", false],
-]);
-
-function logOnly(env) {
-  const text = String(env.LOG_ONLY ?? "").trim().toLowerCase();
-  const value = LOG_ONLY_VALUES.get(text);
-  if (value === undefined) console.warn(`LOG_ONLY=${JSON.stringify(text)}: not true or false, so enforced`);
-  return value === true;
 }
 
 // Without both Turnstile keys nobody could solve a challenge: CAPTCHA_FALLBACK says what a

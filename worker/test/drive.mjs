@@ -1,33 +1,39 @@
 // Runs the Worker in workerd through Miniflare, as tests/test_worker.py asks, and prints what it saw.
 // Input (JSON on stdin):
 //   config:    { main, compatibilityDate, binding, vars } from wrangler.toml (main: relative to worker/)
-//   keys:      [{ name, value, expiration?, metadata? }] loaded into the local KV namespace first
+//   keys:      [{ name, value | base64, expiration?, metadata? }] loaded into the local KV namespace first
+//              (base64: a binary value, such as the network table)
 //   requests:  [{ url, address, method?, body?, headers?, passFrom?, cf?, cookieLines? }] sent with
 //              CF-Connecting-IP: address (none when null; Miniflare then sets 127.0.0.1); passFrom: i
 //              sends the cookie the answer to request i set; cf: merged into Miniflare's placeholder
 //              (country US, asn 395747); cookieLines: [text] sent as that many Cookie header lines,
 //              as a browser may (fetch would join them into one line with "; " first; workerd joins
 //              separate lines with ", "), over plain HTTP to Miniflare, without cf
-//   steps:     [{ put?: keys, delete?: [name], failReads?: [name], sleep?: seconds,
-//                 requests?: [request] (one after the other), concurrent?: [request] (all at once) }]
+//   steps:     [{ put?: keys, delete?: [name], failReads?: [name], slowReads?: {name: seconds},
+//                 sleep?: seconds, requests?: [request] (one after the other), concurrent?: [request] (all at once) }]
 //              run in order after `requests`, against the same Worker (one isolate, one module state);
-//              failReads: from then on, a read of one of these keys throws
+//              failReads: from then on, a read of one of these keys throws; slowReads: from then on, a
+//              read of one of these keys answers that many seconds late
 //   brokenKv:  true binds a KV namespace whose every read throws
 //   analytics: true binds an Analytics Engine dataset as METRICS (Miniflare's own, which drops the points)
 //   addresses: [text] run through the Worker's own canonicalAddress, in workerd
 //   pairs:     [[a, b]] of remediations, run through the Worker's own strongest, in workerd
-//   scopes:    [{ document, addresses?: [text], verdicts?: [{ address, cf, now }] }] each document
-//              through scopes.js's buildTable, each address through canonicalAddress and matchRange,
+//   scopes:    [{ document, verdicts?: [{ cf, now }] }] each document through scopes.js's buildTable,
 //              each verdict through tableVerdict, in workerd
+//   networks:  [{ base64, addresses: [text], now }] each table put in KV and read back as an ArrayBuffer
+//              (as held.js reads a table), mapped by networks.js's mapNetworks, each address through
+//              canonicalAddress, networkEnds and networkVerdict at `now`, in workerd
 // Output (JSON on stdout):
-//   responses: [{ status, headers, body, origin, kv, points }]: kv, every call the Worker made on its
-//              KV binding ([method, key]), the background reads it started included; points, every
+//   responses: [{ status, headers, body, origin, kv, pending, points }]: kv, every call the Worker made
+//              on its KV binding ([method, key]), the background reads it started included; pending,
+//              how many of those had not settled when its response came back; points, every
 //              Analytics Engine data point it wrote
 //   steps:     [{ responses, seconds }]: seconds, how long the step's requests took (sleep not included)
 //   siteverify: [{ response, remoteip, secretOk, fields }]: what reached the Turnstile stand-in
 //   logs:      [{ level, message }]: what the Worker logged
 //   canonical: [text | null]; strongest: [remediation | null]
-//   scopes:    [{ skipped, matches: [{ ban, captcha } | null], verdicts: [remediation | null] } | { error }]
+//   scopes:    [{ skipped, ranges, verdicts: [remediation | null] } | { error }]
+//   networks:  [{ ends: [{ ban, captcha } | null | "not an address"], verdicts: [remediation | null] } | { error }]
 import { readdirSync, readFileSync } from "node:fs";
 import { request as httpRequest } from "node:http";
 import { dirname, join } from "node:path";
@@ -120,7 +126,10 @@ function watched(binding, calls, record) {
     },
   });
 }
-let failReads = []; // keys whose reads throw, as in a KV outage: set by the test through /__fail-reads
+// Set by the test through /__faults: keys whose reads throw, as in a KV outage, and keys whose
+// reads answer late ({key: seconds}).
+let failReads = [];
+let slowReads = {};
 function failing(binding) {
   return new Proxy(binding, {
     get(target, name) {
@@ -128,27 +137,43 @@ function failing(binding) {
       if (name !== "get") return typeof value === "function" ? value.bind(target) : value;
       return async (key, ...rest) => {
         if (failReads.includes(key)) throw new Error("KV GET failed: 503 Service Unavailable");
+        if (slowReads[key]) await new Promise((resolve) => setTimeout(resolve, slowReads[key] * 1000));
         return value.call(target, key, ...rest);
+      };
+    },
+  });
+}
+// Counts the calls on a binding that have not settled yet.
+function counted(binding, calls) {
+  return new Proxy(binding, {
+    get(target, name) {
+      const value = Reflect.get(target, name);
+      if (typeof value !== "function") return value;
+      return (...args) => {
+        calls.pending++;
+        return Promise.resolve(value.apply(target, args)).finally(() => calls.pending--);
       };
     },
   });
 }
 export default {
   async fetch(request, env, ctx) {
-    if (request.url === "http://drive.test/__fail-reads") {
-      failReads = await request.json();
+    if (request.url === "http://drive.test/__faults") {
+      ({ failReads = failReads, slowReads = slowReads } = await request.json());
       return new Response(null, { status: 204 });
     }
     const kv = [];
+    const calls = { pending: 0 };
     const points = [];
     const observed = { ...env };
-    observed[BINDING] = watched(failing(env[BINDING]), kv, (name, args) => [name, String(args[0])]);
+    observed[BINDING] = watched(counted(failing(env[BINDING]), calls), kv, (name, args) => [name, String(args[0])]);
     if (typeof env.METRICS === "object") {
       observed.METRICS = watched(env.METRICS, points, (name, args) => ({ call: name, point: args[0] }));
     }
     const response = await worker.fetch(request, observed, ctx);
     const seen = new Response(response.body, response);
     seen.headers.set("X-Test-KV", JSON.stringify(kv));
+    seen.headers.set("X-Test-KV-Pending", String(calls.pending));
     seen.headers.set("X-Test-Points", JSON.stringify(points));
     return seen;
   },
@@ -170,7 +195,8 @@ function enforcer() {
 }
 
 // A Worker that imports the Worker's modules and answers with its canonicalAddress of each text, its
-// strongest of each pair, and the scope table's pure functions on each document.
+// strongest of each pair, the scope table's pure functions on each document, and the network table's
+// on each table, read back from KV as the Worker reads it (an ArrayBuffer).
 const canonicalHarness = {
   name: "canonical",
   modulesRoot: root,
@@ -178,8 +204,9 @@ const canonicalHarness = {
     type: "ESModule",
     path: join(root, "test/canonical-harness.js"),
     contents: `import { canonicalAddress, strongest } from "../${config.main}";
-import { buildTable, matchRange, tableVerdict } from "../scopes.js";
-function scopes({ document, addresses = [], verdicts = [] }) {
+import { buildTable, tableVerdict } from "../scopes.js";
+import { mapNetworks, networkEnds, networkVerdict } from "../networks.js";
+function scopes({ document, verdicts = [] }) {
   let table;
   try {
     table = buildTable(document);
@@ -188,25 +215,40 @@ function scopes({ document, addresses = [], verdicts = [] }) {
   }
   return {
     skipped: table.skipped,
-    matches: addresses.map((text) => {
-      const address = canonicalAddress(text);
-      return address === null ? "not an address" : matchRange(table, address);
-    }),
-    verdicts: verdicts.map(({ address, cf, now }) => tableVerdict(table, canonicalAddress(address), cf, now)),
+    ranges: table.ranges,
+    verdicts: verdicts.map(({ cf, now }) => tableVerdict(table, cf, now)),
+  };
+}
+async function networks(kv, { base64, addresses = [], now = 0 }) {
+  await kv.put("networks-under-test", Uint8Array.from(atob(base64), (c) => c.charCodeAt(0)));
+  let table;
+  try {
+    table = mapNetworks(await kv.get("networks-under-test", { type: "arrayBuffer" }));
+  } catch (error) {
+    return { error: String(error) };
+  }
+  const canonical = addresses.map((text) => canonicalAddress(text));
+  return {
+    ends: canonical.map((address) => (address === null ? "not an address" : networkEnds(table, address))),
+    verdicts: canonical.map((address) => (address === null ? null : networkVerdict(table, address, now))),
   };
 }
 export default {
-  async fetch(request) {
-    const { texts, pairs, documents } = await request.json();
+  async fetch(request, env) {
+    const { texts, pairs, documents, tables } = await request.json();
+    const mapped = [];
+    for (const table of tables) mapped.push(await networks(env[${JSON.stringify(config.binding)}], table));
     return Response.json({
       canonical: texts.map((text) => canonicalAddress(text)),
       strongest: pairs.map(([a, b]) => strongest(a, b)),
       scopes: documents.map(scopes),
+      networks: mapped,
     });
   },
 };`,
   }),
   compatibilityDate: config.compatibilityDate,
+  kvNamespaces: [config.binding],
 };
 
 async function send(mf, { url, address, method = "GET", body, headers: extra = {}, passFrom, cf, cookieLines }) {
@@ -250,24 +292,26 @@ function answerSeen(status, headers, body) {
     body,
     origin: headers["x-origin"] === "reached",
     kv: watched("x-test-kv"),
+    pending: watched("x-test-kv-pending"),
     points: watched("x-test-points"),
   };
-  delete answer.headers["x-test-kv"];
-  delete answer.headers["x-test-points"];
+  for (const name of ["x-test-kv", "x-test-kv-pending", "x-test-points"]) delete answer.headers[name];
   return answer;
 }
 
 async function put(kv, keys) {
-  for (const { name, value, expiration, metadata } of keys) {
-    await kv.put(name, value, { expiration: expiration ?? undefined, metadata: metadata ?? undefined });
+  for (const { name, value, base64, expiration, metadata } of keys) {
+    const bytes = base64 === undefined ? value : Uint8Array.from(Buffer.from(base64, "base64")); // not a pooled Buffer
+    await kv.put(name, bytes, { expiration: expiration ?? undefined, metadata: metadata ?? undefined });
   }
 }
 
-async function step(mf, kv, { put: keys = [], delete: names = [], failReads, sleep: seconds, ...work }) {
+async function step(mf, kv, { put: keys = [], delete: names = [], failReads, slowReads, sleep: seconds, ...work }) {
   await put(kv, keys);
   for (const name of names) await kv.delete(name);
-  if (failReads) {
-    await mf.dispatchFetch("http://drive.test/__fail-reads", { method: "POST", body: JSON.stringify(failReads) });
+  if (failReads || slowReads) {
+    const faults = JSON.stringify({ failReads, slowReads });
+    await mf.dispatchFetch("http://drive.test/__faults", { method: "POST", body: faults });
   }
   if (seconds) await sleep(seconds * 1000);
   const started = performance.now();
@@ -287,7 +331,7 @@ const logging = {
 };
 
 const output = { responses: [], steps: [], siteverify: siteverifyCalls, logs };
-Object.assign(output, { canonical: [], strongest: [], scopes: [] });
+Object.assign(output, { canonical: [], strongest: [], scopes: [], networks: [] });
 if (input.requests?.length || input.steps?.length) {
   const mf = new Miniflare({ workers: enforcer(), ...logging });
   try {
@@ -299,12 +343,17 @@ if (input.requests?.length || input.steps?.length) {
     await mf.dispose();
   }
 }
-if (input.addresses?.length || input.pairs?.length || input.scopes?.length) {
+if (input.addresses?.length || input.pairs?.length || input.scopes?.length || input.networks?.length) {
   const mf = new Miniflare({ workers: [canonicalHarness], ...logging });
   try {
     const response = await mf.dispatchFetch("http://canonical.test/", {
       method: "POST",
-      body: JSON.stringify({ texts: input.addresses ?? [], pairs: input.pairs ?? [], documents: input.scopes ?? [] }),
+      body: JSON.stringify({
+        texts: input.addresses ?? [],
+        pairs: input.pairs ?? [],
+        documents: input.scopes ?? [],
+        tables: input.networks ?? [],
+      }),
     });
     if (!response.ok) throw new Error(`canonical harness: ${response.status} ${await response.text()}`);
     Object.assign(output, await response.json());
