@@ -2151,7 +2151,7 @@ def send_all(
         pending = [e for e in pending if key(e) in failed]
     ledger.uncertain += [key(e) for e in pending]
     raise CloudflareError(
-        f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, "
+        f"Cloudflare could not {what} {counted(len(pending), 'key')} after {UNSUCCESSFUL_ROUNDS} rounds, "
         f"e.g. {[key(e) for e in pending[:3]]}"
     )
 
@@ -3072,6 +3072,11 @@ def counts(counter: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.items())
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """A count and its noun, singular for one: `1 key`, `2 keys`, `0 entries`."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def log_summary(log: Log, report: Report) -> None:
     ignored = Counter({r: report.ignored[r] for r in IGNORE_REASONS})
     message = (
@@ -3122,7 +3127,8 @@ def table_words(report: Report, action: str | None = None) -> str:
         by_scope[scope] += n
     entries = counts({scope: by_scope[scope] for scope in TABLE_SCOPES})
     action = action or report.table_action or "none"
-    return f"scope table {action} ({sum(by_scope.values())} entries: {entries}; {report.table_bytes} bytes)"
+    total = counted(sum(by_scope.values()), "entry", "entries")
+    return f"scope table {action} ({total}: {entries}; {report.table_bytes} bytes)"
 
 
 def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
@@ -3425,7 +3431,7 @@ def converge(
             projection.ignored["table_full"] += table.full
             log.warning(
                 "table_full",
-                f"scope table: {table.full} entries left out (table_full), past "
+                f"scope table: {counted(table.full, 'entry', 'entries')} left out (table_full), past "
                 f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} (kept {len(table.kept)}: bans first, "
                 f"then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
                 left_out=table.full,
@@ -3520,7 +3526,7 @@ def converge(
     if applied.guarded:
         log.error(
             "delete_guard",
-            f"the plan would delete {applied.guarded} keys, more than MAX_DELETES={config.max_deletes}: "
+            f"the plan would delete {counted(applied.guarded, 'key')}, more than MAX_DELETES={config.max_deletes}: "
             "deleted none (is LAPI answering with a partial set?); run with --force to allow it once",
             planned_deletes=applied.guarded,
             max_deletes=config.max_deletes,
@@ -3575,8 +3581,9 @@ def log_dry_run(
     bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
     log.info(
         "plan",
-        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
-        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"dry run: a real run would send Cloudflare {counted(bulk_put + bulk_delete, 'request')} for this plan: "
+        f"bulk_put {bulk_put} ({counted(len(plan.writes), 'key')}), "
+        f"bulk_delete {bulk_delete} ({counted(deletes, 'key')}), "
         f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
         f"({counts(report.cloudflare_requests)})",
         cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
@@ -3584,8 +3591,8 @@ def log_dry_run(
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
-            f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
-            f"MAX_DELETES={max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
+            f"dry run: the plan deletes {counted(len(plan.deletes), 'key')}, more than MAX_DELETES={max_deletes}: "
+            "a real run would delete none and exit 1; --force (FORCE=true) lets them through once",
             planned_deletes=len(plan.deletes),
             max_deletes=max_deletes,
         )
