@@ -373,6 +373,23 @@ def load_config(env: Mapping[str, str]) -> Config:
                 problems.append(f"{name}: {hostname!r} is not a host name: {why}")
         return value
 
+    def lapi_base(name: str, default: str) -> str:
+        valid = len(problems)
+        value = url(name, default)
+        if len(problems) > valid:
+            return value
+        # The job adds /v1/decisions and its query itself: a URL copied from LAPI's docs or a curl
+        # line would ask for /v1/decisions/v1/decisions and get a 404 on every run.
+        parts = urllib.parse.urlsplit(value)
+        base_path = re.sub(r"/v1(?:/.*)?$", "", parts.path)
+        if base_path != parts.path or parts.query or parts.fragment:
+            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, base_path.rstrip("/"), "", ""))
+            problems.append(
+                f"{name} is LAPI's base URL, its scheme, host and port (such as {Config.lapi_url}), without "
+                f"the API path or a query, which the job adds: got {value!r}; set {base!r}"
+            )
+        return value
+
     def number(name: str, default: float | None, minimum: float, kind: type = float) -> Any:
         raw = text(name)
         if not raw:
@@ -453,7 +470,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         proxies=Proxies(
             proxies["HTTPS_PROXY"], proxies["HTTP_PROXY"], no_proxy_entries(proxy_variable(env, "NO_PROXY")[1])
         ),
-        lapi_url=url("LAPI_URL", Config.lapi_url),
+        lapi_url=lapi_base("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
         pushgateway_url=url("PUSHGATEWAY_URL"),
         run_deadline=number("RUN_DEADLINE", Config.run_deadline, 1),
@@ -1050,6 +1067,11 @@ def lapi_query(config: Config) -> str:
     return urllib.parse.urlencode(params, safe=",")
 
 
+LAPI_URL_HINT = (
+    " (LAPI_URL={!r} must be LAPI's base URL, its scheme, host and port, such as {}: the job adds /v1/decisions)"
+)
+
+
 def read_decisions(http: Http, config: Config) -> Decisions:
     """LAPI's decisions as its answer arrives: the head is checked here, the body as it is iterated."""
     url = f"{config.lapi_url}/v1/decisions?{lapi_query(config)}"
@@ -1062,7 +1084,11 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(f"LAPI refused the bouncer credentials (HTTP {response.status}): check LAPI_KEY")
     if response.status != 200:
-        raise LapiUnreadable(f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}")
+        # A 404 is most often a LAPI_URL with a path that is not LAPI's (a proxy's prefix, a typo).
+        hint = LAPI_URL_HINT.format(config.lapi_url, Config.lapi_url) if response.status == 404 else ""
+        raise LapiUnreadable(
+            f"LAPI answered HTTP {response.status} to GET {url}: {snippet(response.body, config.secrets)}{hint}"
+        )
     return Decisions(response.chunks, read_at)
 
 
@@ -3183,7 +3209,7 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
 # Every variable the job reads, one line each: `--help` prints them, since the image carries no
 # README. A test checks that every name load_config() reads is here and in k8s/examples/overlay.
 ENVIRONMENT = (
-    ("LAPI_URL", f"CrowdSec LAPI (default {Config.lapi_url})"),
+    ("LAPI_URL", f"CrowdSec LAPI's base URL: scheme, host, port; no /v1/... (default {Config.lapi_url})"),
     ("LAPI_KEY", "bouncer key (cscli bouncers add lapi-kv-sync)"),
     ("LAPI_KEY_FILE", "a file holding the bouncer key, instead of LAPI_KEY"),
     ("LAPI_CA_CERT", "CA bundle for an https:// LAPI (default: the system's)"),
