@@ -1004,21 +1004,63 @@ class Background:
         return value
 
 
+# What each TLS file must hold, and how to convert one that is DER (binary) instead of PEM.
+PEM_FILES = {
+    "LAPI_CA_CERT": ("CERTIFICATE", "openssl x509 -inform der -in {} -out ca.crt"),
+    "LAPI_CLIENT_CERT": ("CERTIFICATE", "openssl x509 -inform der -in {} -out tls.crt"),
+    "LAPI_CLIENT_KEY": ("PRIVATE KEY", "openssl pkey -inform der -in {} -out tls.key"),
+}
+PEM_READ_LIMIT = 1 << 20  # a CA bundle is a few hundred KiB; more is not what the setting is for
+
+
+def pem_problem(name: str, path: str, head: bytes) -> str:
+    """What is wrong with the start of a TLS file for setting `name` ("" when it holds PEM of the
+    right kind): ssl says only "PEM lib" for a DER file, a key where the certificate goes, or an
+    encrypted key (for which OpenSSL would ask a terminal for its passphrase)."""
+    kind, convert = PEM_FILES[name]
+    if b"-----BEGIN " not in head:
+        if head[:1] == b"\x30":  # an ASN.1 SEQUENCE: a DER certificate or key
+            return f"{name}: {path} is DER (binary), not PEM: convert it, e.g. `{convert.format(path)}`"
+        return f"{name}: {path} is not PEM (no -----BEGIN line)"
+    if name == "LAPI_CLIENT_KEY" and (b"ENCRYPTED" in head):
+        return (
+            f"{name}: {path} is an encrypted key: the job needs it unencrypted (`openssl pkey -in {path} -out tls.key`)"
+        )
+    if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + kind.encode() + rb"-----", head):
+        return f"{name}: {path} holds no {kind} (-----BEGIN ...{kind}-----)"
+    return ""
+
+
 def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
     """The TLS context for LAPI's host, when a CA bundle or a client certificate is configured;
     ConfigError naming the variable when a file is not what it should be."""
     if not (config.lapi_ca_cert or config.lapi_client_cert):
         return {}
+    files = {"LAPI_CA_CERT": config.lapi_ca_cert, "LAPI_CLIENT_CERT": config.lapi_client_cert}
+    files["LAPI_CLIENT_KEY"] = config.lapi_client_key
+    problems = []
+    for name, path in files.items():
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    problem = pem_problem(name, path, f.read(PEM_READ_LIMIT))
+            except OSError as e:
+                problem = f"{name}: cannot read {path}: {e.strerror}"
+            problems += [problem] if problem else []
+    if problems:
+        raise ConfigError(problems)
     try:
         context = ssl.create_default_context(cafile=config.lapi_ca_cert or None)
     except ssl.SSLError as e:
         raise ConfigError([f"LAPI_CA_CERT: {config.lapi_ca_cert} is not a PEM CA bundle ({e.reason})"]) from None
     if config.lapi_client_cert:
         try:
-            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key)
+            # An empty passphrase: an encrypted key fails here rather than OpenSSL asking a terminal.
+            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key, password="")
         except ssl.SSLError as e:
+            why = "the key is not the certificate's" if e.reason == "KEY_VALUES_MISMATCH" else e.reason or "unreadable"
             raise ConfigError(
-                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a PEM certificate and its matching key ({e.reason})"]
+                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a certificate and its matching key ({why})"]
             ) from None
     return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
 

@@ -29,6 +29,7 @@ from tests.test_deploy import (
     one,
     render,
     run_pod,
+    secret_files,
 )
 
 EXAMPLE = ROOT / "k8s" / "examples" / "overlay" / "kustomization.yaml"
@@ -191,13 +192,14 @@ def test_the_secret_files_are_where_the_settings_say(example):
     settings = one(example, "ConfigMap", "lapi-kv-sync-settings-")["data"]
     pod = cronjob_pod(example)
     volumes = {v["name"]: v for v in pod["volumes"]}
-    files = set()
+    files = {}
     for mount in container(example)["volumeMounts"]:
-        secret = volumes[mount["name"]].get("secret")
-        if secret:
-            assert secret["secretName"] == "lapi-kv-sync" and mount["readOnly"] is True
-            files |= {f"{mount['mountPath']}/{item['path']}" for item in secret["items"]}
-    assert {settings["LAPI_KEY_FILE"], settings["CF_API_TOKEN_FILE"]} == files
+        for file in secret_files(volumes[mount["name"]]):
+            assert file["secret"] == "lapi-kv-sync" and mount["readOnly"] is True
+            files[f"{mount['mountPath']}/{file['path']}"] = file
+    assert {settings["LAPI_KEY_FILE"], settings["CF_API_TOKEN_FILE"]} == set(files)
+    # The bouncer key may be left out of the Secret (a client certificate instead); the token may not.
+    assert files[settings["LAPI_KEY_FILE"]]["optional"] and not files[settings["CF_API_TOKEN_FILE"]]["optional"]
 
 
 def test_the_network_policy_lets_the_job_reach_lapi_and_the_pushgateway_it_is_given(example):
@@ -337,3 +339,76 @@ def test_the_values_older_examples_shipped_are_refused_too(value):
             job.load_config({**BASE_ENV, name: value})
         (problem,) = refused.value.problems
         assert problem.startswith(name) and "placeholder" in problem
+
+
+# --------------------------------------------------------------------------- client certificate
+
+
+def client_certificate_steps() -> tuple[list[str], list[str], list[str]]:
+    """docs/deploy.md's "A client certificate instead of a bouncer key": the keys of each Secret
+    it creates (lapi-kv-sync's, lapi-tls's) and the literals it sets in the overlay."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("**A client certificate instead of a bouncer key.**", 1)[1].split("\n**", 1)[0]
+    secrets = {
+        name: re.findall(r"--from-file=([\w.-]+)", line)
+        for name, line in re.findall(r"create secret generic ([\w-]+) (.*)", section)
+    }
+    literals = re.findall(r"^\s+- (\w+=.*)$", section.split("```yaml", 1)[1].split("```", 1)[0], re.M)
+    return secrets["lapi-kv-sync"], secrets["lapi-tls"], literals
+
+
+def with_literals(folder: Path, literals: list[str]) -> None:
+    """The overlay in `folder` with these settings in its literals, each replacing the line (live or
+    commented) that sets the same variable, as a user edits it."""
+    path = folder / "kustomization.yaml"
+    text = path.read_text()
+    for literal in literals:
+        name = literal.split("=", 1)[0]
+        line = re.compile(rf"^(\s+)(?:# )?- {name}=.*$", re.M)
+        assert line.search(text), f"the example has no line for {name}"
+        text = line.sub(lambda m, literal=literal: f"{m.group(1)}- {literal}", text, count=1)
+    path.write_text(text)
+
+
+def test_the_documented_client_certificate_setup_runs_without_a_lapi_key(tmp_path):
+    """The example overlay with the deploy page's edits for a client certificate, rendered and run
+    as its pod would be: the Secret lapi-kv-sync without lapi-key, the certificate from lapi-tls, a
+    LAPI that accepts nothing but the certificate."""
+    import ssl
+
+    import kubernetes_validate
+    import trustme
+
+    from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
+    from tests.standins import KvStandin, LapiStandin, PushgatewayStandin
+
+    token_keys, tls_keys, settings = client_certificate_steps()
+    assert token_keys == ["cf-api-token"] and tls_keys == ["ca.crt", "tls.crt", "tls.key"]
+    folder = copied_example(tmp_path / "my-lapi-kv-sync", "name: lapi-tls, secret:")
+    with_literals(folder, settings)
+    docs = render(folder)
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert_the_cluster_can_run(docs)
+    assert container_settings(docs)["LAPI_KEY_FILE"] == ""
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    server.verify_mode = ssl.CERT_REQUIRED  # no certificate, no answer: a key alone cannot pass
+    ca.configure_trust(server)
+    client = ca.issue_cert("lapi-kv-sync@bouncer-ou")
+    lapi_tls = {
+        "ca.crt": ca.cert_pem.bytes().decode(),
+        "tls.crt": client.cert_chain_pems[0].bytes().decode(),
+        "tls.key": client.private_key_pem.bytes().decode(),
+    }
+    lapi = LapiStandin("a-key-nobody-sends-0123")
+    lapi.serve_tls(server)
+    with lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
+        lapi.decisions = [decision("192.0.2.7")]
+        secrets = {"lapi-kv-sync": {"cf-api-token": CF_TOKEN}, "lapi-tls": lapi_tls}
+        done = run_pod(docs, cronjob_pod(docs), tmp_path / "pod", Stack(lapi, kv, push, lapi_key=LAPI_KEY), secrets)
+        assert done.returncode == 0, done.stderr
+        assert {k: e.value for k, e in kv.live().items()} == {"ip:192.0.2.7": "ban"} and kv.violations == []
