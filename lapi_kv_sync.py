@@ -158,7 +158,7 @@ class Config:
     # What every decision in LAPI's answer projects to is kept (and with a trusted state record
     # the answer itself, until it is known to have changed): 48 MiB is about 300,000 decisions
     # (LAPI sends 150-200 bytes each); runs of 300,000 peak at 129-224 MiB, an answer at this cap
-    # at about 252 MiB, inside the CronJob's 320Mi memory limit.
+    # at 153-364 MiB (bench/results/memory-at-cap.md), inside the CronJob's 448Mi memory limit.
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
