@@ -160,7 +160,7 @@ class Config:
     # What every decision in LAPI's answer projects to is kept (and with a trusted state record
     # the answer itself, until it is known to have changed): 48 MiB is about 300,000 decisions
     # (LAPI sends 150-200 bytes each); runs of 300,000 peak at 129-224 MiB, an answer at this cap
-    # at about 252 MiB, inside the CronJob's 320Mi memory limit.
+    # at 153-364 MiB (bench/results/memory-at-cap.md), inside the CronJob's 448Mi memory limit.
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
@@ -381,6 +381,23 @@ def load_config(env: Mapping[str, str]) -> Config:
                 problems.append(f"{name}: {hostname!r} is not a host name: {why}")
         return value
 
+    def lapi_base(name: str, default: str) -> str:
+        valid = len(problems)
+        value = url(name, default)
+        if len(problems) > valid:
+            return value
+        # The job adds /v1/decisions and its query itself: a URL copied from LAPI's docs or a curl
+        # line would ask for /v1/decisions/v1/decisions and get a 404 on every run.
+        parts = urllib.parse.urlsplit(value)
+        base_path = re.sub(r"/v1(?:/.*)?$", "", parts.path)
+        if base_path != parts.path or parts.query or parts.fragment:
+            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, base_path.rstrip("/"), "", ""))
+            problems.append(
+                f"{name} is LAPI's base URL, its scheme, host and port (such as {Config.lapi_url}), without "
+                f"the API path or a query, which the job adds: got {value!r}; set {base!r}"
+            )
+        return value
+
     def number(name: str, default: float | None, minimum: float, kind: type = float, maximum: float = math.inf) -> Any:
         raw = text(name)
         if not raw:
@@ -472,7 +489,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         proxies=Proxies(
             proxies["HTTPS_PROXY"], proxies["HTTP_PROXY"], no_proxy_entries(proxy_variable(env, "NO_PROXY")[1])
         ),
-        lapi_url=url("LAPI_URL", Config.lapi_url),
+        lapi_url=lapi_base("LAPI_URL", Config.lapi_url),
         cf_api_url=url("CF_API_URL", Config.cf_api_url),
         pushgateway_url=url("PUSHGATEWAY_URL"),
         run_deadline=number("RUN_DEADLINE", Config.run_deadline, 1),
@@ -1019,21 +1036,63 @@ class Background:
         return value
 
 
+# What each TLS file must hold, and how to convert one that is DER (binary) instead of PEM.
+PEM_FILES = {
+    "LAPI_CA_CERT": ("CERTIFICATE", "openssl x509 -inform der -in {} -out ca.crt"),
+    "LAPI_CLIENT_CERT": ("CERTIFICATE", "openssl x509 -inform der -in {} -out tls.crt"),
+    "LAPI_CLIENT_KEY": ("PRIVATE KEY", "openssl pkey -inform der -in {} -out tls.key"),
+}
+PEM_READ_LIMIT = 1 << 20  # a CA bundle is a few hundred KiB; more is not what the setting is for
+
+
+def pem_problem(name: str, path: str, head: bytes) -> str:
+    """What is wrong with the start of a TLS file for setting `name` ("" when it holds PEM of the
+    right kind): ssl says only "PEM lib" for a DER file, a key where the certificate goes, or an
+    encrypted key (for which OpenSSL would ask a terminal for its passphrase)."""
+    kind, convert = PEM_FILES[name]
+    if b"-----BEGIN " not in head:
+        if head[:1] == b"\x30":  # an ASN.1 SEQUENCE: a DER certificate or key
+            return f"{name}: {path} is DER (binary), not PEM: convert it, e.g. `{convert.format(path)}`"
+        return f"{name}: {path} is not PEM (no -----BEGIN line)"
+    if name == "LAPI_CLIENT_KEY" and (b"ENCRYPTED" in head):
+        return (
+            f"{name}: {path} is an encrypted key: the job needs it unencrypted (`openssl pkey -in {path} -out tls.key`)"
+        )
+    if not re.search(rb"-----BEGIN [A-Z0-9 ]*" + kind.encode() + rb"-----", head):
+        return f"{name}: {path} holds no {kind} (-----BEGIN ...{kind}-----)"
+    return ""
+
+
 def lapi_tls(config: Config) -> dict[str, ssl.SSLContext]:
     """The TLS context for LAPI's host, when a CA bundle or a client certificate is configured;
     ConfigError naming the variable when a file is not what it should be."""
     if not (config.lapi_ca_cert or config.lapi_client_cert):
         return {}
+    files = {"LAPI_CA_CERT": config.lapi_ca_cert, "LAPI_CLIENT_CERT": config.lapi_client_cert}
+    files["LAPI_CLIENT_KEY"] = config.lapi_client_key
+    problems = []
+    for name, path in files.items():
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    problem = pem_problem(name, path, f.read(PEM_READ_LIMIT))
+            except OSError as e:
+                problem = f"{name}: cannot read {path}: {e.strerror}"
+            problems += [problem] if problem else []
+    if problems:
+        raise ConfigError(problems)
     try:
         context = ssl.create_default_context(cafile=config.lapi_ca_cert or None)
     except ssl.SSLError as e:
         raise ConfigError([f"LAPI_CA_CERT: {config.lapi_ca_cert} is not a PEM CA bundle ({e.reason})"]) from None
     if config.lapi_client_cert:
         try:
-            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key)
+            # An empty passphrase: an encrypted key fails here rather than OpenSSL asking a terminal.
+            context.load_cert_chain(config.lapi_client_cert, config.lapi_client_key, password="")
         except ssl.SSLError as e:
+            why = "the key is not the certificate's" if e.reason == "KEY_VALUES_MISMATCH" else e.reason or "unreadable"
             raise ConfigError(
-                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a PEM certificate and its matching key ({e.reason})"]
+                [f"LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a certificate and its matching key ({why})"]
             ) from None
     return {urllib.parse.urlsplit(config.lapi_url).netloc: context}
 
@@ -1114,6 +1173,11 @@ def lapi_query(config: Config) -> str:
     return urllib.parse.urlencode(params, safe=",")
 
 
+LAPI_URL_HINT = (
+    " (LAPI_URL={!r} must be LAPI's base URL, its scheme, host and port, such as {}: the job adds /v1/decisions)"
+)
+
+
 def read_decisions(http: Http, config: Config) -> Decisions:
     """LAPI's decisions as its answer arrives: the head is checked here, the body as it is iterated."""
     url = f"{config.lapi_url}/v1/decisions?{lapi_query(config)}"
@@ -1126,8 +1190,10 @@ def read_decisions(http: Http, config: Config) -> Decisions:
     if response.status in (401, 403):
         raise LapiUnreadable(lapi_refusal(response, config.secrets))
     if response.status != 200:
+        # A 404 is most often a LAPI_URL with a path that is not LAPI's (a proxy's prefix, a typo).
+        hint = LAPI_URL_HINT.format(config.lapi_url, Config.lapi_url) if response.status == 404 else ""
         raise LapiUnreadable(
-            f"LAPI answered HTTP {response.status}: {snippet(response.body, config.secrets)}"
+            f"LAPI answered HTTP {response.status} to GET {url}: {snippet(response.body, config.secrets)}{hint}"
             + through_proxy_note(response)
         )
     return Decisions(response.chunks, read_at)
@@ -2573,7 +2639,7 @@ def send_all(
         pending = [e for e in pending if key(e) in failed]
     ledger.uncertain += [key(e) for e in pending]
     raise CloudflareError(
-        f"Cloudflare could not {what} {len(pending)} keys after {UNSUCCESSFUL_ROUNDS} rounds, "
+        f"Cloudflare could not {what} {counted(len(pending), 'key')} after {UNSUCCESSFUL_ROUNDS} rounds, "
         f"e.g. {[key(e) for e in pending[:3]]}"
     )
 
@@ -3568,6 +3634,11 @@ def counts(counter: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.items())
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """A count and its noun, singular for one: `1 key`, `2 keys`, `0 entries`."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def left_out_named(ignored: Counter[str], reasons: Iterable[str]) -> dict[str, str]:
     """The decisions left out for each of these reasons, named as far as `ignored` (a LeftOut)
     kept them: value (scope type, origin), then how many more."""
@@ -3677,14 +3748,10 @@ def table_words(report: Report, actions: Mapping[str, str] | None = None, names:
         )
         size = report.table_bytes.get(name, 0)
         words.append(
-            f"{name} table {actions.get(name, 'none')} ({plural(sum(entries.values()), 'entry', 'entries')}"
-            f"{': ' + by_scope if name == 'scopes' and by_scope else ''}; {plural(size, 'byte')})"
+            f"{name} table {actions.get(name, 'none')} ({counted(sum(entries.values()), 'entry', 'entries')}"
+            f"{': ' + by_scope if name == 'scopes' and by_scope else ''}; {counted(size, 'byte')})"
         )
     return ", ".join(words)
-
-
-def plural(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def log_table_plan(log: Log, report: Report, documents: Mapping[str, Document]) -> None:
@@ -3715,7 +3782,7 @@ def audit_words(report: Report) -> str:
     if report.audit_reason is None:
         return f"not audited ({report.audit_detail})"
     resent = (
-        f"; {plural(report.resent, 'key')} the listing and the last two minutes' changes disagreed on, sent again"
+        f"; {counted(report.resent, 'key')} the listing and the last two minutes' changes disagreed on, sent again"
         if report.resent
         else ""
     )
@@ -3753,7 +3820,7 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
 # Every variable the job reads, one line each: `--help` prints them, since the image carries no
 # README. A test checks that every name load_config() reads is here and in k8s/examples/overlay.
 ENVIRONMENT = (
-    ("LAPI_URL", f"CrowdSec LAPI (default {Config.lapi_url})"),
+    ("LAPI_URL", f"CrowdSec LAPI's base URL: scheme, host, port; no /v1/... (default {Config.lapi_url})"),
     ("LAPI_KEY", "bouncer key (cscli bouncers add lapi-kv-sync)"),
     ("LAPI_KEY_FILE", "a file holding the bouncer key, instead of LAPI_KEY"),
     ("LAPI_CA_CERT", "CA bundle for an https:// LAPI (default: the system's)"),
@@ -4200,7 +4267,7 @@ def build_tables(
                 projection.ignored.name("table_full", Dropped(text, name, "", ""))
             log.warning(
                 "table_full",
-                f"{name} table: {document.full} entries left out (table_full), past {setting}={max_bytes} "
+                f"{name} table: {counted(document.full, 'entry', 'entries')} left out (table_full), past {setting}={max_bytes} "
                 f"(kept {len(document.kept)}: bans first, then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
                 table=name,
                 left_out=document.full,
@@ -4316,7 +4383,7 @@ def apply_and_record(
     if applied.guarded:
         log.error(
             "delete_guard",
-            f"the plan would delete {applied.guarded} keys, more than MAX_DELETES={config.max_deletes}: "
+            f"the plan would delete {counted(applied.guarded, 'key')}, more than MAX_DELETES={config.max_deletes}: "
             "deleted none (is LAPI answering with a partial set?); run with --force to allow it once",
             planned_deletes=applied.guarded,
             max_deletes=config.max_deletes,
@@ -4447,8 +4514,9 @@ def log_dry_run(
     bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
     log.info(
         "plan",
-        f"dry run: a real run would send Cloudflare {bulk_put + bulk_delete} requests for this plan: "
-        f"bulk_put {bulk_put} ({len(plan.writes)} keys), bulk_delete {bulk_delete} ({deletes} keys), "
+        f"dry run: a real run would send Cloudflare {counted(bulk_put + bulk_delete, 'request')} for this plan: "
+        f"bulk_put {bulk_put} ({counted(len(plan.writes), 'key')}), "
+        f"bulk_delete {bulk_delete} ({counted(deletes, 'key')}), "
         f"more if Cloudflare reports keys unsuccessful; this dry run sent {sum(report.cloudflare_requests.values())} "
         f"({counts(report.cloudflare_requests)})",
         cloudflare_requests={"bulk_put": bulk_put, "bulk_delete": bulk_delete},
@@ -4456,8 +4524,8 @@ def log_dry_run(
     if guard_trips(plan, max_deletes):
         log.warning(
             "delete_guard",
-            f"dry run: a real run would delete none of these {len(plan.deletes)} keys, more than "
-            f"MAX_DELETES={max_deletes}, and exit 1; --force (FORCE=true) lets them through once",
+            f"dry run: the plan deletes {counted(len(plan.deletes), 'key')}, more than MAX_DELETES={max_deletes}: "
+            "a real run would delete none and exit 1; --force (FORCE=true) lets them through once",
             planned_deletes=len(plan.deletes),
             max_deletes=max_deletes,
         )

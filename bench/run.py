@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import gzip
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import lapi_kv_sync as job  # noqa: E402
 from tests.standins import ACCOUNT, NAMESPACE, KvStandin, LapiStandin  # noqa: E402
 
 SCRIPT = ROOT / "lapi_kv_sync.py"
@@ -185,6 +187,16 @@ def churn(lapi: LapiStandin, n: int, next_new: int, rng: random.Random) -> int:
     return next_new + k
 
 
+def past_the_lag(path: Path) -> None:
+    """The record as it is once KV_LIST_LAG has passed, so that an audit is not put off after a
+    big change (a cold run of more keys than a record keeps changes of): the bench does not wait
+    two minutes."""
+    state = job.StateFile(str(path), job.SYSTEM_CLOCK)
+    record = state.read(str(path))._replace(settling_until=None)
+    with gzip.open(path, "wt", encoding="utf-8", newline="\n") as f:
+        f.writelines(job.encode_record(record, 0))
+
+
 def scenarios(bench: Bench, lapi: LapiStandin, n: int, repeats: int, rng: random.Random, **how) -> dict:
     """Cold, steady, (audit,) churn: `repeats` runs each, as the job (or `script`) runs them."""
     state = how.pop("state", None)
@@ -200,7 +212,10 @@ def scenarios(bench: Bench, lapi: LapiStandin, n: int, repeats: int, rng: random
         samples["cold"].append(bench.measure(**how))
     samples["steady"] = [bench.measure(**how) for _ in range(repeats)]
     if state:
-        samples["audit"] = [bench.measure("--audit", **how) for _ in range(repeats)]
+        samples["audit"] = []
+        for _ in range(repeats):
+            past_the_lag(state)
+            samples["audit"].append(bench.measure("--audit", **how))
     next_new = n
     for _ in range(repeats):
         next_new = churn(lapi, n, next_new, rng)

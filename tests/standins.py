@@ -425,6 +425,14 @@ class Fault:
     every: float = 0.5  # for "drip": seconds between bytes; for "stall": how long it stalls
 
 
+# A Workers KV API path: /client/v4/accounts/<account>/storage/kv/namespaces/<namespace><suffix>.
+KV_ROUTE = re.compile(
+    r"/client/v4/accounts/(?P<account>[^/]+)/storage/kv/namespaces/(?P<namespace>[^/]+)(?P<suffix>/.*)?"
+)
+# How Cloudflare names each operation when it answers that the namespace does not exist.
+NAMESPACE_NOT_FOUND = {"list": "list keys", "bulk_put": "bulk write", "bulk_delete": "bulk delete", "namespace": "get"}
+
+
 def _error(code: int, message: str) -> dict:
     return {"success": False, "errors": [{"code": code, "message": message}], "messages": [], "result": None}
 
@@ -559,16 +567,23 @@ class KvStandin(Standin):
             request.close_connection = True
             return
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
-        suffix = url.path.removeprefix(self.base) if url.path.startswith(self.base) else None
-        operation = self.OPERATIONS.get((method, suffix or ""))
-        if method == "GET" and (suffix or "").startswith("/values/"):
+        route = KV_ROUTE.fullmatch(url.path)
+        suffix = (route["suffix"] or "") if route else None
+        operation = self.OPERATIONS.get((method, suffix)) if route else None
+        if operation is None and route and method == "GET" and suffix.startswith("/values/"):
             operation = "read"
         if operation is None:
             return request.send(404, _error(7003, "No route for the URI"))
         with self.lock:
             self.requests[operation] += 1
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+        if request.headers.get("Authorization") != f"Bearer {self.token}" or route["account"] != ACCOUNT:
+            # Another account's namespaces are not this token's to see: Cloudflare refuses it, not a 404.
             return self.answer(request, method, suffix, 403, _error(10000, "Authentication error"))
+        if route["namespace"] != NAMESPACE:
+            # As Cloudflare answers a namespace id it does not know (the code and wording of its
+            # local API in Miniflare: KV_ERROR_NAMESPACE_NOT_FOUND), whatever the operation.
+            what = NAMESPACE_NOT_FOUND.get(operation, operation)
+            return self.answer(request, method, suffix, 404, _error(10013, f"{what}: 'namespace not found'"))
         try:
             body = json.loads(raw) if raw else None
         except ValueError:

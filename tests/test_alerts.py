@@ -86,6 +86,8 @@ class Run:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     stray_key: bool = False  # a key in KV that LAPI no longer wants
+    # A directory where the STATE_FILE's lock file goes: every run audits, and records nothing.
+    lock_blocked: bool = False
     exit_code: int = job.EXIT_OK
     read_only: bool = False  # the scenario's STATE_FILE folder as on a volume remounted read-only
 
@@ -109,13 +111,7 @@ DRY_FAILING = Run(args=("--dry-run",), env=LAPI_REFUSED.env, exit_code=job.EXIT_
 NONE = None  # no run that minute (CronJob suspended)
 
 
-def with_state_file(usable: bool) -> Run:
-    """A healthy run with a STATE_FILE of its own, usable or not (a directory where its lock file
-    goes: every run audits, and records nothing)."""
-    directory = Path(tempfile.mkdtemp(prefix="lapi-kv-sync-alerts-"))
-    if not usable:
-        (directory / "record.gz.lock").mkdir()
-    return Run(env=(("STATE_FILE", str(directory / "record.gz")),))
+OK_WITH_STATE_LOCK_BLOCKED = Run(env=WITH_STATE, lock_blocked=True)
 
 
 def scrape(pushgateway: RealPushgateway) -> dict[str, str]:
@@ -144,6 +140,8 @@ def timeline(runs_by_minute: list[Run | list[Run] | None], pushgateway: RealPush
                 out, err = io.StringIO(), io.StringIO()
                 at = SimClock(minute * 60 + START + 30 * i)  # a second run in a minute: by hand, half a minute on
                 env = {name: value.replace("{state}", state) for name, value in run.env}
+                if run.lock_blocked:
+                    Path(state, "record.gz.lock").mkdir(exist_ok=True)
                 with pytest.MonkeyPatch.context() as patch:
                     if run.read_only:
                         read_only(patch, Path(state))
@@ -229,12 +227,10 @@ SCENARIOS = [
         lambda: [IGNORING] * 35,
         fires={"CrowdsecKvSyncManyIgnored": 1},
     ),
-    Scenario(
-        "healthy with a state file: trusted but on the first run", lambda: [with_state_file(True)] * 40, silent=True
-    ),
+    Scenario("healthy with a state file: trusted but on the first run", lambda: [OK_WITH_STATE] * 40, silent=True),
     Scenario(
         "a state file whose lock cannot be opened from minute 5: never trusted",
-        lambda: [OK] * 5 + [with_state_file(False)] * 25,
+        lambda: [OK] * 5 + [OK_WITH_STATE_LOCK_BLOCKED] * 25,
         fires={"CrowdsecKvSyncStateUntrusted": 6},
     ),
     Scenario(
@@ -339,3 +335,13 @@ def selector(name: str, labels: dict[str, str]) -> str:
 
 def test_the_rules_say_they_need_honor_labels():
     assert "honor_labels: true" in ALERTS.read_text()
+
+
+def test_the_scenarios_leave_nothing_in_the_temp_directory(tmp_path, monkeypatch):
+    """A scenario's state file lives in its timeline's own temporary folder, which goes with it:
+    building the runs makes no folder (it once left a lapi-kv-sync-alerts-* folder per scenario)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for scenario in SCENARIOS:
+        assert scenario.runs()
+    assert list(tmp_path.iterdir()) == []
+    assert any(OK_WITH_STATE_LOCK_BLOCKED in scenario.runs() for scenario in SCENARIOS)

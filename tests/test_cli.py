@@ -155,6 +155,30 @@ def test_a_bad_flag_variable_exits_2_along_with_every_other_bad_variable(stack):
     assert stack.kv.writes == 0 and stack.lapi.queries == []
 
 
+def test_a_lapi_url_with_the_api_path_exits_2_in_one_message_with_every_other_bad_variable(stack):
+    result = stack.run(LAPI_URL=stack.lapi.url + "/v1/decisions", CF_ACCOUNT_ID="not an id")
+    assert result.code == job.EXIT_CONFIG and stack.lapi.queries == []
+    assert "LAPI_URL is LAPI's base URL" in result.err and f"set {stack.lapi.url!r}" in result.err
+    assert "CF_ACCOUNT_ID must be a Cloudflare identifier" in result.err
+
+
+def test_a_404_from_lapi_shows_the_url_asked_and_says_lapi_url_is_the_base(stack):
+    """A path the configuration check cannot know is wrong (a proxy's prefix mistyped): LAPI's 404
+    names the URL the job asked and what LAPI_URL must be."""
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(LAPI_URL=stack.lapi.url + "/crowdsec")
+    assert result.code == job.EXIT_LAPI and stack.kv.writes == 0
+    asked = f"{stack.lapi.url}/crowdsec/v1/decisions?scopes=ip,range,country,as"
+    assert f"LAPI answered HTTP 404 to GET {asked}: " in result.err
+    assert f"(LAPI_URL='{stack.lapi.url}/crowdsec' must be LAPI's base URL, its scheme, host and port" in result.err
+    stack.lapi.answer = (500, b'{"message":"db locked"}', "application/json")
+    result = stack.run()
+    assert (
+        result.code == job.EXIT_LAPI and f"LAPI answered HTTP 500 to GET {stack.lapi.url}/v1/decisions?" in result.err
+    )
+    assert "must be LAPI's base URL" not in result.err
+
+
 def test_dry_run_from_the_environment_writes_and_pushes_nothing(stack):
     stack.lapi.decisions = [decision("192.0.2.1")]
     result = stack.run_process(env=stack.env(DRY_RUN="true"))

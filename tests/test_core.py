@@ -560,6 +560,14 @@ def test_config_takes_a_client_certificate_instead_of_a_bouncer_key(tmp_path):
         ({"LAPI_URL": "http://h:0"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:0'"]),
         ({"LAPI_URL": "http://h:65536"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:65536'"]),
         ({"LAPI_URL": "http://h:port"}, ["LAPI_URL must have a port from 1 to 65535 (or none), got 'http://h:port'"]),
+        (
+            {"LAPI_URL": "http://lapi:8080/v1/decisions"},
+            [
+                "LAPI_URL is LAPI's base URL, its scheme, host and port (such as "
+                "http://crowdsec-service.crowdsec.svc.cluster.local:8080), without the API path or a query, which the "
+                "job adds: got 'http://lapi:8080/v1/decisions'; set 'http://lapi:8080'"
+            ],
+        ),
         ({"RUN_DEADLINE": "0.5"}, ["RUN_DEADLINE must be a number >= 1, got '0.5'"]),
         ({"HTTP_TIMEOUT": "0.09"}, ["HTTP_TIMEOUT must be a number >= 0.1, got '0.09'"]),
         ({"LAPI_MAX_BYTES": "1023"}, ["LAPI_MAX_BYTES must be a whole number >= 1024, got '1023'"]),
@@ -592,6 +600,33 @@ def test_each_bad_setting_is_one_message_naming_it(extra, problems):
         job.load_config({**BASE_ENV, **extra})
     assert caught.value.problems == problems
     assert str(caught.value) == "; ".join(problems)
+
+
+@pytest.mark.parametrize(
+    "value, base",
+    [
+        ("http://lapi:8080/v1/decisions", "http://lapi:8080"),
+        ("http://lapi:8080/v1/", "http://lapi:8080"),
+        ("http://lapi:8080/v1/decisions?scopes=ip", "http://lapi:8080"),
+        ("https://edge.example/crowdsec/v1/decisions/stream", "https://edge.example/crowdsec"),
+        ("http://[2001:db8::1]:8080/v1", "http://[2001:db8::1]:8080"),
+        ("http://lapi:8080?origins=cscli", "http://lapi:8080"),
+    ],
+)
+def test_lapi_url_is_the_base_and_an_api_path_is_refused_naming_the_base(value, base):
+    """LAPI_URL=http://lapi:8080/v1/decisions would ask for /v1/decisions/v1/decisions (a 404 every
+    run): refused at start, with the base to set instead."""
+    with pytest.raises(job.ConfigError) as caught:
+        job.load_config({**BASE_ENV, "LAPI_URL": value})
+    (problem,) = caught.value.problems
+    assert problem.startswith("LAPI_URL is LAPI's base URL, its scheme, host and port") and f"set {base!r}" in problem
+
+
+@pytest.mark.parametrize(
+    "value", ["http://lapi:8080", "http://lapi:8080/", "https://edge.example/crowdsec", "http://h/v10"]
+)
+def test_a_lapi_base_behind_a_path_prefix_is_accepted(value):
+    assert job.load_config({**BASE_ENV, "LAPI_URL": value}).lapi_url == value.rstrip("/")
 
 
 def test_a_host_name_lookup_cannot_take_is_named_with_why():

@@ -104,8 +104,8 @@ def assert_the_cluster_can_run(docs: list[dict]) -> None:
             assert ("ConfigMap", volume["configMap"]["name"]) in named, volume
         if "persistentVolumeClaim" in volume:
             assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in named, volume
-        if "secret" in volume:
-            assert volume["secret"]["secretName"] in {"lapi-kv-sync", "lapi-tls"}, volume  # the user creates them
+        for file in secret_files(volume):
+            assert file["secret"] in {"lapi-kv-sync", "lapi-tls"}, volume  # the user creates them
     mounts = {m["mountPath"]: m for m in spec["volumeMounts"]}
     assert len(mounts) == len(spec["volumeMounts"]), "two mounts at one path"
     assert {m["name"] for m in mounts.values()} == set(volumes), "a mount without its volume, or a volume unmounted"
@@ -122,6 +122,26 @@ def assert_the_cluster_can_run(docs: list[dict]) -> None:
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), policy["metadata"]["name"]
     assert len({d["metadata"].get("namespace") for d in docs}) == 1
+
+
+def secret_files(volume: dict) -> list[dict]:
+    """The files a volume lays out from Secrets, as {secret, key, path, optional, mode}: a `secret`
+    volume's, or each secret source's of a `projected` one (an optional source's key may be absent
+    from its Secret: the file is then not there). A `secret` volume with no items holds every key:
+    key None."""
+    if "secret" in volume:
+        sources = [(volume["secret"], volume["secret"]["secretName"], volume["secret"])]
+    else:
+        projected = volume.get("projected", {})
+        sources = [(s["secret"], s["secret"]["name"], projected) for s in projected.get("sources", []) if "secret" in s]
+    files = []
+    for source, name, modes in sources:
+        default = {"key": None, "path": None}
+        for item in source.get("items") or [default]:
+            mode = item.get("mode", modes.get("defaultMode", 0o644))
+            optional = source.get("optional", False)
+            files.append({"secret": name, "key": item["key"], "path": item["path"], "optional": optional, "mode": mode})
+    return files
 
 
 def container_settings(docs: list[dict]) -> dict[str, str]:
@@ -222,11 +242,14 @@ def test_the_job_can_read_every_file_mounted_for_it(docs, request):
     pod = cronjob_pod(request.getfixturevalue(docs))
     mounted = {m["name"] for m in pod["containers"][0]["volumeMounts"]}
     for volume in pod["volumes"]:
-        source = volume.get("secret") or volume.get("configMap")
-        if source is None or volume["name"] not in mounted:
+        if volume["name"] not in mounted:
             continue
-        modes = [item.get("mode", source.get("defaultMode", 0o644)) for item in source.get("items", [])]
-        for mode in modes or [source.get("defaultMode", 0o644)]:
+        modes = [file["mode"] for file in secret_files(volume)]
+        if "configMap" in volume:
+            source = volume["configMap"]
+            modes = [item.get("mode", source.get("defaultMode", 0o644)) for item in source.get("items", [])]
+            modes = modes or [source.get("defaultMode", 0o644)]
+        for mode in modes:
             assert readable_by_the_job(pod, mode), f"volume {volume['name']}: mode {mode:o} unreadable by the job"
 
 
@@ -253,15 +276,19 @@ def test_dockerfile_entrypoint_is_the_cronjob_command(base):
     assert re.search(r"^USER \d+:\d+$", dockerfile, re.M)
 
 
-def pod_command(docs: list[dict], pod: dict, folder: Path, stack) -> tuple[list[str], dict[str, str]]:
+def pod_command(
+    docs: list[dict], pod: dict, folder: Path, stack, secrets: dict[str, dict[str, str]] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The command and environment of `pod`'s container, as the kubelet would start it from the
     rendered `docs`, with every volume laid out under `folder`. Only the addresses of LAPI,
-    Cloudflare and the Pushgateway point at the stand-ins, and the secrets are test values."""
+    Cloudflare and the Pushgateway point at the stand-ins, and the secrets are test values:
+    `secrets`, by Secret and key, or the Secret lapi-kv-sync of k8s/secret.example.yaml's shape."""
     spec = pod["containers"][0]
     configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     test_values = {"lapi-key": LAPI_KEY, "cf-api-token": CF_TOKEN}
     assert set(secret["stringData"]) == set(test_values)
+    secrets = secrets if secrets is not None else {secret["metadata"]["name"]: test_values}
 
     mounts = {}
     folder.mkdir(parents=True, exist_ok=True)
@@ -271,10 +298,14 @@ def pod_command(docs: list[dict], pod: dict, folder: Path, stack) -> tuple[list[
         if "configMap" in volume:
             for key, text in configmaps[volume["configMap"]["name"]].items():
                 (target / key).write_text(text)
-        elif "secret" in volume:
-            assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-            for item in volume["secret"]["items"]:
-                (target / item["path"]).write_text(test_values[item["key"]] + "\n")
+        for file in secret_files(volume):
+            data = secrets.get(file["secret"])
+            assert data is not None or file["optional"], f"no Secret {file['secret']}: the pod would not start"
+            for key, path in [(file["key"], file["path"])] if file["key"] else [(key, key) for key in data or {}]:
+                if key in (data or {}):
+                    (target / path).write_text(data[key] + ("" if data[key].endswith("\n") else "\n"))
+                else:  # the kubelet leaves an optional key out, and refuses to start the pod for another
+                    assert file["optional"], f"Secret {file['secret']} has no key {key}: the pod would not start"
         mounts[volume["name"]] = target
     paths = {m["mountPath"]: mounts[m["name"]] for m in spec["volumeMounts"]}
 
@@ -301,8 +332,10 @@ def pod_command(docs: list[dict], pod: dict, folder: Path, stack) -> tuple[list[
     return command, env
 
 
-def run_pod(docs: list[dict], pod: dict, folder: Path, stack) -> subprocess.CompletedProcess:
-    command, env = pod_command(docs, pod, folder, stack)
+def run_pod(
+    docs: list[dict], pod: dict, folder: Path, stack, secrets: dict[str, dict[str, str]] | None = None
+) -> subprocess.CompletedProcess:
+    command, env = pod_command(docs, pod, folder, stack, secrets)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=folder)
     assert_no_secret(done.stdout, done.stderr)
     return done

@@ -1,5 +1,6 @@
 """The documentation's links: every relative link and `#anchor` in the README, docs/ and the
-other READMEs leads somewhere, so moving a section cannot leave a link behind (issue 21)."""
+other READMEs leads somewhere, so moving a section cannot leave a link behind (issue 21). And
+its one statement of how long a decision takes to reach the edge, the same on every page."""
 
 from __future__ import annotations
 
@@ -127,3 +128,57 @@ def test_every_relative_link_and_anchor_resolves(page):
 def test_the_readme_links_every_docs_page():
     linked = {target.split("#")[0] for target in links(ROOT / "README.md")}
     assert {f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md")} <= linked
+
+
+# --------------------------------------------------------------------------- one statement of the delay
+
+DELAY_HEADING = "How long a decision takes to reach the edge"
+# Every page that says how long a decision takes to reach the edge says it in these words.
+DELAY_PAGES = ("worker/README.md", "docs/design.md", "docs/worker.md")
+
+
+def words(text: str) -> str:
+    """Text as it renders: Markdown's line breaks and a list item's indentation are one space."""
+    return " ".join(text.split())
+
+
+def delay_statement() -> str:
+    """The statement, as worker/README.md's section of that name opens with it."""
+    text = (ROOT / "worker" / "README.md").read_text()
+    statement = re.search(rf"^### {DELAY_HEADING}\n\n(\*\*{DELAY_HEADING}:\*\*.*?)\n\n", text, re.S | re.M)
+    assert statement, f"worker/README.md: no section {DELAY_HEADING!r} opening with the statement"
+    return words(statement.group(1))
+
+
+def test_the_delay_to_the_edge_is_stated_once_in_the_same_words_everywhere():
+    statement = delay_statement()
+    for page in DELAY_PAGES:
+        assert statement in words((ROOT / page).read_text()), f"{page}: not the statement of worker/README.md"
+    # No other claim of that delay, nor of KV's propagation, anywhere: the statement is the one.
+    claim = re.compile(r"reach(?:es)? (?:the edge|that location|an isolate)|propagation|~\s?60 s", re.I)
+    for path in pages():
+        rest = words(path.read_text()).replace(statement, "").replace(DELAY_HEADING, "")
+        rest = rest.replace(slug(DELAY_HEADING), "")
+        assert not claim.findall(rest), f"{path.relative_to(ROOT)}: {claim.findall(rest)}"
+
+
+def test_the_delay_statement_matches_the_schedule_and_the_workers_defaults():
+    """Its figures are the CronJob's schedule, wrangler.toml's CACHE_TTL and SCOPES_REFRESH, and
+    the Worker's smallest cacheTtl."""
+    import tomllib
+
+    import yaml
+
+    statement = delay_statement()
+    schedule = yaml.safe_load((ROOT / "k8s" / "base" / "cronjob.yaml").read_text())["spec"]["schedule"]
+    assert schedule == "* * * * *" and "every minute by default" in statement
+    settings = tomllib.loads((ROOT / "worker" / "wrangler.toml").read_text())["vars"]
+    cache_ttl, refresh = int(settings["CACHE_TTL"]), int(settings["SCOPES_REFRESH"])
+    (minimum,) = {
+        int(m) for f in (ROOT / "worker").glob("*.js") for m in re.findall(r"MIN_CACHE_TTL = (\d+)", f.read_text())
+    }
+    assert f"`CACHE_TTL` ({cache_ttl} s by default, at least {minimum})" in statement
+    assert f"`SCOPES_REFRESH` ({refresh} s by default)" in statement
+    spelled = {2: "two", 3: "three"}
+    assert f"about {spelled[(60 + cache_ttl) // 60]} minutes at the defaults" in statement
+    assert f"more: about {spelled[(60 + cache_ttl + refresh) // 60]} minutes" in statement

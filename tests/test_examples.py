@@ -1,4 +1,4 @@
-"""k8s/examples/overlay as a user takes it: copied out of the clone, pointed at the base, rendered,
+"""k8s/examples/overlay as a user takes it: copied beside the clone it points at, rendered,
 valid, carrying the user's settings to the container; and the runbook's one-off Job recipe."""
 
 from __future__ import annotations
@@ -29,30 +29,32 @@ from tests.test_deploy import (
     one,
     render,
     run_pod,
+    secret_files,
 )
 
 EXAMPLE = ROOT / "k8s" / "examples" / "overlay" / "kustomization.yaml"
-REMOTE = re.compile(r"github\.com/YOUR-ORG/lapi-kv-sync(?://([^?\s]+))?\?ref=v[0-9.]+")
+CLONE = "lapi-kv-sync"  # the folder the README's `git clone` makes, which the example points at
 
 
 def copied_example(folder: Path, *uncomment: str) -> Path:
-    """The example copied to `folder` (outside the clone), its remote base replaced by a relative
-    path to this clone, as a user with a clone beside it would write; the commented lines holding
-    each of `uncomment` made live (a whole patch for a line inside one)."""
+    """The example copied to `folder`, beside a clone named as the README's `git clone` names it
+    (this checkout, linked there under that name), as the docs say: no edit to point it at the
+    base. The commented lines holding each of `uncomment` are made live (a whole patch for a line
+    inside one)."""
     folder.mkdir(parents=True)
-    root = os.path.relpath(ROOT, folder)
+    clone = folder.parent / CLONE
+    if not clone.exists():
+        clone.symlink_to(ROOT, target_is_directory=True)
     text = EXAMPLE.read_text()
-    assert REMOTE.search(text), "the example points at the remote base"
     for marker in uncomment:
         text = uncommented(text, marker)
-    text = REMOTE.sub(lambda m: f"{root}/{m.group(1)}" if m.group(1) else root, text)
     (folder / "kustomization.yaml").write_text(text)
     return folder
 
 
 def component(name: str) -> str:
     """What marks the example's line for a component."""
-    return f"github.com/YOUR-ORG/lapi-kv-sync//k8s/components/{name}?ref=v{job.__version__}"
+    return f"../{CLONE}/k8s/components/{name}"
 
 
 def uncommented(text: str, marker: str) -> str:
@@ -191,13 +193,14 @@ def test_the_secret_files_are_where_the_settings_say(example):
     settings = one(example, "ConfigMap", "lapi-kv-sync-settings-")["data"]
     pod = cronjob_pod(example)
     volumes = {v["name"]: v for v in pod["volumes"]}
-    files = set()
+    files = {}
     for mount in container(example)["volumeMounts"]:
-        secret = volumes[mount["name"]].get("secret")
-        if secret:
-            assert secret["secretName"] == "lapi-kv-sync" and mount["readOnly"] is True
-            files |= {f"{mount['mountPath']}/{item['path']}" for item in secret["items"]}
-    assert {settings["LAPI_KEY_FILE"], settings["CF_API_TOKEN_FILE"]} == files
+        for file in secret_files(volumes[mount["name"]]):
+            assert file["secret"] == "lapi-kv-sync" and mount["readOnly"] is True
+            files[f"{mount['mountPath']}/{file['path']}"] = file
+    assert {settings["LAPI_KEY_FILE"], settings["CF_API_TOKEN_FILE"]} == set(files)
+    # The bouncer key may be left out of the Secret (a client certificate instead); the token may not.
+    assert files[settings["LAPI_KEY_FILE"]]["optional"] and not files[settings["CF_API_TOKEN_FILE"]]["optional"]
 
 
 def test_the_network_policy_lets_the_job_reach_lapi_and_the_pushgateway_it_is_given(example):
@@ -225,7 +228,7 @@ def test_the_example_network_policy_selects_the_job_pods(example):
 
 def test_the_example_with_the_image_component_runs_the_image(example_with_image):
     spec = container(example_with_image)
-    assert spec["image"].startswith("ghcr.io/your-org/lapi-kv-sync:") and "command" not in spec
+    assert spec["image"] == f"lapi-kv-sync:{job.__version__}" and "command" not in spec
     assert spec["envFrom"]  # the settings still reach it
 
 
@@ -337,3 +340,144 @@ def test_the_values_older_examples_shipped_are_refused_too(value):
             job.load_config({**BASE_ENV, name: value})
         (problem,) = refused.value.problems
         assert problem.startswith(name) and "placeholder" in problem
+
+
+# --------------------------------------------------------------------------- client certificate
+
+
+def client_certificate_steps() -> tuple[list[str], list[str], list[str]]:
+    """docs/deploy.md's "A client certificate instead of a bouncer key": the keys of each Secret
+    it creates (lapi-kv-sync's, lapi-tls's) and the literals it sets in the overlay."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("**A client certificate instead of a bouncer key.**", 1)[1].split("\n**", 1)[0]
+    secrets = {
+        name: re.findall(r"--from-file=([\w.-]+)", line)
+        for name, line in re.findall(r"create secret generic ([\w-]+) (.*)", section)
+    }
+    literals = re.findall(r"^\s+- (\w+=.*)$", section.split("```yaml", 1)[1].split("```", 1)[0], re.M)
+    return secrets["lapi-kv-sync"], secrets["lapi-tls"], literals
+
+
+def with_literals(folder: Path, literals: list[str]) -> None:
+    """The overlay in `folder` with these settings in its literals, each replacing the line (live or
+    commented) that sets the same variable, as a user edits it."""
+    path = folder / "kustomization.yaml"
+    text = path.read_text()
+    for literal in literals:
+        name = literal.split("=", 1)[0]
+        line = re.compile(rf"^(\s+)(?:# )?- {name}=.*$", re.M)
+        assert line.search(text), f"the example has no line for {name}"
+        text = line.sub(lambda m, literal=literal: f"{m.group(1)}- {literal}", text, count=1)
+    path.write_text(text)
+
+
+def test_the_documented_client_certificate_setup_runs_without_a_lapi_key(tmp_path):
+    """The example overlay with the deploy page's edits for a client certificate, rendered and run
+    as its pod would be: the Secret lapi-kv-sync without lapi-key, the certificate from lapi-tls, a
+    LAPI that accepts nothing but the certificate."""
+    import ssl
+
+    import kubernetes_validate
+    import trustme
+
+    from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
+    from tests.standins import KvStandin, LapiStandin, PushgatewayStandin
+
+    token_keys, tls_keys, settings = client_certificate_steps()
+    assert token_keys == ["cf-api-token"] and tls_keys == ["ca.crt", "tls.crt", "tls.key"]
+    folder = copied_example(tmp_path / "my-lapi-kv-sync", "name: lapi-tls, secret:")
+    with_literals(folder, settings)
+    docs = render(folder)
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert_the_cluster_can_run(docs)
+    assert container_settings(docs)["LAPI_KEY_FILE"] == ""
+
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    server.verify_mode = ssl.CERT_REQUIRED  # no certificate, no answer: a key alone cannot pass
+    ca.configure_trust(server)
+    client = ca.issue_cert("lapi-kv-sync@bouncer-ou")
+    lapi_tls = {
+        "ca.crt": ca.cert_pem.bytes().decode(),
+        "tls.crt": client.cert_chain_pems[0].bytes().decode(),
+        "tls.key": client.private_key_pem.bytes().decode(),
+    }
+    lapi = LapiStandin("a-key-nobody-sends-0123")
+    lapi.serve_tls(server)
+    with lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
+        lapi.decisions = [decision("192.0.2.7")]
+        secrets = {"lapi-kv-sync": {"cf-api-token": CF_TOKEN}, "lapi-tls": lapi_tls}
+        done = run_pod(docs, cronjob_pod(docs), tmp_path / "pod", Stack(lapi, kv, push, lapi_key=LAPI_KEY), secrets)
+        assert done.returncode == 0, done.stderr
+        assert {k: e.value for k, e in kv.live().items()} == {"ip:192.0.2.7": "ban"} and kv.violations == []
+
+
+# --------------------------------------------------------------------------- from a fresh clone
+
+
+def fresh_clone(where: Path) -> Path:
+    """What `git clone` of this repository holds, in `where`/lapi-kv-sync: every file git tracks
+    (or would track: not ignored), as this checkout has it."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        timeout=60,
+    )
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.decode()[:200]}")
+    clone = where / CLONE
+    for name in sorted(set(listed.stdout.decode().split("\0")) - {""}):
+        source = ROOT / name
+        if source.is_file():  # a file deleted from the checkout is listed until committed
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    return clone
+
+
+def deploy_commands() -> list[str]:
+    """docs/deploy.md's commands for the overlay, comments stripped."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "cp -r k8s/examples/overlay" in b]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_a_fresh_clone_renders_the_example_overlay_as_the_docs_say_with_no_edit(tmp_path):
+    """The clone as `git clone` makes it, the overlay copied and rendered with deploy.md's own
+    commands, from the clone's folder: no edit to point it at the base (issue 27)."""
+    clone = fresh_clone(tmp_path)
+    commands = deploy_commands()
+    copy, render_it = commands[0], next(c for c in commands if c.startswith("kubectl kustomize "))
+    assert shlex.split(copy) == ["cp", "-r", "k8s/examples/overlay", "../my-lapi-kv-sync"]
+    subprocess.run(shlex.split(copy), cwd=clone, check=True, timeout=60)
+    done = subprocess.run(
+        [kubectl(), *shlex.split(render_it)[1:]], cwd=clone, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert_the_cluster_can_run(docs)
+    assert {d["kind"] for d in docs} >= {"CronJob", "PersistentVolumeClaim", "NetworkPolicy"}
+    script = one(docs, "ConfigMap", "lapi-kv-sync-script")["data"]["lapi_kv_sync.py"]
+    assert script == (ROOT / "lapi_kv_sync.py").read_text()
+    # The README's step 4 says the same, after a `git clone` that names the folder lapi-kv-sync.
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert re.search(r"git clone https://github\.com/<owner>/lapi-kv-sync\b(?!/)", readme)
+    for command in (copy, render_it, "kubectl apply -k ../my-lapi-kv-sync"):
+        assert f"`{command}`" in readme, command
+    assert yaml.safe_load(EXAMPLE.read_text())["resources"] == [f"../{CLONE}"]
+
+
+PLACES = ("README.md", "kustomization.yaml", "docs/*.md", "k8s/**/*.yaml", "worker/README.md", "bench/README.md")
+
+
+def test_one_placeholder_says_where_lapi_kv_sync_comes_from_and_no_tag_is_assumed():
+    """`<owner>` wherever a URL of the repository is written, never YOUR-ORG or your-org; and no
+    `?ref=v0.2.0`-like pin of a tag that may not exist (the overlay deploys the clone)."""
+    for path in sorted({p for pattern in PLACES for p in ROOT.glob(pattern)}):
+        text = path.read_text()
+        name = path.relative_to(ROOT)
+        assert not re.search(r"your-org", text, re.I), name
+        assert set(re.findall(r"github\.com/([^/\s)`'\"]+)/lapi-kv-sync", text)) <= {"<owner>"}, name
+        assert not re.search(r"\?ref=v\d", text), f"{name} pins a tag"

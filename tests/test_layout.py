@@ -43,9 +43,7 @@ def test_the_job_imports_only_the_standard_library():
 VERSION_MENTIONS = {
     # file: how the version appears in it
     "k8s/components/image/kustomization.yaml": r"lapi-kv-sync:(\d+\.\d+\.\d+)",
-    "k8s/examples/overlay/kustomization.yaml": r"\?ref=v(\d+\.\d+\.\d+)",
     "CHANGELOG.md": r"^## \[(\d+\.\d+\.\d+)\]",
-    "README.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
     "docs/deploy.md": r"(?:\?ref=v|lapi-kv-sync:)(\d+\.\d+\.\d+)",
 }
 
@@ -61,6 +59,19 @@ def test_the_version_is_defined_once_and_every_mention_agrees():
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lapi_kv_sync.__version__"}
     assert not re.search(r"\d+\.\d+\.\d+", (ROOT / "Dockerfile").read_text().replace("3.12", ""))
+
+
+def test_the_release_page_names_every_place_the_version_is_written():
+    """docs/release.md's last step (open the next version) names each file a test holds to
+    __version__, so a release cannot leave one behind; the CHANGELOG's top section is the
+    version's, dated or unreleased."""
+    page = (ROOT / "docs" / "release.md").read_text()
+    assert "__version__" in page and "tests/test_layout.py" in page
+    for path in VERSION_MENTIONS:
+        assert path in page or f"]({path.removeprefix('docs/')})" in page, f"docs/release.md does not name {path}"
+    top = re.search(r"^## \[(.*?)\] - (.*)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert top.group(1) == job.__version__
+    assert re.fullmatch(r"unreleased|\d{4}-\d{2}-\d{2}", top.group(2)), top.group(0)
 
 
 def test_the_license_matches_pyproject():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 import trustme
@@ -95,6 +96,63 @@ def test_unusable_tls_files_are_configuration_errors(stack, tmp_path):
     result = stack.run(LAPI_CLIENT_CERT=str(tmp_path / "junk.pem"), LAPI_CLIENT_KEY=str(tmp_path / "junk.pem"))
     assert result.code == job.EXIT_CONFIG and "LAPI_CLIENT_CERT" in result.err
     assert "Traceback" not in result.err and stack.lapi.queries == []
+
+
+def der(pem: Path, suffix: str) -> Path:
+    """The same certificate or key as DER (binary), as Windows tools and some CAs hand them out."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    data = pem.read_bytes()
+    if b"PRIVATE KEY" in data:
+        key = serialization.load_pem_private_key(data, None)
+        out = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    else:
+        out = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+    path = pem.with_suffix(suffix)
+    path.write_bytes(out)
+    return path
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            {"LAPI_CLIENT_CERT": "client.der"},
+            "LAPI_CLIENT_CERT: {certs}/client.der is DER (binary), not PEM: convert it",
+        ),
+        ({"LAPI_CLIENT_KEY": "client.key.der"}, "LAPI_CLIENT_KEY: {certs}/client.key.der is DER (binary), not PEM"),
+        ({"LAPI_CA_CERT": "ca.der"}, "LAPI_CA_CERT: {certs}/ca.der is DER (binary), not PEM: convert it"),
+        ({"LAPI_CLIENT_KEY": "encrypted.key"}, "LAPI_CLIENT_KEY: {certs}/encrypted.key is an encrypted key"),
+        (
+            {"LAPI_CLIENT_KEY": "other.key"},
+            "LAPI_CLIENT_CERT/LAPI_CLIENT_KEY: not a certificate and its matching key (the key is not the certificate's)",
+        ),
+        ({"LAPI_CLIENT_CERT": "client.key"}, "LAPI_CLIENT_CERT: {certs}/client.key holds no CERTIFICATE"),
+    ],
+)
+def test_a_der_or_wrong_tls_file_is_named_with_what_pem_it_needs(ca, stack, tmp_path, files, expected):
+    """ssl says only `PEM lib` (the message once ended in `(None)`): the job says which file is
+    DER and how to convert it, which key is encrypted or not the certificate's."""
+    from cryptography.hazmat.primitives import serialization
+
+    tls_stack(ca, tmp_path, require_client_cert=True)  # writes ca.pem, client.pem, client.key
+    for pem, suffix in (("client.pem", ".der"), ("ca.pem", ".der"), ("client.key", ".key.der")):
+        der(tmp_path / pem, suffix)
+    key = serialization.load_pem_private_key((tmp_path / "client.key").read_bytes(), None)
+    encryption = serialization.BestAvailableEncryption(b"passphrase")
+    (tmp_path / "encrypted.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    )
+    ca.issue_cert("someone-else").private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    env = {"LAPI_CLIENT_CERT": "client.pem", "LAPI_CLIENT_KEY": "client.key", "LAPI_CA_CERT": "ca.pem", **files}
+    result = stack.run(LAPI_KEY="", **{name: str(tmp_path / file) for name, file in env.items()})
+    assert result.code == job.EXIT_CONFIG and stack.lapi.queries == []
+    assert (
+        expected.format(certs=tmp_path) in result.err and "(None)" not in result.err and "Traceback" not in result.err
+    )
 
 
 def test_filters_are_passed_to_lapi_as_crowdsec_bouncers_name_them(stack):

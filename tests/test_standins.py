@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, LAPI_KEY
-from tests.standins import KvStandin, LapiStandin, PushgatewayStandin
+from tests.standins import ACCOUNT, NAMESPACE, KvStandin, LapiStandin, PushgatewayStandin, decision
 
 
 @pytest.fixture
@@ -18,10 +19,11 @@ def kv():
         yield server
 
 
-def call(kv, method, suffix, body=None, token=CF_TOKEN):
+def call(kv, method, suffix, body=None, token=CF_TOKEN, base=None):
     conn = http.client.HTTPConnection("127.0.0.1", kv.server.server_address[1], timeout=5)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    conn.request(method, kv.base + suffix, body=None if body is None else json.dumps(body), headers=headers)
+    path = (base or kv.base) + suffix
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
     answer = conn.getresponse()
     data = json.loads(answer.read())
     conn.close()
@@ -120,3 +122,35 @@ def test_the_namespace_get_is_served_as_cloudflare_documents_it_and_nothing_else
     kv.violations.clear()
     assert call(kv, "DELETE", "")[0] == 404 and call(kv, "PUT", "", body={})[0] == 404
     assert kv.requests["namespace"] == 3
+
+
+@pytest.mark.parametrize(
+    "method, suffix, body, what",
+    [
+        ("GET", "/keys?prefix=ip%3A&limit=1000", None, "list keys"),
+        ("PUT", "/bulk", [{"key": "ip:192.0.2.1", "value": "ban"}], "bulk write"),
+        ("POST", "/bulk/delete", ["ip:192.0.2.1"], "bulk delete"),
+        ("GET", "", None, "get"),
+    ],
+)
+def test_an_unknown_namespace_gets_cloudflares_404_whatever_the_operation(kv, method, suffix, body, what):
+    """Not `a GET takes no query or body` (a list on another namespace once fell through to the
+    namespace GET): 404 with Cloudflare's code for a namespace it does not know, nothing stored."""
+    other = kv.base.replace(NAMESPACE, "f" * 32)
+    status, answer = call(kv, method, suffix, body, base=other)
+    assert (status, answer["errors"]) == (404, [{"code": 10013, "message": f"{what}: 'namespace not found'"}])
+    assert kv.store == {} and kv.violations == []
+
+
+def test_another_account_is_refused_not_routed(kv):
+    status, answer = call(kv, "GET", "/keys?limit=1000", base=kv.base.replace(ACCOUNT, "e" * 32))
+    assert (status, answer["errors"][0]["code"]) == (403, 10000) and kv.violations == []
+    status, answer = call(kv, "GET", "/values/ip:192.0.2.1")  # an operation the stand-in does not serve
+    assert (status, answer["errors"][0]["code"]) == (404, 7003)
+
+
+def test_the_job_told_of_an_unknown_namespace_names_the_setting(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    result = stack.run(CF_KV_NAMESPACE_ID="f" * 32)
+    assert result.code == job.EXIT_CLOUDFLARE, result.err
+    assert "HTTP 404: 10013: list keys: 'namespace not found'" in result.err and "CF_KV_NAMESPACE_ID" in result.err

@@ -527,7 +527,7 @@ def test_a_dry_run_says_what_it_compared_with_and_what_a_real_run_would_send(sta
     assert "dry run: compared with a listing of KV (audited: requested" in audit.out
     assert "dry run: write 1: ip:192.0.2.1 (ban)\n" in audit.out
     assert "dry run: delete 1: ip:192.0.2.9 (ban)\n" in audit.out
-    assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 keys), bulk_delete 1 (1 keys)" in audit.out
+    assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 key), bulk_delete 1 (1 key)" in audit.out
     assert "this dry run sent 1 (list 1, bulk_put 0, bulk_delete 0)" in audit.out
     assert stack.kv.writes == 0 and stack.kv.deletes == 0
 
@@ -537,7 +537,7 @@ def test_a_dry_run_counts_bulk_calls_of_10000_keys_and_none_past_the_delete_guar
     stack.kv.store.update({f"ip:192.0.2.{i}": Entry("ban", None, {"remediation": "ban"}) for i in range(3)})
     dry = stack.run("--dry-run", MAX_DELETES="2")
     assert "bulk_put 2 (10001 keys), bulk_delete 0 (0 keys)" in dry.out
-    assert "a real run would delete none of these 3 keys" in dry.err
+    assert "the plan deletes 3 keys, more than MAX_DELETES=2: a real run would delete none and exit 1" in dry.err
     dry = stack.run("--dry-run", "--force", MAX_DELETES="2")
     assert "would send Cloudflare 3 requests for this plan: bulk_put 2 (10001 keys), bulk_delete 1 (3 keys)" in dry.out
 

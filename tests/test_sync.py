@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import datetime
 import email.utils
+import itertools
 import json
 import re
 import socket
@@ -13,7 +15,7 @@ from unittest.mock import ANY
 import pytest
 
 import lapi_kv_sync as job
-from tests.conftest import CF_TOKEN, LAPI_KEY
+from tests.conftest import CF_TOKEN, LAPI_KEY, SCRIPT
 from tests.standins import Entry, Fault, decision
 
 PREFIXED = "crowdsec_kv_sync_"
@@ -414,7 +416,7 @@ def test_keys_that_stay_unsuccessful_fail_the_run(stack):
     stack.kv.unsuccessful_always = {"ip:192.0.2.2"}
     result = stack.run()
     assert result.code == job.EXIT_CLOUDFLARE
-    assert "could not write 1 keys after 3 rounds" in result.err and "ip:192.0.2.2" in result.err
+    assert "could not write 1 key after 3 rounds" in result.err and "ip:192.0.2.2" in result.err
     assert stack.kv.bulk_sizes["bulk_put"] == [2, 1, 1]
     stack.kv.unsuccessful_always.clear()
     assert stack.run().code == 0 and "ip:192.0.2.2" in stack.kv.live()
@@ -572,3 +574,44 @@ def test_a_run_that_ends_while_a_list_page_stalls_returns_at_once_and_lists_no_m
     # when its thread reads it, which under load can come after. What must never come is more.
     time.sleep(0.5)
     assert stack.kv.requests["list"] <= 1
+
+
+# --------------------------------------------------------------------------- counts in messages
+
+COUNT_NOUNS = re.compile(r"\)? ?(keys|requests|entries|decisions|rows|rounds|runs|addresses|pages|attempts)\b")
+# Counts that are never 1: constants, and the junk rows LAPI's answer is refused for (at least JUNK_ROWS_MIN).
+NEVER_ONE = {"rows"}
+
+
+def test_counts_of_one_take_the_singular(stack):
+    """Each message that counts requests, keys or entries, with a count of one (they said
+    `1 requests`, `(1 keys)`, `1 entries`)."""
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("198.51.100.0/24", scope="Range")]
+    stack.kv.store["ip:203.0.113.9"] = Entry("ban", None, {"remediation": "ban"})
+    dry = stack.run("--dry-run", MAX_DELETES="0")
+    assert "would send Cloudflare 1 request for this plan: bulk_put 1 (2 keys), bulk_delete 0 (0 keys)," in dry.out
+    assert "dry run: scope table write (1 entry: range 1, country 0, as 0;" in dry.out
+    assert "the plan deletes 1 key, more than MAX_DELETES=0: a real run would delete none and exit 1" in dry.err
+    dry = stack.run("--dry-run", "--force", MAX_DELETES="0", SCOPE_TABLE="false")
+    assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 key), bulk_delete 1 (1 key)," in dry.out
+    real = stack.run(MAX_DELETES="0")
+    assert real.code == job.EXIT_CLOUDFLARE
+    assert "the plan would delete 1 key, more than MAX_DELETES=0" in real.err
+    assert "scope table written (1 entry: range 1, country 0, as 0;" in real.err
+    assert [job.counted(n, "entry", "entries") for n in (0, 1, 2)] == ["0 entries", "1 entry", "2 entries"]
+    assert [job.counted(n, "key") for n in (0, 1, 2)] == ["0 keys", "1 key", "2 keys"]
+
+
+def test_every_count_in_a_message_goes_through_counted():
+    """The job's f-strings: a count written straight before a plural noun (`{n} keys`) is wrong
+    when n is 1, so it goes through `counted` unless it is a constant or never 1."""
+    found = []
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        if not isinstance(node, ast.JoinedStr):
+            continue
+        for value, after in itertools.pairwise(node.values):
+            if isinstance(value, ast.FormattedValue) and isinstance(after, ast.Constant):
+                count = ast.unparse(value.value)
+                if COUNT_NOUNS.match(after.value) and not count.isupper() and count not in NEVER_ONE:
+                    found.append(f"line {node.lineno}: {{{count}}}{after.value[:20]}")
+    assert found == []

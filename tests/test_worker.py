@@ -755,3 +755,18 @@ def test_the_pinned_wrangler_bundles_the_worker_with_its_bindings(tmp_path):
     assert all(f"env.{name} " in done.stdout for name in ("DECISIONS", "METRICS", "TURNSTILE_SITE_KEY", "PASS_TTL"))
     bundle = (tmp_path / "out" / "worker.js").read_text()
     assert all(part in bundle for part in ("function canonicalAddress", "crowdsec-pass-v1", "function challengePage"))
+
+
+def test_every_install_script_in_the_lock_is_decided_in_allow_scripts():
+    """npm 11 skips a dependency's install script unless package.json's `allowScripts` allows it,
+    and warns about each package it does not list: every one the lock installs is listed (denied:
+    the Worker and its tests run without them, and `npm ci` stays quiet)."""
+    lock = json.loads((WORKER / "package-lock.json").read_text())
+    scripted = {
+        path.rsplit("node_modules/", 1)[1]
+        for path, package in lock["packages"].items()
+        if package.get("hasInstallScript")
+    }
+    allowed = json.loads((WORKER / "package.json").read_text()).get("allowScripts", {})
+    assert scripted and set(allowed) == scripted
+    assert set(allowed.values()) == {False}
