@@ -590,14 +590,14 @@ def test_counts_of_one_take_the_singular(stack):
     stack.kv.store["ip:203.0.113.9"] = Entry("ban", None, {"remediation": "ban"})
     dry = stack.run("--dry-run", MAX_DELETES="0")
     assert "would send Cloudflare 1 request for this plan: bulk_put 1 (2 keys), bulk_delete 0 (0 keys)," in dry.out
-    assert "dry run: scope table write (1 entry: range 1, country 0, as 0;" in dry.out
+    assert "dry run: networks table write (1 entry; 32 bytes)" in dry.out
     assert "the plan deletes 1 key, more than MAX_DELETES=0: a real run would delete none and exit 1" in dry.err
     dry = stack.run("--dry-run", "--force", MAX_DELETES="0", SCOPE_TABLE="false")
     assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 key), bulk_delete 1 (1 key)," in dry.out
     real = stack.run(MAX_DELETES="0")
     assert real.code == job.EXIT_CLOUDFLARE
     assert "the plan would delete 1 key, more than MAX_DELETES=0" in real.err
-    assert "scope table written (1 entry: range 1, country 0, as 0;" in real.err
+    assert "networks table written (1 entry; 32 bytes)" in real.err
     assert [job.counted(n, "entry", "entries") for n in (0, 1, 2)] == ["0 entries", "1 entry", "2 entries"]
     assert [job.counted(n, "key") for n in (0, 1, 2)] == ["0 keys", "1 key", "2 keys"]
 

@@ -87,7 +87,17 @@ def job_keys(stack, *decisions: dict, **env: str) -> list[dict]:
     stack.lapi.decisions = list(decisions)
     assert stack.run(**env).code == 0
     return [
-        {"name": name, "value": entry.value, "expiration": entry.expiration, "metadata": entry.metadata}
+        {
+            "name": name,
+            # A binary value (the network table) goes to Miniflare in base64, as drive.mjs takes it.
+            **(
+                {"base64": base64.b64encode(entry.value).decode()}
+                if isinstance(entry.value, bytes)
+                else {"value": entry.value}
+            ),
+            "expiration": entry.expiration,
+            "metadata": entry.metadata,
+        }
         for name, entry in stack.kv.live().items()
     ]
 
