@@ -2501,22 +2501,29 @@ def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now:
 
 
 def spare_covered(
-    plan: Plan, present: Mapping[str, Present], networks: Intervals | None, prefix: str, kv_now: float
+    plan: Plan,
+    present: Mapping[str, Present],
+    held: Intervals | None,
+    due: Intervals | None,
+    prefix: str,
+    kv_now: float,
 ) -> Plan:
     """The plan with the deletes of keys the network table now holds left out (`spared`): a key
-    whose address the table holds with the same remediation, for at least as long, is left to
-    expire rather than deleted (Cloudflare's free plan allows 1,000 deletes a day, and turning
-    TABLE_ORIGINS on moves a whole blocklist into the table). The table is written before any key
-    is deleted, so no address is ever enforced by neither."""
-    if not networks or not plan.deletes:
+    whose address the table `held` (as KV is to hold it) enforces with the same remediation is left
+    to expire rather than deleted (Cloudflare's free plan allows 1,000 deletes a day, and turning
+    TABLE_ORIGINS on moves a whole blocklist into the table), while it does not outlive the
+    decision by more than the slack: `due`, the table built fresh, holds the decision's end (a
+    table kept may itself hold an end up to the slack past it). The table is written before any
+    key is deleted, so no address is ever enforced by neither."""
+    if not held or not due or not plan.deletes:
         return plan
     start, deletes, spared = len(prefix), [], []
     for key in plan.deletes:
         have = present[key]
-        ends = network_ends(networks, key[start:])
-        if have.remediation in REMEDIATION_RANK and have.expiration is not None and ends is not None:
-            end = ends[0] if have.remediation == "ban" else ends[1]
-            if end > kv_now and have.expiration <= end + EXPIRATION_SLACK:
+        enforced, decided = network_ends(held, key[start:]), network_ends(due, key[start:])
+        if have.remediation in REMEDIATION_RANK and have.expiration is not None and enforced and decided:
+            which = 0 if have.remediation == "ban" else 1
+            if enforced[which] > kv_now and have.expiration <= decided[which] + EXPIRATION_SLACK:
                 spared.append(key)
                 continue
         deletes.append(key)
@@ -4150,7 +4157,7 @@ def converge(
     kv, projection = list_and_project(http, config, cloudflare, carried, decisions._replace(chunks=chunks), report)
     del decisions
     documents = build_tables(projection, kv, carried.tables, cloudflare, config, log)
-    plan = plan_run(projection.wanted, documents, kv, config)
+    plan = plan_run(projection, documents, kv, config)
     report.table_entries = sum((d.entries for d in documents.values()), Counter())
     report.table_bytes = {d.name: len(d.value) for d in documents.values()}
     tally(report, plan, Ledger(), config.kv_key_prefix, guarded=False)  # until Cloudflare confirms: what is to be done
@@ -4286,10 +4293,11 @@ def held_table(key: str, have: Present | None, kept: bytes | None, cloudflare: C
     return kept if kept is not None and hashlib.sha256(kept).hexdigest()[:32] == have.remediation else None
 
 
-def plan_run(wanted: dict[str, Wanted], documents: Mapping[str, Document], kv: KnownKv, config: Config) -> Plan:
+def plan_run(projection: Projection, documents: Mapping[str, Document], kv: KnownKv, config: Config) -> Plan:
     """make_plan over the address keys and the tables' keys alike (a table's digest stands for a
     remediation, its latest end for an end), then the policy that leaves to expire the keys the
     network table now holds (spare_covered)."""
+    wanted = projection.wanted
     tables = {key: tuple_new(Wanted, (d.digest, d.end - kv.offset, "", "")) for key, d in documents.items() if d.value}
     wanted.update(tables)  # added for the plan and taken out again: a copy of `wanted` would cost a pass
     try:
@@ -4299,8 +4307,11 @@ def plan_run(wanted: dict[str, Wanted], documents: Mapping[str, Document], kv: K
             del wanted[key]
     plan = plan._replace(due_at=min([plan.due_at, *(d.due_at for d in documents.values() if d.value)]))
     networks = documents.get(config.kv_key_prefix + "networks")
-    held = networks.intervals if networks is not None and networks.value and plan.deletes else None
-    return spare_covered(plan, kv.present, held, config.kv_key_prefix, kv.now + kv.offset)
+    if networks is None or not networks.value or not plan.deletes:
+        return plan
+    kv_now = kv.now + kv.offset
+    fresh = network_intervals(networks.kept, projection.networks, kv.offset, kv_now)
+    return spare_covered(plan, kv.present, networks.intervals, fresh, config.kv_key_prefix, kv_now)
 
 
 def apply_and_record(

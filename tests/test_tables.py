@@ -495,11 +495,18 @@ def test_keys_the_network_table_holds_are_left_to_expire():
         "ip:192.0.2.4": job.Present(None, None),  # not ours: deleted
     }
     plan = job.make_plan({}, present, NOW)
-    spared = job.spare_covered(plan, present, held, "ip:", NOW)
+    spared = job.spare_covered(plan, present, held, held, "ip:", NOW)
     assert spared.spared == ["ip:192.0.2.1", "ip:198.51.100.7"]
     assert spared.deletes == sorted(set(present) - set(spared.spared))
-    assert job.spare_covered(plan, present, None, "ip:", NOW) == plan
-    later = job.spare_covered(plan, present, held, "ip:", NOW + 7200)  # the table's ends have passed
+    assert job.spare_covered(plan, present, None, None, "ip:", NOW) == plan
+    # The table KV keeps may hold an end up to the slack past its decision's (kept as it stood):
+    # a key is bounded by the decision's end, the fresh table's, not by the held one.
+    earlier = networks_of(
+        [row("192.0.2.0/24", 3600 - 100), row("198.51.100.7", 3600, "captcha", scope="Ip", origin="CAPI")],
+        origins={"CAPI"},
+    ).intervals
+    assert job.spare_covered(plan, present, held, earlier, "ip:", NOW).spared == ["ip:198.51.100.7"]
+    later = job.spare_covered(plan, present, held, held, "ip:", NOW + 7200)  # the table's ends have passed
     assert later.spared == []
 
 
