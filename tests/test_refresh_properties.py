@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -231,13 +230,6 @@ def test_after_every_run_what_lapi_wants_is_enforced_and_nothing_outlives_its_de
         assert kv.violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spare_covered() bounds a key left to expire by the network table's held end plus the "
-    "slack, and that held end may itself stand up to the slack past the decision's end (a table "
-    "whose ends moved earlier within the slack is kept): the key outlives its decision by up to "
-    "twice the slack, here 100 s. Bounding it by the fresh entry's end would keep it within one.",
-)
 def test_a_key_left_to_expire_outlives_its_decision_by_no_more_than_the_slack(stack):
     """A key the network table now holds is left to expire while its expiration is within the
     slack of the table's end; the table's end may itself stand within the slack of the decision's.
