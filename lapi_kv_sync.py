@@ -2126,27 +2126,23 @@ def networks_document(
     """The network table for these entries, at most `max_bytes` long: past it, what fits, bans
     first, then the longest ends. `stored` (the table KV holds, or None) is kept as it is while
     it may stand."""
-    # Each network adds at most two intervals (one inside another splits it in three): under the
-    # cap even so, every entry is kept, in LAPI's order, and no sort by strength is needed.
-    candidates = list(entries)
-    if NETWORKS_HEADER.size + 80 * len(candidates) > max_bytes:
+    kept = candidates = list(entries)
+    intervals = network_intervals(entries.items(), offset, kv_now)
+    if networks_size(intervals) > max_bytes:  # rare: as many as fit, the strongest first
+
+        def size(n: int) -> int:
+            return networks_size(network_intervals(((e, entries[e]) for e in candidates[:n]), offset, kv_now))
+
         candidates = [entry for entry, _ in strongest_first(entries.items())]
-    kept = candidates
-    intervals = network_intervals(kept, entries, offset, kv_now)
-    if networks_size(intervals) > max_bytes:  # rare: find how many fit, the strongest first
-        fits = bisect.bisect_right(
-            range(len(candidates) + 1),
-            max_bytes,
-            key=lambda n: networks_size(network_intervals(candidates[:n], entries, offset, kv_now)),
-        )
-        kept = candidates[: fits - 1]
-        intervals = network_intervals(kept, entries, offset, kv_now)
+        kept = candidates[: bisect.bisect_right(range(len(candidates) + 1), max_bytes, key=size) - 1]
+        intervals = network_intervals(((e, entries[e]) for e in kept), offset, kv_now)
     value = encode_networks(intervals) if kept else b""
     due = networks_standing(stored, value, kv_now) if stored and value else None
     if due is not None:
         value = stored
     else:
-        due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
+        ends = (w.end for w in entries.values()) if len(kept) == len(entries) else (entries[e].end for e in kept)
+        due = capped_due_at(ends, offset, kv_now)
     left_out = candidates[len(kept) : len(kept) + LEFT_OUT_SAMPLES]
     figures = Counter(("network", entry[3]) for entry in kept)
     full = len(entries) - len(kept)
@@ -2168,16 +2164,17 @@ def networks_standing(stored: bytes, fresh: bytes, kv_now: float) -> float | Non
         return standing(interval_ends(held), interval_ends(decode_networks(fresh)), kv_now)
     have, want = (uint32_words(value, 16 + 8 * n4, 8 * n4) for value in (stored, fresh))  # v4 ban and captcha
     have6, want6 = (uint32_words(value, 16 + 16 * n4 + 32 * n6, 8 * n6) for value in (stored, fresh))
-    due_at = math.inf
-    for held_end_, wanted_end in zip(have + have6, want + want6, strict=True):
-        held_end_ = held_end_ if held_end_ > kv_now else 0
-        if (held_end_ == 0) != (wanted_end == 0):
-            return None
-        if held_end_:
-            if not expiration_stands(held_end_, wanted_end, kv_now):
+    due_at, slack, ahead = math.inf, EXPIRATION_SLACK, kv_now + REFRESH_AHEAD
+    for have_end, want_end in zip(have + have6, want + want6, strict=True):
+        if have_end <= kv_now:  # passed, or none: the Worker ignores it
+            if want_end:
                 return None
-            if wanted_end > held_end_ + EXPIRATION_SLACK:
-                due_at = min(due_at, held_end_ - REFRESH_AHEAD)
+            continue
+        # expiration_stands(), inline: this runs once per interval, a blocklist's hundreds of thousands.
+        if not want_end or have_end > want_end + slack or (have_end < want_end - slack and have_end <= ahead):
+            return None
+        if want_end > have_end + slack and have_end - REFRESH_AHEAD < due_at:
+            due_at = have_end - REFRESH_AHEAD
     return due_at
 
 
@@ -2199,16 +2196,15 @@ def networks_end(value: bytes) -> int:
     return max(ends, default=0)
 
 
-def network_intervals(
-    kept: Iterable[NetworkEntry], entries: Mapping[NetworkEntry, Wanted], offset: float, kv_now: float
-) -> Intervals:
+def network_intervals(entries: Iterable[tuple[NetworkEntry, Wanted]], offset: float, kv_now: float) -> Intervals:
     """The network table's intervals for these entries, ends as it holds them (held_end())."""
     cap = min(math.ceil(kv_now + MAX_TTL), MAX_END)
     families: dict[int, list[tuple[int, int, int, int]]] = {4: [], 6: []}
-    for entry in kept:
-        version, first, last, remediation = entry
-        end = min(math.ceil(entries[entry].end + offset), cap)
-        families[version].append((first, last, end, 0) if remediation == "ban" else (first, last, 0, end))
+    add4, add6, ceil = families[4].append, families[6].append, math.ceil
+    for (version, first, last, remediation), wanted in entries:
+        end = ceil(wanted.end + offset)
+        end = cap if end > cap else end
+        (add4 if version == 4 else add6)((first, last, end, 0) if remediation == "ban" else (first, last, 0, end))
     return Intervals(disjoint_intervals(families[4]), disjoint_intervals(families[6]))
 
 
@@ -4310,7 +4306,7 @@ def plan_run(projection: Projection, documents: Mapping[str, Document], kv: Know
     if networks is None or not networks.value or not plan.deletes:
         return plan
     kv_now = kv.now + kv.offset
-    fresh = network_intervals(networks.kept, projection.networks, kv.offset, kv_now)
+    fresh = network_intervals(((e, projection.networks[e]) for e in networks.kept), kv.offset, kv_now)
     return spare_covered(plan, kv.present, networks.intervals, fresh, config.kv_key_prefix, kv_now)
 
 
