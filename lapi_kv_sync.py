@@ -2105,7 +2105,11 @@ def scope_entries(value: bytes | None) -> dict[tuple[str, str], Ends]:
     one of format 1 (then it cannot stand, and is rewritten)."""
     try:
         document = json.loads(value or b"null")
-        if not (type(document) is dict and document.get("v") == TABLE_FORMAT):
+        if not (type(document) is dict and type(document.get("v")) is int and document["v"] == TABLE_FORMAT):
+            return {}
+        # Only the very bytes this job writes: `"v": true`, white space or UTF-16 read as the same
+        # document here, but not by every Worker (the reference one refuses `true`).
+        if json.dumps(document, sort_keys=True, separators=(",", ":")).encode() != value:
             return {}
         held = {}
         for scope, names in document.items():
@@ -2129,12 +2133,8 @@ def networks_document(
     kept = candidates = list(entries)
     intervals = network_intervals(entries.items(), offset, kv_now)
     if networks_size(intervals) > max_bytes:  # rare: as many as fit, the strongest first
-
-        def size(n: int) -> int:
-            return networks_size(network_intervals(((e, entries[e]) for e in candidates[:n]), offset, kv_now))
-
         candidates = [entry for entry, _ in strongest_first(entries.items())]
-        kept = candidates[: bisect.bisect_right(range(len(candidates) + 1), max_bytes, key=size) - 1]
+        kept = candidates[: networks_that_fit(candidates, entries, offset, kv_now, max_bytes)]
         intervals = network_intervals(((e, entries[e]) for e in kept), offset, kv_now)
     value = encode_networks(intervals) if kept else b""
     due = networks_standing(stored, value, kv_now) if stored and value else None
@@ -2147,6 +2147,28 @@ def networks_document(
     figures = Counter(("network", entry[3]) for entry in kept)
     full = len(entries) - len(kept)
     return Document("networks", value, float(networks_end(value)), due, figures, full, kept, left_out)
+
+
+def networks_that_fit(
+    candidates: list[NetworkEntry], entries: Mapping[NetworkEntry, Wanted], offset: float, kv_now: float, max_bytes: int
+) -> int:
+    """How many of `candidates`, from the first, make a network table of at most `max_bytes`. Each
+    takes at least an interval of its own (16 bytes, 40 for IPv6), and more only where it nests in
+    another: the most the lower bound allows mostly fits, checked with one build; else a search."""
+
+    def size(n: int) -> int:
+        return networks_size(network_intervals(((e, entries[e]) for e in candidates[:n]), offset, kv_now))
+
+    least = NETWORKS_HEADER.size + sum(16 if entry[0] == 4 else 40 for entry in candidates)
+    most = len(candidates)
+    for entry in reversed(candidates):  # the longest prefix whose lower bound fits
+        if least <= max_bytes:
+            break
+        least -= 16 if entry[0] == 4 else 40
+        most -= 1
+    if size(most) <= max_bytes:
+        return most
+    return bisect.bisect_right(range(most + 1), max_bytes, key=size) - 1
 
 
 def networks_standing(stored: bytes, fresh: bytes, kv_now: float) -> float | None:
@@ -2239,6 +2261,10 @@ class CloudflareError(Exception):
     """Cloudflare refused or kept failing a request."""
 
 
+class CloudflareTooLarge(CloudflareError):
+    """An answer from Cloudflare past the size it may have."""
+
+
 class Present(NamedTuple):
     expiration: float | None
     # From the key's metadata; None when the key has none of ours. The scope table's key holds
@@ -2292,7 +2318,7 @@ class Cloudflare:
             answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
-            raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
+            raise CloudflareTooLarge(f"{operation}: Cloudflare's answer was too large: {e}") from None
 
     def call(
         self, operation: str, method: str, path: str, body: bytes | None = None
@@ -2318,7 +2344,7 @@ class Cloudflare:
             envelope, response = self.call("list", "GET", "/keys?" + urllib.parse.urlencode(query))
             if server_time is None:
                 received_at = self.http.clock.now()
-                server_time = http_date(response.headers.get("Date"))
+                server_time = cloudflare_time(response.headers.get("Date"))
             result = envelope.get("result") or []
             if not isinstance(result, list):
                 raise CloudflareError(f"list: `result` is a {type(result).__name__}, not a list of keys")
@@ -2338,17 +2364,28 @@ class Cloudflare:
                 )
 
     def value(self, key: str) -> bytes | None:
-        """The value of one key (None: there is none): read only to learn which table KV holds."""
-        response = self.send("read", "GET", f"/values/{urllib.parse.quote(key, safe='')}", limit=TABLE_MAX_BYTES_LIMIT)
+        """The value of one key (None: there is none, or it is larger than any table this job
+        writes, so not one of them): read only to learn which table KV holds."""
+        try:
+            response = self.send(
+                "read", "GET", f"/values/{urllib.parse.quote(key, safe='')}", limit=TABLE_MAX_BYTES_LIMIT
+            )
+        except CloudflareTooLarge:
+            return None
         if response.status == 404:
             return None
         if response.status != 200:
             raise CloudflareError(f"read: {read_envelope(response, self.secrets)[1]}")
         return response.body
 
-    def namespace(self) -> None:
+    def namespace(self) -> Response:
         """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
-        self.call("namespace", "GET", "")
+        return self.call("namespace", "GET", "")[1]
+
+    def clock(self) -> tuple[float | None, float]:
+        """Cloudflare's clock (its Date header; None: none believable) and ours when it arrived."""
+        response = self.namespace()
+        return cloudflare_time(response.headers.get("Date")), self.http.clock.now()
 
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
@@ -2419,6 +2456,17 @@ def unsuccessful_keys(result: Any) -> list[str]:
     if isinstance(result, dict):
         return [k for k in result.get("unsuccessful_keys") or [] if isinstance(k, str)]
     return []
+
+
+# Cloudflare's clock as a Date header gives it, believed only between these (Unix seconds: 2020
+# and 2100): a date outside them is a broken answer (a proxy's, say), and taken as no date.
+CLOUDFLARE_DATES = (1_577_836_800, 4_102_444_800)
+
+
+def cloudflare_time(value: str | None) -> float | None:
+    """The time of a Date header from Cloudflare, or None when it has none or an unbelievable one."""
+    seconds = http_date(value)
+    return seconds if seconds is not None and CLOUDFLARE_DATES[0] <= seconds < CLOUDFLARE_DATES[1] else None
 
 
 def http_date(value: str | None) -> float | None:
@@ -2682,6 +2730,9 @@ RECENT_MAX = 20_000
 # What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
 # at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
 MAX_HEADER_BYTES = 64 * 1024
+# The least a key takes in a record's columns: `"ip:1.2.3.4",` (a prefix of one character and the
+# shortest address make 12), `null,` or a number and its comma, and its letter.
+MIN_RECORD_KEY_BYTES = 14
 MAX_NAME_JSON = MAX_KEY_BYTES * 6 + 3
 MAX_RECENT_JSON = MAX_NAME_JSON + 22
 
@@ -2850,8 +2901,13 @@ def decode_record(lines: Iterable[str]) -> Record:
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
     try:
-        names = json.loads(next(lines))
-        expirations = json.loads(next(lines))
+        # Counted before they are decoded: a column of junk (`[0,0,0,…]` to the record's limit) would
+        # make a list of tens of millions of references first, past the CronJob's memory.
+        names_line, expirations_line = next(lines), next(lines)
+        if names_line.count(",") > count * (prefix.count(",") + 1) or expirations_line.count(",") > count:
+            raise ValueError("more items than the header says")
+        names = json.loads(names_line)
+        expirations = json.loads(expirations_line)
         codes = next(lines).removesuffix("\n")
         recent = next(lines).removesuffix("\n") if recent_count else ""
         values = {
@@ -2925,6 +2981,8 @@ def unpacked_record(packed: bytes, limit: int) -> bytes:
             count, recent, tables = record_counts(header)
         except (KeyError, ValueError, TypeError):
             raise RecordCorrupt("header lacks a field or holds a wrong type") from None
+        if max(count, recent) > limit // MIN_RECORD_KEY_BYTES:
+            raise RecordCorrupt(f"claims more keys than a record of at most {limit} bytes can hold")
         most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + tables + 64)
         text += unpack.decompress(unpack.unconsumed_tail, max(1, most + 1 - len(text)))
         if len(text) > most:
@@ -4152,8 +4210,8 @@ def converge(
     del loaded
     kv, projection = list_and_project(http, config, cloudflare, carried, decisions._replace(chunks=chunks), report)
     del decisions
-    documents = build_tables(projection, kv, carried.tables, cloudflare, config, log)
-    plan = plan_run(projection, documents, kv, config)
+    kv, documents, plan = plan_with_tables(projection, kv, carried.tables, cloudflare, config, dry_run)
+    count_tables_left_out(projection.ignored, documents, config, log)
     report.table_entries = sum((d.entries for d in documents.values()), Counter())
     report.table_bytes = {d.name: len(d.value) for d in documents.values()}
     tally(report, plan, Ledger(), config.kv_key_prefix, guarded=False)  # until Cloudflare confirms: what is to be done
@@ -4242,7 +4300,6 @@ def build_tables(
     kept: Mapping[str, bytes],
     cloudflare: Cloudflare,
     config: Config,
-    log: Log,
 ) -> dict[str, Document]:
     """The tables KV is to hold, by key (none when they are off). Each is built from LAPI's
     decisions against the one KV holds, which it keeps while that may stand: the record's copy of
@@ -4252,9 +4309,9 @@ def build_tables(
         return {}
     kv_now = kv.now + kv.offset
     tables = {}
-    for name, build, entries, max_bytes, setting in (
-        ("scopes", scope_document, projection.scopes, config.scope_table_max_bytes, "SCOPE_TABLE_MAX_BYTES"),
-        ("networks", networks_document, projection.networks, config.table_max_bytes, "TABLE_MAX_BYTES"),
+    for name, build, entries, max_bytes in (
+        ("scopes", scope_document, projection.scopes, config.scope_table_max_bytes),
+        ("networks", networks_document, projection.networks, config.table_max_bytes),
     ):
         key = config.kv_key_prefix + name
         have = kv.present.get(key)
@@ -4263,20 +4320,55 @@ def build_tables(
             # Not the value its metadata names (edited behind the job's back), or gone since the
             # listing: unknown, so the plan writes it whatever the new table's digest.
             kv.present[key] = UNKNOWN  # type: ignore[index]
-        document = build(entries, held, kv.offset, kv_now, max_bytes)
-        if document.full:
-            projection.ignored["table_full"] += document.full
-            for text in document.sample(document.left_out):
-                projection.ignored.name("table_full", Dropped(text, name, "", ""))
-            log.warning(
-                "table_full",
-                f"{name} table: {counted(document.full, 'entry', 'entries')} left out (table_full), past {setting}={max_bytes} "
-                f"(kept {len(document.kept)}: bans first, then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
-                table=name,
-                left_out=document.full,
-            )
-        tables[key] = document
+        tables[key] = build(entries, held, kv.offset, kv_now, max_bytes)
     return tables
+
+
+def count_tables_left_out(ignored: LeftOut, documents: Mapping[str, Document], config: Config, log: Log) -> None:
+    """The entries the tables' caps left out, counted and named as `table_full`, and said."""
+    settings = {"scopes": ("SCOPE_TABLE_MAX_BYTES", config.scope_table_max_bytes)}
+    settings["networks"] = ("TABLE_MAX_BYTES", config.table_max_bytes)
+    for document in documents.values():
+        if not document.full:
+            continue
+        ignored["table_full"] += document.full
+        for text in document.sample(document.left_out):
+            ignored.name("table_full", Dropped(text, document.name, "", ""))
+        setting, max_bytes = settings[document.name]
+        log.warning(
+            "table_full",
+            f"{document.name} table: {counted(document.full, 'entry', 'entries')} left out (table_full), past "
+            f"{setting}={max_bytes} (kept {len(document.kept)}: bans first, then the longest ends); raise it, up to "
+            f"{TABLE_MAX_BYTES_LIMIT}",
+            table=document.name,
+            left_out=document.full,
+        )
+
+
+def plan_with_tables(
+    projection: Projection,
+    kv: KnownKv,
+    kept: Mapping[str, bytes],
+    cloudflare: Cloudflare,
+    config: Config,
+    dry_run: bool,
+) -> tuple[KnownKv, dict[str, Document], Plan]:
+    """The tables and the plan. A table holds ends on Cloudflare's clock, which a record's offset
+    (measured at the last audit) stops giving once the job's clock has stepped: a run that is to
+    write one without a listing asks Cloudflare's clock first (the namespace, one request) and,
+    when the offset moved past the slack, builds and plans again with the one measured."""
+    documents = build_tables(projection, kv, kept, cloudflare, config)
+    plan = plan_run(projection, documents, kv, config)
+    tables = {config.kv_key_prefix + name for name in DOCUMENT_NAMES}
+    if dry_run or kv.listed or not tables & set(map(write_key, plan.writes[-len(tables) :])):
+        return kv, documents, plan
+    server_time, received_at = cloudflare.clock()
+    offset = server_time - received_at if server_time is not None else kv.offset
+    if abs(offset - kv.offset) <= EXPIRATION_SLACK / 2:
+        return kv, documents, plan
+    kv = kv._replace(offset=offset, now=received_at)
+    documents = build_tables(projection, kv, kept, cloudflare, config)
+    return kv, documents, plan_run(projection, documents, kv, config)
 
 
 def held_table(key: str, have: Present | None, kept: bytes | None, cloudflare: Cloudflare) -> bytes | None:

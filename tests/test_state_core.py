@@ -836,7 +836,12 @@ def settings_the_projection_reads() -> set[str]:
     wherever they are called, and those that make LAPI's query (which decisions LAPI answers with)."""
     module = ast.parse(inspect.getsource(job))
     fields = set()
-    for whole in (job.lapi_query, job.build_tables, job.plan_run):  # these take the whole configuration
+    for whole in (
+        job.lapi_query,
+        job.build_tables,
+        job.plan_run,
+        job.count_tables_left_out,
+    ):  # these take the whole configuration
         fields |= config_fields_read(ast.parse(inspect.getsource(whole)))
     for call in ast.walk(module):
         if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "project":
