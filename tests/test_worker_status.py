@@ -239,3 +239,23 @@ def test_a_kv_that_throws_is_said_in_the_status():
         table = status["tables"][name]
         assert table["digest"] is None and table["age"] is None and table["bytes"] == 0
         assert table["problem"].startswith(f"{label} unusable, the last good copy (if any) kept: Error: KV GET failed")
+
+
+def test_a_slow_kv_keeps_a_status_request_no_longer_than_any_request(keys):
+    """Reads answering 30 s late: the status says what it has after KV_TIMEOUT_MS, the tables
+    not read yet and the probe's wait, and answers while those reads are still on their way."""
+    slow = {"ip:networks": 30, "ip:status-probe": 30}
+    steps = [{"slowReads": slow, "requests": [status_request()]}]
+    output = drive(config=config(KV_TIMEOUT_MS="100"), keys=keys, steps=steps)
+    (answer,) = output["steps"][0]["responses"]
+    status = status_of(answer)
+    assert answer["pending"] == 2  # the probe and the network table, still unsettled
+    assert status["kv"] == {"reads": False, "problem": "no answer within KV_TIMEOUT_MS (100 ms)"}
+    assert status["tables"]["networks"] == {
+        "digest": None,
+        "bytes": 0,
+        "entries": {"v4": 0, "v6": 0},
+        "age": None,
+        "problem": "network table not read yet",
+    }
+    assert status["tables"]["scopes"]["digest"] == table_metadata(keys, "scopes")["digest"]

@@ -76,8 +76,9 @@ export function heldDocument({ name, label, type, use, empty, remark = () => nul
    * returned for it (null: no key, or never read).
    */
   current.held = async (env, ctx) => {
-    await current(env, ctx);
+    const consulted = current(env, ctx); // starts a read when one is due, before its first await
     if (held.reading !== null) await withinBound(held.reading, env).catch(() => {});
+    await consulted; // settled by now, or within the same bound
     const { copy, value, gotAt, problem } = held;
     return { copy, value, gotAt, problem: problem ?? (held.loaded ? null : `${label} not read yet`) };
   };
