@@ -87,20 +87,19 @@ def job_keys(stack, *decisions: dict, **env: str) -> list[dict]:
     stack.lapi.decisions = list(decisions)
     assert stack.run(**env).code == 0
     return [
-        {"name": name, **kv_value(entry.value), "expiration": entry.expiration, "metadata": entry.metadata}
+        {
+            "name": name,
+            # A binary value (the network table) goes to Miniflare in base64, as drive.mjs takes it.
+            **(
+                {"base64": base64.b64encode(entry.value).decode()}
+                if isinstance(entry.value, bytes)
+                else {"value": entry.value}
+            ),
+            "expiration": entry.expiration,
+            "metadata": entry.metadata,
+        }
         for name, entry in stack.kv.live().items()
     ]
-
-
-def kv_value(value: str | bytes) -> dict:
-    """A value as drive.mjs takes it, to the byte: the job writes its tables with `base64`, so the
-    KV stand-in holds them as bytes; text (the scope table's JSON) as text, anything else as base64."""
-    if isinstance(value, str):
-        return {"value": value}
-    try:
-        return {"value": value.decode()}  # Miniflare stores text as its UTF-8: these very bytes
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(value).decode()}
 
 
 def requests(*addresses: str) -> list[dict]:

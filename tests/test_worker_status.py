@@ -127,7 +127,7 @@ def test_the_status_says_what_the_isolate_holds_with_the_jobs_digests(stack, key
             "ADDRESS_KEYS": True,
             "CACHE_TTL": 60,
             "SCOPES_REFRESH": 60,
-            "KV_TIMEOUT_MS": 300,
+            "KV_TIMEOUT_MS": int(config()["vars"]["KV_TIMEOUT_MS"]),  # wrangler.toml's, or the tests' bound
             "LOG_ONLY": False,
         },
     }
@@ -225,7 +225,7 @@ def test_no_tables_another_prefix_and_the_settings_in_effect(stack):
         "ADDRESS_KEYS": False,
         "CACHE_TTL": 30,
         "SCOPES_REFRESH": 60,
-        "KV_TIMEOUT_MS": 300,
+        "KV_TIMEOUT_MS": int(config()["vars"]["KV_TIMEOUT_MS"]),
         "LOG_ONLY": True,
     }
     assert sorted(reads(answer)) == ["crowdsec/networks", "crowdsec/scopes", "crowdsec/status-probe"]
