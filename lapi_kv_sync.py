@@ -3781,8 +3781,10 @@ STATUS_PATH = "/.well-known/lapi-kv-sync/status"  # worker/status.js's STATUS_PA
 MIN_STATUS_TOKEN_LENGTH = 32  # worker/status.js leaves its status off with a shorter STATUS_TOKEN
 MAX_STATUS_BYTES = 64 * 1024  # the status is well under 2 KiB
 STATUS_RETRY = Retry(attempts=2, backoff=1.0, max_wait=2.0)
-# Seconds KV takes to carry a write to every edge location: "up to 60 seconds or more" (Cloudflare).
-KV_PROPAGATION = 60
+# Seconds the check allows past SCOPES_REFRESH + CACHE_TTL, the time a table the job wrote takes to
+# be in every isolate: Cloudflare promises no hard bound on its edge cache letting go, and KV's
+# listing (what the check compares with) may lag what KV serves.
+EDGE_MARGIN = 60
 # The longest the check waits for an edge that may be catching up; past it, it says when to ask again.
 MAX_EDGE_WAIT = 900
 EXIT_EDGE_DIFFERS = 1
@@ -3825,9 +3827,9 @@ class EdgeStatus(NamedTuple):
 
     @property
     def window(self) -> int:
-        """Seconds a table written to KV may take to reach an isolate: its refresh, KV's edge cache
-        (CACHE_TTL) and KV's propagation."""
-        return self.scopes_refresh + self.cache_ttl + KV_PROPAGATION
+        """Seconds after which an isolate holds a table the job wrote: its refresh (SCOPES_REFRESH)
+        and KV's edge cache (CACHE_TTL), with a margin."""
+        return self.scopes_refresh + self.cache_ttl + EDGE_MARGIN
 
 
 def parse_edge_status(body: bytes) -> EdgeStatus:
@@ -3905,7 +3907,9 @@ def compare_edge(
     lines: list[tuple[str, str]] = []
     failed, pending = [], False
     window = edge.window
-    within = f"{window} s (SCOPES_REFRESH {edge.scopes_refresh} + CACHE_TTL {edge.cache_ttl} + {KV_PROPAGATION} for KV)"
+    within = (
+        f"{window} s (SCOPES_REFRESH {edge.scopes_refresh} + CACHE_TTL {edge.cache_ttl} + a margin of {EDGE_MARGIN})"
+    )
     if edge.version != __version__:
         lines.append(("warning", f"the Worker is {edge.version!r}, this job {__version__}: deploy the same release"))
     if edge.prefix == prefix:

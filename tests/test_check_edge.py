@@ -20,7 +20,7 @@ from tests.conftest import Result, assert_no_secret
 from tests.standins import EdgeStandin, Entry, decision
 
 STATUS_TOKEN = "status-token-0123456789abcdefghijklmnopqrstuv"
-WINDOW = 60 + 60 + job.KV_PROPAGATION  # SCOPES_REFRESH + CACHE_TTL + KV's propagation, at the defaults
+WINDOW = 60 + 60 + job.EDGE_MARGIN  # SCOPES_REFRESH + CACHE_TTL + the margin, at the defaults
 OTHER_DIGEST = "0123456789abcdef0123456789abcdef"
 SETTINGS = {"ADDRESS_KEYS": True, "CACHE_TTL": 60, "SCOPES_REFRESH": 60, "KV_TIMEOUT_MS": 300, "LOG_ONLY": False}
 
@@ -127,8 +127,9 @@ def test_a_table_that_differs_in_an_old_copy_is_an_edge_that_lags(stack, edge):
     result = check(stack, edge.url)
     assert result.code == 1 and result.sleeps == []  # nothing to wait for: its reads fail
     assert f"networks: the edge holds {OTHER_DIGEST} (" in result.err
-    assert f"the edge lags, its copy {old} s old, past {WINDOW} s (SCOPES_REFRESH 60 + CACHE_TTL 60 + 60 for KV)" in (
-        result.err
+    assert (
+        f"the edge lags, its copy {old} s old, past {WINDOW} s (SCOPES_REFRESH 60 + CACHE_TTL 60 + a margin of 60)"
+        in (result.err)
     )
     assert problem in result.err and "`npx wrangler tail`" in result.err
     assert "scopes: " in result.out and "the same" in result.out
