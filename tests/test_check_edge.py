@@ -127,10 +127,8 @@ def test_a_table_that_differs_in_an_old_copy_is_an_edge_that_lags(stack, edge):
     result = check(stack, edge.url)
     assert result.code == 1 and result.sleeps == []  # nothing to wait for: its reads fail
     assert f"networks: the edge holds {OTHER_DIGEST} (" in result.err
-    assert (
-        f"the edge lags, its copy {old} s old, past {WINDOW} s (SCOPES_REFRESH 60 + CACHE_TTL 60 + a margin of 60)"
-        in (result.err)
-    )
+    lags = f"the edge lags, its copy {old} s old, past {WINDOW} s (SCOPES_REFRESH 60 + CACHE_TTL 60 + a margin of 60)"
+    assert lags in result.err
     assert problem in result.err and "`npx wrangler tail`" in result.err
     assert "scopes: " in result.out and "the same" in result.out
 
