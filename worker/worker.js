@@ -23,8 +23,9 @@ export default {
     const url = new URL(request.url);
     // The operator's status request (status.js); without its token, on as any request below.
     if (onStatusPath(url)) {
-      const status = await statusAnswer(request, env, ctx);
-      if (status !== null) return status;
+      // A status that fails is no answer: the path stays any request, never a 500 that shows it.
+      const status = await statusAnswer(request, env, ctx).catch((error) => void console.error(`status: ${error}`));
+      if (status) return status;
     }
     const address = clientAddress(request.headers); // null: not one address, nothing to look up
     const host = url.hostname;
