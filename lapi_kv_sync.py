@@ -175,10 +175,13 @@ class Config:
     # 500,000 IPv4 intervals (16 bytes each), more than an answer at LAPI_MAX_BYTES can hold.
     table_max_bytes: int = 8 * 1024 * 1024
     proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
+    # --check-edge: the site's base URL, and the Worker's STATUS_TOKEN that opens its status ("": not asked)
+    edge_url: str = ""
+    status_token: str = field(default="", repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.lapi_key, self.cf_api_token, *self.proxies.secrets) if s)
+        return tuple(s for s in (self.lapi_key, self.cf_api_token, self.status_token, *self.proxies.secrets) if s)
 
 
 class Proxy(NamedTuple):
@@ -324,8 +327,10 @@ def unresolvable(host: str) -> str:
     return ""
 
 
-def load_config(env: Mapping[str, str]) -> Config:
-    """Read the configuration once from an environment mapping; raise ConfigError naming every bad variable."""
+def load_config(env: Mapping[str, str], check_edge: str | None = None) -> Config:
+    """Read the configuration once from an environment mapping; raise ConfigError naming every bad
+    variable. With `check_edge` (--check-edge's URL) it is for that check: LAPI is not read, and
+    STATUS_TOKEN is needed."""
     problems: list[str] = []
 
     def text(name: str, default: str = "") -> str:
@@ -363,8 +368,8 @@ def load_config(env: Mapping[str, str]) -> Config:
             return ""
         return value
 
-    def url(name: str, default: str = "") -> str:
-        value = text(name, default).rstrip("/")
+    def url(name: str, default: str = "", given: str | None = None) -> str:
+        value = (text(name, default) if given is None else given.strip()).rstrip("/")
         if value:
             try:
                 parts = urllib.parse.urlsplit(value)
@@ -448,8 +453,21 @@ def load_config(env: Mapping[str, str]) -> Config:
     if bool(lapi_client_cert) != bool(lapi_client_key):
         problems.append("LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither")
     lapi_key = secret("LAPI_KEY")
-    if not lapi_key and not lapi_client_cert and not any("LAPI_KEY" in p for p in problems):
+    if not lapi_key and not lapi_client_cert and check_edge is None and not any("LAPI_KEY" in p for p in problems):
         problems.append("LAPI_KEY (or LAPI_KEY_FILE) is not set, and no LAPI_CLIENT_CERT is given")
+    edge_url, status_token = "", ""
+    if check_edge is not None:
+        edge_url = url("--check-edge", given=check_edge)
+        if not edge_url or "?" in edge_url or "#" in edge_url:
+            problems.append(f"--check-edge takes the site's base URL (https://www.example.com), got {check_edge!r}")
+        status_token = secret("STATUS_TOKEN")
+        if not status_token and not any("STATUS_TOKEN" in p for p in problems):
+            problems.append("STATUS_TOKEN (or STATUS_TOKEN_FILE) is not set: --check-edge sends it to the Worker")
+        elif status_token and len(status_token) < MIN_STATUS_TOKEN_LENGTH:
+            problems.append(
+                f"STATUS_TOKEN: the secret is under {MIN_STATUS_TOKEN_LENGTH} characters, which the Worker refuses "
+                "(its status stays off): make one with `openssl rand -hex 32`, for both"
+            )
     cf_account_id = identifier("CF_ACCOUNT_ID")
     cf_namespace_id = identifier("CF_KV_NAMESPACE_ID")
     cf_api_token = secret("CF_API_TOKEN")
@@ -520,6 +538,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         scope_table_max_bytes=scope_table_max_bytes,
         table_origins=table_origins,
         table_max_bytes=table_max_bytes,
+        edge_url=edge_url,
+        status_token=status_token,
         **config,
     )
 
@@ -2331,14 +2351,15 @@ class Cloudflare:
             raise CloudflareError(f"{operation}: {problem}{'' if envelope else through_proxy_note(response)}")
         return envelope, response
 
-    def list_keys(self, prefix: str) -> Listing:
-        """Every key under the prefix, page by page; CloudflareError when `stop` is set meanwhile."""
+    def list_keys(self, prefix: str, only: str = "") -> Listing:
+        """Every key under the prefix (those starting with prefix + `only`), page by page;
+        CloudflareError when `stop` is set meanwhile."""
         present: dict[str, Present] = {}
         server_time, received_at, cursor, seen, empty_pages = None, 0.0, "", set(), 0
         while True:
             if self.stop.is_set():
                 raise CloudflareError("list: stopped, the run ended before the listing did")
-            query = {"prefix": prefix, "limit": LIST_LIMIT}
+            query = {"prefix": prefix + only, "limit": LIST_LIMIT}
             if cursor:
                 query["cursor"] = cursor
             envelope, response = self.call("list", "GET", "/keys?" + urllib.parse.urlencode(query))
@@ -3875,6 +3896,281 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
         )
 
 
+# --------------------------------------------------------------------------- the edge's status
+#
+# `--check-edge URL`: no run, a check that the Worker enforces what the job wrote. The reference
+# Worker answers `GET <URL>/.well-known/lapi-kv-sync/status` with `Authorization: Bearer
+# <STATUS_TOKEN>` (worker/status.js) with what its isolate holds: the prefix it reads, whether its
+# KV binding reads, each table's digest (the first 32 hex digits of the SHA-256 of its value, as
+# the job's metadata has it) and age, and its settings. The job lists the tables' keys (their
+# metadata's digests) and compares: a pure function (compare_edge) and a thin shell (check_edge).
+
+STATUS_PATH = "/.well-known/lapi-kv-sync/status"  # worker/status.js's STATUS_PATH
+MIN_STATUS_TOKEN_LENGTH = 32  # worker/status.js leaves its status off with a shorter STATUS_TOKEN
+MAX_STATUS_BYTES = 64 * 1024  # the status is well under 2 KiB
+STATUS_RETRY = Retry(attempts=2, backoff=1.0, max_wait=2.0)
+# Seconds the check allows past SCOPES_REFRESH + CACHE_TTL, the time a table the job wrote takes to
+# be in every isolate: Cloudflare promises no hard bound on its edge cache letting go, and KV's
+# listing (what the check compares with) may lag what KV serves.
+EDGE_MARGIN = 60
+# The longest the check waits for an edge that may be catching up; past it, it says when to ask again.
+MAX_EDGE_WAIT = 900
+EXIT_EDGE_DIFFERS = 1
+WHY_NO_STATUS = (
+    "either STATUS_TOKEN is not the Worker's (or the Worker has none: `npx wrangler secret put STATUS_TOKEN`), "
+    "or the request did not reach the Worker (a URL on none of its routes, a Worker deployed before 0.2.0): "
+    "the Worker answers a request without the right token as it answers any request, so the two look alike"
+)
+NAMESPACE_HINT = (
+    "check that the Worker's namespace binding (wrangler.toml, [[kv_namespaces]] binding DECISIONS) has the "
+    "job's CF_KV_NAMESPACE_ID as its id, then `npx wrangler deploy`"
+)
+
+
+class EdgeUnreadable(Exception):
+    """The Worker's status could not be had: no answer, or an answer that is not its status."""
+
+
+class EdgeTable(NamedTuple):
+    """A table as an isolate holds it."""
+
+    digest: str | None  # None: no such key in KV, or never read
+    size: int  # bytes
+    entries: dict[str, int]  # network: intervals per family; scopes: names per scope
+    age: float | None  # seconds since the isolate last read it good; None: never
+    problem: str | None  # the last read's problem, if any
+
+
+class EdgeStatus(NamedTuple):
+    version: str
+    prefix: str
+    kv_reads: bool
+    kv_problem: str | None
+    tables: dict[str, EdgeTable]
+    cache_ttl: int
+    scopes_refresh: int
+    kv_timeout_ms: int
+    address_keys: bool
+    log_only: bool
+
+    @property
+    def window(self) -> int:
+        """Seconds after which an isolate holds a table the job wrote: its refresh (SCOPES_REFRESH)
+        and KV's edge cache (CACHE_TTL), with a margin."""
+        return self.scopes_refresh + self.cache_ttl + EDGE_MARGIN
+
+
+def parse_edge_status(body: bytes) -> EdgeStatus:
+    """The Worker's status answer; ValueError saying what is wrong with anything else."""
+    try:
+        status = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ValueError(f"not JSON: {snippet(body)}") from None
+
+    def field_of(parent: Any, path: str, kind: str) -> Any:
+        name = path.rsplit(".", 1)[-1]
+        value = parent.get(name) if type(parent) is dict else None
+        fits = {
+            "an object": type(value) is dict,
+            "text": type(value) is str,
+            "text or null": value is None or type(value) is str,
+            "true or false": type(value) is bool,
+            "a count": type(value) is int and 0 <= value < 2**53,
+            "seconds or null": value is None or type(value) in (int, float) and 0 <= value < 2**53,
+            "32 hex digits or null": value is None or type(value) is str and _DIGEST.fullmatch(value) is not None,
+        }[kind]
+        if not fits:
+            raise ValueError(f"`{path}` is not {kind}: {snippet(json.dumps(value).encode(), limit=60)}")
+        return value[:300] if type(value) is str else value
+
+    def table(name: str) -> EdgeTable:
+        held = field_of(field_of(status, "tables", "an object"), f"tables.{name}", "an object")
+        at = f"tables.{name}."
+        entries = field_of(held, at + "entries", "an object")
+        counts = {str(k)[:20]: field_of(entries, f"{at}entries.{k}", "a count") for k in list(entries)[:4]}
+        return EdgeTable(
+            field_of(held, at + "digest", "32 hex digits or null"),
+            field_of(held, at + "bytes", "a count"),
+            counts,
+            field_of(held, at + "age", "seconds or null"),
+            field_of(held, at + "problem", "text or null"),
+        )
+
+    if type(status) is not dict:
+        raise ValueError(f"not a JSON object: {snippet(body, limit=60)}")
+    version, prefix = field_of(status, "version", "text")[:40], field_of(status, "prefix", "text")
+    kv, settings = field_of(status, "kv", "an object"), field_of(status, "settings", "an object")
+    return EdgeStatus(
+        version=version,
+        prefix=prefix,
+        kv_reads=field_of(kv, "kv.reads", "true or false"),
+        kv_problem=field_of(kv, "kv.problem", "text or null"),
+        tables={name: table(name) for name in DOCUMENT_NAMES},
+        cache_ttl=field_of(settings, "settings.CACHE_TTL", "a count"),
+        scopes_refresh=field_of(settings, "settings.SCOPES_REFRESH", "a count"),
+        kv_timeout_ms=field_of(settings, "settings.KV_TIMEOUT_MS", "a count"),
+        address_keys=field_of(settings, "settings.ADDRESS_KEYS", "true or false"),
+        log_only=field_of(settings, "settings.LOG_ONLY", "true or false"),
+    )
+
+
+class EdgeCheck(NamedTuple):
+    """What a comparison found: lines to print, (level, text); whether the edge holds what KV holds;
+    else, when it may only be catching up, how long to wait before asking again (None: it does not)."""
+
+    lines: list[tuple[str, str]]
+    agree: bool
+    wait: float | None
+
+
+def compare_edge(
+    edge: EdgeStatus,
+    kv: Mapping[str, str | None],
+    prefix: str,
+    before: Mapping[str, str | None] | None = None,
+) -> EdgeCheck:
+    """The edge's status against KV's tables: `kv` maps each table KV holds under `prefix` to the
+    digest its metadata carries (None: none of ours). `before`: KV's tables one window earlier,
+    when this is the second look at an edge that differed (then holding what KV held is following)."""
+    lines: list[tuple[str, str]] = []
+    failed, pending = [], False
+    window = edge.window
+    within = (
+        f"{window} s (SCOPES_REFRESH {edge.scopes_refresh} + CACHE_TTL {edge.cache_ttl} + a margin of {EDGE_MARGIN})"
+    )
+    if edge.version != __version__:
+        lines.append(("warning", f"the Worker is {edge.version!r}, this job {__version__}: deploy the same release"))
+    if edge.prefix == prefix:
+        lines.append(("info", f"prefix: the edge reads {prefix!r}, as the job writes"))
+    else:
+        lines.append(("error", f"prefix: the edge reads {edge.prefix!r}, the job writes {prefix!r}"))
+        failed.append("set the Worker's KV_KEY_PREFIX (wrangler.toml, [vars]) to the job's, then `npx wrangler deploy`")
+    if edge.kv_reads:
+        lines.append(("info", "KV: the edge's binding reads"))
+    else:
+        lines.append(("error", f"KV: the edge's binding does not read: {edge.kv_problem or 'no reason given'}"))
+        failed.append(NAMESPACE_HINT)
+    for name in DOCUMENT_NAMES:
+        held, age = edge.tables[name], edge.tables[name].age
+        want = kv.get(name)
+        said = f"{name}: the edge {describe_edge_table(held)}; KV {describe_kv_table(name, kv)}"
+        problem = f" ({held.problem})" if held.problem else ""
+        if name in kv and want is None:
+            lines.append(("error", f"{said}: no digest of the job's in its metadata (a run of the job rewrites it)"))
+            failed.append("run the job, then check again")
+        elif held.digest == want:
+            lines.append(("info", f"{said}: the same"))
+            if age is not None and age > window:
+                lines.append(("warning", f"{name}: the edge's copy is {age:g} s old, past {within}{problem}"))
+        elif age is not None and age > window:
+            lines.append(("error", f"{said}: the edge lags, its copy {age:g} s old, past {within}{problem}"))
+            failed.append("see why the Worker's reads fail: `npx wrangler tail`")
+        elif before is not None and age is not None and held.digest == before.get(name):
+            lines.append(("info", f"{said}: the edge holds what KV held {window} s ago, following"))
+        elif before is not None:
+            lines.append(("error", f"{said}: still different after {within}{problem}"))
+            failed.append(NAMESPACE_HINT)
+        else:
+            pending = True
+            lines.append(("info", f"{said}: different, which KV may not have carried to the edge yet{problem}"))
+    if not kv and all(t.digest is None for t in edge.tables.values()):
+        lines.append(("info", "no table on either side: the namespace could not be told apart by its tables"))
+    if edge.log_only:
+        lines.append(("warning", "the edge enforces nothing: LOG_ONLY is on (wrangler.toml, [vars])"))
+    if failed:
+        hints = "; ".join(dict.fromkeys(failed))
+        lines.append(("error", f"the edge does not hold what KV holds: {hints}"))
+        return EdgeCheck(lines, False, None)
+    if pending:
+        return EdgeCheck(lines, False, float(window))
+    lines.append(("info", "the edge holds what KV holds"))
+    return EdgeCheck(lines, True, None)
+
+
+def describe_edge_table(table: EdgeTable) -> str:
+    if table.age is None:
+        return "has not read it yet"
+    if table.digest is None:
+        return f"holds none (read {table.age:g} s ago)"
+    entries = ", ".join(f"{k} {v}" for k, v in table.entries.items())
+    return f"holds {table.digest} ({table.size} bytes; {entries}; read {table.age:g} s ago)"
+
+
+def describe_kv_table(name: str, kv: Mapping[str, str | None]) -> str:
+    return "holds none" if name not in kv else f"holds {kv[name]}" if kv[name] else "holds one"
+
+
+def read_edge_status(http: Http, config: Config) -> EdgeStatus:
+    """The Worker's status, asked with STATUS_TOKEN; EdgeUnreadable saying what to check otherwise."""
+    url = config.edge_url + STATUS_PATH
+    headers = {"Authorization": f"Bearer {config.status_token}", "User-Agent": USER_AGENT, "Accept": "application/json"}
+    try:
+        response = http.request("GET", url, headers=headers, retry=STATUS_RETRY, limit=MAX_STATUS_BYTES)
+    except (TransportError, DeadlineExceeded) as e:
+        raise EdgeUnreadable(
+            f"no answer from {url}: {e} (is it the site's URL, on one of the Worker's routes?)"
+        ) from None
+    except AnswerTooLarge:
+        raise EdgeUnreadable(f"{url} answered with more than {MAX_STATUS_BYTES} bytes: {WHY_NO_STATUS}") from None
+    if 300 <= response.status < 400:
+        where = snippet(response.headers.get("Location", "").encode(), config.secrets)
+        raise EdgeUnreadable(
+            f"{url} answered HTTP {response.status}, to {where}: give --check-edge the URL it leads to"
+        )
+    if response.status != 200:
+        answered = f"HTTP {response.status} {snippet(response.body, config.secrets, 60)}"
+        raise EdgeUnreadable(f"{url} answered {answered}{through_proxy_note(response)}: {WHY_NO_STATUS}")
+    try:
+        return parse_edge_status(response.body)
+    except ValueError as e:
+        raise EdgeUnreadable(f"{url} answered HTTP 200, but not the Worker's status ({e}): {WHY_NO_STATUS}") from None
+
+
+def kv_tables(cloudflare: Cloudflare, prefix: str) -> dict[str, str | None]:
+    """The tables KV holds under the prefix, and their metadata's digests: one list request each."""
+    tables = {}
+    for name in DOCUMENT_NAMES:
+        present = cloudflare.list_keys(prefix, only=name).present
+        if prefix + name in present:
+            tables[name] = present[prefix + name].remediation  # a table's digest stands there
+    return tables
+
+
+def check_edge(config: Config, tls: dict[str, ssl.SSLContext], log: Log, clock: Clock) -> int:
+    """--check-edge: the edge's status against KV, said line by line; its exit code. When the
+    edge differs but may be catching up, asked again once the window has passed."""
+    prefix = config.kv_key_prefix
+    with Http(clock, config.http_timeout, clock.monotonic() + config.run_deadline, tls, config.proxies) as http:
+        try:
+            cloudflare = Cloudflare(http, config)
+            before = kv_tables(cloudflare, prefix)
+            found = compare_edge(read_edge_status(http, config), before, prefix)
+            if found.wait is not None and found.wait <= MAX_EDGE_WAIT:
+                say(log, found.lines)
+                log.info("check_edge", f"waiting {found.wait:g} s for the edge to catch up, then asking again")
+                clock.sleep(found.wait)
+                http.grant(config.run_deadline, "RUN_DEADLINE")
+                found = compare_edge(read_edge_status(http, config), kv_tables(cloudflare, prefix), prefix, before)
+            elif found.wait is not None:
+                found.lines.append(("info", f"too long to wait here: run --check-edge again in {found.wait:g} s"))
+        except EdgeUnreadable as e:
+            log.error("check_edge", f"the edge: {e}")
+            return EXIT_EDGE_DIFFERS
+        except (CloudflareError, DeadlineExceeded) as e:
+            log.error("check_edge", f"Cloudflare: {e}")
+            return EXIT_EDGE_DIFFERS
+        except Interrupted as stop:
+            log_interrupted(log, stop, "the check stopped; it changes nothing")
+            return stop.exit_code
+    say(log, found.lines)
+    return EXIT_OK if found.agree or found.wait is not None else EXIT_EDGE_DIFFERS
+
+
+def say(log: Log, lines: Iterable[tuple[str, str]]) -> None:
+    for level, text in lines:
+        getattr(log, level)("check_edge", text)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -3916,6 +4212,8 @@ ENVIRONMENT = (
     ("CF_KV_NAMESPACE_ID", "Workers KV namespace id (required)"),
     ("CF_API_TOKEN", "API token with Workers KV Storage: Edit (required)"),
     ("CF_API_TOKEN_FILE", "a file holding the API token, instead of CF_API_TOKEN"),
+    ("STATUS_TOKEN", "for --check-edge only: the Worker's STATUS_TOKEN, 32 characters or more"),
+    ("STATUS_TOKEN_FILE", "a file holding it, instead of STATUS_TOKEN"),
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
@@ -3992,11 +4290,19 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
         "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
-        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT",
+        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT\n"
+        "--check-edge: 0 the Worker holds what KV holds (or is catching up), 1 it does not, or a side could not "
+        "be read, 2 configuration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for option, variable, meaning in RUN_FLAGS:
         parser.add_argument(option, action="store_true", help=f"{meaning} (or {variable}=true)")
+    parser.add_argument(
+        "--check-edge",
+        metavar="URL",
+        help="no run: ask the Worker at URL (the site's base URL, on one of its routes) what it holds, with "
+        "STATUS_TOKEN (or STATUS_TOKEN_FILE), and compare it with KV: prefix, table digests, lag",
+    )
     parser.add_argument("--version", action="version", version=f"lapi-kv-sync {__version__} (User-Agent: {USER_AGENT})")
     args = parser.parse_args(argv)
     problems = []
@@ -4016,12 +4322,17 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
     """The command line and the configuration, read once, and the variables with the job's prefixes
     it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
     problems, unknown = unread_variables(env.keys())
+    args = None
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
         problems += e.problems
+    check_edge = getattr(args, "check_edge", None)
+    if check_edge is not None and any(getattr(args, option[2:].replace("-", "_")) for option, _, _ in RUN_FLAGS):
+        flags = " or ".join(f"{option} ({variable})" for option, variable, _ in RUN_FLAGS)
+        problems.append(f"--check-edge is a check, not a run: it takes no {flags}")
     try:
-        config = load_config(env)
+        config = load_config(env, check_edge)
     except ConfigError as e:
         problems += e.problems
     if problems:
@@ -4833,6 +5144,8 @@ def main(
                 )
             for warning in config_warnings(config):
                 log.warning("configuration", warning)
+            if config.edge_url:
+                return check_edge(config, tls, log, clock)
             report, started = Report(started=clock.now()), clock.monotonic()
         except ConfigError as e:
             Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))

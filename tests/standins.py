@@ -944,3 +944,45 @@ class ProxyStandin(Standin):
                     if not data:
                         return
                     (upstream if end is request.connection else request.connection).sendall(data)
+
+
+# --------------------------------------------------------------------------- the Worker's status
+
+
+@dataclass
+class Asked:
+    path: str
+    authorization: str | None
+    user_agent: str | None
+
+
+class EdgeStandin(Standin):
+    """The reference Worker's status request (worker/status.js) as a site answers it: a GET of a
+    path ending in the status path with `Authorization: Bearer <token>` gets the next of `answers`
+    (the last one again once they run out), each a status as a dict, or (status, body, headers),
+    or a function called then that gives one; any other request gets the site's own 404, as the
+    Worker passes it on to the origin."""
+
+    PATH = "/.well-known/lapi-kv-sync/status"
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+        self.answers: list[Any] = []
+        self.asked: list[Asked] = []
+
+    def handle(self, request: _Handler, method: str) -> None:
+        authorization = request.headers.get("Authorization")
+        with self.lock:
+            self.asked.append(Asked(request.path, authorization, request.headers.get("User-Agent")))
+            allowed = method == "GET" and request.path.endswith(self.PATH) and authorization == f"Bearer {self.token}"
+            answer = (self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]) if allowed else None
+        if callable(answer):
+            answer = answer()
+        if answer is None:
+            request.send(404, "<h1>Not Found</h1>", "text/html")
+        elif isinstance(answer, dict):
+            request.send(200, answer, headers={"Cache-Control": "no-store"})
+        else:
+            status, body, headers = answer
+            request.send(status, body, "text/html", headers)

@@ -824,6 +824,8 @@ SHAPES_NO_KEY = {
     "state_file": "where the record is",
     "audit_interval": "when the record is trusted, not what it holds",
     "proxies": "how the job reaches LAPI and Cloudflare, not what it asks",
+    "edge_url": "--check-edge's, which makes no run",
+    "status_token": "a credential, --check-edge's",
 }
 
 

@@ -548,9 +548,9 @@ import os, signal, sys
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 import lapi_kv_sync as job
 real = job.load_config
-def load_config(env):
+def load_config(env, *rest):
     os.kill(os.getpid(), signal.SIGTERM)
-    return real(env)
+    return real(env, *rest)
 job.load_config = load_config
 sys.exit(job.main([]))
 """
