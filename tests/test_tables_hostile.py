@@ -1,6 +1,7 @@
-"""Attempts to break the tables branch (issues 25 and 26), each test the smallest one found that
-fails against it: hostile KV values, a hostile state record, a hostile Date header, a clock that
-steps between audits. Each says what it shows and why it matters."""
+"""The tables against hostile input, each test the smallest case a break-it pass found failing
+(issues 25 and 26): a KV value past any table's size, a state record built to exhaust memory, a
+scope table no Worker reads, a Date header before 1970, the job's clock stepping between audits.
+Each says what it shows and why it matters."""
 
 from __future__ import annotations
 
