@@ -19,7 +19,6 @@ CLOCK_GRAIN for it."""
 from __future__ import annotations
 
 import ipaddress
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
-from tests.standins import KvStandin, LapiStandin, PushgatewayStandin
+from tests.conftest import fresh_stack
+from tests.standins import KvStandin
 
 CLOCK_GRAIN = 2  # seconds: Cloudflare's Date header and expirations are whole seconds
 ADDRESSES = [f"10.0.0.{i}" for i in range(1, 9)] + ["10.0.1.5", "2001:db8::1", "2001:db8::2"]
@@ -203,13 +202,8 @@ DUE_LATER = [step(later=1800), step(later=901), step(later=61)]
 def test_after_every_run_what_lapi_wants_is_enforced_and_nothing_outlives_its_decision(
     first, sequence, audit_interval, table_origins
 ):
-    with (
-        LapiStandin(LAPI_KEY) as lapi_standin,
-        KvStandin(CF_TOKEN) as kv,
-        PushgatewayStandin() as push,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        stack = Stack(lapi_standin, kv, push)
+    with fresh_stack() as (stack, tmp):
+        lapi_standin, kv = stack.lapi, stack.kv
         env = {"PUSHGATEWAY_URL": ""}
         if audit_interval is not None:
             env.update(STATE_FILE=str(Path(tmp) / "record"), AUDIT_INTERVAL=str(audit_interval))
