@@ -3987,7 +3987,7 @@ def parse_edge_status(body: bytes) -> EdgeStatus:
         held = field_of(field_of(status, "tables", "an object"), f"tables.{name}", "an object")
         at = f"tables.{name}."
         entries = field_of(held, at + "entries", "an object")
-        counts = {str(k)[:20]: field_of(entries, f"{at}entries.{k}", "a count") for k in list(entries)[:4]}
+        counts = {str(k)[:20]: field_of(entries, at + f"entries.{k}", "a count") for k in list(entries)[:4]}
         return EdgeTable(
             field_of(held, at + "digest", "32 hex digits or null"),
             field_of(held, at + "bytes", "a count"),
