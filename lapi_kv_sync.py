@@ -26,6 +26,7 @@ if __name__ == "__main__":
 import argparse
 import array
 import base64
+import binascii
 import bisect
 import codecs
 import contextlib
@@ -48,6 +49,7 @@ import os
 import platform
 import random
 import re
+import reprlib
 import socket
 import ssl
 import stat
@@ -76,27 +78,26 @@ MAX_KEY_BYTES = 512
 MAX_METADATA_BYTES = 1024
 MAX_BULK_ITEMS = 10_000
 LIST_LIMIT = 1000
-# A key is up to date while its expiration is within this of the decision's end; it also
-# absorbs the 60 s TTL floor, so a decision with under a minute left is never rewritten.
+# A key is up to date while its expiration is within this of where a write would put it (the
+# decision's end); it also absorbs the 60 s TTL floor, so a decision with under a minute left is
+# never rewritten. A key is never left to outlive its decision by more than this.
 EXPIRATION_SLACK = 60
+# CrowdSec refreshes its blocklists by re-inserting every decision with a later end: a key whose
+# decision now ends later is left as it is while its expiration is more than this ahead, and
+# rewritten, with the decision's end, once it comes within it. Fifteen minutes is fifteen runs
+# at the CronJob's schedule, so one failed run or a Cloudflare outage of a few minutes never lets
+# such a key lapse; a key then costs one write per life of its decision, not one per refresh.
+REFRESH_AHEAD = 15 * 60
 # The longest TTL the job sets: a year. A longer decision (a hand-made ban for ten years) gets a
-# key that is rewritten when under MAX_TTL - MAX_TTL_REFRESH is left, about once a month, so it
-# lasts while the decision does; a key is never made to outlive its decision by more than that.
+# key of a year, rewritten as any key is when it comes within REFRESH_AHEAD of its expiration, so
+# it lasts while the decision does; a key without an expiration would outlive a job that stopped.
 MAX_TTL = 365 * 24 * 3600
-MAX_TTL_REFRESH = 30 * 24 * 3600
 REMEDIATIONS = ("ban", "captcha")  # strongest first
 REMEDIATION_RANK = {r: len(REMEDIATIONS) - i for i, r in enumerate(REMEDIATIONS)}
 IGNORE_REASONS = ("expired", "scope", "type", "invalid", "range_too_large", "table_full")
-# The scope table: Range, Country and AS decisions in one document, `<KV_KEY_PREFIX>scopes`.
-TABLE_NAME = "scopes"  # never an address, so never an address key
-TABLE_SCOPES = ("range", "country", "as")
-TABLE_FORMAT = 1  # the document's "v"
-# Ends in the document are rounded up to a whole hour on the job's clock: an end computed from
-# LAPI's remaining duration moves by milliseconds from one run to the next, and the document must
-# change only when its content does. An entry outlives its decision by under this only if the job
-# stops running: a run removes an entry as soon as LAPI drops the decision.
-TABLE_END_STEP = 3600
-TABLE_MAX_BYTES_LIMIT = 20 * 1024 * 1024  # KV takes values up to 25 MiB; the bulk body escapes quotes
+# The tables' entries by scope, as the figures count them: the network table's (Range, and the
+# Ip decisions of TABLE_ORIGINS), and the scope table's.
+TABLE_SCOPES = ("network", "country", "as")
 SAMPLE_KEYS = 20
 
 
@@ -163,15 +164,24 @@ class Config:
     lapi_max_bytes: int = 48 * 1024 * 1024
     state_file: str = ""
     audit_interval: float = 900.0
-    scope_table: bool = True
-    # A Worker parses the whole document (the reference one once a minute per isolate): smaller
-    # is cheaper in its CPU time. 4 MiB is about 110,000 IPv4 ranges (37 bytes each).
+    scope_table: bool = True  # the tables (SCOPE_TABLE=false: address keys only)
+    # A Worker parses the whole scope table (the reference one once a minute per isolate): smaller
+    # is cheaper in its CPU time. 4 MiB is about 110,000 countries and AS (37 bytes each).
     scope_table_max_bytes: int = 4 * 1024 * 1024
+    # The LAPI origins whose Ip decisions go into the network table rather than address keys
+    # (`*`: all; none: the network table holds Range decisions only).
+    table_origins: frozenset[str] = frozenset()
+    # The network table is mapped, not parsed, so its size costs a Worker only the read: 8 MiB is
+    # 500,000 IPv4 intervals (16 bytes each), more than an answer at LAPI_MAX_BYTES can hold.
+    table_max_bytes: int = 8 * 1024 * 1024
     proxies: Proxies = field(default_factory=lambda: Proxies())  # a lambda: Proxies is defined below
+    # --check-edge: the site's base URL, and the Worker's STATUS_TOKEN that opens its status ("": not asked)
+    edge_url: str = ""
+    status_token: str = field(default="", repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.lapi_key, self.cf_api_token, *self.proxies.secrets) if s)
+        return tuple(s for s in (self.lapi_key, self.cf_api_token, self.status_token, *self.proxies.secrets) if s)
 
 
 class Proxy(NamedTuple):
@@ -317,8 +327,10 @@ def unresolvable(host: str) -> str:
     return ""
 
 
-def load_config(env: Mapping[str, str]) -> Config:
-    """Read the configuration once from an environment mapping; raise ConfigError naming every bad variable."""
+def load_config(env: Mapping[str, str], check_edge: str | None = None) -> Config:
+    """Read the configuration once from an environment mapping; raise ConfigError naming every bad
+    variable. With `check_edge` (--check-edge's URL) it is for that check: LAPI is not read, and
+    STATUS_TOKEN is needed."""
     problems: list[str] = []
 
     def text(name: str, default: str = "") -> str:
@@ -356,8 +368,8 @@ def load_config(env: Mapping[str, str]) -> Config:
             return ""
         return value
 
-    def url(name: str, default: str = "") -> str:
-        value = text(name, default).rstrip("/")
+    def url(name: str, default: str = "", given: str | None = None) -> str:
+        value = (text(name, default) if given is None else given.strip()).rstrip("/")
         if value:
             try:
                 parts = urllib.parse.urlsplit(value)
@@ -391,7 +403,7 @@ def load_config(env: Mapping[str, str]) -> Config:
             )
         return value
 
-    def number(name: str, default: float | None, minimum: float, kind: type = float) -> Any:
+    def number(name: str, default: float | None, minimum: float, kind: type = float, maximum: float = math.inf) -> Any:
         raw = text(name)
         if not raw:
             return default
@@ -401,6 +413,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             value = None
         if value is None or not math.isfinite(value) or value < minimum:
             problems.append(f"{name} must be a {'whole ' if kind is int else ''}number >= {minimum}, got {raw!r}")
+            return default
+        if value > maximum:
+            problems.append(f"{name} must be at most {maximum} ({maximum / 1024 / 1024:g} MiB), got {value}")
             return default
         return value
 
@@ -438,8 +453,21 @@ def load_config(env: Mapping[str, str]) -> Config:
     if bool(lapi_client_cert) != bool(lapi_client_key):
         problems.append("LAPI_CLIENT_CERT and LAPI_CLIENT_KEY go together: set both or neither")
     lapi_key = secret("LAPI_KEY")
-    if not lapi_key and not lapi_client_cert and not any("LAPI_KEY" in p for p in problems):
+    if not lapi_key and not lapi_client_cert and check_edge is None and not any("LAPI_KEY" in p for p in problems):
         problems.append("LAPI_KEY (or LAPI_KEY_FILE) is not set, and no LAPI_CLIENT_CERT is given")
+    edge_url, status_token = "", ""
+    if check_edge is not None:
+        edge_url = url("--check-edge", given=check_edge)
+        if not edge_url or "?" in edge_url or "#" in edge_url:
+            problems.append(f"--check-edge takes the site's base URL (https://www.example.com), got {check_edge!r}")
+        status_token = secret("STATUS_TOKEN")
+        if not status_token and not any("STATUS_TOKEN" in p for p in problems):
+            problems.append("STATUS_TOKEN (or STATUS_TOKEN_FILE) is not set: --check-edge sends it to the Worker")
+        elif status_token and len(status_token) < MIN_STATUS_TOKEN_LENGTH:
+            problems.append(
+                f"STATUS_TOKEN: the secret is under {MIN_STATUS_TOKEN_LENGTH} characters, which the Worker refuses "
+                "(its status stays off): make one with `openssl rand -hex 32`, for both"
+            )
     cf_account_id = identifier("CF_ACCOUNT_ID")
     cf_namespace_id = identifier("CF_KV_NAMESPACE_ID")
     cf_api_token = secret("CF_API_TOKEN")
@@ -457,10 +485,18 @@ def load_config(env: Mapping[str, str]) -> Config:
     scope_table = text("SCOPE_TABLE", "true").lower()
     if scope_table not in ("true", "false"):
         problems.append(f"SCOPE_TABLE must be true or false, got {scope_table!r}")
-    table_max_bytes = number("SCOPE_TABLE_MAX_BYTES", Config.scope_table_max_bytes, 1024, int)
-    if table_max_bytes > TABLE_MAX_BYTES_LIMIT:
+    scope_table_max_bytes = number(
+        "SCOPE_TABLE_MAX_BYTES", Config.scope_table_max_bytes, 1024, int, TABLE_MAX_BYTES_LIMIT
+    )
+    table_max_bytes = number("TABLE_MAX_BYTES", Config.table_max_bytes, 1024, int, TABLE_MAX_BYTES_LIMIT)
+    table_origins = frozenset(words("TABLE_ORIGINS"))
+    if table_origins and scope_table == "false":
         problems.append(
-            f"SCOPE_TABLE_MAX_BYTES must be at most {TABLE_MAX_BYTES_LIMIT} (20 MiB), got {table_max_bytes}"
+            "TABLE_ORIGINS puts decisions in the network table, which SCOPE_TABLE=false turns off: unset one"
+        )
+    if ALL_ORIGINS in table_origins and len(table_origins) > 1:
+        problems.append(
+            f"TABLE_ORIGINS is `*` (every origin) or a list of origins, not both: got {text('TABLE_ORIGINS')!r}"
         )
     proxies = {}
     for name in ("HTTPS_PROXY", "HTTP_PROXY"):
@@ -499,7 +535,11 @@ def load_config(env: Mapping[str, str]) -> Config:
         log_format=log_format,
         lapi_usage_metrics=usage_metrics != "false",
         scope_table=scope_table != "false",
-        scope_table_max_bytes=table_max_bytes,
+        scope_table_max_bytes=scope_table_max_bytes,
+        table_origins=table_origins,
+        table_max_bytes=table_max_bytes,
+        edge_url=edge_url,
+        status_token=status_token,
         **config,
     )
 
@@ -1140,7 +1180,7 @@ class Decisions(NamedTuple):
 
 def lapi_query(config: Config) -> str:
     if config.scope_table:
-        scopes = ("ip", *TABLE_SCOPES)
+        scopes = ("ip", "range", *SCOPE_TABLE_SCOPES)
     else:
         scopes = ("ip", "range") if config.expand_ranges_max else ("ip",)
     params = {"scopes": ",".join(scopes)}
@@ -1401,7 +1441,8 @@ class AnswerDigest:
 
     def __init__(self, config: Config):
         shaping = [__version__, config.kv_key_prefix, str(config.expand_ranges_max), lapi_query(config)]
-        shaping += [str(config.scope_table), str(config.scope_table_max_bytes)]
+        shaping += [str(config.scope_table), str(config.scope_table_max_bytes), str(config.table_max_bytes)]
+        shaping += [sorted(config.table_origins)]
         self._hash = hashlib.blake2b(json.dumps(shaping).encode() + b"\n", digest_size=20)
         self._held = b""
 
@@ -1507,12 +1548,59 @@ class Wanted(NamedTuple):
     scenario: str
 
 
+# A network in the network table: (IP version, first address, last address, remediation), the
+# addresses as integers. One entry per remediation, so a network keeps the latest end of each.
+NetworkEntry = tuple[int, int, int, str]
+
+
+class Dropped(NamedTuple):
+    """A decision left out, as the log names it."""
+
+    value: str
+    scope: str
+    type: str
+    origin: str
+
+
+LEFT_OUT_SAMPLES = 5  # decisions named per reason: enough to see what is wrong, never a flood
+
+
+class LeftOut(Counter):
+    """Decisions left out, counted by reason, with the first LEFT_OUT_SAMPLES of each reason kept
+    to be named (an operator can only fix what the log names)."""
+
+    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
+        super().__init__(counts or {})
+        self.samples: dict[str, list[Dropped]] = {}
+
+    def add(self, reason: str, row: Any) -> None:
+        """Count one decision left out for `reason`, and name it while there are few (a LAPI row)."""
+        self[reason] += 1
+        self.name(reason, row)
+
+    def name(self, reason: str, row: Any) -> None:
+        kept = self.samples.setdefault(reason, [])
+        if len(kept) < LEFT_OUT_SAMPLES:
+            kept.append(row if type(row) is Dropped else dropped_row(row))
+
+
+def dropped_row(row: Any) -> Dropped:
+    """A LAPI row as the log names it: whatever it holds, bounded (a hostile row may be huge)."""
+    if type(row) is not dict:
+        return Dropped(reprlib.repr(row), "", "", "")
+    fields = (row.get(name) for name in ("value", "scope", "type", "origin"))
+    return Dropped(
+        *(field[:80] if type(field) is str else "" if field is None else reprlib.repr(field) for field in fields)
+    )
+
+
 class Projection(NamedTuple):
-    wanted: dict[str, Wanted]
-    ignored: Counter[str]
-    # The scope table's entries, by (scope, canonical value), ends not rounded yet; empty when
-    # the table is off.
-    table: dict[tuple[str, str], Wanted] = {}  # noqa: RUF012  # never changed: project() passes its own
+    wanted: dict[str, Wanted]  # the address keys
+    ignored: LeftOut
+    # The tables' entries (empty when the tables are off), ends on our clock: Country and AS by
+    # (scope, canonical value); every Range, and the Ip decisions of TABLE_ORIGINS, by network.
+    scopes: dict[tuple[str, str], Wanted] = {}  # noqa: RUF012  # never changed: project() passes its own
+    networks: dict[NetworkEntry, Wanted] = {}  # noqa: RUF012  # likewise
 
 
 _AS_NUMBER = re.compile(r"(?:[Aa][Ss])?([0-9]{1,10})")
@@ -1526,35 +1614,57 @@ _IPV4_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 # A network broader than an IPv4 /8 or an IPv6 /16 is far likelier a mistake than a decision (a
 # regional registry's whole IPv6 allocation is a /12): it is left out as `range_too_large`.
 MIN_RANGE_PREFIX = {4: 8, 6: 16}
+_IPV4_BITS = {4: 32, 6: 128}
 
 
 class TooBroad(ValueError):
     """A Range broader than MIN_RANGE_PREFIX allows."""
 
 
-def table_entry(scope: str, value: Any) -> tuple[str, str]:
-    """Where a Range, Country or AS decision goes in the scope table: (scope, canonical value).
-    ValueError when the value is not one of that scope; TooBroad for a Range too broad to take."""
-    if type(value) is not str:
-        raise ValueError(f"not a {scope}: {value!r}")
-    if scope == "range":
-        if "%" in value:  # a zone id: no client address carries one
-            raise ValueError(f"not a range: {value!r}")
-        if (cidr := _IPV4_CIDR.fullmatch(value)) and int(cidr[2]) >= MIN_RANGE_PREFIX[4]:
-            # Already canonical unless host bits are set: 6x cheaper than ip_network.
-            host_bits = (1 << (32 - int(cidr[2]))) - 1
-            if not int.from_bytes(socket.inet_aton(cidr[1]), "big") & host_bits:
-                return scope, value
-        network = ipaddress.ip_network(value, strict=False)
-        if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
-            network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
-        if network.prefixlen < MIN_RANGE_PREFIX[network.version]:
-            raise TooBroad(f"a range broader than /{MIN_RANGE_PREFIX[network.version]}: {network}")
-        return scope, str(network)
-    if scope == "country" and _COUNTRY.fullmatch(value):
-        return scope, value.upper()
-    if scope == "as" and (number := _AS_NUMBER.fullmatch(value)) and 0 < int(number[1]) < 2**32:
-        return scope, str(int(number[1]))
+def network_bounds(value: Any) -> tuple[int, int, int]:
+    """A Range decision's network as (IP version, first address, last address): host bits
+    cleared, an IPv4-mapped IPv6 network as the IPv4 one (its addresses reach the Worker as IPv4).
+    ValueError when it is not a network; TooBroad for one too broad to take."""
+    if type(value) is not str or "%" in value:  # a zone id: no client address carries one
+        raise ValueError(f"not a range: {value!r}")
+    if (cidr := _IPV4_CIDR.fullmatch(value)) and (length := int(cidr[2])) >= MIN_RANGE_PREFIX[4]:
+        # The common case, 6x cheaper than ip_network.
+        size = 1 << (32 - length)
+        first = int.from_bytes(socket.inet_aton(cidr[1]), "big") & -size
+        return 4, first, first + size - 1
+    network = ipaddress.ip_network(value, strict=False)
+    if network.version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+        network = ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))  # type: ignore[union-attr]
+    if network.prefixlen < MIN_RANGE_PREFIX[network.version]:
+        raise TooBroad(f"a range broader than /{MIN_RANGE_PREFIX[network.version]}: {network}")
+    return network.version, int(network.network_address), int(network.broadcast_address)
+
+
+def network_text(version: int, first: int, last: int) -> str:
+    """A network as CIDR text (`192.0.2.0/24`, `2001:db8::1/128`), for a dry run's sample."""
+    length = _IPV4_BITS[version] - (last - first).bit_length()
+    return str(
+        ipaddress.ip_network((first, length), strict=False) if version == 6 else ipaddress.IPv4Network((first, length))
+    )
+
+
+def address_bounds(address: str) -> tuple[int, int, int]:
+    """A canonical address as a network of one: (IP version, first, last)."""
+    if _CANONICAL_IPV4.fullmatch(address):
+        value = int.from_bytes(socket.inet_aton(address), "big")
+        return 4, value, value
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip), int(ip)
+
+
+def scope_entry(scope: str, value: Any) -> tuple[str, str]:
+    """Where a Country or AS decision goes in the scope table: (scope, canonical value).
+    ValueError when the value is not one of that scope."""
+    if type(value) is str:
+        if scope == "country" and _COUNTRY.fullmatch(value):
+            return scope, value.upper()
+        if scope == "as" and (number := _AS_NUMBER.fullmatch(value)) and 0 < int(number[1]) < 2**32:
+            return scope, str(int(number[1]))
     raise ValueError(f"not a {scope}: {value!r}")
 
 
@@ -1595,25 +1705,46 @@ class Lowered(Shared):
 # The longest canonical address (an IPv6 with an embedded IPv4 tail): with a prefix of at most
 # MAX_KEY_BYTES minus this, no key can be too long and the check per key is skipped.
 LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+SCOPE_TABLE_SCOPES = ("country", "as")
+
+
+Origins = frozenset[str]
+ALL_ORIGINS = "*"
+
+
+def origin_matcher(origins: Origins) -> Callable[[str], bool]:
+    """Whether a decision of this origin goes into the network table (TABLE_ORIGINS; `*`: all)."""
+    if ALL_ORIGINS in origins:
+        return lambda origin: True
+    return origins.__contains__
 
 
 def project(
-    decisions: Iterable[Any], read_at: float, prefix: str, expand_ranges_max: int = 0, scope_table: bool = False
+    decisions: Iterable[Any],
+    read_at: float,
+    prefix: str,
+    expand_ranges_max: int = 0,
+    tables: bool = False,
+    table_origins: Origins = frozenset(),
 ) -> Projection:
     """The keys KV should hold for these LAPI decisions (JSON objects), and what was left out, by
-    reason; with `scope_table`, the scope table's entries too (a small range, with
-    `expand_ranges_max`, is then both an entry and address keys).
+    reason; with `tables`, the tables' entries too: Country and AS in the scope table, every Range
+    and the Ip decisions of `table_origins` in the network table (a small range, with
+    `expand_ranges_max`, is then both a network and address keys).
 
     Iterates `decisions` once (it may be a stream decoded as it arrives, and may raise
     LapiUnreadable midway), and does the least Python work per row: this is the hot loop. A row
     that is not an object, or has a list or an object where a string belongs, is invalid."""
     wanted: dict[str, Wanted] = {}
-    ignored: Counter[str] = Counter()
-    table: dict[tuple[str, str], Wanted] = {}
-    table_scopes = TABLE_SCOPES if scope_table else ()
+    ignored = LeftOut()
+    drop = ignored.add
+    scopes: dict[tuple[str, str], Wanted] = {}
+    networks: dict[NetworkEntry, Wanted] = {}
+    table_scopes = SCOPE_TABLE_SCOPES if tables else ()
+    to_table = origin_matcher(table_origins if tables else frozenset())
     check_length = len(prefix.encode()) + LONGEST_ADDRESS > MAX_KEY_BYTES
     lowered, shared = Lowered(), Shared()  # LAPI repeats a few spellings (`Ip`, `ban`, `crowdsec`)
-    get_wanted, is_ipv4 = wanted.get, _CANONICAL_IPV4.fullmatch
+    get_wanted, get_network, is_ipv4 = wanted.get, networks.get, _CANONICAL_IPV4.fullmatch
     expandable = MAX_EXPANDED_KEYS  # keys range expansion may still add
     for row in decisions:
         try:
@@ -1621,57 +1752,61 @@ def project(
             scope, remediation = lowered[get("scope")], lowered[get("type")]
             origin, scenario = shared[get("origin")], shared[get("scenario")]
         except (AttributeError, TypeError):  # not an object; an unhashable field
-            ignored["invalid"] += 1
+            drop("invalid", row)
             continue
-        if scope != "ip" and scope not in table_scopes and (scope != "range" or not expand_ranges_max):
-            ignored["scope"] += 1
+        if scope != "ip" and scope not in table_scopes and (scope != "range" or not (tables or expand_ranges_max)):
+            drop("scope", row)
             continue
         if remediation not in REMEDIATION_RANK:
-            ignored["type"] += 1
+            drop("type", row)
             continue
         try:
             remaining = parse_go_duration(get("duration"))
         except (TypeError, ValueError):
-            ignored["invalid"] += 1
+            drop("invalid", row)
             continue
         if remaining <= 0:
-            ignored["expired"] += 1
-            continue
-        value = get("value")
-        try:
-            if scope != "ip":
-                if table_scopes:  # so the scope is one of the table's
-                    entry = table_entry(scope, value)
-                    new = tuple_new(Wanted, (remediation, read_at + remaining, origin, scenario))
-                    table[entry] = merge(table.get(entry), new)
-                    if scope != "range" or not expand_ranges_max:
-                        continue
-                addresses = expand_range(value, min(expand_ranges_max, expandable))
-                expandable -= len(addresses)
-            elif type(value) is str and is_ipv4(value):  # canonical_address's own fast path, inlined
-                addresses = (value,)
-            else:
-                addresses = (canonical_address(value),)
-        except TooBroad:
-            ignored["range_too_large"] += 1
-            continue
-        except ValueError:
-            ignored["invalid"] += 1
-            continue
-        if not addresses:
-            if not table_scopes:  # with the table the range is in it, not left out
-                ignored["range_too_large"] += 1
+            drop("expired", row)
             continue
         end = read_at + remaining
+        new = tuple_new(Wanted, (remediation, end, origin, scenario))
+        value = get("value")
+        try:
+            if scope == "ip":
+                address = value if type(value) is str and is_ipv4(value) else canonical_address(value)
+                if to_table(origin):
+                    entry = (*address_bounds(address), remediation)
+                    networks[entry] = merge(get_network(entry), new)
+                    continue
+                addresses: Iterable[str] = (address,)
+            elif scope == "range":
+                if tables:
+                    entry = (*network_bounds(value), remediation)
+                    networks[entry] = merge(get_network(entry), new)
+                addresses = expand_range(value, min(expand_ranges_max, expandable)) if expand_ranges_max else ()
+                expandable -= len(addresses)  # type: ignore[arg-type]
+                if not addresses:
+                    if not tables:  # with the tables the range is in the network table, not left out
+                        drop("range_too_large", row)
+                    continue
+            else:  # a scope of the scope table
+                entry = scope_entry(scope, value)
+                scopes[entry] = merge(scopes.get(entry), new)
+                continue
+        except TooBroad:
+            drop("range_too_large", row)
+            continue
+        except ValueError:
+            drop("invalid", row)
+            continue
         for address in addresses:
             key = prefix + address
             if check_length and len(key.encode()) > MAX_KEY_BYTES:
-                ignored["invalid"] += 1
+                drop("invalid", row)
                 continue
             old = get_wanted(key)
-            new = tuple_new(Wanted, (remediation, end, origin, scenario))
             wanted[key] = new if old is None else merge(old, new)
-    return Projection(wanted, ignored, table)
+    return Projection(wanted, ignored, scopes, networks)
 
 
 def merge(old: Wanted | None, new: Wanted) -> Wanted:
@@ -1693,52 +1828,26 @@ def metadata_of(remediation: str, origin: str, scenario: str) -> dict[str, str]:
     return metadata
 
 
-class ScopeTable(NamedTuple):
-    """The scope table as it goes into KV: the document, and what the plan and the figures need."""
+# --------------------------------------------------------------------------- tables
+#
+# The two documents under the prefix, each one key: the scope table (`<prefix>scopes`, Country
+# and AS, JSON) and the network table (`<prefix>networks`, binary). Both hold each entry's end, and
+# both follow the rule of address keys (make_plan's table): a table is rewritten when what it
+# enforces changes (an entry added or removed, another remediation), when an end it holds comes
+# within REFRESH_AHEAD while its decision lasts longer, or when an end moved earlier beyond the
+# slack; never because ends moved later or because time passed. To know which, a run builds the
+# table from LAPI's decisions and compares it with the one KV holds (the state record's copy, or
+# the value read back once): if that one may stand, it is kept as it is, to the byte, and the plan
+# finds its digest unchanged.
 
-    document: bytes  # canonical JSON, ASCII; b"" when there are no entries (then no key)
-    digest: str  # of the document: the key's metadata carries it, and the plan compares it
-    end: float  # the latest end among the entries (0 when none): the key's own expiration
-    entries: Counter[tuple[str, str]]  # entries written, by (scope, remediation)
-    full: int  # entries left out: the document would have passed the cap
-    kept: list[tuple[str, str]] = []  # noqa: RUF012  # the entries written, as (scope, value); never changed
+DOCUMENT_NAMES = ("scopes", "networks")  # never an address, so never an address key
+TABLE_FORMAT = 1  # the metadata's "table", and the scope table's "v"
+TABLE_MAX_BYTES_LIMIT = 20 * 1024 * 1024  # KV takes values up to 25 MiB; base64 in the bulk body adds a third
+MAX_END = 2**32 - 1  # an end must fit the network table's uint32 (the year 2106)
 
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
-
-
-def table_end(end: float) -> int:
-    """An entry's end as the document holds it: rounded up to a whole TABLE_END_STEP."""
-    return math.ceil(end / TABLE_END_STEP) * TABLE_END_STEP
-
-
-def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> ScopeTable:
-    """The document for these entries, at most `max_bytes` long: `{"v":1,"range":{...},
-    "country":{...},"as":{...}}`, each value `[remediation, end]`, a scope present only when it has
-    entries. Past the cap it holds what fits, bans first, then the longest ends."""
-    rounded = [(scope, name, w.remediation, table_end(w.end)) for (scope, name), w in entries.items()]
-    # Strongest first; ties in a fixed order, so the same entries always make the same document.
-    rounded.sort(key=lambda e: (-REMEDIATION_RANK[e[2]], -e[3], e[0], e[1]))
-    sections: dict[str, dict[str, list[Any]]] = {}
-    size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
-    for scope, name, remediation, end in rounded:
-        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
-        item = len(name) + len(remediation) + len(str(end)) + 8
-        # The first entry of a scope opens it (`,"range":{}`), the others follow a comma.
-        cost = item + (len(scope) + 6 if scope not in sections else 1)
-        if size + cost > max_bytes:
-            break
-        sections.setdefault(scope, {})[name] = [remediation, end]
-        size += cost
-        kept.append((scope, name))
-    counted = Counter((scope, value[0]) for scope, names in sections.items() for value in names.values())
-    if not sections:
-        return ScopeTable(b"", "", 0.0, counted, len(rounded))
-    document = json.dumps({"v": TABLE_FORMAT, **sections}, sort_keys=True, separators=(",", ":")).encode("ascii")
-    digest = hashlib.sha256(document).hexdigest()[:32]
-    end = max(end for names in sections.values() for _, end in names.values())
-    return ScopeTable(document, digest, float(end), counted, len(rounded) - len(kept), kept)
+# An entry's ends as a table holds them: the latest ban end and the latest captcha end, whole
+# seconds on Cloudflare's clock (0: none).
+Ends = tuple[int, int]
 
 
 # The network table: every Range decision, and the Ip decisions of TABLE_ORIGINS, as sorted
@@ -1758,11 +1867,9 @@ def scope_table(entries: Mapping[tuple[str, str], Wanted], max_bytes: int) -> Sc
 #   …       4·n6 each    IPv6: ban[n6], captcha[n6]
 #
 # Every array starts at a multiple of 4 bytes, so a Uint32Array views it where it lies.
-NETWORKS_NAME = "networks"  # never an address, so never an address key
 NETWORKS_MAGIC = b"LKVN"
 NETWORKS_FORMAT = 1
 NETWORKS_HEADER = struct.Struct("<4sHHII")
-MAX_END = 2**32 - 1  # an end must fit a uint32 (the year 2106)
 
 
 class Interval(NamedTuple):
@@ -1787,30 +1894,39 @@ def disjoint_intervals(networks: Iterable[Interval]) -> list[Interval]:
     a stack of the networks open at that point sees every cover: each stack entry holds the maxima
     of itself and every network around it. Where the intervals fall depends on the networks alone,
     never on their ends, so an end moving changes no interval's bounds."""
+    # (first, -last, ban, captcha) sorts in C in sweep order; a blocklist's networks are mostly
+    # single addresses, none inside another: then the sorted networks are the intervals.
+    ordered = sorted((n[0], -n[1], n[2], n[3]) for n in networks)
+    previous = -1
+    for first, negative_last, _, _ in ordered:
+        if first <= previous:
+            break
+        previous = -negative_last
+    else:
+        return [
+            tuple_new(Interval, (first, -negative_last, ban, captcha)) for first, negative_last, ban, captcha in ordered
+        ]
     out: list[Interval] = []
-    open_: list[Interval] = []  # the networks covering the cursor, outermost first, ends folded in
+    open_: list[tuple[int, int, int]] = []  # (last, ban, captcha) of the networks covering the cursor, outermost first
     cursor = 0
-
-    def close_to(cover: Interval, last: int) -> None:
-        nonlocal cursor
-        if cursor <= last:
-            out.append(Interval(cursor, last, cover.ban, cover.captcha))
-        cursor = last + 1
-
-    for network in sorted(networks, key=lambda n: (n.first, -n.last)):
-        while open_ and open_[-1].last < network.first:
-            top = open_.pop()
-            close_to(top, top.last)
+    for first, negative_last, ban, captcha in ordered:
+        while open_ and open_[-1][0] < first:
+            last, cover_ban, cover_captcha = open_.pop()
+            if cursor <= last:
+                out.append(tuple_new(Interval, (cursor, last, cover_ban, cover_captcha)))
+            cursor = last + 1
         if open_:
-            close_to(open_[-1], network.first - 1)
-        cursor = network.first
-        outer = open_[-1] if open_ else Interval(0, 0, 0, 0)
-        open_.append(
-            Interval(network.first, network.last, max(network.ban, outer.ban), max(network.captcha, outer.captcha))
-        )
+            _, cover_ban, cover_captcha = open_[-1]
+            if cursor <= first - 1:
+                out.append(tuple_new(Interval, (cursor, first - 1, cover_ban, cover_captcha)))
+            ban, captcha = max(ban, cover_ban), max(captcha, cover_captcha)
+        cursor = first
+        open_.append((-negative_last, ban, captcha))
     while open_:
-        top = open_.pop()
-        close_to(top, top.last)
+        last, cover_ban, cover_captcha = open_.pop()
+        if cursor <= last:
+            out.append(tuple_new(Interval, (cursor, last, cover_ban, cover_captcha)))
+        cursor = last + 1
     return out
 
 
@@ -1876,17 +1992,274 @@ def decode_networks(value: bytes) -> Intervals:
     return Intervals(v4, v6)
 
 
-def networks_verdict(intervals: Intervals, address: str, now: float) -> str | None:
-    """What the table says of a canonical address at `now` (Cloudflare's clock): "ban", "captcha"
-    or None, as the reference Worker reads it: ban when a ban end is still ahead, else captcha."""
-    ip = ipaddress.ip_address(address)
-    family = intervals.v4 if ip.version == 4 else intervals.v6
-    value = int(ip)
-    at = bisect.bisect_right(family, value, key=operator.attrgetter("first")) - 1
-    if at < 0 or value > family[at].last:
+def network_ends(intervals: Intervals, address: str) -> Ends | None:
+    """The ban and captcha ends the table holds for an address (canonical, as a key names it), or
+    None when no interval holds it, or it is not an address: a binary search, as a Worker does."""
+    try:
+        version, value, _ = address_bounds(address)
+    except ValueError:
         return None
-    interval = family[at]
-    return "ban" if interval.ban > now else "captcha" if interval.captcha > now else None
+    family = intervals.v4 if version == 4 else intervals.v6
+    at = bisect.bisect_right(family, value, key=operator.attrgetter("first")) - 1
+    return (family[at].ban, family[at].captcha) if at >= 0 and value <= family[at].last else None
+
+
+def networks_verdict(intervals: Intervals, address: str, now: float) -> str | None:
+    """What the table says of a canonical address at `now` (Cloudflare's clock), as the reference
+    Worker reads it: "ban" while a ban end is ahead, else "captcha" while a captcha end is, else None."""
+    ban, captcha = network_ends(intervals, address) or (0, 0)
+    return "ban" if ban > now else "captcha" if captcha > now else None
+
+
+class Document(NamedTuple):
+    """A table as KV is to hold it, and what the plan and the figures need of it."""
+
+    name: str  # the key's name under the prefix
+    value: bytes  # b"": no entries, so no key
+    end: float  # the latest end it holds, Cloudflare's clock: the key's own expiration
+    due_at: float  # Cloudflare's clock: when an end it holds comes due (inf: none does)
+    entries: Counter[tuple[str, str]]  # entries wanted in it, by (scope, remediation)
+    full: int  # entries left out: past the cap (table_full)
+    kept: list[Any]  # the entries in it, as projected (a dry run samples them)
+    left_out: list[Any] = []  # noqa: RUF012  # never changed  # the first entries past the cap, as projected
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.value).hexdigest()[:32] if self.value else ""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {"table": TABLE_FORMAT, "digest": self.digest, "entries": sum(self.entries.values())}
+
+    @property
+    def intervals(self) -> Intervals:
+        """The network table's intervals, as KV is to hold them (decoded: only when asked)."""
+        return decode_networks(self.value) if self.value else Intervals([], [])
+
+    def sample(self, entries: list[Any] | None = None) -> list[str]:
+        """Its entries (or these of its entries) as text, the first SAMPLE_KEYS of them."""
+        text = network_text if self.name == "networks" else lambda scope, name: f"{scope}:{name}"
+        chosen = self.kept if entries is None else entries
+        return [text(*entry[:3]) + (f" ({entry[3]})" if len(entry) > 3 else "") for entry in chosen[:SAMPLE_KEYS]]
+
+
+def held_end(end: float, offset: float, kv_now: float) -> int:
+    """An end (our clock) as a table holds it: Cloudflare's clock, whole seconds up, capped at MAX_TTL."""
+    return min(math.ceil(min(end + offset, kv_now + MAX_TTL)), MAX_END)
+
+
+def standing(held: Mapping[Any, Ends], fresh: Mapping[Any, Ends], kv_now: float) -> float | None:
+    """Whether a table that holds `held` may stand for one built fresh as `fresh` (the same
+    entries, each end of each remediation as expiration_stands() allows it for a key): None when
+    it may not; else when the first end it holds comes due (inf: none). An entry held whose ends
+    have all passed counts as gone: the Worker ignores it, so its decision's end costs no write."""
+    due_at, live = math.inf, 0
+    for entry, ends in held.items():
+        if max(ends) <= kv_now:
+            continue
+        live += 1
+        wanted = fresh.get(entry)
+        if wanted is None:
+            return None
+        for have, want in zip(ends, wanted, strict=True):
+            have = have if have > kv_now else 0
+            if (have == 0) != (want == 0) or (have and not expiration_stands(have, want, kv_now)):
+                return None
+            if want > have + EXPIRATION_SLACK:
+                due_at = min(due_at, have - REFRESH_AHEAD)
+    return due_at if live == len(fresh) else None
+
+
+def capped_due_at(ends: Iterable[float], offset: float, kv_now: float) -> float:
+    """When a table written now comes due: only an end capped at MAX_TTL (a longer decision) does."""
+    cap = kv_now + MAX_TTL
+    return cap - REFRESH_AHEAD if any(end + offset > cap + EXPIRATION_SLACK for end in ends) else math.inf
+
+
+def strongest_first(entries: Iterable[tuple[Any, Wanted]]) -> list[tuple[Any, Wanted]]:
+    """Entries in the order a capped table keeps them: bans first, then the longest ends; ties in a
+    fixed order, so the same entries always make the same table."""
+    return sorted(entries, key=lambda e: (-REMEDIATION_RANK[e[1].remediation], -e[1].end, e[0]))
+
+
+def scope_document(
+    entries: Mapping[tuple[str, str], Wanted], stored: bytes | None, offset: float, kv_now: float, max_bytes: int
+) -> Document:
+    """The scope table for these entries: `{"v":1,"country":{...},"as":{...}}`, each value
+    `[remediation, end]`, a scope present only when it has entries; canonical JSON (keys sorted,
+    no white space, ASCII). Past `max_bytes` it holds what fits, bans first, then the longest
+    ends. `stored` (the table KV holds, or None) is kept as it is while it may stand."""
+    sections: dict[str, dict[str, list[Any]]] = {}
+    size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
+    for (scope, name), w in strongest_first(entries.items()):
+        end = held_end(w.end, offset, kv_now)
+        # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
+        item = len(name) + len(w.remediation) + len(str(end)) + 8
+        cost = item + (len(scope) + 6 if scope not in sections else 1)  # a scope's first entry opens it
+        if size + cost > max_bytes:
+            break
+        sections.setdefault(scope, {})[name] = [w.remediation, end]
+        size += cost
+        kept.append((scope, name))
+    figures = Counter((scope, entries[scope, name].remediation) for scope, name in kept)
+    fresh = {(s, n): remediation_ends(*sections[s][n]) for s, n in kept}
+    left_out = [e for e, _ in strongest_first(entries.items())[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
+    due = standing(scope_entries(stored), fresh, kv_now) if stored and kept else None
+    if due is not None:
+        value = stored
+    else:
+        value = (
+            json.dumps({"v": TABLE_FORMAT, **sections}, sort_keys=True, separators=(",", ":")).encode() if kept else b""
+        )
+        due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
+    end = max((max(ends) for ends in scope_entries(value).values()), default=0) if value else 0
+    return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept, left_out)
+
+
+def remediation_ends(remediation: str, end: int) -> Ends:
+    return (end, 0) if remediation == "ban" else (0, end)
+
+
+def scope_entries(value: bytes | None) -> dict[tuple[str, str], Ends]:
+    """The entries of a scope table as KV holds it, by (scope, name); {} for anything that is not
+    one of format 1 (then it cannot stand, and is rewritten)."""
+    try:
+        document = json.loads(value or b"null")
+        if not (type(document) is dict and type(document.get("v")) is int and document["v"] == TABLE_FORMAT):
+            return {}
+        # Only the very bytes this job writes: `"v": true`, white space or UTF-16 read as the same
+        # document here, but not by every Worker (the reference one refuses `true`).
+        if json.dumps(document, sort_keys=True, separators=(",", ":")).encode() != value:
+            return {}
+        held = {}
+        for scope, names in document.items():
+            if scope == "v":
+                continue
+            for name, (remediation, end) in names.items():
+                if remediation not in REMEDIATION_RANK or type(end) is not int:
+                    return {}
+                held[scope, name] = remediation_ends(remediation, end)
+        return held
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return {}
+
+
+def networks_document(
+    entries: Mapping[NetworkEntry, Wanted], stored: bytes | None, offset: float, kv_now: float, max_bytes: int
+) -> Document:
+    """The network table for these entries, at most `max_bytes` long: past it, what fits, bans
+    first, then the longest ends. `stored` (the table KV holds, or None) is kept as it is while
+    it may stand."""
+    kept = candidates = list(entries)
+    intervals = network_intervals(entries.items(), offset, kv_now)
+    if networks_size(intervals) > max_bytes:  # rare: as many as fit, the strongest first
+        candidates = [entry for entry, _ in strongest_first(entries.items())]
+        kept = candidates[: networks_that_fit(candidates, entries, offset, kv_now, max_bytes)]
+        intervals = network_intervals(((e, entries[e]) for e in kept), offset, kv_now)
+    value = encode_networks(intervals) if kept else b""
+    due = networks_standing(stored, value, kv_now) if stored and value else None
+    if due is not None:
+        value = stored
+    else:
+        ends = (w.end for w in entries.values()) if len(kept) == len(entries) else (entries[e].end for e in kept)
+        due = capped_due_at(ends, offset, kv_now)
+    left_out = candidates[len(kept) : len(kept) + LEFT_OUT_SAMPLES]
+    figures = Counter(("network", entry[3]) for entry in kept)
+    full = len(entries) - len(kept)
+    return Document("networks", value, float(networks_end(value)), due, figures, full, kept, left_out)
+
+
+def networks_that_fit(
+    candidates: list[NetworkEntry], entries: Mapping[NetworkEntry, Wanted], offset: float, kv_now: float, max_bytes: int
+) -> int:
+    """How many of `candidates`, from the first, make a network table of at most `max_bytes`. Each
+    takes at least an interval of its own (16 bytes, 40 for IPv6), and more only where it nests in
+    another: the most the lower bound allows mostly fits, checked with one build; else a search."""
+
+    def size(n: int) -> int:
+        return networks_size(network_intervals(((e, entries[e]) for e in candidates[:n]), offset, kv_now))
+
+    least = NETWORKS_HEADER.size + sum(16 if entry[0] == 4 else 40 for entry in candidates)
+    most = len(candidates)
+    for entry in reversed(candidates):  # the longest prefix whose lower bound fits
+        if least <= max_bytes:
+            break
+        least -= 16 if entry[0] == 4 else 40
+        most -= 1
+    if size(most) <= max_bytes:
+        return most
+    return bisect.bisect_right(range(most + 1), max_bytes, key=size) - 1
+
+
+def networks_standing(stored: bytes, fresh: bytes, kv_now: float) -> float | None:
+    """standing() for two network tables as KV holds them (None: `stored` may not stand for
+    `fresh`). When both hold the same intervals (a refresh, time passing: what runs mostly see),
+    their bounds are compared as bytes and their ends column by column, with no per-interval object;
+    otherwise, entry by entry, an interval whose ends have all passed counting as gone."""
+    n4, n6 = NETWORKS_HEADER.unpack_from(fresh)[3:]
+    bounds = [(16, 16 + 8 * n4), (16 + 16 * n4, 16 + 16 * n4 + 32 * n6)]
+    if len(stored) != len(fresh) or stored[:16] != fresh[:16] or any(stored[a:b] != fresh[a:b] for a, b in bounds):
+        try:
+            held = decode_networks(stored)
+        except ValueError:
+            return None
+        return standing(interval_ends(held), interval_ends(decode_networks(fresh)), kv_now)
+    have, want = (uint32_words(value, 16 + 8 * n4, 8 * n4) for value in (stored, fresh))  # v4 ban and captcha
+    have6, want6 = (uint32_words(value, 16 + 16 * n4 + 32 * n6, 8 * n6) for value in (stored, fresh))
+    due_at, slack, ahead = math.inf, EXPIRATION_SLACK, kv_now + REFRESH_AHEAD
+    for have_end, want_end in zip(have + have6, want + want6, strict=True):
+        if have_end <= kv_now:  # passed, or none: the Worker ignores it
+            if want_end:
+                return None
+            continue
+        # expiration_stands(), inline: this runs once per interval, a blocklist's hundreds of thousands.
+        if not want_end or have_end > want_end + slack or (have_end < want_end - slack and have_end <= ahead):
+            return None
+        if want_end > have_end + slack and have_end - REFRESH_AHEAD < due_at:
+            due_at = have_end - REFRESH_AHEAD
+    return due_at
+
+
+def uint32_words(value: bytes, start: int, size: int) -> array.array:
+    """`size` bytes of little-endian uint32s from `start`, as integers."""
+    words = array.array("I")
+    words.frombytes(value[start : start + size])
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words
+
+
+def networks_end(value: bytes) -> int:
+    """The latest end a network table holds (0: none)."""
+    if not value:
+        return 0
+    n4, n6 = NETWORKS_HEADER.unpack_from(value)[3:]
+    ends = uint32_words(value, 16 + 8 * n4, 8 * n4) + uint32_words(value, 16 + 16 * n4 + 32 * n6, 8 * n6)
+    return max(ends, default=0)
+
+
+def network_intervals(entries: Iterable[tuple[NetworkEntry, Wanted]], offset: float, kv_now: float) -> Intervals:
+    """The network table's intervals for these entries, ends as it holds them (held_end())."""
+    cap = min(math.ceil(kv_now + MAX_TTL), MAX_END)
+    families: dict[int, list[tuple[int, int, int, int]]] = {4: [], 6: []}
+    add4, add6, ceil = families[4].append, families[6].append, math.ceil
+    for (version, first, last, remediation), wanted in entries:
+        end = ceil(wanted.end + offset)
+        end = cap if end > cap else end
+        (add4 if version == 4 else add6)((first, last, end, 0) if remediation == "ban" else (first, last, 0, end))
+    return Intervals(disjoint_intervals(families[4]), disjoint_intervals(families[6]))
+
+
+def interval_ends(intervals: Intervals) -> dict[tuple[int, int, int], Ends]:
+    return {
+        (version, i.first, i.last): (i.ban, i.captcha)
+        for version, family in zip((4, 6), intervals, strict=True)
+        for i in family
+    }
+
+
+def networks_size(intervals: Intervals) -> int:
+    return NETWORKS_HEADER.size + 16 * len(intervals.v4) + 40 * len(intervals.v6)
 
 
 # --------------------------------------------------------------------------- Cloudflare
@@ -1906,6 +2279,10 @@ SCOPE_HINT = "check that CF_API_TOKEN is valid and has the permission Workers KV
 
 class CloudflareError(Exception):
     """Cloudflare refused or kept failing a request."""
+
+
+class CloudflareTooLarge(CloudflareError):
+    """An answer from Cloudflare past the size it may have."""
 
 
 class Present(NamedTuple):
@@ -1939,17 +2316,18 @@ class Cloudflare:
         self.answers: Counter[str] = Counter()
         self.stop = threading.Event()  # set: a listing in another thread ends at its next page
 
-    def call(
-        self, operation: str, method: str, path: str, body: bytes | None = None
-    ) -> tuple[dict[str, Any], Response]:
-        """Cloudflare's envelope of a successful answer; CloudflareError with its codes and messages otherwise."""
+    def send(
+        self, operation: str, method: str, path: str, body: bytes | None = None, limit: int = MAX_ANSWER_BYTES
+    ) -> Response:
+        """Cloudflare's answer, counted under `operation`; CloudflareError when none came."""
         try:
-            response = self.http.request(
+            return self.http.request(
                 method,
                 self.base + path,
                 headers=self.headers,
                 body=body,
                 retry=CLOUDFLARE_RETRY,
+                limit=limit,
                 on_attempt=lambda: self.requests.update((operation,)),
                 on_answer=lambda: self.answers.update((operation,)),
             )
@@ -1960,27 +2338,34 @@ class Cloudflare:
             answered = f"{read_envelope(e.response, self.secrets)[1]}; " if e.response else ""
             raise CloudflareError(f"{operation}: {answered}{e}") from None
         except AnswerTooLarge as e:
-            raise CloudflareError(f"{operation}: Cloudflare's answer was too large: {e}") from None
+            raise CloudflareTooLarge(f"{operation}: Cloudflare's answer was too large: {e}") from None
+
+    def call(
+        self, operation: str, method: str, path: str, body: bytes | None = None
+    ) -> tuple[dict[str, Any], Response]:
+        """Cloudflare's envelope of a successful answer; CloudflareError with its codes and messages otherwise."""
+        response = self.send(operation, method, path, body)
         envelope, problem = read_envelope(response, self.secrets)
         if problem:
             # Not an envelope at all: an answer Cloudflare did not write, perhaps the proxy's.
             raise CloudflareError(f"{operation}: {problem}{'' if envelope else through_proxy_note(response)}")
         return envelope, response
 
-    def list_keys(self, prefix: str) -> Listing:
-        """Every key under the prefix, page by page; CloudflareError when `stop` is set meanwhile."""
+    def list_keys(self, prefix: str, only: str = "") -> Listing:
+        """Every key under the prefix (those starting with prefix + `only`), page by page;
+        CloudflareError when `stop` is set meanwhile."""
         present: dict[str, Present] = {}
         server_time, received_at, cursor, seen, empty_pages = None, 0.0, "", set(), 0
         while True:
             if self.stop.is_set():
                 raise CloudflareError("list: stopped, the run ended before the listing did")
-            query = {"prefix": prefix, "limit": LIST_LIMIT}
+            query = {"prefix": prefix + only, "limit": LIST_LIMIT}
             if cursor:
                 query["cursor"] = cursor
             envelope, response = self.call("list", "GET", "/keys?" + urllib.parse.urlencode(query))
             if server_time is None:
                 received_at = self.http.clock.now()
-                server_time = http_date(response.headers.get("Date"))
+                server_time = cloudflare_time(response.headers.get("Date"))
             result = envelope.get("result") or []
             if not isinstance(result, list):
                 raise CloudflareError(f"list: `result` is a {type(result).__name__}, not a list of keys")
@@ -1999,9 +2384,29 @@ class Cloudflare:
                     "so a broken answer cannot spend the account's API budget"
                 )
 
-    def namespace(self) -> None:
+    def value(self, key: str) -> bytes | None:
+        """The value of one key (None: there is none, or it is larger than any table this job
+        writes, so not one of them): read only to learn which table KV holds."""
+        try:
+            response = self.send(
+                "read", "GET", f"/values/{urllib.parse.quote(key, safe='')}", limit=TABLE_MAX_BYTES_LIMIT
+            )
+        except CloudflareTooLarge:
+            return None
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise CloudflareError(f"read: {read_envelope(response, self.secrets)[1]}")
+        return response.body
+
+    def namespace(self) -> Response:
         """GET the namespace itself: a request the token's KV permission covers, which reads no key."""
-        self.call("namespace", "GET", "")
+        return self.call("namespace", "GET", "")[1]
+
+    def clock(self) -> tuple[float | None, float]:
+        """Cloudflare's clock (its Date header; None: none believable) and ours when it arrived."""
+        response = self.namespace()
+        return cloudflare_time(response.headers.get("Date")), self.http.clock.now()
 
     def bulk_put(self, body: bytes) -> list[str]:
         """One bulk write of `body` (bulk_body's); the keys Cloudflare reports unsuccessful."""
@@ -2043,7 +2448,7 @@ def read_envelope(response: Response, secrets: Iterable[str] = ()) -> tuple[dict
 def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
     """Our keys in one list page, as the plan compares them; what we cannot read counts as stale."""
     present = {}
-    table = prefix + TABLE_NAME
+    documents = {prefix + name for name in DOCUMENT_NAMES}
     for key in page:
         if type(key) is not dict:
             continue
@@ -2051,7 +2456,7 @@ def present_keys(page: list[Any], prefix: str) -> dict[str, Present]:
         if type(name) is str and name.startswith(prefix):
             remediation = metadata.get("remediation") if type(metadata) is dict else None
             if type(remediation) is not str or remediation not in REMEDIATION_RANK:
-                remediation = table_digest(metadata) if name == table else None
+                remediation = table_digest(metadata) if name in documents else None
             present[name] = tuple_new(Present, (expiration if type(expiration) in (int, float) else None, remediation))
     return present
 
@@ -2060,7 +2465,7 @@ _DIGEST = re.compile(r"[0-9a-f]{32}")
 
 
 def table_digest(metadata: Any) -> str | None:
-    """The digest the scope table's metadata carries; None when it is not ours (then the plan rewrites it)."""
+    """The digest a table's metadata carries; None when it is not ours (then the plan rewrites it)."""
     if type(metadata) is not dict or type(metadata.get("table")) is not int or metadata["table"] != TABLE_FORMAT:
         return None
     digest = metadata.get("digest")
@@ -2072,6 +2477,17 @@ def unsuccessful_keys(result: Any) -> list[str]:
     if isinstance(result, dict):
         return [k for k in result.get("unsuccessful_keys") or [] if isinstance(k, str)]
     return []
+
+
+# Cloudflare's clock as a Date header gives it, believed only between these (Unix seconds: 2020
+# and 2100): a date outside them is a broken answer (a proxy's, say), and taken as no date.
+CLOUDFLARE_DATES = (1_577_836_800, 4_102_444_800)
+
+
+def cloudflare_time(value: str | None) -> float | None:
+    """The time of a Date header from Cloudflare, or None when it has none or an unbelievable one."""
+    seconds = http_date(value)
+    return seconds if seconds is not None and CLOUDFLARE_DATES[0] <= seconds < CLOUDFLARE_DATES[1] else None
 
 
 def http_date(value: str | None) -> float | None:
@@ -2096,63 +2512,87 @@ class Plan(NamedTuple):
     writes: list[Write]
     deletes: list[str]
     unchanged: list[str]
-    # When, on Cloudflare's clock, the first key capped at MAX_TTL is due to be rewritten (inf:
-    # none is): until then a plan against the same LAPI answer finds nothing to do.
-    refresh_at: float = math.inf
+    # When, on Cloudflare's clock, the first key left as it is comes due to be rewritten (inf: none
+    # does): until then a plan against the same LAPI answer finds nothing to do.
+    due_at: float = math.inf
+    spared: list[str] = []  # noqa: RUF012  # never changed  # keys LAPI no longer wants, left to expire (spare_covered)
+
+
+# What the plan does with each key (external-dns's plan writes its table the same way):
+#
+#   KV holds the key            LAPI wants it                        plan
+#   no                          yes                                  write
+#   yes, another remediation    yes                                  write
+#   yes, no metadata of ours    yes                                  write
+#   yes                         yes, ends within the slack of it     unchanged
+#   yes, expires > 15 min out   yes, ends later (a refresh)          unchanged (due 15 min before it expires)
+#   yes, expires <= 15 min out  yes, ends later                      write, with the decision's end
+#   yes                         yes, ends earlier beyond the slack   write, with the decision's end
+#   yes                         no                                   delete (not when it already expired)
+def expiration_stands(expiration: float, wanted: float, kv_now: float) -> bool:
+    """Whether a key (or a table entry) that expires at `expiration` may stay as it is for a
+    decision that a write now would make expire at `wanted`, both on Cloudflare's clock: it does
+    not outlive the decision by more than EXPIRATION_SLACK, and it is either in step with it or,
+    if the decision now ends later, still more than REFRESH_AHEAD away from expiring."""
+    return expiration <= wanted + EXPIRATION_SLACK and (
+        expiration >= wanted - EXPIRATION_SLACK or expiration > kv_now + REFRESH_AHEAD
+    )
 
 
 def make_plan(wanted: Mapping[str, Wanted], present: Mapping[str, Present], now: float, offset: float = 0.0) -> Plan:
-    """What to write and delete so KV holds `wanted`. `now` and the wanted ends are on our clock;
-    `offset` is Cloudflare's clock minus ours, the clock KV's expirations are on. A present key
-    whose expiration has passed is gone (a listing never shows one; a state record may still)."""
+    """What to write and delete so KV holds `wanted` (the table above). `now` and the wanted ends
+    are on our clock; `offset` is Cloudflare's clock minus ours, the clock KV's expirations are
+    on. A present key whose expiration has passed is gone (a listing never shows one; a state
+    record may still)."""
     writes, unchanged = [], []
     kv_now = now + offset
     get_present, nothing = present.get, (None, None)
-    refresh_at = math.inf
+    due_at = math.inf
     for key, (remediation, end, origin, scenario) in wanted.items():
         expiration, had = get_present(key, nothing)
         left = end - now
         ttl = MIN_TTL if left < MIN_TTL else MAX_TTL if left > MAX_TTL else left
         expires = kv_now + ttl  # where a write now would put the expiration
-        if (
-            had == remediation
-            and expiration is not None
-            and expires - (MAX_TTL_REFRESH if left > MAX_TTL else EXPIRATION_SLACK)
-            <= expiration
-            <= expires + EXPIRATION_SLACK
-        ):
+        if had == remediation and expiration is not None and expiration_stands(expiration, expires, kv_now):
             unchanged.append(key)
         else:
             writes.append(tuple_new(Write, (key, remediation, math.ceil(ttl), origin, scenario)))
             expiration = expires
-        if left > MAX_TTL:  # capped: rewritten once it is MAX_TTL_REFRESH old
-            refresh_at = min(refresh_at, expiration - MAX_TTL + MAX_TTL_REFRESH)
+        if end + offset > expiration + EXPIRATION_SLACK:  # the decision outlasts the key: it comes due
+            due_at = min(due_at, expiration - REFRESH_AHEAD)
     gone = present.keys() - wanted.keys()  # a set operation in C: a pass over the keys in Python cost more
     deletes = sorted(key for key in gone if present[key].expiration is None or present[key].expiration > kv_now)
-    return Plan(writes, deletes, unchanged, refresh_at)
+    return Plan(writes, deletes, unchanged, due_at)
 
 
-def make_plan_with_table(
-    wanted: dict[str, Wanted], key: str, table: ScopeTable, present: Mapping[str, Present], now: float, offset: float
-) -> tuple[Plan, str | None]:
-    """make_plan, with the scope table's key as one more key: its digest stands for the remediation
-    (so the plan rewrites it when its content changes, and only then), the latest end among its
-    entries for the end (so its expiration is capped and refreshed as a key's). A table with no
-    entries is not wanted: a key present is deleted, as a stray key is. Also what becomes of the
-    table's key: "written", "unchanged", "deleted", or None when it is neither wanted nor present."""
-    if table.document:  # added to `wanted` for the plan and taken out again: a copy would cost a pass
-        wanted[key] = tuple_new(Wanted, (table.digest, table.end, "", ""))
-    try:
-        plan = make_plan(wanted, present, now, offset)
-    finally:
-        wanted.pop(key, None)
-    # make_plan goes through `wanted` in order, so the table's key, added last, comes last.
-    if plan.writes and plan.writes[-1].key == key:
-        return plan, "written"
-    if plan.unchanged and plan.unchanged[-1] == key:
-        return plan, "unchanged"
-    at = bisect.bisect_left(plan.deletes, key)  # deletes are sorted
-    return plan, "deleted" if at < len(plan.deletes) and plan.deletes[at] == key else None
+def spare_covered(
+    plan: Plan,
+    present: Mapping[str, Present],
+    held: Intervals | None,
+    due: Intervals | None,
+    prefix: str,
+    kv_now: float,
+) -> Plan:
+    """The plan with the deletes of keys the network table now holds left out (`spared`): a key
+    whose address the table `held` (as KV is to hold it) enforces with the same remediation is left
+    to expire rather than deleted (Cloudflare's free plan allows 1,000 deletes a day, and turning
+    TABLE_ORIGINS on moves a whole blocklist into the table), while it does not outlive the
+    decision by more than the slack: `due`, the table built fresh, holds the decision's end (a
+    table kept may itself hold an end up to the slack past it). The table is written before any
+    key is deleted, so no address is ever enforced by neither."""
+    if not held or not due or not plan.deletes:
+        return plan
+    start, deletes, spared = len(prefix), [], []
+    for key in plan.deletes:
+        have = present[key]
+        enforced, decided = network_ends(held, key[start:]), network_ends(due, key[start:])
+        if have.remediation in REMEDIATION_RANK and have.expiration is not None and enforced and decided:
+            which = 0 if have.remediation == "ban" else 1
+            if enforced[which] > kv_now and have.expiration <= decided[which] + EXPIRATION_SLACK:
+                spared.append(key)
+                continue
+        deletes.append(key)
+    return plan._replace(deletes=deletes, spared=plan.spared + spared)
 
 
 def chunks(items: list[Any], size: int = MAX_BULK_ITEMS) -> Iterator[list[Any]]:
@@ -2188,17 +2628,19 @@ def apply_plan(
     plan: Plan,
     max_deletes: int | None,
     ledger: Ledger | None = None,
-    item: Callable[[Write], dict[str, Any]] | None = None,
+    documents: Mapping[str, Document] = {},  # noqa: B006  # never changed
 ) -> Applied:
     """Bulk writes, then bulk deletes, each key retried while Cloudflare lists it as unsuccessful.
-    `item` makes each pair of a bulk write (default bulk_item; table_item when the scope table is written)."""
+    `documents`: the tables to write, by key (their values go where the plan writes their keys).
+    Every write lands before any delete, so no key is deleted before a table holds its address."""
     ledger = Ledger() if ledger is None else ledger
     now = cloudflare.http.clock.now
+    item = functools.partial(bulk_item, documents=documents) if documents else bulk_item
 
     def wrote(sent: list[Write], sent_at: float) -> None:
         ledger.written.append((sent, sent_at))
 
-    send_all(cloudflare.bulk_put, plan.writes, write_key, item or bulk_item, "write", ledger, wrote, now)
+    send_all(cloudflare.bulk_put, plan.writes, write_key, item, "write", ledger, wrote, now)
     if guard_trips(plan, max_deletes):
         return Applied(len(plan.writes), 0, len(plan.deletes))
 
@@ -2217,31 +2659,20 @@ def guard_trips(plan: Plan, max_deletes: int | None) -> bool:
 write_key = operator.itemgetter(0)  # a Write's key, taken in C: send_all asks for 100,000 of them
 
 
-def bulk_item(write: Write) -> dict[str, Any]:
-    """One pair of a bulk write, built only as its chunk is sent."""
+def bulk_item(write: Write, documents: Mapping[str, Document] = {}) -> dict[str, Any]:  # noqa: B006  # never changed
+    """One pair of a bulk write, built only as its chunk is sent: a key's remediation, or a table's
+    value (base64: the network table is binary) with its digest in the metadata."""
     key, remediation, ttl, origin, scenario = write
+    document = documents.get(key)
+    if document is not None:
+        value = base64.b64encode(document.value).decode("ascii")
+        return {"key": key, "value": value, "base64": True, "expiration_ttl": ttl, "metadata": document.metadata}
     return {
         "key": key,
         "value": remediation,
         "expiration_ttl": ttl,
         "metadata": metadata_of(remediation, origin, scenario),
     }
-
-
-def table_item(key: str, table: ScopeTable) -> Callable[[Write], dict[str, Any]]:
-    """bulk_item, but for the scope table's key: its document, with the digest in its metadata."""
-
-    def item(write: Write) -> dict[str, Any]:
-        if write.key != key:
-            return bulk_item(write)
-        return {
-            "key": key,
-            "value": table.document.decode("ascii"),
-            "expiration_ttl": write.ttl,
-            "metadata": table.metadata,
-        }
-
-    return item
 
 
 def bulk_body(items: list[Any]) -> bytes:
@@ -2302,7 +2733,7 @@ def settle(
 
 # --------------------------------------------------------------------------- state file
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 STATE_KIND = "lapi-kv-sync state"
 STATE_LOCK_WAIT = 30.0  # seconds a run waits for another run's lock on the same STATE_FILE
 # Why a run lists every key (audits) instead of planning against its record; the metric's labels.
@@ -2320,6 +2751,9 @@ RECENT_MAX = 20_000
 # What a record may unpack to, header first: a header is a few hundred bytes; a key's name, as JSON,
 # at most six bytes for each of its MAX_KEY_BYTES (`\u0000`), its expiration at most 21.
 MAX_HEADER_BYTES = 64 * 1024
+# The least a key takes in a record's columns: `"ip:1.2.3.4",` (a prefix of one character and the
+# shortest address make 12), `null,` or a number and its comma, and its letter.
+MIN_RECORD_KEY_BYTES = 14
 MAX_NAME_JSON = MAX_KEY_BYTES * 6 + 3
 MAX_RECENT_JSON = MAX_NAME_JSON + 22
 
@@ -2345,13 +2779,17 @@ class Record(NamedTuple):
     # projected (AnswerDigest) and that projection's figures, for a run that finds the same answer.
     lapi_digest: str | None = None
     projected: Projected | None = None
-    refresh_at: float | None = None  # that run's Plan.refresh_at (None: no key capped at MAX_TTL)
+    due_at: float | None = None  # that run's Plan.due_at (None: no key comes due)
     # The keys this job changed in the last KV_LIST_LAG seconds, each with when (Cloudflare's
     # clock); what each holds since is in `keys` (absent: deleted). As read from a file, the line
     # as it is, decoded only by a run that needs it (recent_changes()): after a cold run it names
     # every key, and a steady run does not need it.
     recent: dict[str, int] | str = ""
     settling_until: float | None = None  # Cloudflare's clock: until then, KV's listing may lag more than `recent`
+    # The tables KV holds, by name, as Cloudflare confirmed them: their keys are in `keys` (each
+    # with its digest for a remediation), their values here, so that a run can keep a table that
+    # may stand without reading it back from KV.
+    documents: Mapping[str, bytes] = {}  # noqa: RUF012  # never changed
 
     def recent_changes(self) -> dict[str, int]:
         """`recent` as a dict; empty if its line is not two columns of names and whole numbers
@@ -2378,8 +2816,8 @@ class Projected(NamedTuple):
     wanted: int
     by_remediation: dict[str, int]
     ignored: dict[str, int]
-    table: dict[str, int] = {}  # noqa: RUF012  # scope table entries by "scope:remediation"; never changed
-    table_bytes: int = 0
+    table: dict[str, int] = {}  # noqa: RUF012  # the tables' entries by "scope:remediation"; never changed
+    table_bytes: dict[str, int] = {}  # noqa: RUF012  # each table's size, by name; never changed
 
 
 class Loaded(NamedTuple):
@@ -2397,18 +2835,25 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     remediations as one letter each (`b`, `c`, `-` for unknown). Columns, not a line per key, so
     that reading a million keys back is a few C-level passes rather than a Python loop. A fifth
     line, when the header counts `recent` changes: their keys and times as two JSON arrays in
-    one, those older than KV_LIST_LAG at `kv_now` left out."""
+    one, those older than KV_LIST_LAG at `kv_now` left out. Then the value of each table the
+    header lists with a length, in base64, one a line."""
     # Three columns of references, not a tuple per key: a record of 300,000 keys is saved at the
     # run's fullest (a rotation: the old keys, the new, the plan), and a tuple each costs 20 MiB.
-    # The scope table's key goes in the header: its "remediation" is its document's digest.
-    table_key = record.prefix + TABLE_NAME
-    names = [key for key, have in record.keys.items() if (have[0] is None or have[0] > kv_now) and key != table_key]
+    # The tables' keys go in the header (their "remediation" is a digest), their values after.
+    tables = {record.prefix + name: name for name in DOCUMENT_NAMES}
+    names = [key for key, have in record.keys.items() if (have[0] is None or have[0] > kv_now) and key not in tables]
     haves = list(map(record.keys.__getitem__, names))
     expirations, remediations = map(operator.itemgetter(0), haves), map(operator.itemgetter(1), haves)
     recent = {key: at for key, at in record.recent_changes().items() if at > kv_now - KV_LIST_LAG}
-    table = None
-    if (have := record.keys.get(table_key)) is not None and (have[0] is None or have[0] > kv_now):
-        table = [have[1], None if have[0] is None else int(have[0])]
+    documents, values = [], []
+    for key, name in tables.items():
+        if (have := record.keys.get(key)) is not None and (have[0] is None or have[0] > kv_now):
+            value = record.documents.get(name) if have[1] is not None else None
+            documents.append(
+                [name, have[1], None if have[0] is None else int(have[0]), None if value is None else len(value)]
+            )
+            if value is not None:
+                values.append(value)
     header = {
         "kind": STATE_KIND,
         "format": STATE_FORMAT,
@@ -2419,10 +2864,10 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         "clock_offset": record.clock_offset,
         "usage_metrics_sent_at": record.usage_metrics_sent_at,
         "keys": len(names),
-        "table": table,
+        "documents": documents,
         "lapi_digest": record.lapi_digest,
         "projected": record.projected._asdict() if record.projected else None,
-        "refresh_at": record.refresh_at,
+        "due_at": record.due_at,
     }
     if recent:
         header["recent"] = len(recent)
@@ -2435,6 +2880,8 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
     yield "".join(map(_REMEDIATION_CODE.__getitem__, remediations)) + "\n"
     if recent:
         yield json.dumps([list(recent), list(recent.values())], separators=(",", ":")) + "\n"
+    for value in values:
+        yield base64.b64encode(value).decode("ascii") + "\n"
 
 
 def decode_record(lines: Iterable[str]) -> Record:
@@ -2446,7 +2893,7 @@ def decode_record(lines: Iterable[str]) -> Record:
         audited_at, clock_offset = float(header["audited_at"]), float(header["clock_offset"])
         sent = header.get("usage_metrics_sent_at")
         usage_metrics_sent_at = None if sent is None else float(sent)
-        count, recent_count = record_counts(header)
+        count, recent_count, _ = record_counts(header)
         lapi_digest, projected = header.get("lapi_digest"), header.get("projected")
         if lapi_digest is not None and not (isinstance(lapi_digest, str) and isinstance(projected, dict)):
             raise TypeError
@@ -2456,15 +2903,15 @@ def decode_record(lines: Iterable[str]) -> Record:
                 figures(projected["by_remediation"]),
                 figures(projected["ignored"]),
                 table_figures(projected.get("table", {})),  # absent from a record written before the scope table
-                int(projected.get("table_bytes", 0)),
+                table_sizes(projected.get("table_bytes", {})),
             )
             if lapi_digest is not None
             else None
         )
-        table = recorded_table(header.get("table"))
-        refresh_at = header.get("refresh_at")
-        refresh_at = None if refresh_at is None or lapi_digest is None else float(refresh_at)
-        if refresh_at is not None and not math.isfinite(refresh_at):
+        documents = recorded_documents(header.get("documents", []))
+        due_at = header.get("due_at")
+        due_at = None if due_at is None or lapi_digest is None else float(due_at)
+        if due_at is not None and not math.isfinite(due_at):
             raise ValueError
         settling_until = header.get("settling_until")
         settling_until = None if settling_until is None else float(settling_until)
@@ -2475,10 +2922,20 @@ def decode_record(lines: Iterable[str]) -> Record:
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
     try:
-        names = json.loads(next(lines))
-        expirations = json.loads(next(lines))
+        # Counted before they are decoded: a column of junk (`[0,0,0,…]` to the record's limit) would
+        # make a list of tens of millions of references first, past the CronJob's memory.
+        names_line, expirations_line = next(lines), next(lines)
+        if names_line.count(",") > count * (prefix.count(",") + 1) or expirations_line.count(",") > count:
+            raise ValueError("more items than the header says")
+        names = json.loads(names_line)
+        expirations = json.loads(expirations_line)
         codes = next(lines).removesuffix("\n")
         recent = next(lines).removesuffix("\n") if recent_count else ""
+        values = {
+            name: base64.b64decode(next(lines).removesuffix("\n"), validate=True)
+            for name, _, _, size in documents
+            if size is not None
+        }
         if next(lines, None) is not None:
             raise ValueError("more lines than the header says")
         if not (isinstance(names, list) and isinstance(expirations, list) and count == len(names)):
@@ -2492,15 +2949,18 @@ def decode_record(lines: Iterable[str]) -> Record:
         remediations = map(_CODE_REMEDIATION.__getitem__, codes)  # KeyError for an unknown letter
         present = map(functools.partial(tuple_new, Present), zip(expirations, remediations, strict=True))
         keys = dict(zip(names, present, strict=True))
-    except (StopIteration, ValueError, KeyError, TypeError) as e:
+    except (StopIteration, ValueError, KeyError, TypeError, binascii.Error) as e:
         raise RecordCorrupt(f"the key columns are not whole ({str(e) or type(e).__name__})") from None
     if len(keys) != count:
         raise RecordCorrupt("a key appears twice")
-    if table is not None:
-        keys[prefix + TABLE_NAME] = table
+    for name, digest, expiration, size in documents:
+        value = values.get(name)
+        if value is not None and (len(value) != size or hashlib.sha256(value).hexdigest()[:32] != digest):
+            raise RecordCorrupt(f"the {name} table's value is not the one its digest names")
+        keys[prefix + name] = Present(expiration, digest)
     return Record(
         account, namespace, prefix, audited_at, clock_offset, usage_metrics_sent_at, keys, lapi_digest, projected,
-        refresh_at, recent, settling_until,
+        due_at, recent, settling_until, values,
     )  # fmt: skip
 
 
@@ -2517,13 +2977,14 @@ def record_header(line: str | bytes) -> dict[str, Any]:
     return header
 
 
-def record_counts(header: Mapping[str, Any]) -> tuple[int, int]:
-    """How many keys and recent changes a header says its record holds; ValueError unless two whole
-    numbers from 0."""
+def record_counts(header: Mapping[str, Any]) -> tuple[int, int, int]:
+    """How many keys and recent changes a header says its record holds, and how many characters
+    its tables' values take; ValueError (or TypeError) unless whole numbers from 0."""
     count, recent = header["keys"], header.get("recent", 0)
     if not (type(count) is int and type(recent) is int and count >= 0 and recent >= 0):
         raise ValueError("a count that is not a whole number")
-    return count, recent
+    sizes = [size for _, _, _, size in recorded_documents(header.get("documents", [])) if size is not None]
+    return count, recent, sum(4 * -(-size // 3) + 1 for size in sizes)  # base64, and a newline each
 
 
 def unpacked_record(packed: bytes, limit: int) -> bytes:
@@ -2538,10 +2999,12 @@ def unpacked_record(packed: bytes, limit: int) -> bytes:
             raise RecordCorrupt("no header line in its first 64 KiB")
         header = record_header(text[: end + 1])  # its own RecordCorrupt: not a record, or another format
         try:
-            count, recent = record_counts(header)
+            count, recent, tables = record_counts(header)
         except (KeyError, ValueError, TypeError):
             raise RecordCorrupt("header lacks a field or holds a wrong type") from None
-        most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + 64)
+        if max(count, recent) > limit // MIN_RECORD_KEY_BYTES:
+            raise RecordCorrupt(f"claims more keys than a record of at most {limit} bytes can hold")
+        most = min(limit, end + 1 + count * (MAX_NAME_JSON + 22 + 1) + recent * MAX_RECENT_JSON + tables + 64)
         text += unpack.decompress(unpack.unconsumed_tail, max(1, most + 1 - len(text)))
         if len(text) > most:
             raise RecordCorrupt(f"unpacks to more than its header allows ({most} bytes)")
@@ -2563,21 +3026,38 @@ def text_lines(text: bytes) -> Iterator[str]:
         start = end
 
 
-def recorded_table(table: Any) -> Present | None:
-    """The scope table's key as a record's header holds it (`[digest, expiration]`, either null
-    when unknown), or None when there is none; TypeError for anything else."""
-    if table is None:
-        return None
-    digest, expiration = table  # TypeError or ValueError unless a pair
-    if not (digest is None or (type(digest) is str and _DIGEST.fullmatch(digest))):
+def recorded_documents(documents: Any) -> list[tuple[str, str | None, int | None, int | None]]:
+    """The tables' keys as a record's header lists them (`[name, digest, expiration, length]`, the
+    last three null when unknown, the length null when the value is not kept); TypeError or
+    ValueError for anything else."""
+    if type(documents) is not list:
         raise TypeError
-    if not (expiration is None or type(expiration) is int):
-        raise TypeError
-    return Present(expiration, digest)
+    read = []
+    for name, digest, expiration, size in documents:  # TypeError or ValueError unless four each
+        if name not in DOCUMENT_NAMES or name in (r[0] for r in read):
+            raise ValueError(name)
+        if not (digest is None or (type(digest) is str and _DIGEST.fullmatch(digest))):
+            raise TypeError
+        if not (expiration is None or type(expiration) is int) or not (
+            size is None or (type(size) is int and size > 0)
+        ):
+            raise TypeError
+        if size is not None and digest is None:
+            raise ValueError("a value without its digest")
+        read.append((name, digest, expiration, size))
+    return read
+
+
+def table_sizes(sizes: Any) -> dict[str, int]:
+    """A record's table sizes by name; TypeError or ValueError for anything else."""
+    sizes = figures(sizes)
+    if not sizes.keys() <= set(DOCUMENT_NAMES):
+        raise ValueError(sizes)
+    return sizes
 
 
 def table_figures(counts: Any) -> dict[str, int]:
-    """A record's scope table entries by `scope:remediation`; TypeError or ValueError for anything else."""
+    """A record's table entries by `scope:remediation`; TypeError or ValueError for anything else."""
     counts = figures(counts)
     for name in counts:
         scope, _, remediation = name.partition(":")
@@ -2679,15 +3159,31 @@ def recent_and_settling(
     return recent, settling_until if settling_until is not None and settling_until > kv_now else None
 
 
-def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> None:
-    """Lay over a listing what the job changed lately (None: deleted), in place: KV's list may lag
-    a change by up to a minute, so an audit must not forget a key this job wrote, nor bring back
-    one it deleted, within that time."""
+UNKNOWN = Present(None, None)  # a key whose state is not known: the plan writes it, or deletes it
+
+
+def reconcile(listed: dict[str, Present], lately: Mapping[str, Present | None]) -> int:
+    """Mark unknown, in place, each key that a listing and the job's own changes of the last
+    KV_LIST_LAG seconds (`lately`: what each holds since, None: deleted) disagree on, so that the
+    plan sends it again: a write if LAPI wants the key, a delete if not. KV's list may lag a change
+    by up to a minute, and the key may have been changed behind the job's back meanwhile: neither
+    is the truth alone, and a write or a delete sent again is harmless. The number marked."""
+    marked = 0
     for key, have in lately.items():
-        if have is None:
-            listed.pop(key, None)
-        else:
-            listed[key] = have
+        if not same_key(listed.get(key), have):
+            listed[key] = UNKNOWN
+            marked += 1
+    return marked
+
+
+def same_key(a: Present | None, b: Present | None) -> bool:
+    """Whether two accounts of a key agree: both absent, or the same remediation and expirations
+    within EXPIRATION_SLACK (a record counts a write's expiration from when it was sent)."""
+    if a is None or b is None:
+        return a is b
+    if a.remediation is None or a.remediation != b.remediation or (a.expiration is None) != (b.expiration is None):
+        return False
+    return a.expiration is None or abs(a.expiration - b.expiration) <= EXPIRATION_SLACK
 
 
 class StateFile:
@@ -2855,12 +3351,15 @@ class Report:
     audit_detail: str = "every run without STATE_FILE"
     record_trusted: bool = False
     lapi_unchanged: bool = False  # LAPI's answer was the one the record was written with: no plan
-    # The scope table: what the run did with its key ("written", "unchanged", "deleted", "delete
-    # held back"; "to write", "to delete" until Cloudflare confirms; None: no table and no key),
-    # its entries by (scope, remediation) and its size. Not in the figures of address keys above.
-    table_action: str | None = None
+    spared: int = 0  # keys LAPI no longer wants that the network table holds: left to expire, not deleted
+    resent: int = 0  # keys an audit sent again, where the listing and the job's last changes disagreed
+    # The tables: what the run did with each one's key, by name ("written", "unchanged",
+    # "deleted", "delete held back"; "to write", "to delete" until Cloudflare confirms; absent: no
+    # table and no key), their entries by (scope, remediation) and their sizes. Not in the figures
+    # of address keys above.
+    table_actions: dict[str, str] = field(default_factory=dict)
     table_entries: Counter[tuple[str, str]] = field(default_factory=Counter)
-    table_bytes: int = 0
+    table_bytes: dict[str, int] = field(default_factory=dict)
 
 
 Sample = tuple[str, str, dict[str, str], float]  # name, help, labels, value
@@ -2909,19 +3408,28 @@ def metric_samples(report: Report) -> list[Sample]:
         (p + "ignored", "LAPI decisions not written, by reason.", {"reason": r}, report.ignored[r])
         for r in IGNORE_REASONS
     ]
+    samples.append(
+        (
+            p + "spared",
+            "Keys LAPI no longer wants that the network table holds, left to expire instead of deleted this run.",
+            {},
+            report.spared,
+        )
+    )
     samples += [
         (
             p + "table_entries",
-            "Entries in the scope table (Range, Country, AS decisions), by scope and remediation.",
+            "Entries in the tables, by scope (network: Range and TABLE_ORIGINS' Ip decisions; country; as) and remediation.",
             {"scope": scope, "remediation": r},
             report.table_entries[scope, r],
         )
         for scope in TABLE_SCOPES
         for r in REMEDIATION_RANK
     ]
-    samples.append(
-        (p + "table_bytes", "Size of the scope table's document in bytes (0: none).", {}, report.table_bytes)
-    )
+    samples += [
+        (p + "table_bytes", "Size of each table in bytes (0: none).", {"table": name}, report.table_bytes.get(name, 0))
+        for name in DOCUMENT_NAMES
+    ]
     samples += [
         (
             p + "cloudflare_requests",
@@ -3017,20 +3525,24 @@ def usage_metrics_due(now: float, last_sent: float | None) -> bool:
 
 
 def active_decisions(
-    wanted: Mapping[str, Wanted], prefix: str, ranges: Iterable[tuple[str, Wanted]] = ()
+    projection: Projection, documents: Mapping[str, Document], prefix: str
 ) -> Counter[tuple[str, str]]:
-    """Keys by (origin, ip_type) as CrowdSec's own bouncers count them: a blocklist's decisions
-    (origin `lists`) as `lists:<scenario>`, the list's name. The scope table's ranges (canonical
-    networks) count one each, as a firewall bouncer's set counts a range; its countries and AS
+    """What the job enforces, by (origin, ip_type), as CrowdSec's own bouncers count it: a
+    blocklist's decisions (origin `lists`) as `lists:<scenario>`, the list's name. Each address
+    key counts one, and each network in the network table one (a range as a firewall bouncer's set
+    counts it, an address of TABLE_ORIGINS as its key would); the scope table's countries and AS
     have no place in CrowdSec's `active_decisions`, which counts by IP type."""
     start = len(prefix)
-    addresses = ((key[start:], w) for key, w in wanted.items())
+    enforced = [(("ipv6" if ":" in key[start:] else "ipv4"), w) for key, w in projection.wanted.items()]
+    networks = documents.get(prefix + "networks")
+    seen: set[tuple[int, int, int]] = set()
+    for entry in networks.kept if networks is not None else ():  # bans first: a network counts as its ban
+        if entry[:3] not in seen:
+            seen.add(entry[:3])
+            enforced.append((f"ipv{entry[0]}", projection.networks[entry]))
     return Counter(
-        (
-            (f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT],
-            "ipv6" if ":" in value else "ipv4",
-        )
-        for value, w in itertools.chain(addresses, ranges)
+        ((f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT], ip_type)
+        for ip_type, w in enforced
     )
 
 
@@ -3209,13 +3721,56 @@ def counted(n: int, noun: str, plural: str = "") -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def left_out_named(ignored: Counter[str], reasons: Iterable[str]) -> dict[str, str]:
+    """The decisions left out for each of these reasons, named as far as `ignored` (a LeftOut)
+    kept them: value (scope type, origin), then how many more."""
+    samples = getattr(ignored, "samples", {})
+    named = {}
+    for reason in reasons:
+        kept = samples.get(reason, [])
+        if not ignored[reason] or not kept:
+            continue
+        words = [
+            f"{d.value} ({' '.join(filter(None, (d.scope, d.type))) or '?'}, origin {d.origin or '?'})" for d in kept
+        ]
+        more = ignored[reason] - len(kept)
+        named[reason] = ", ".join(words) + (f" (+{more} more)" if more > 0 else "")
+    return named
+
+
+# A run names the decisions it leaves out for a reason that is new since the last converged run
+# (what the state record says it left out); without a record, the run that starts in the first
+# minute of an hour does: never the same names every minute. `expired` is named by dry runs only:
+# a decision that ended as LAPI answered is no mistake.
+NAMED_SLOT = 60
+
+
+def log_left_out(log: Log, ignored: Counter[str], before: Mapping[str, int] | None, started: float) -> None:
+    reasons = [
+        r
+        for r in IGNORE_REASONS
+        if r != "expired"
+        and ignored[r]
+        and (before.get(r, 0) == 0 if before is not None else started % 3600 < NAMED_SLOT)
+    ]
+    named = left_out_named(ignored, reasons)
+    if named:
+        log.info(
+            "ignored",
+            "decisions left out, named once (a new reason since the last run, or once an hour): "
+            + "; ".join(f"{reason} {ignored[reason]}: {words}" for reason, words in named.items()),
+            ignored={reason: ignored[reason] for reason in named},
+        )
+
+
 def log_summary(log: Log, report: Report) -> None:
     ignored = Counter({r: report.ignored[r] for r in IGNORE_REASONS})
     message = (
         f"wanted {report.wanted} ({counts({r: report.by_remediation[r] for r in REMEDIATIONS})}), "
         f"written {report.written}, deleted {report.deleted}, unchanged {report.unchanged}, "
+        f"{f'left to expire {report.spared}, ' if report.spared else ''}"
         f"ignored {sum(ignored.values())} ({counts(ignored)}), "
-        f"{table_words(report) + ', ' if report.table_action or report.table_entries else ''}"
+        f"{table_words(report) + ', ' if report.table_actions or report.table_entries else ''}"
         f"cloudflare attempts {sum(report.cloudflare_requests.values())} ({counts(report.cloudflare_requests)}), "
         f"answers {sum(report.cloudflare_answers.values())}, "
         f"{audit_words(report)}, {report.duration:.2f}s"
@@ -3231,11 +3786,15 @@ def log_summary(log: Log, report: Report) -> None:
         deleted=report.deleted,
         unchanged=report.unchanged,
         held_back=report.guarded,
+        spared=report.spared,
         ignored=dict(ignored),
-        scope_table={
-            "action": report.table_action,
-            "entries": entries_by_name(report.table_entries),
-            "bytes": report.table_bytes,
+        tables={
+            name: {
+                "action": report.table_actions.get(name),
+                "entries": entries_by_name(table_entries(report, name)),
+                "bytes": report.table_bytes.get(name, 0),
+            }
+            for name in DOCUMENT_NAMES
         },
         cloudflare_requests=dict(report.cloudflare_requests),
         cloudflare_answers=sum(report.cloudflare_answers.values()),
@@ -3252,31 +3811,51 @@ def entries_by_name(entries: Mapping[tuple[str, str], int]) -> dict[str, int]:
     return {f"{scope}:{remediation}": n for (scope, remediation), n in entries.items()}
 
 
-def table_words(report: Report, action: str | None = None) -> str:
-    """The scope table in a few words: what became of its key, its entries by scope and its size."""
-    by_scope: Counter[str] = Counter()
-    for (scope, _), n in report.table_entries.items():
-        by_scope[scope] += n
-    entries = counts({scope: by_scope[scope] for scope in TABLE_SCOPES})
-    action = action or report.table_action or "none"
-    total = counted(sum(by_scope.values()), "entry", "entries")
-    return f"scope table {action} ({total}: {entries}; {report.table_bytes} bytes)"
+def table_entries(report: Report, name: str) -> Counter[tuple[str, str]]:
+    """A table's entries among the report's, by (scope, remediation)."""
+    scopes = ("network",) if name == "networks" else SCOPE_TABLE_SCOPES
+    return Counter({entry: n for entry, n in report.table_entries.items() if entry[0] in scopes})
 
 
-def log_table_plan(log: Log, report: Report, table: ScopeTable, planned: str | None) -> None:
-    """The scope table's line of a dry run, with a sample of its entries (none without a table or a key)."""
-    if planned is None and not table.kept:
-        return
-    sample = [f"{scope}:{name}" for scope, name in table.kept[:SAMPLE_KEYS]]
-    more = f" (+{len(table.kept) - len(sample)} more)" if len(table.kept) > len(sample) else ""
-    action = {"written": "write", "deleted": "delete"}.get(planned or "", planned or "none")
-    log.info(
-        "plan",
-        f"dry run: {table_words(report, action)}: {' '.join(sample)}{more}".rstrip(": "),
-        action=action,
-        count=len(table.kept),
-        keys=sample,
-    )
+def table_words(report: Report, actions: Mapping[str, str] | None = None, names: Iterable[str] = DOCUMENT_NAMES) -> str:
+    """The tables in a few words: what became of each one's key, its entries by scope, its size."""
+    actions = report.table_actions if actions is None else actions
+    words = []
+    for name in names:
+        entries = table_entries(report, name)
+        if name not in actions and not entries:
+            continue
+        by_scope = counts(
+            {scope: sum(n for (s, _), n in entries.items() if s == scope) for scope in SCOPE_TABLE_SCOPES}
+        )
+        size = report.table_bytes.get(name, 0)
+        words.append(
+            f"{name} table {actions.get(name, 'none')} ({counted(sum(entries.values()), 'entry', 'entries')}"
+            f"{': ' + by_scope if name == 'scopes' and by_scope else ''}; {counted(size, 'byte')})"
+        )
+    return ", ".join(words)
+
+
+def log_table_plan(log: Log, report: Report, documents: Mapping[str, Document]) -> None:
+    """Each table's line of a dry run, with a sample of its entries (none without a table or a key)."""
+    dry = {"to write": "write", "to delete": "delete", "delete held back": "delete held back"}
+    for document in documents.values():
+        action = report.table_actions.get(document.name)
+        if action is None and not document.kept:
+            continue
+        action = dry.get(action or "", action or "none")
+        sample = document.sample()
+        more = f" (+{len(document.kept) - len(sample)} more)" if len(document.kept) > len(sample) else ""
+        log.info(
+            "plan",
+            f"dry run: {table_words(report, {document.name: action}, [document.name])}: {' '.join(sample)}{more}".rstrip(
+                ": "
+            ),
+            table=document.name,
+            action=action,
+            count=len(document.kept),
+            keys=sample,
+        )
 
 
 def audit_words(report: Report) -> str:
@@ -3284,7 +3863,12 @@ def audit_words(report: Report) -> str:
         return f"not audited ({report.audit_detail}), LAPI's answer unchanged since the record: nothing to plan"
     if report.audit_reason is None:
         return f"not audited ({report.audit_detail})"
-    return f"audited: {report.audit_reason} ({report.audit_detail})"
+    resent = (
+        f"; {counted(report.resent, 'key')} the listing and the last two minutes' changes disagreed on, sent again"
+        if report.resent
+        else ""
+    )
+    return f"audited: {report.audit_reason} ({report.audit_detail}{resent})"
 
 
 def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mapping[str, Present]) -> None:
@@ -3294,7 +3878,10 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
         ("write", [w.key for w in plan.writes], lambda key: wanted[key].remediation),
         ("delete", plan.deletes, lambda key: present[key].remediation or "unknown"),
         ("unchanged", plan.unchanged, lambda key: wanted[key].remediation),
+        ("left to expire", plan.spared, lambda key: present[key].remediation or "unknown"),
     ):
+        if action == "left to expire" and not keys:
+            continue  # only with the network table holding keys LAPI no longer wants
         sample = keys[:SAMPLE_KEYS]
         remediations = [remediation(key) for key in sample]
         more = f" (+{len(keys) - len(sample)} more)" if len(keys) > len(sample) else ""
@@ -3307,6 +3894,281 @@ def log_plan(log: Log, plan: Plan, wanted: Mapping[str, Wanted], present: Mappin
             keys=sample,
             remediations=remediations,
         )
+
+
+# --------------------------------------------------------------------------- the edge's status
+#
+# `--check-edge URL`: no run, a check that the Worker enforces what the job wrote. The reference
+# Worker answers `GET <URL>/.well-known/lapi-kv-sync/status` with `Authorization: Bearer
+# <STATUS_TOKEN>` (worker/status.js) with what its isolate holds: the prefix it reads, whether its
+# KV binding reads, each table's digest (the first 32 hex digits of the SHA-256 of its value, as
+# the job's metadata has it) and age, and its settings. The job lists the tables' keys (their
+# metadata's digests) and compares: a pure function (compare_edge) and a thin shell (check_edge).
+
+STATUS_PATH = "/.well-known/lapi-kv-sync/status"  # worker/status.js's STATUS_PATH
+MIN_STATUS_TOKEN_LENGTH = 32  # worker/status.js leaves its status off with a shorter STATUS_TOKEN
+MAX_STATUS_BYTES = 64 * 1024  # the status is well under 2 KiB
+STATUS_RETRY = Retry(attempts=2, backoff=1.0, max_wait=2.0)
+# Seconds the check allows past SCOPES_REFRESH + CACHE_TTL, the time a table the job wrote takes to
+# be in every isolate: Cloudflare promises no hard bound on its edge cache letting go, and KV's
+# listing (what the check compares with) may lag what KV serves.
+EDGE_MARGIN = 60
+# The longest the check waits for an edge that may be catching up; past it, it says when to ask again.
+MAX_EDGE_WAIT = 900
+EXIT_EDGE_DIFFERS = 1
+WHY_NO_STATUS = (
+    "either STATUS_TOKEN is not the Worker's (or the Worker has none: `npx wrangler secret put STATUS_TOKEN`), "
+    "or the request did not reach the Worker (a URL on none of its routes, a Worker deployed before 0.2.0): "
+    "the Worker answers a request without the right token as it answers any request, so the two look alike"
+)
+NAMESPACE_HINT = (
+    "check that the Worker's namespace binding (wrangler.toml, [[kv_namespaces]] binding DECISIONS) has the "
+    "job's CF_KV_NAMESPACE_ID as its id, then `npx wrangler deploy`"
+)
+
+
+class EdgeUnreadable(Exception):
+    """The Worker's status could not be had: no answer, or an answer that is not its status."""
+
+
+class EdgeTable(NamedTuple):
+    """A table as an isolate holds it."""
+
+    digest: str | None  # None: no such key in KV, or never read
+    size: int  # bytes
+    entries: dict[str, int]  # network: intervals per family; scopes: names per scope
+    age: float | None  # seconds since the isolate last read it good; None: never
+    problem: str | None  # the last read's problem, if any
+
+
+class EdgeStatus(NamedTuple):
+    version: str
+    prefix: str
+    kv_reads: bool
+    kv_problem: str | None
+    tables: dict[str, EdgeTable]
+    cache_ttl: int
+    scopes_refresh: int
+    kv_timeout_ms: int
+    address_keys: bool
+    log_only: bool
+
+    @property
+    def window(self) -> int:
+        """Seconds after which an isolate holds a table the job wrote: its refresh (SCOPES_REFRESH)
+        and KV's edge cache (CACHE_TTL), with a margin."""
+        return self.scopes_refresh + self.cache_ttl + EDGE_MARGIN
+
+
+def parse_edge_status(body: bytes) -> EdgeStatus:
+    """The Worker's status answer; ValueError saying what is wrong with anything else."""
+    try:
+        status = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ValueError(f"not JSON: {snippet(body)}") from None
+
+    def field_of(parent: Any, path: str, kind: str) -> Any:
+        name = path.rsplit(".", 1)[-1]
+        value = parent.get(name) if type(parent) is dict else None
+        fits = {
+            "an object": type(value) is dict,
+            "text": type(value) is str,
+            "text or null": value is None or type(value) is str,
+            "true or false": type(value) is bool,
+            "a count": type(value) is int and 0 <= value < 2**53,
+            "seconds or null": value is None or type(value) in (int, float) and 0 <= value < 2**53,
+            "32 hex digits or null": value is None or type(value) is str and _DIGEST.fullmatch(value) is not None,
+        }[kind]
+        if not fits:
+            raise ValueError(f"`{path}` is not {kind}: {snippet(json.dumps(value).encode(), limit=60)}")
+        return value[:300] if type(value) is str else value
+
+    def table(name: str) -> EdgeTable:
+        held = field_of(field_of(status, "tables", "an object"), f"tables.{name}", "an object")
+        at = f"tables.{name}."
+        entries = field_of(held, at + "entries", "an object")
+        counts = {str(k)[:20]: field_of(entries, at + f"entries.{k}", "a count") for k in list(entries)[:4]}
+        return EdgeTable(
+            field_of(held, at + "digest", "32 hex digits or null"),
+            field_of(held, at + "bytes", "a count"),
+            counts,
+            field_of(held, at + "age", "seconds or null"),
+            field_of(held, at + "problem", "text or null"),
+        )
+
+    if type(status) is not dict:
+        raise ValueError(f"not a JSON object: {snippet(body, limit=60)}")
+    version, prefix = field_of(status, "version", "text")[:40], field_of(status, "prefix", "text")
+    kv, settings = field_of(status, "kv", "an object"), field_of(status, "settings", "an object")
+    return EdgeStatus(
+        version=version,
+        prefix=prefix,
+        kv_reads=field_of(kv, "kv.reads", "true or false"),
+        kv_problem=field_of(kv, "kv.problem", "text or null"),
+        tables={name: table(name) for name in DOCUMENT_NAMES},
+        cache_ttl=field_of(settings, "settings.CACHE_TTL", "a count"),
+        scopes_refresh=field_of(settings, "settings.SCOPES_REFRESH", "a count"),
+        kv_timeout_ms=field_of(settings, "settings.KV_TIMEOUT_MS", "a count"),
+        address_keys=field_of(settings, "settings.ADDRESS_KEYS", "true or false"),
+        log_only=field_of(settings, "settings.LOG_ONLY", "true or false"),
+    )
+
+
+class EdgeCheck(NamedTuple):
+    """What a comparison found: lines to print, (level, text); whether the edge holds what KV holds;
+    else, when it may only be catching up, how long to wait before asking again (None: it does not)."""
+
+    lines: list[tuple[str, str]]
+    agree: bool
+    wait: float | None
+
+
+def compare_edge(
+    edge: EdgeStatus,
+    kv: Mapping[str, str | None],
+    prefix: str,
+    before: Mapping[str, str | None] | None = None,
+) -> EdgeCheck:
+    """The edge's status against KV's tables: `kv` maps each table KV holds under `prefix` to the
+    digest its metadata carries (None: none of ours). `before`: KV's tables one window earlier,
+    when this is the second look at an edge that differed (then holding what KV held is following)."""
+    lines: list[tuple[str, str]] = []
+    failed, pending = [], False
+    window = edge.window
+    within = (
+        f"{window} s (SCOPES_REFRESH {edge.scopes_refresh} + CACHE_TTL {edge.cache_ttl} + a margin of {EDGE_MARGIN})"
+    )
+    if edge.version != __version__:
+        lines.append(("warning", f"the Worker is {edge.version!r}, this job {__version__}: deploy the same release"))
+    if edge.prefix == prefix:
+        lines.append(("info", f"prefix: the edge reads {prefix!r}, as the job writes"))
+    else:
+        lines.append(("error", f"prefix: the edge reads {edge.prefix!r}, the job writes {prefix!r}"))
+        failed.append("set the Worker's KV_KEY_PREFIX (wrangler.toml, [vars]) to the job's, then `npx wrangler deploy`")
+    if edge.kv_reads:
+        lines.append(("info", "KV: the edge's binding reads"))
+    else:
+        lines.append(("error", f"KV: the edge's binding does not read: {edge.kv_problem or 'no reason given'}"))
+        failed.append(NAMESPACE_HINT)
+    for name in DOCUMENT_NAMES:
+        held, age = edge.tables[name], edge.tables[name].age
+        want = kv.get(name)
+        said = f"{name}: the edge {describe_edge_table(held)}; KV {describe_kv_table(name, kv)}"
+        problem = f" ({held.problem})" if held.problem else ""
+        if name in kv and want is None:
+            lines.append(("error", f"{said}: no digest of the job's in its metadata (a run of the job rewrites it)"))
+            failed.append("run the job, then check again")
+        elif held.digest == want:
+            lines.append(("info", f"{said}: the same"))
+            if age is not None and age > window:
+                lines.append(("warning", f"{name}: the edge's copy is {age:g} s old, past {within}{problem}"))
+        elif age is not None and age > window:
+            lines.append(("error", f"{said}: the edge lags, its copy {age:g} s old, past {within}{problem}"))
+            failed.append("see why the Worker's reads fail: `npx wrangler tail`")
+        elif before is not None and age is not None and held.digest == before.get(name):
+            lines.append(("info", f"{said}: the edge holds what KV held {window} s ago, following"))
+        elif before is not None:
+            lines.append(("error", f"{said}: still different after {within}{problem}"))
+            failed.append(NAMESPACE_HINT)
+        else:
+            pending = True
+            lines.append(("info", f"{said}: different, which KV may not have carried to the edge yet{problem}"))
+    if not kv and all(t.digest is None for t in edge.tables.values()):
+        lines.append(("info", "no table on either side: the namespace could not be told apart by its tables"))
+    if edge.log_only:
+        lines.append(("warning", "the edge enforces nothing: LOG_ONLY is on (wrangler.toml, [vars])"))
+    if failed:
+        hints = "; ".join(dict.fromkeys(failed))
+        lines.append(("error", f"the edge does not hold what KV holds: {hints}"))
+        return EdgeCheck(lines, False, None)
+    if pending:
+        return EdgeCheck(lines, False, float(window))
+    lines.append(("info", "the edge holds what KV holds"))
+    return EdgeCheck(lines, True, None)
+
+
+def describe_edge_table(table: EdgeTable) -> str:
+    if table.age is None:
+        return "has not read it yet"
+    if table.digest is None:
+        return f"holds none (read {table.age:g} s ago)"
+    entries = ", ".join(f"{k} {v}" for k, v in table.entries.items())
+    return f"holds {table.digest} ({table.size} bytes; {entries}; read {table.age:g} s ago)"
+
+
+def describe_kv_table(name: str, kv: Mapping[str, str | None]) -> str:
+    return "holds none" if name not in kv else f"holds {kv[name]}" if kv[name] else "holds one"
+
+
+def read_edge_status(http: Http, config: Config) -> EdgeStatus:
+    """The Worker's status, asked with STATUS_TOKEN; EdgeUnreadable saying what to check otherwise."""
+    url = config.edge_url + STATUS_PATH
+    headers = {"Authorization": f"Bearer {config.status_token}", "User-Agent": USER_AGENT, "Accept": "application/json"}
+    try:
+        response = http.request("GET", url, headers=headers, retry=STATUS_RETRY, limit=MAX_STATUS_BYTES)
+    except (TransportError, DeadlineExceeded) as e:
+        raise EdgeUnreadable(
+            f"no answer from {url}: {e} (is it the site's URL, on one of the Worker's routes?)"
+        ) from None
+    except AnswerTooLarge:
+        raise EdgeUnreadable(f"{url} answered with more than {MAX_STATUS_BYTES} bytes: {WHY_NO_STATUS}") from None
+    if 300 <= response.status < 400:
+        where = snippet(response.headers.get("Location", "").encode(), config.secrets)
+        raise EdgeUnreadable(
+            f"{url} answered HTTP {response.status}, to {where}: give --check-edge the URL it leads to"
+        )
+    if response.status != 200:
+        answered = f"HTTP {response.status} {snippet(response.body, config.secrets, 60)}"
+        raise EdgeUnreadable(f"{url} answered {answered}{through_proxy_note(response)}: {WHY_NO_STATUS}")
+    try:
+        return parse_edge_status(response.body)
+    except ValueError as e:
+        raise EdgeUnreadable(f"{url} answered HTTP 200, but not the Worker's status ({e}): {WHY_NO_STATUS}") from None
+
+
+def kv_tables(cloudflare: Cloudflare, prefix: str) -> dict[str, str | None]:
+    """The tables KV holds under the prefix, and their metadata's digests: one list request each."""
+    tables = {}
+    for name in DOCUMENT_NAMES:
+        present = cloudflare.list_keys(prefix, only=name).present
+        if prefix + name in present:
+            tables[name] = present[prefix + name].remediation  # a table's digest stands there
+    return tables
+
+
+def check_edge(config: Config, tls: dict[str, ssl.SSLContext], log: Log, clock: Clock) -> int:
+    """--check-edge: the edge's status against KV, said line by line; its exit code. When the
+    edge differs but may be catching up, asked again once the window has passed."""
+    prefix = config.kv_key_prefix
+    with Http(clock, config.http_timeout, clock.monotonic() + config.run_deadline, tls, config.proxies) as http:
+        try:
+            cloudflare = Cloudflare(http, config)
+            before = kv_tables(cloudflare, prefix)
+            found = compare_edge(read_edge_status(http, config), before, prefix)
+            if found.wait is not None and found.wait <= MAX_EDGE_WAIT:
+                say(log, found.lines)
+                log.info("check_edge", f"waiting {found.wait:g} s for the edge to catch up, then asking again")
+                clock.sleep(found.wait)
+                http.grant(config.run_deadline, "RUN_DEADLINE")
+                found = compare_edge(read_edge_status(http, config), kv_tables(cloudflare, prefix), prefix, before)
+            elif found.wait is not None:
+                found.lines.append(("info", f"too long to wait here: run --check-edge again in {found.wait:g} s"))
+        except EdgeUnreadable as e:
+            log.error("check_edge", f"the edge: {e}")
+            return EXIT_EDGE_DIFFERS
+        except (CloudflareError, DeadlineExceeded) as e:
+            log.error("check_edge", f"Cloudflare: {e}")
+            return EXIT_EDGE_DIFFERS
+        except Interrupted as stop:
+            log_interrupted(log, stop, "the check stopped; it changes nothing")
+            return stop.exit_code
+    say(log, found.lines)
+    return EXIT_OK if found.agree or found.wait is not None else EXIT_EDGE_DIFFERS
+
+
+def say(log: Log, lines: Iterable[tuple[str, str]]) -> None:
+    for level, text in lines:
+        getattr(log, level)("check_edge", text)
 
 
 # --------------------------------------------------------------------------- main
@@ -3330,15 +4192,28 @@ ENVIRONMENT = (
         "EXPAND_RANGES_MAX",
         "one key per address for IPv4 ranges up to this size, also with the scope table (default 0: off)",
     ),
-    ("SCOPE_TABLE", "false: no scope table (Range, Country, AS decisions in <KV_KEY_PREFIX>scopes); default true"),
+    (
+        "SCOPE_TABLE",
+        "false: no tables (Range in <KV_KEY_PREFIX>networks, Country and AS in <KV_KEY_PREFIX>scopes); default true",
+    ),
     (
         "SCOPE_TABLE_MAX_BYTES",
         f"most bytes of the scope table; past it bans first (default {Config.scope_table_max_bytes}: 4 MiB, at most 20 MiB)",
+    ),
+    (
+        "TABLE_ORIGINS",
+        "origins whose Ip decisions go into the network table, not keys, e.g. CAPI,lists; * for all (default: none)",
+    ),
+    (
+        "TABLE_MAX_BYTES",
+        f"most bytes of the network table; past it bans first (default {Config.table_max_bytes}: 8 MiB, at most 20 MiB)",
     ),
     ("CF_ACCOUNT_ID", "Cloudflare account id (required)"),
     ("CF_KV_NAMESPACE_ID", "Workers KV namespace id (required)"),
     ("CF_API_TOKEN", "API token with Workers KV Storage: Edit (required)"),
     ("CF_API_TOKEN_FILE", "a file holding the API token, instead of CF_API_TOKEN"),
+    ("STATUS_TOKEN", "for --check-edge only: the Worker's STATUS_TOKEN, 32 characters or more"),
+    ("STATUS_TOKEN_FILE", "a file holding it, instead of STATUS_TOKEN"),
     ("CF_API_URL", f"Cloudflare API base (default {Config.cf_api_url})"),
     ("KV_KEY_PREFIX", f"prefix of the keys this job owns (default {Config.kv_key_prefix})"),
     ("MAX_DELETES", "a plan deleting more keys than this deletes none, exit 1 (default: no limit)"),
@@ -3415,11 +4290,19 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] | None = None) -> 
         "A variable named close to one of these (DRYRUN, MAX_DELETE) is a configuration error; others with\n"
         "their prefixes (CF_, LAPI_, ...) get a warning. The examples' <...> placeholders are refused.\n\n"
         "exit codes: 0 done, 1 Cloudflare side failed, 2 configuration, 3 LAPI unreadable (run skipped), "
-        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT",
+        "4 STATE_FILE's volume kept the run from changing KV, 143 SIGTERM, 130 SIGINT\n"
+        "--check-edge: 0 the Worker holds what KV holds (or is catching up), 1 it does not, or a side could not "
+        "be read, 2 configuration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for option, variable, meaning in RUN_FLAGS:
         parser.add_argument(option, action="store_true", help=f"{meaning} (or {variable}=true)")
+    parser.add_argument(
+        "--check-edge",
+        metavar="URL",
+        help="no run: ask the Worker at URL (the site's base URL, on one of its routes) what it holds, with "
+        "STATUS_TOKEN (or STATUS_TOKEN_FILE), and compare it with KV: prefix, table digests, lag",
+    )
     parser.add_argument("--version", action="version", version=f"lapi-kv-sync {__version__} (User-Agent: {USER_AGENT})")
     args = parser.parse_args(argv)
     problems = []
@@ -3439,17 +4322,35 @@ def configure(argv: list[str] | None, env: Mapping[str, str]) -> tuple[argparse.
     """The command line and the configuration, read once, and the variables with the job's prefixes
     it does not read; one ConfigError names every bad variable in either, and every misspelled one."""
     problems, unknown = unread_variables(env.keys())
+    args = None
     try:
         args = parse_args(argv, env)
     except ConfigError as e:
         problems += e.problems
+    check_edge = getattr(args, "check_edge", None)
+    if check_edge is not None and any(getattr(args, option[2:].replace("-", "_")) for option, _, _ in RUN_FLAGS):
+        flags = " or ".join(f"{option} ({variable})" for option, variable, _ in RUN_FLAGS)
+        problems.append(f"--check-edge is a check, not a run: it takes no {flags}")
     try:
-        config = load_config(env)
+        config = load_config(env, check_edge)
     except ConfigError as e:
         problems += e.problems
     if problems:
         raise ConfigError(problems)
     return args, config, unknown
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that work but are likely slips: each a warning, never a refusal."""
+    warnings = []
+    if config.kv_key_prefix[-1].isalnum():
+        example = config.kv_key_prefix + "192.0.2.1"
+        warnings.append(
+            f"KV_KEY_PREFIX={config.kv_key_prefix!r} ends with a letter or digit: keys are named like "
+            f"{example!r}; end it with a separator (e.g. {config.kv_key_prefix + ':'!r}), and set the Worker's "
+            "KV_KEY_PREFIX to the same"
+        )
+    return warnings
 
 
 def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, force: bool, audit: bool = False) -> int:
@@ -3573,9 +4474,11 @@ def record_trusted_until(record: Record | None, readable_later: bool, config: Co
 
 def record_limit(config: Config) -> int:
     """The most a record may unpack to: what an answer at LAPI_MAX_BYTES could make (a record takes
-    30-60 bytes a key where LAPI's answer takes 150-200 a decision), and the expanded ranges'
-    keys. A larger record cannot have come from this configuration: the run audits and rebuilds it."""
-    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + (1 << 20)
+    30-60 bytes a key where LAPI's answer takes 150-200 a decision), the expanded ranges' keys, and
+    the tables' values in base64. A larger record cannot have come from this configuration: the run
+    audits and rebuilds it."""
+    tables = 4 * -(-(config.scope_table_max_bytes + config.table_max_bytes) // 3)
+    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + tables + (1 << 20)
 
 
 def converge(
@@ -3589,7 +4492,9 @@ def converge(
     state: StateFile | None,
     load: Callable[[], Loaded],
 ) -> int:
-    """Read LAPI, plan against the record or a full listing, apply, and record what Cloudflare confirmed.
+    """One run's phases: read LAPI and the record, decide what KV holds (the record, or a listing:
+    an audit), project LAPI's answer onto keys and tables, plan, apply, and record what Cloudflare
+    confirmed.
 
     The waits overlap: the record is read while LAPI prepares its answer, and the keys are listed
     (an audit) while LAPI's answer is projected. The listing begins only once LAPI's answer has
@@ -3598,17 +4503,11 @@ def converge(
 
     With a trusted record written by a run that converged, LAPI's answer is first read whole: when
     it is that run's answer again (AnswerDigest), nothing has changed and nothing is planned."""
-    reading = Background(load)
-    decisions = read_decisions(http, config)
-    try:  # a file read that hangs (a stuck network volume) must not hold the run past its deadline
-        loaded = reading.result(timeout=max(0.0, http.deadline - http.clock.monotonic()))
-    except TimeoutError:
-        loaded = Loaded(None, "unreadable", f"{config.state_file} not read within {http.deadline_name}")
     cloudflare = Cloudflare(http, config)
     report.cloudflare_requests, report.cloudflare_answers = cloudflare.requests, cloudflare.answers
+    decisions, loaded = read_lapi_and_record(http, config, load)
     reason, report.audit_detail = audit_reason(loaded, config, http.clock.now(), audit)
     report.audit_reason, report.record_trusted = reason, bool(config.state_file) and reason in TRUSTED_AUDITS
-    sent = loaded.record.usage_metrics_sent_at if loaded.record else None
     answer = AnswerDigest(config)
     chunks = answer.passing(decisions.chunks) if state is not None else decisions.chunks  # a record keeps it
     if not dry_run and reason is None and may_be_unchanged(loaded.record, config, report.started, http.clock.now()):
@@ -3617,63 +4516,223 @@ def converge(
             check_token(cloudflare, config, loaded.record.audited_at, http.clock.now(), state, log)
             return unchanged(report, loaded.record)
         chunks = draining(held)
-    batches, listing = lapi_batches(chunks, config), []
-    # What KV's listing may not show yet: the keys a trusted record says this job changed lately,
-    # and what they hold since (None: deleted).
-    record = loaded.record if reason in TRUSTED_AUDITS else None
-    recent = record.recent_changes() if record is not None else {}
-    settling_until = record.settling_until if record is not None else None
-    since = http.clock.now() + record.clock_offset - KV_LIST_LAG if record is not None else math.inf
+    # What the run needs of the record; an audit rebuilds it from the listing, so it goes first.
+    carried = from_record(loaded.record, reason, http.clock.now())
+    del loaded
+    kv, projection = list_and_project(http, config, cloudflare, carried, decisions._replace(chunks=chunks), report)
+    del decisions
+    kv, documents, plan = plan_with_tables(projection, kv, carried.tables, cloudflare, config, dry_run)
+    count_tables_left_out(projection.ignored, documents, config, log)
+    report.table_entries = sum((d.entries for d in documents.values()), Counter())
+    report.table_bytes = {d.name: len(d.value) for d in documents.values()}
+    tally(report, plan, Ledger(), config.kv_key_prefix, guarded=False)  # until Cloudflare confirms: what is to be done
+    if dry_run:
+        log_dry_run(log, plan, None if force else config.max_deletes, projection.wanted, documents, kv, report)
+        return EXIT_OK
+    log_left_out(log, projection.ignored, carried.ignored_before, report.started)
+    carried = carried._replace(trusted=None)  # the plan holds what it needs of it
+    return apply_and_record(
+        http, config, log, report, cloudflare, plan, documents, kv, carried, state, answer, force, projection
+    )
+
+
+def read_lapi_and_record(http: Http, config: Config, load: Callable[[], Loaded]) -> tuple[Decisions, Loaded]:
+    """LAPI's answer as it arrives, and the record, read meanwhile."""
+    reading = Background(load)
+    decisions = read_decisions(http, config)
+    try:  # a file read that hangs (a stuck network volume) must not hold the run past its deadline
+        loaded = reading.result(timeout=max(0.0, http.deadline - http.clock.monotonic()))
+    except TimeoutError:
+        loaded = Loaded(None, "unreadable", f"{config.state_file} not read within {http.deadline_name}")
+    return decisions, loaded
+
+
+class FromRecord(NamedTuple):
+    """What a run takes from the record it found, before an audit lets the record go."""
+
+    trusted: Record | None  # the record the run plans against (None: it lists KV, an audit)
+    lately: dict[str, Present | None]  # an audit's: the keys changed within KV_LIST_LAG, what each holds since
+    recent: dict[str, int]  # a trusted record's changes of the last KV_LIST_LAG, for the next record
+    settling_until: float | None  # likewise
+    tables: Mapping[str, bytes]  # the tables' values as recorded (any record: a digest tells if KV holds them)
+    usage_metrics_sent_at: float | None
+    ignored_before: Mapping[str, int] | None = None  # the last converged run's decisions left out, by reason
+
+
+def from_record(record: Record | None, reason: str | None, now: float) -> FromRecord:
+    """What the run needs of the record it found (`reason`: why it audits, None: it does not)."""
+    if record is None:
+        return FromRecord(None, {}, {}, None, {}, None)
+    tables, sent = record.documents, record.usage_metrics_sent_at
+    before = record.projected.ignored if record.projected else None
+    if reason not in TRUSTED_AUDITS:
+        return FromRecord(None, {}, {}, None, tables, sent, before)
+    recent = record.recent_changes()
+    since = now + record.clock_offset - KV_LIST_LAG
     lately = {key: record.keys.get(key) for key, at in recent.items() if at > since} if reason else {}
-    del record
-    if reason is not None or loaded.record is None:
-        del loaded  # an audit rebuilds the record from the listing: the old one goes first
+    return FromRecord(None if reason else record, lately, recent, record.settling_until, tables, sent, before)
+
+
+def list_and_project(
+    http: Http,
+    config: Config,
+    cloudflare: Cloudflare,
+    carried: FromRecord,
+    decisions: Decisions,
+    report: Report,
+) -> tuple[KnownKv, Projection]:
+    """What KV holds under the prefix (the record, or, without one, a listing, run while LAPI's
+    answer is projected), and LAPI's answer projected onto keys and tables."""
+    batches, listing = lapi_batches(decisions.chunks, config), []
+    if carried.trusted is None:
         batches = once_flowing(batches, lambda: listing.append(Background(cloudflare.list_keys, config.kv_key_prefix)))
     try:
         rows = itertools.chain.from_iterable(batches)
         projection = project(
-            rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max, config.scope_table
-        )
-        table = scope_table(projection.table, config.scope_table_max_bytes)
-        if table.full:
-            projection.ignored["table_full"] += table.full
-            log.warning(
-                "table_full",
-                f"scope table: {counted(table.full, 'entry', 'entries')} left out (table_full), past "
-                f"SCOPE_TABLE_MAX_BYTES={config.scope_table_max_bytes} (kept {len(table.kept)}: bans first, "
-                f"then the longest ends); raise it, up to {TABLE_MAX_BYTES_LIMIT}",
-                left_out=table.full,
-            )
+            rows, decisions.read_at, config.kv_key_prefix, config.expand_ranges_max, config.scope_table,
+            config.table_origins,
+        )  # fmt: skip
         # Counted before the listing is awaited: a run that fails there read LAPI all the same.
         report.wanted, report.ignored = len(projection.wanted), projection.ignored
         report.by_remediation = Counter(w.remediation for w in projection.wanted.values())
-        report.table_entries, report.table_bytes = table.entries, len(table.document)
         listed = listing[0].result() if listing else None
     finally:
         cloudflare.stop.set()  # a listing still going (LAPI broke off, a signal) ends at its next page
-    del decisions
-    kv = kv_as_listed(listed) if listed else kv_as_recorded(loaded.record, http.clock.now())
-    present, offset = kv.present, kv.offset
-    if listed:
-        reconcile(listed.present, lately)  # the listing's own dict: no copy of 100,000s of keys
-        del lately
-    table_key = config.kv_key_prefix + TABLE_NAME
-    plan, planned = make_plan_with_table(projection.wanted, table_key, table, present, kv.now, offset)
-    table_keys = Counter({planned: 1})  # the table's key, left out of the address keys' figures
-    report.unchanged = len(plan.unchanged) - table_keys["unchanged"]
-    # Until Cloudflare confirms it, a failed run's summary says what was to be done.
-    report.table_action = {"written": "to write", "deleted": "to delete"}.get(planned or "", planned)
-    if dry_run:
-        # The table's key among the address keys' samples, shown as the scope table it is.
-        shown = {table_key: tuple_new(Wanted, ("scope table", table.end, "", ""))}
-        kv = kv._replace(present=ChainMap({table_key: Present(None, "scope table")}, kv.present))
-        wanted = ChainMap(shown, projection.wanted)
-        log_dry_run(log, plan, None if force else config.max_deletes, wanted, kv, report)
-        log_table_plan(log, report, table, planned)
-        return EXIT_OK
-    state_file, set_aside = state, False
-    if reason is None and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
+    if listed is None:
+        assert carried.trusted is not None
+        return kv_as_recorded(carried.trusted, http.clock.now()), projection
+    report.resent = reconcile(listed.present, carried.lately)  # the listing's own dict: no copy of 100,000s of keys
+    return kv_as_listed(listed), projection
+
+
+def build_tables(
+    projection: Projection,
+    kv: KnownKv,
+    kept: Mapping[str, bytes],
+    cloudflare: Cloudflare,
+    config: Config,
+) -> dict[str, Document]:
+    """The tables KV is to hold, by key (none when they are off). Each is built from LAPI's
+    decisions against the one KV holds, which it keeps while that may stand: the record's copy of
+    it when its digest is the one KV's key carries, else its value read back from KV (a run without
+    STATE_FILE, or an audit that found another table than the record's)."""
+    if not config.scope_table:
+        return {}
+    kv_now = kv.now + kv.offset
+    tables = {}
+    for name, build, entries, max_bytes in (
+        ("scopes", scope_document, projection.scopes, config.scope_table_max_bytes),
+        ("networks", networks_document, projection.networks, config.table_max_bytes),
+    ):
+        key = config.kv_key_prefix + name
+        have = kv.present.get(key)
+        held = held_table(key, have, kept.get(name), cloudflare)
+        if held is None and have is not None and have.remediation is not None:
+            # Not the value its metadata names (edited behind the job's back), or gone since the
+            # listing: unknown, so the plan writes it whatever the new table's digest.
+            kv.present[key] = UNKNOWN  # type: ignore[index]
+        tables[key] = build(entries, held, kv.offset, kv_now, max_bytes)
+    return tables
+
+
+def count_tables_left_out(ignored: LeftOut, documents: Mapping[str, Document], config: Config, log: Log) -> None:
+    """The entries the tables' caps left out, counted and named as `table_full`, and said."""
+    settings = {"scopes": ("SCOPE_TABLE_MAX_BYTES", config.scope_table_max_bytes)}
+    settings["networks"] = ("TABLE_MAX_BYTES", config.table_max_bytes)
+    for document in documents.values():
+        if not document.full:
+            continue
+        ignored["table_full"] += document.full
+        for text in document.sample(document.left_out):
+            ignored.name("table_full", Dropped(text, document.name, "", ""))
+        setting, max_bytes = settings[document.name]
+        log.warning(
+            "table_full",
+            f"{document.name} table: {counted(document.full, 'entry', 'entries')} left out (table_full), past "
+            f"{setting}={max_bytes} (kept {len(document.kept)}: bans first, then the longest ends); raise it, up to "
+            f"{TABLE_MAX_BYTES_LIMIT}",
+            table=document.name,
+            left_out=document.full,
+        )
+
+
+def plan_with_tables(
+    projection: Projection,
+    kv: KnownKv,
+    kept: Mapping[str, bytes],
+    cloudflare: Cloudflare,
+    config: Config,
+    dry_run: bool,
+) -> tuple[KnownKv, dict[str, Document], Plan]:
+    """The tables and the plan. A table holds ends on Cloudflare's clock, which a record's offset
+    (measured at the last audit) stops giving once the job's clock has stepped: a run that is to
+    write one without a listing asks Cloudflare's clock first (the namespace, one request) and,
+    when the offset moved past the slack, builds and plans again with the one measured."""
+    documents = build_tables(projection, kv, kept, cloudflare, config)
+    plan = plan_run(projection, documents, kv, config)
+    tables = {config.kv_key_prefix + name for name in DOCUMENT_NAMES}
+    if dry_run or kv.listed or not tables & set(map(write_key, plan.writes[-len(tables) :])):
+        return kv, documents, plan
+    server_time, received_at = cloudflare.clock()
+    offset = server_time - received_at if server_time is not None else kv.offset
+    if abs(offset - kv.offset) <= EXPIRATION_SLACK / 2:
+        return kv, documents, plan
+    kv = kv._replace(offset=offset, now=received_at)
+    documents = build_tables(projection, kv, kept, cloudflare, config)
+    return kv, documents, plan_run(projection, documents, kv, config)
+
+
+def held_table(key: str, have: Present | None, kept: bytes | None, cloudflare: Cloudflare) -> bytes | None:
+    """The value of the table KV holds at `key` (`have`: as listed or recorded), if it is ours and
+    its digest is what its metadata says; else None (then a table built fresh is written)."""
+    if have is None or have.remediation is None:
+        return None
+    if kept is None or hashlib.sha256(kept).hexdigest()[:32] != have.remediation:
+        kept = cloudflare.value(key)
+    return kept if kept is not None and hashlib.sha256(kept).hexdigest()[:32] == have.remediation else None
+
+
+def plan_run(projection: Projection, documents: Mapping[str, Document], kv: KnownKv, config: Config) -> Plan:
+    """make_plan over the address keys and the tables' keys alike (a table's digest stands for a
+    remediation, its latest end for an end), then the policy that leaves to expire the keys the
+    network table now holds (spare_covered)."""
+    wanted = projection.wanted
+    tables = {key: tuple_new(Wanted, (d.digest, d.end - kv.offset, "", "")) for key, d in documents.items() if d.value}
+    wanted.update(tables)  # added for the plan and taken out again: a copy of `wanted` would cost a pass
+    try:
+        plan = make_plan(wanted, kv.present, kv.now, kv.offset)
+    finally:
+        for key in tables:
+            del wanted[key]
+    plan = plan._replace(due_at=min([plan.due_at, *(d.due_at for d in documents.values() if d.value)]))
+    networks = documents.get(config.kv_key_prefix + "networks")
+    if networks is None or not networks.value or not plan.deletes:
+        return plan
+    kv_now = kv.now + kv.offset
+    fresh = network_intervals(((e, projection.networks[e]) for e in networks.kept), kv.offset, kv_now)
+    return spare_covered(plan, kv.present, networks.intervals, fresh, config.kv_key_prefix, kv_now)
+
+
+def apply_and_record(
+    http: Http,
+    config: Config,
+    log: Log,
+    report: Report,
+    cloudflare: Cloudflare,
+    plan: Plan,
+    documents: Mapping[str, Document],
+    kv: KnownKv,
+    carried: FromRecord,
+    state: StateFile | None,
+    answer: AnswerDigest,
+    force: bool,
+    projection: Projection,
+) -> int:
+    """Apply the plan and record what Cloudflare confirmed; the run's exit code."""
+    sent = carried.usage_metrics_sent_at
+    if not kv.listed and not plan.writes and not plan.deletes:  # a run that sends Cloudflare nothing
         check_token(cloudflare, config, kv.audited_at, http.clock.now(), state, log)
+    record_to, set_aside = state, False
     if state is not None and (plan.writes or plan.deletes):
         try:
             state.set_aside()  # before KV changes: until save(), no record on disk can be trusted
@@ -3685,51 +4744,51 @@ def converge(
                 "changed nothing, since the record would no longer match KV",
             )
             return EXIT_STATE
-    elif reason is None:
-        state = None  # nothing to record: a steady run with a trusted record leaves the file as it is
+    elif not kv.listed:
+        record_to = None  # nothing to record: a steady run with a trusted record leaves the file as it is
 
     def record(ledger: Ledger, converged: bool) -> None:
-        if state is not None:
-            keys = record_after(present, ledger, offset)
-            kv_now = http.clock.now() + offset
-            figures = Projected(
-                report.wanted,
-                dict(report.by_remediation),
-                dict(report.ignored),
-                entries_by_name(report.table_entries),
-                report.table_bytes,
+        if record_to is not None:
+            kv_now = http.clock.now() + kv.offset
+            digest = answer.hexdigest() if converged else None
+            after = record_of_run(
+                kv,
+                ledger,
+                documents,
+                carried._replace(usage_metrics_sent_at=sent),
+                config,
+                digest,
+                report,
+                plan,
+                kv_now,
             )
-            refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
-            after = Record(
-                config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, offset, sent, keys,
-                *((answer.hexdigest(), figures, refresh_at) if converged else (None, None, None)),
-                *recent_and_settling(recent_after(recent, ledger, offset, kv_now), settling_until, kv_now),
-            )  # fmt: skip
-            save_record(state, after, kv_now, log, set_aside)
+            save_record(record_to, after, kv_now, log, set_aside)
 
     ledger = Ledger()
-    item = table_item(table_key, table) if table_keys["written"] else None
     try:
-        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger, item)
+        applied = apply_plan(cloudflare, plan, None if force else config.max_deletes, ledger, documents)
     except Exception:
-        record(ledger, converged=False)  # what landed before the failure, and the rest as it was
+        tally(report, plan, ledger, config.kv_key_prefix, guarded=False)  # what Cloudflare confirmed before the failure
+        record(ledger, converged=False)  # what landed, and the rest as it was
         raise
-    report.written, report.deleted = applied.written - table_keys["written"], applied.deleted - table_keys["deleted"]
+    tally(report, plan, ledger, config.kv_key_prefix, guarded=bool(applied.guarded))
     report.guarded = applied.guarded
-    report.table_action = "delete held back" if applied.guarded and planned == "deleted" else planned
     if not applied.guarded:
         report.success = True
         if usage_metrics_to_send(config, report, sent):  # a pass over every key: only when it is sent
-            ranges = ((name, projection.table["range", name]) for scope, name in table.kept if scope == "range")
-            report.active_decisions = active_decisions(projection.wanted, config.kv_key_prefix, ranges)
+            report.active_decisions = active_decisions(projection, documents, config.kv_key_prefix)
         last_sent, sent = sent, send_usage_metrics(http, config, log, report, last_sent=sent)
-        refresh_at = plan.refresh_at if plan.refresh_at < math.inf else None
+        due_at = plan.due_at if plan.due_at < math.inf else None
         if (
-            state is None
-            and reason is None
-            and (sent != last_sent or answer.hexdigest() != kv.lapi_digest or refresh_at != kv.refresh_at)
-        ):  # a trusted record, unchanged but for when usage metrics went, LAPI's digest or when a key is due
-            state = state_file
+            record_to is None
+            and (
+                sent != last_sent
+                or answer.hexdigest() != kv.lapi_digest
+                or due_at != kv.due_at
+                or any(e is not None and e <= kv.now + kv.offset for e, _ in kv.present.values())
+            )
+        ):  # a trusted record, unchanged but for when usage metrics went, LAPI's digest, when a key is due, or keys expired
+            record_to = state
     record(ledger, converged=not applied.guarded)
     if applied.guarded:
         log.error(
@@ -3743,6 +4802,70 @@ def converge(
     return EXIT_OK
 
 
+def tally(report: Report, plan: Plan, ledger: Ledger, prefix: str, guarded: bool) -> None:
+    """The run's figures as Cloudflare confirmed them in `ledger` (after a failure, what landed
+    before it): the address keys written, deleted, unchanged and spared, and what became of each
+    table's key: "written", "deleted", "unchanged", "to write" or "to delete" while unconfirmed,
+    "delete held back" by MAX_DELETES."""
+    tables = {prefix + name: name for name in DOCUMENT_NAMES}
+    written = {key for chunk, _ in ledger.written for key in map(write_key, chunk) if key in tables}
+    deleted = {key for chunk, _ in ledger.deleted for key in chunk if key in tables}
+    # make_plan goes through `wanted` in order, and plan_run adds the tables' keys last.
+    unchanged = tables.keys() & plan.unchanged[-len(tables) :]
+    to_write = tables.keys() & map(write_key, plan.writes[-len(tables) :])
+    report.written = sum(len(chunk) for chunk, _ in ledger.written) - len(written)
+    report.deleted = sum(len(chunk) for chunk, _ in ledger.deleted) - len(deleted)
+    report.unchanged, report.spared = len(plan.unchanged) - len(unchanged), len(plan.spared)
+    actions = {}
+    for key, name in tables.items():
+        at = bisect.bisect_left(plan.deletes, key)  # deletes are sorted
+        if key in written or key in deleted or key in unchanged:
+            actions[name] = "written" if key in written else "deleted" if key in deleted else "unchanged"
+        elif key in to_write:
+            actions[name] = "to write"
+        elif at < len(plan.deletes) and plan.deletes[at] == key:
+            actions[name] = "delete held back" if guarded else "to delete"
+    report.table_actions = actions
+
+
+def record_of_run(
+    kv: KnownKv,
+    ledger: Ledger,
+    documents: Mapping[str, Document],
+    carried: FromRecord,
+    config: Config,
+    lapi_digest: str | None,
+    report: Report,
+    plan: Plan,
+    kv_now: float,
+) -> Record:
+    """The record a run leaves: what KV held (`kv`) once `ledger`'s calls landed; with LAPI's
+    digest, the projection's figures and when a key comes due, when the run converged."""
+    keys = record_after(kv.present, ledger, kv.offset)
+    figures = Projected(
+        report.wanted, dict(report.by_remediation), dict(report.ignored), entries_by_name(report.table_entries),
+        dict(report.table_bytes),
+    )  # fmt: skip
+    due_at = plan.due_at if plan.due_at < math.inf else None
+    recent, settling_until = recent_and_settling(
+        recent_after(carried.recent, ledger, kv.offset, kv_now), carried.settling_until, kv_now
+    )
+    # Each table's value is the one whose digest its key now carries: as built, or as it was.
+    candidates = [*(d.value for d in documents.values()), *carried.tables.values()]
+    by_digest = {hashlib.sha256(value).hexdigest()[:32]: value for value in candidates if value}
+    tables = {
+        name: by_digest[have.remediation]
+        for name in DOCUMENT_NAMES
+        if (have := keys.get(config.kv_key_prefix + name)) is not None and have.remediation in by_digest
+    }
+    return Record(
+        config.cf_account_id, config.cf_namespace_id, config.kv_key_prefix, kv.audited_at, kv.offset,
+        carried.usage_metrics_sent_at, keys,
+        *((lapi_digest, figures, due_at) if lapi_digest else (None, None, None)),
+        recent, settling_until, tables,
+    )  # fmt: skip
+
+
 class KnownKv(NamedTuple):
     """What a run plans against: the keys KV holds under the prefix, as listed or as recorded."""
 
@@ -3751,7 +4874,7 @@ class KnownKv(NamedTuple):
     offset: float  # Cloudflare's clock minus ours
     audited_at: float  # when they were last listed
     lapi_digest: str | None  # the record's digest of LAPI's answer (None after a listing)
-    refresh_at: float | None  # the record's (None after a listing)
+    due_at: float | None  # the record's (None after a listing)
     listed: bool = False  # as listed this run, not as recorded
 
 
@@ -3763,11 +4886,17 @@ def kv_as_listed(listed: Listing) -> KnownKv:
 
 
 def kv_as_recorded(record: Record, now: float) -> KnownKv:
-    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.refresh_at)
+    return KnownKv(record.keys, now, record.clock_offset, record.audited_at, record.lapi_digest, record.due_at)
 
 
 def log_dry_run(
-    log: Log, plan: Plan, max_deletes: int | None, wanted: Mapping[str, Wanted], kv: KnownKv, report: Report
+    log: Log,
+    plan: Plan,
+    max_deletes: int | None,
+    wanted: Mapping[str, Wanted],
+    documents: Mapping[str, Document],
+    kv: KnownKv,
+    report: Report,
 ) -> None:
     """The plan, and what it rests on: a listing of KV or the state record (which a change made
     to KV behind the job's back does not show), the decisions left out, the requests it costs."""
@@ -3782,9 +4911,15 @@ def log_dry_run(
             compared_with="record",
             record_age_seconds=round(age),
         )
-    log_plan(log, plan, wanted, kv.present)
+    # The tables' keys among the address keys' samples, shown as the tables they are.
+    tables = {key: f"{document.name} table" for key, document in documents.items()}
+    shown = ChainMap({key: Wanted(label, 0.0, "", "") for key, label in tables.items()}, wanted)
+    log_plan(log, plan, shown, ChainMap({key: Present(None, label) for key, label in tables.items()}, kv.present))
+    log_table_plan(log, report, documents)
     ignored = {r: report.ignored[r] for r in IGNORE_REASONS}
     log.info("plan", f"dry run: ignored {sum(ignored.values())} ({counts(ignored)})", ignored=ignored)
+    for reason, named in left_out_named(report.ignored, IGNORE_REASONS).items():
+        log.info("plan", f"dry run: ignored ({reason}): {named}", reason=reason, count=report.ignored[reason])
     deletes = 0 if guard_trips(plan, max_deletes) else len(plan.deletes)
     bulk_put, bulk_delete = -(-len(plan.writes) // MAX_BULK_ITEMS), -(-deletes // MAX_BULK_ITEMS)
     log.info(
@@ -3812,11 +4947,11 @@ def may_be_unchanged(record: Record, config: Config, started: float, now: float)
     count the keys afresh), a key capped at MAX_TTL is due to be rewritten, or a key has expired
     since (it may be one LAPI still wants, if a decision's end was ever moved: then the plan
     writes it again)."""
-    refresh_at = math.inf if record.refresh_at is None else record.refresh_at
+    due_at = math.inf if record.due_at is None else record.due_at
     return (
         record.lapi_digest is not None
         and not (config.lapi_usage_metrics and usage_metrics_due(started, record.usage_metrics_sent_at))
-        and now + record.clock_offset < min(record.earliest_expiration(), refresh_at)
+        and now + record.clock_offset < min(record.earliest_expiration(), due_at)
     )
 
 
@@ -3860,8 +4995,8 @@ def unchanged(report: Report, record: Record) -> int:
     report.table_entries = Counter(
         {tuple(entry.split(":", 1)): n for entry, n in record.projected.table.items()}  # type: ignore[misc]
     )
-    report.table_bytes = record.projected.table_bytes
-    report.table_action = "unchanged" if record.prefix + TABLE_NAME in record.keys else None
+    report.table_bytes = dict(record.projected.table_bytes)
+    report.table_actions = {name: "unchanged" for name in DOCUMENT_NAMES if record.prefix + name in record.keys}
     report.lapi_unchanged = report.success = True
     return EXIT_OK
 
@@ -4007,6 +5142,10 @@ def main(
                 log.warning(
                     "configuration", f"set but not read by this job (misspelled?): {', '.join(unknown)}", unread=unknown
                 )
+            for warning in config_warnings(config):
+                log.warning("configuration", warning)
+            if config.edge_url:
+                return check_edge(config, tls, log, clock)
             report, started = Report(started=clock.now()), clock.monotonic()
         except ConfigError as e:
             Log(out, err, fmt, clock=clock).error("configuration", "configuration: " + "; ".join(e.problems))

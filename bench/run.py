@@ -32,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from io import StringIO
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,6 +49,7 @@ BASELINE = Path(
 RESULTS = ROOT / "bench" / "results"
 LAPI_KEY, CF_TOKEN = "bench-lapi-key-000000", "bench-cf-token-000000"
 RUNS_PER_DAY = 24 * 60  # a one-minute schedule
+TABLE_KEYS = frozenset({"ip:networks", "ip:scopes"})  # the tables' keys under the default prefix
 PRICE_PER_MILLION = 5.00  # USD, Workers Paid: writes, deletes and lists alike, past 1M a month included
 INCLUDED_PER_MONTH = 1_000_000
 FREE_PER_DAY = 1_000
@@ -61,15 +64,19 @@ class FastLapi(LapiStandin):
     Go duration) and each row with one f-string instead of a dict through json.dumps, so that
     serving 1,000,000 decisions costs the bench process well under a second of the wall time
     the job and the baseline are measured by. The bench's values need no JSON escaping
-    (addresses, `ban`/`captcha`); the scenario is quoted by json.dumps, once per distinct one."""
+    (addresses, `ban`/`captcha`); the origin and the scenario are quoted by json.dumps, once per
+    distinct one. A row's own `id` and `origin` are rendered when it has them (a blocklist's)."""
 
     def body(self) -> bytes:
-        now = time.time()
+        now = self.now()  # the stand-in's clock: the bench moves it to let simulated hours pass
         quoted: dict[str, str] = {}
+
+        def quote(text: str) -> str:
+            return quoted.get(text) or quoted.setdefault(text, json.dumps(text))
+
         rows = [
-            f'{{"duration":"{d["until"] - now:.6f}s","id":{i},"origin":"crowdsec",'
-            f'"scenario":{quoted.get(d["scenario"]) or quoted.setdefault(d["scenario"], json.dumps(d["scenario"]))},'
-            f'"scope":"Ip","type":"{d["type"]}","value":"{d["value"]}"}}'
+            f'{{"duration":"{d["until"] - now:.6f}s","id":{d.get("id", i)},"origin":{quote(d.get("origin", "crowdsec"))},'
+            f'"scenario":{quote(d["scenario"])},"scope":"Ip","type":"{d["type"]}","value":"{d["value"]}"}}'
             for i, d in enumerate(self.decisions or [], 1)
         ]
         return ("[" + ",".join(rows) + "]").encode()
@@ -156,6 +163,8 @@ class Bench:
             kv_connections=self.kv.connections,
             written=self.kv.writes,
             deleted=self.kv.deletes,
+            read=self.kv.requests["read"],  # values read back (a table's, without STATE_FILE)
+            table_writes=sum(key in TABLE_KEYS for key in self.kv.written_keys),
             kv_bytes_sent=self.kv.bytes_in,
             kv_bytes_received=self.kv.bytes_out,
             lapi_bytes_received=lapi_bytes_after - lapi_bytes_before,
@@ -172,7 +181,9 @@ def summarise(samples: list[dict]) -> dict:
 
 
 def churn(lapi: LapiStandin, n: int, next_new: int, rng: random.Random) -> int:
-    """1% new bans, 1% un-bans, 1% changes (half ban->captcha, half two hours longer)."""
+    """1% new bans, 1% un-bans, 1% changes (half ban->captcha, half ending two hours earlier: an
+    end moved later costs no write until the key nears its expiration, the refresh scenario's
+    subject)."""
     k = max(1, n // 100)
     rows = lapi.decisions
     for row in rng.sample(rows, k):
@@ -180,7 +191,7 @@ def churn(lapi: LapiStandin, n: int, next_new: int, rng: random.Random) -> int:
     changed = rng.sample(rows, k)
     for j, row in enumerate(changed):
         if j % 2:
-            row["until"] += 7200
+            row["until"] -= 7200
         else:
             row["type"] = "captcha" if row["type"] == "ban" else "ban"
     rows += decisions(k, next_new)
@@ -469,6 +480,424 @@ def check_targets(rows: list[dict]) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- blocklist refreshes (issue 25)
+
+SHIFTED = ROOT / "bench" / "shifted.py"
+HOUR, DAY = 3600, 86400
+TABLE_SETTINGS = ("", "CAPI,lists")  # TABLE_ORIGINS unset, and as the example overlay sets it
+# A simulated day runs the job every 10 minutes (a deployment's day every 15): a key or a table
+# comes due REFRESH_AHEAD (15 minutes) before it expires, so a run at least every 15 minutes
+# writes what a run every minute writes; a run every minute would make the day most of the bench.
+DAY_STEP = 600
+MIX_STEP = 900
+FREE_READS_PER_DAY = 100_000
+AUDITS_PER_DAY = 86400 // AUDIT_INTERVAL
+
+
+class Source(NamedTuple):
+    """Decisions that CrowdSec inserts and refreshes as a whole: the community blocklist (origin
+    CAPI) or a subscribed list (origin lists, the list's name as scenario)."""
+
+    origin: str
+    scenario: str
+    count: int
+    every: int  # seconds between two refreshes
+    duration: int = DAY  # a decision inserted by a refresh ends this long after it
+    churn: float = 0.0  # the share of its addresses replaced by others at each refresh
+
+
+class Own(NamedTuple):
+    """Your own detections: new bans at a steady rate, a few lifted by hand (cscli decisions delete)."""
+
+    per_day: int = 0
+    lifted_per_day: int = 0
+    duration: int = 4 * HOUR  # CrowdSec's default ban
+
+
+class Simulation:
+    """LAPI's decisions over simulated time (seconds since the start, on every clock in play):
+    blocklists refreshed as CrowdSec refreshes them (`pkg/database/alerts.go`,
+    UpdateCommunityBlocklist: every decision deleted and inserted again, so a new id, and an end
+    `duration` after the refresh), some of their addresses replaced, and own detections."""
+
+    def __init__(self, sources: list[Source], own: Own | None = None) -> None:
+        self.sources, self.own = sources, own or Own()
+        self.next_id = self.next_address = 0
+        self.rows: list[list[dict]] = [[] for _ in sources]
+        self.own_rows: list[dict] = []
+
+    def row(self, origin: str, scenario: str, until: float) -> dict:
+        self.next_id += 1
+        self.next_address += 1
+        value = address(self.next_address)
+        return {
+            "id": self.next_id,
+            "value": value,
+            "type": "ban",
+            "origin": origin,
+            "scenario": scenario,
+            "until": until,
+        }
+
+    def start(self) -> list[dict]:
+        self.rows = [[self.row(s.origin, s.scenario, s.duration) for _ in range(s.count)] for s in self.sources]
+        return self.decisions()
+
+    def advance(self, at: int) -> list[dict]:
+        """LAPI at `at` (a whole number of seconds): the refreshes due, own detections (counted a
+        day at a time, they arrive on the hour: the writes they cost are the same)."""
+        for source, rows in zip(self.sources, self.rows, strict=True):
+            if at % source.every == 0:
+                replaced = round(source.count * source.churn)
+                del rows[:replaced]
+                rows += [self.row(source.origin, source.scenario, 0) for _ in range(replaced)]
+                for row in rows:
+                    self.next_id += 1
+                    row["id"], row["until"] = self.next_id, at + source.duration
+        own = self.own
+        self.own_rows = [row for row in self.own_rows if row["until"] > at]  # LAPI answers with live decisions only
+        if at % HOUR == 0:  # an hour's detections at once: between the hours LAPI's answer stays the same
+            hour = at // HOUR
+            self.own_rows += [
+                self.row("crowdsec", "crowdsecurity/ssh-bf", at + own.duration)
+                for _ in range(own.per_day * hour // 24 - own.per_day * (hour - 1) // 24)
+            ]
+            del self.own_rows[: own.lifted_per_day * hour // 24 - own.lifted_per_day * (hour - 1) // 24]
+        return self.decisions()
+
+    def decisions(self) -> list[dict]:
+        return [row for rows in self.rows for row in rows] + self.own_rows
+
+
+def refreshed_blocklist(n: int) -> list[Source]:
+    """N addresses refreshed hourly, 24 h bans: a quarter the community blocklist, the rest a list."""
+    return [
+        Source("CAPI", "crowdsecurity/community-blocklist", n // 4, HOUR),
+        Source("lists", "firehol_level1", n - n // 4, HOUR),
+    ]
+
+
+def set_clocks(lapi: LapiStandin, kv: KvStandin, at: float) -> None:
+    """Simulated time: `at` seconds on, for LAPI's durations and KV's clock alike (the job's is
+    moved by as much: bench/shifted.py for a process, a Clock for main() in-process)."""
+    lapi.clock_offset = kv.clock_offset = at
+
+
+def refresh_runs(
+    bench: Bench, lapi: LapiStandin, n: int, repeats: int, state: Path | None, script: Path = SHIFTED, **how: str
+) -> dict[str, list[dict]]:
+    """As processes: a cold run; then `repeats` times, an hour later, every decision refreshed and
+    a run, and a minute on, LAPI unchanged, a steady run (with STATE_FILE, an audit a minute
+    before the refresh)."""
+    bench.kv.store.clear()
+    if state:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        how["STATE_FILE"] = str(state)
+    simulation = Simulation(refreshed_blocklist(n))
+    set_clocks(lapi, bench.kv, 0)
+    base = lapi.now()  # simulated time 0 on the stand-ins' clocks, as an absolute `until`
+    lapi.decisions = rebased(simulation.start(), base)
+    samples: dict[str, list[dict]] = {"cold": [bench.measure(script=script, BENCH_CLOCK_OFFSET="0", **how)]}
+    for k in range(1, repeats + 1):
+        at = k * HOUR
+        # With STATE_FILE an hour's runs audit every AUDIT_INTERVAL: here a minute before the
+        # refresh, so that the refresh's own run is not also an audit.
+        runs = [("audit", at - 60, ("--audit",))] if state else []
+        runs += [("refresh", at, ()), ("steady", at + 60, ())]
+        for scenario, moment, args in runs:
+            set_clocks(lapi, bench.kv, moment)
+            if scenario == "refresh":
+                lapi.decisions = rebased(simulation.advance(at), base)
+            measured = bench.measure(*args, script=script, BENCH_CLOCK_OFFSET=str(moment), **how)
+            samples.setdefault(scenario, []).append(measured)
+    return samples
+
+
+def rebased(rows: list[dict], base: float) -> list[dict]:
+    """The simulation's rows with `until` on the stand-in's clock (the simulation counts from 0)."""
+    return [{**row, "until": base + row["until"]} for row in rows]
+
+
+def bench_refresh(n: int, repeats: int) -> list[dict]:
+    """The refresh scenario's per-run rows, as processes, each setting on a KV of its own."""
+    rows = []
+    with FastLapi(LAPI_KEY) as lapi:
+
+        def counter():
+            return len(lapi.queries), lapi.connections, lapi.bytes_out
+
+        settings: list[tuple[str, str, Path]] = []
+        if BASELINE.exists():
+            settings.append(("baseline", "–", BASELINE))
+        settings += [(state, origins, SHIFTED) for state in ("none", "STATE_FILE") for origins in TABLE_SETTINGS]
+        for state, origins, script in settings:
+            with KvStandin(CF_TOKEN, schema=False) as kv, tempfile.TemporaryDirectory() as tmp:
+                bench = Bench(kv, lapi.url, LAPI_KEY, counter, None)
+                record = Path(tmp) / "state" / "record" if state == "STATE_FILE" else None
+                how = {} if state == "baseline" else {"TABLE_ORIGINS": origins}
+                for scenario, samples in refresh_runs(bench, lapi, n, repeats, record, script, **how).items():
+                    row = {"n": n, "lapi": "stand-in", "kv": "http", "state": state, "table_origins": origins}
+                    row |= {"scenario": "refresh " + scenario} | summarise(samples)
+                    rows.append(row)
+                    print(format_refresh_row(row), flush=True)
+    return rows
+
+
+def run_in_process(env: dict[str, str], at: float) -> str:
+    """main() in this process, its clock `at` seconds on; its output (it must exit 0)."""
+    out, err = StringIO(), StringIO()
+    code = job.main([], env, out, err, job.Clock(now=lambda: time.time() + at))
+    if code != 0:
+        raise RuntimeError(f"the job exited {code} at {at:.0f} s: {err.getvalue()[-800:]}")
+    return out.getvalue()
+
+
+def simulated_day(simulation: Simulation, state: bool, table_origins: str, step: int = DAY_STEP) -> dict:
+    """A cold run, then a simulated day with a run every `step` seconds, in-process: main() with its
+    clock moved (a process per run would make the day most of the bench's time), against the
+    stand-ins over real sockets. What the day's runs cost, the cold run left out; and whether every
+    address LAPI wants is enforced at the day's end (its key, or the network table)."""
+    with FastLapi(LAPI_KEY) as lapi, KvStandin(CF_TOKEN, schema=False) as kv, tempfile.TemporaryDirectory() as tmp:
+        env = Bench(kv, lapi.url, LAPI_KEY, lambda: (0, 0, 0), None).env | {"TABLE_ORIGINS": table_origins}
+        if state:
+            env["STATE_FILE"] = str(Path(tmp) / "record")
+        base = lapi.now()
+        lapi.decisions = rebased(simulation.start(), base)
+        run_in_process(env, 0)
+        kv.reset_counts()
+        runs = audits = 0
+        for at in range(step, DAY + 1, step):
+            set_clocks(lapi, kv, at)
+            lapi.decisions = rebased(simulation.advance(at), base)
+            out = run_in_process(env, at)
+            runs += 1
+            audits += " audited: " in out
+        wanted = {row["value"] for row in lapi.decisions if row["until"] > lapi.now()}
+        enforced = enforced_addresses(kv)
+        return {
+            "runs": runs,
+            "audits": audits,
+            "addresses": len(wanted),
+            "key_writes": kv.writes - sum(key in TABLE_KEYS for key in kv.written_keys),
+            "table_writes": sum(key in TABLE_KEYS for key in kv.written_keys),
+            "deleted": kv.deletes,
+            "list": kv.requests["list"],
+            "read": kv.requests["read"],
+            "cloudflare_requests": sum(kv.requests.values()),
+            "unenforced_at_end": len(wanted - enforced),
+        }
+
+
+def enforced_addresses(kv: KvStandin) -> set[str]:
+    """The addresses KV bans now, as the reference Worker reads it: their key, or the network table."""
+    live = kv.live()
+    banned = {key[3:] for key, entry in live.items() if key not in TABLE_KEYS and entry.value == "ban"}
+    table = live.get("ip:networks")
+    if table is not None:
+        now = kv.now()
+        for interval in job.decode_networks(table.value).v4:
+            if interval.ban > now:
+                banned.update(
+                    job.network_text(4, a, a).removesuffix("/32") for a in range(interval.first, interval.last + 1)
+                )
+    return banned
+
+
+def bench_refresh_day(n: int) -> list[dict]:
+    rows = []
+    for state in ("none", "STATE_FILE"):
+        for origins in TABLE_SETTINGS:
+            day = simulated_day(Simulation(refreshed_blocklist(n)), state == "STATE_FILE", origins)
+            rows.append({"n": n, "state": state, "table_origins": origins} | day)
+            print(format_day_row(rows[-1]), flush=True)
+    return rows
+
+
+def mixes(scale: float) -> dict[str, tuple[list[Source], Own]]:
+    """The deployments docs/costs.md prices (`scale` shrinks them for --quick): own detections
+    (288 new 4 h bans a day, 24 lifted by hand); plus the community blocklist (20,000 addresses,
+    pulled every 2 h: CrowdSec's pullIntervalDefault); plus three subscribed lists of 50,000,
+    refreshed hourly. Each refresh replaces 1% of a list's addresses (an assumption: CrowdSec
+    publishes no churn figure; TABLE_ORIGINS unset, each point of churn costs a write and a delete
+    per replaced address, set, nothing more than the table's write)."""
+    own = Own(max(1, round(288 * scale)), max(1, round(24 * scale)))
+    community = Source("CAPI", "crowdsecurity/community-blocklist", round(20_000 * scale), 2 * HOUR, churn=0.01)
+    lists = [Source("lists", name, round(50_000 * scale), HOUR, churn=0.01) for name in ("list_a", "list_b", "list_c")]
+    return {
+        "own detections": ([], own),
+        "+ community blocklist": ([community], own),
+        "+ 3 lists of 50,000": ([community, *lists], own),
+    }
+
+
+def bench_mixes(scale: float, only: tuple[str, ...] = ()) -> list[dict]:
+    """A simulated day of each deployment, with STATE_FILE (the free plan needs it for its lists),
+    TABLE_ORIGINS unset and set. Writes and deletes do not depend on STATE_FILE (the refresh rows
+    show it); lists do, and are priced from the per-run counts."""
+    rows = []
+    for name, (sources, own) in mixes(scale).items():
+        if only and name not in only:
+            continue
+        for origins in TABLE_SETTINGS:
+            day = simulated_day(Simulation(sources, own), True, origins, MIX_STEP)
+            rows.append({"mix": name, "scale": scale, "table_origins": origins} | day)
+            print(format_mix_row(rows[-1]), flush=True)
+    return rows
+
+
+def plural_setting(origins: str) -> str:
+    return origins or "unset"
+
+
+SHARED_COLUMNS = dict(COLUMNS)
+REFRESH_COLUMNS = [
+    *((name, SHARED_COLUMNS[name]) for name in ("N", "job")),
+    ("TABLE_ORIGINS", lambda r: plural_setting(r["table_origins"])),
+    ("run", lambda r: r["scenario"].removeprefix("refresh ")),
+    *((name, SHARED_COLUMNS[name]) for name in ("wall s", "CPU s", "peak RSS MiB", "list")),
+    ("read", lambda r: count(r["read"])),
+    ("written", SHARED_COLUMNS["written"]),
+    ("of which tables", lambda r: count(r["table_writes"])),
+    *((name, SHARED_COLUMNS[name]) for name in ("deleted", "Cloudflare requests")),
+]
+DAY_COLUMNS = [
+    ("N", lambda r: f"{r['n']:,}"),
+    ("STATE_FILE", lambda r: "set" if r["state"] != "none" else "unset"),
+    ("TABLE_ORIGINS", lambda r: plural_setting(r["table_origins"])),
+    ("runs (audits)", lambda r: f"{r['runs']} ({r['audits']})"),
+    ("key writes", lambda r: f"{r['key_writes']:,}"),
+    ("key writes per address", lambda r: f"{r['key_writes'] / r['n']:.2f}"),
+    ("table writes", lambda r: f"{r['table_writes']:,}"),
+    ("deletes", lambda r: f"{r['deleted']:,}"),
+    ("lists", lambda r: f"{r['list']:,}"),
+    ("reads", lambda r: f"{r['read']:,}"),
+    ("Cloudflare requests", lambda r: f"{r['cloudflare_requests']:,}"),
+    ("addresses not enforced at the end", lambda r: f"{r['unenforced_at_end']:,}"),
+    ("baseline script: writes", lambda r: f"{r['n'] * RUNS_PER_DAY:,}"),
+]
+
+
+def lists_per_day(r: dict) -> float:
+    """With STATE_FILE only audits list: AUDITS_PER_DAY at a one-minute schedule (the simulated
+    day runs every DAY_STEP, so it audits less often), each as many pages as measured."""
+    return AUDITS_PER_DAY * r["list"] / r["audits"] if r["audits"] else 0.0
+
+
+def paid_per_month(writes: float, deletes: float, lists: float, reads: float) -> float:
+    """USD a month on Workers Paid ($5 with its inclusions) for these operations a day."""
+    over = sum(max(0.0, 30 * n - INCLUDED_PER_MONTH) for n in (writes, deletes, lists)) * PRICE_PER_MILLION
+    return 5.0 + over / 1e6 + max(0.0, 30 * reads - 10_000_000) * 0.50 / 1e6
+
+
+def fits_free(writes: float, deletes: float, lists: float, reads: float) -> bool:
+    return max(writes, deletes, lists) <= FREE_PER_DAY and reads <= FREE_READS_PER_DAY
+
+
+MIX_COLUMNS = [
+    ("deployment", lambda r: r["mix"]),
+    ("addresses", lambda r: f"{r['addresses']:,}"),
+    ("TABLE_ORIGINS", lambda r: plural_setting(r["table_origins"])),
+    ("writes/day (tables)", lambda r: f"{r['key_writes'] + r['table_writes']:,} ({r['table_writes']:,})"),
+    ("deletes/day", lambda r: f"{r['deleted']:,}"),
+    ("lists/day", lambda r: f"{lists_per_day(r):,.0f}"),
+    ("job's reads/day", lambda r: f"{r['read']:,}"),
+    ("free plan (job's share)", lambda r: "fits" if fits_free(*mix_day(r)) else "no"),
+    ("Workers Paid, USD/month (job's share)", lambda r: f"{paid_per_month(*mix_day(r)):,.2f}"),
+]
+
+
+def mix_day(r: dict) -> tuple[float, float, float, float]:
+    return r["key_writes"] + r["table_writes"], r["deleted"], lists_per_day(r), r["read"]
+
+
+def format_refresh_row(row: dict) -> str:
+    return " | ".join(f"{name} {fn(row)}" for name, fn in REFRESH_COLUMNS)
+
+
+def format_day_row(row: dict) -> str:
+    return " | ".join(f"{name} {fn(row)}" for name, fn in DAY_COLUMNS)
+
+
+def format_mix_row(row: dict) -> str:
+    return " | ".join(f"{name} {fn(row)}" for name, fn in MIX_COLUMNS)
+
+
+def table_of(columns: list, rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(n for n, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in rows]) + "\n"
+
+
+def refresh_report(rows: list[dict], days: list[dict], mix_rows: list[dict]) -> str:
+    parts = []
+    if rows:
+        parts += [
+            "A blocklist refreshed hourly (a quarter CAPI, the rest `lists`; 24 h bans; a refresh gives every "
+            "decision a new id and an end an hour later), the job as a process, its clock moved an hour per "
+            "refresh: per run, the cold run and then each refresh, a steady run a minute later and, with "
+            "STATE_FILE, an audit a minute before the refresh (so that the refresh's run is not also one).",
+            "",
+            table_of(REFRESH_COLUMNS, rows),
+        ]
+    if days:
+        parts += [
+            f"The same blocklist over a simulated day: a cold run (not counted), then a run every {DAY_STEP // 60} "
+            "minutes for 24 hours, in-process (main() with its clock moved), each decision refreshed on the hour "
+            "(24 refreshes). The baseline script rewrites every key each run: N writes a run, at a one-minute "
+            "schedule N × 1,440 a day.",
+            "",
+            table_of(DAY_COLUMNS, days),
+        ]
+    if mix_rows:
+        scale = mix_rows[0]["scale"]
+        parts += [
+            "A day of each deployment priced in docs/costs.md"
+            + (f" (scaled by {scale}: --quick)" if scale != 1 else "")
+            + f", simulated as above (a run every {MIX_STEP // 60} minutes) with STATE_FILE; lists a day at a "
+            f"one-minute schedule ({AUDITS_PER_DAY} "
+            "audits) from the pages an audit listed. The Worker's reads come on top (docs/costs.md).",
+            "",
+            table_of(MIX_COLUMNS, mix_rows),
+        ]
+    return "\n".join(parts)
+
+
+def check_refresh_targets(rows: list[dict], days: list[dict], mix_rows: list[dict]) -> list[str]:
+    """Issue 25's count targets: a refresh costs no write and no delete, with and without
+    STATE_FILE, TABLE_ORIGINS unset (no key) and set (no table); a day of 24 hourly refreshes at
+    most one key write per address (unset), at most one table write (set), every address still
+    enforced at its end; the free plan's row with the community blocklist fits."""
+    problems = []
+    for r in rows:
+        if r["state"] == "baseline" or r["scenario"] == "refresh cold":
+            continue
+        if r["written"]["max"] or r["deleted"]["max"]:
+            problems.append(
+                f"{r['scenario']} {r['n']} (STATE_FILE {r['state']}, TABLE_ORIGINS {plural_setting(r['table_origins'])}): "
+                f"wrote {r['written']['max']}, deleted {r['deleted']['max']}"
+            )
+    for d in days:
+        what = f"a day of refreshes at {d['n']} (STATE_FILE {d['state']}, TABLE_ORIGINS {plural_setting(d['table_origins'])})"
+        if d["key_writes"] > (0 if d["table_origins"] else d["n"]) or d["table_writes"] > (
+            1 if d["table_origins"] else 0
+        ):
+            problems.append(f"{what}: {d['key_writes']} key writes, {d['table_writes']} table writes")
+        if d["deleted"] or d["unenforced_at_end"]:
+            problems.append(
+                f"{what}: {d['deleted']} deletes, {d['unenforced_at_end']} addresses not enforced at the end"
+            )
+    for m in mix_rows:
+        if (
+            m["scale"] == 1
+            and m["mix"] == "+ community blocklist"
+            and m["table_origins"]
+            and not fits_free(*mix_day(m))
+        ):
+            problems.append(
+                f"{m['mix']} with TABLE_ORIGINS={m['table_origins']} does not fit the free plan: {mix_day(m)}"
+            )
+    return problems
+
+
 def machine() -> str:
     cpu = ""
     if Path("/proc/cpuinfo").exists():
@@ -492,11 +921,17 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,10000,100000,300000,1000000")
     parser.add_argument("--repeats", type=int, default=5, help="runs per row up to 100,000 (fewer above)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-LAPI rows")
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="only the blocklist refreshes (issue 25): bench/results/refresh.{md,json}",
+    )
+    parser.add_argument("--refresh-size", type=int, default=20_000, help="addresses refreshed (default 20,000)")
     args = parser.parse_args()
     # The stand-ins hold up to millions of objects in this process; the cyclic GC's full passes
     # over them stalled the stand-ins' answers by seconds, time charged to the job measured.
     gc.disable()
-    sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [] if args.refresh else [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     try:
         import trustme
 
@@ -511,20 +946,29 @@ def main() -> int:
         rows += bench_standin(n, repeats, ca, rng)
         if not args.no_real and not args.quick and n <= 100_000:
             rows += bench_real_lapi(n, repeats)
+    refresh_n = 1000 if args.quick else args.refresh_size
+    refreshes = bench_refresh(refresh_n, 1 if args.quick else args.repeats)
+    days = bench_refresh_day(refresh_n)
+    # --quick: the free plan's deployment only, at a hundredth of its size (so that it never rots).
+    mix_rows = bench_mixes(0.01, ("+ community blocklist",)) if args.quick else bench_mixes(1.0)
     today = datetime.date.today().isoformat()
     header = (
         f"Measured {today} on {machine()}; median of {1 if args.quick else args.repeats} runs up to 100,000 "
         f"({repeats_for(300_000, args.repeats)} at 300,000, 1 at 1,000,000) (min–max); the job as a process."
     )
-    table = markdown(rows, header) + "\n" + cost_table(rows)
+    if args.refresh:
+        header = f"Measured {today} on {machine()}; per-run rows: the median of {args.repeats} refreshes (min–max)."
+    table = (markdown(rows, header) + "\n" + cost_table(rows) + "\n") if rows else header + "\n\n"
+    table += refresh_report(refreshes, days, mix_rows)
     print("\n" + table)
-    name = "quick" if args.quick else "latest"
+    name = "refresh" if args.refresh else "quick" if args.quick else "latest"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {"rows": rows, "refresh": refreshes, "refresh_days": days, "mixes": mix_rows}
     (RESULTS / f"{name}.json").write_text(
-        json.dumps({"date": today, "machine": machine(), "repeats": args.repeats, "rows": rows}, indent=1)
+        json.dumps({"date": today, "machine": machine(), "repeats": args.repeats} | results, indent=1)
     )
     (RESULTS / f"{name}.md").write_text(table)
-    problems = check_targets(rows)
+    problems = check_targets(rows) + check_refresh_targets(refreshes, days, mix_rows)
     for problem in problems:
         print("TARGET MISSED:", problem)
     return 1 if problems else 0

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ SCRIPT = ROOT / "lapi_kv_sync.py"
 # The mutation check (tests/README.md) runs the tests on a copy of the job that mutmut rewrote:
 # its source no longer reads as the job's, so tests that scan the source leave that to the usual runs.
 UNDER_MUTATION = "MUTANT_UNDER_TEST" in os.environ
-# Under it, the test files it takes beyond the fast ones (test_scopes.py, test_proxy.py) give only
+# Under it, the test files it takes beyond the fast ones (test_tables.py, test_proxy.py) give only
 # their pure tests: those that start stand-in servers are the usual runs' (pytest_collection_modifyitems).
 SERVER_FIXTURES = frozenset({"stack", "proxied"})
 LAPI_KEY = "lapi-test-key-0123456789"
@@ -112,12 +115,25 @@ class Stack:
         return Result(done.returncode, done.stdout, done.stderr)
 
 
+@contextlib.contextmanager
+def fresh_stack() -> Iterator[tuple[Stack, Path]]:
+    """The stand-ins and a temporary folder of their own: for each example of a Hypothesis test,
+    where a fixture would last the whole test."""
+    with (
+        LapiStandin(LAPI_KEY) as lapi,
+        KvStandin(CF_TOKEN) as kv,
+        PushgatewayStandin() as push,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        yield Stack(lapi, kv, push), Path(tmp)
+
+
 @pytest.fixture
 def stack():
-    with LapiStandin(LAPI_KEY) as lapi, KvStandin(CF_TOKEN) as kv, PushgatewayStandin() as push:
-        yield Stack(lapi, kv, push)
-        assert kv.violations == [], "requests or answers outside Cloudflare's published schema"
-        assert lapi.violations == [], "usage metrics outside CrowdSec's published schema"
+    with fresh_stack() as (stack, _):
+        yield stack
+        assert stack.kv.violations == [], "requests or answers outside Cloudflare's published schema"
+        assert stack.lapi.violations == [], "usage metrics outside CrowdSec's published schema"
 
 
 def pytest_collection_modifyitems(config, items):

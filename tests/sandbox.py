@@ -124,11 +124,16 @@ def left(seconds: float | None) -> str:
 def kv_table(kv: KvStandin) -> str:
     now = kv.now()
     rows = [
-        f"    {key:24} {entry.value:8} {left(None if entry.expiration is None else entry.expiration - now):16} "
+        f"    {key:24} {shown(entry.value):8} {left(None if entry.expiration is None else entry.expiration - now):16} "
         f"{json.dumps(entry.metadata) if entry.metadata is not None else ''}".rstrip()
         for key, entry in sorted(kv.live().items())
     ]
     return "".join(row + "\n" for row in rows) or "    (no keys)\n"
+
+
+def shown(value: str | bytes) -> str:
+    """A value as the table shows it: the network table is binary, so its size stands for it."""
+    return f"({len(value)} bytes, binary)" if isinstance(value, bytes) else value
 
 
 def decisions_table(lapi: LapiStandin) -> str:

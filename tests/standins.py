@@ -13,6 +13,7 @@ metrics against CrowdSec's swagger the same way.
 from __future__ import annotations
 
 import base64
+import binascii
 import bisect
 import contextlib
 import http.client
@@ -406,7 +407,7 @@ class LapiStandin(Standin):
 
 @dataclass
 class Entry:
-    value: str
+    value: str | bytes  # bytes: written with `base64: true` (the network table)
     expiration: int | None = None
     metadata: Any = None
 
@@ -569,6 +570,8 @@ class KvStandin(Standin):
         route = KV_ROUTE.fullmatch(url.path)
         suffix = (route["suffix"] or "") if route else None
         operation = self.OPERATIONS.get((method, suffix)) if route else None
+        if operation is None and route and method == "GET" and suffix.startswith("/values/"):
+            operation = "read"
         if operation is None:
             return request.send(404, _error(7003, "No route for the URI"))
         with self.lock:
@@ -587,6 +590,8 @@ class KvStandin(Standin):
             return self.answer(request, method, suffix, 400, _error(10002, "request body is not valid JSON"))
         if operation == "namespace":
             return self.namespace(request, query, raw)
+        if operation == "read":
+            return self.read(request, urllib.parse.unquote(suffix.removeprefix("/values/")), query, raw)
         if self.schema:
             self.violations += self.schema.request(method, suffix, query, body)
         fault = self.fault_for(operation)
@@ -640,6 +645,22 @@ class KvStandin(Standin):
             return request.send(fault.status, _error(10500, "Internal server error"))
         result = {"id": NAMESPACE, "title": "crowdsec-decisions", "supports_url_encoding": True}
         request.send(200, {"success": True, "errors": [], "messages": [], "result": result})
+
+    def read(self, request: _Handler, key: str, query: dict[str, str], raw: bytes) -> None:
+        """GET .../values/{key_name}: the value's bytes as they were stored (application/octet-stream),
+        or 404 with Cloudflare's envelope (10009) when there is no such key (or it has expired)."""
+        if query or raw or len(key.encode()) > 512:
+            with self.lock:
+                self.violations.append(f"read: a query, a body or a key over 512 bytes: {query} {raw[:40]!r}")
+            return request.send(400, _error(10001, "a GET takes no query or body"))
+        fault = self.fault_for("read")
+        if fault:
+            return request.send(fault.status, _error(10500, "Internal server error"))
+        entry = self.live().get(key)
+        if entry is None:
+            return self.answer(request, "GET", "/values/{key_name}", 404, _error(10009, "get: 'key not found'"))
+        value = entry.value if isinstance(entry.value, bytes) else entry.value.encode()
+        request.send(200, value, "application/octet-stream")
 
     def list(self, query: dict[str, str], body: Any) -> tuple[int, dict]:
         try:
@@ -708,6 +729,13 @@ class KvStandin(Standin):
                 return 400, _error(10019, f"invalid expiration_ttl of {ttl}: must be at least 60")
             if "metadata" in item and self.metadata_bytes(item["metadata"]) > 1024:
                 return 413, _error(10024, "metadata too large: over 1024 bytes")
+            if item.get("base64"):
+                try:
+                    item["value"] = base64.b64decode(item["value"], validate=True)
+                except binascii.Error:
+                    return 400, _error(10001, f"the value of {key} is not base64")
+            if len(item["value"]) > 25 * 1024 * 1024:
+                return 413, _error(10025, "value too large: over 25 MiB")
         unsuccessful = []
         with self.lock:
             for item in items:
@@ -916,3 +944,45 @@ class ProxyStandin(Standin):
                     if not data:
                         return
                     (upstream if end is request.connection else request.connection).sendall(data)
+
+
+# --------------------------------------------------------------------------- the Worker's status
+
+
+@dataclass
+class Asked:
+    path: str
+    authorization: str | None
+    user_agent: str | None
+
+
+class EdgeStandin(Standin):
+    """The reference Worker's status request (worker/status.js) as a site answers it: a GET of a
+    path ending in the status path with `Authorization: Bearer <token>` gets the next of `answers`
+    (the last one again once they run out), each a status as a dict, or (status, body, headers),
+    or a function called then that gives one; any other request gets the site's own 404, as the
+    Worker passes it on to the origin."""
+
+    PATH = "/.well-known/lapi-kv-sync/status"
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+        self.answers: list[Any] = []
+        self.asked: list[Asked] = []
+
+    def handle(self, request: _Handler, method: str) -> None:
+        authorization = request.headers.get("Authorization")
+        with self.lock:
+            self.asked.append(Asked(request.path, authorization, request.headers.get("User-Agent")))
+            allowed = method == "GET" and request.path.endswith(self.PATH) and authorization == f"Bearer {self.token}"
+            answer = (self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]) if allowed else None
+        if callable(answer):
+            answer = answer()
+        if answer is None:
+            request.send(404, "<h1>Not Found</h1>", "text/html")
+        elif isinstance(answer, dict):
+            request.send(200, answer, headers={"Cache-Control": "no-store"})
+        else:
+            status, body, headers = answer
+            request.send(status, body, "text/html", headers)

@@ -311,3 +311,15 @@ def test_a_state_file_in_a_directory_that_does_not_exist_is_a_configuration_erro
     assert f"STATE_FILE: the directory {path.parent} of {path} does not exist" in result.err
     assert sum(stack.kv.requests.values()) == 0 and stack.lapi.queries == []
     assert stack.run(STATE_FILE=str(tmp_path / "record.gz")).code == 0  # its directory exists
+
+
+def test_a_prefix_without_a_separator_is_warned_about(stack):
+    stack.lapi.decisions = [decision("192.0.2.1")]
+    slip = stack.run(KV_KEY_PREFIX="crowdsec")
+    assert slip.code == 0 and "crowdsec192.0.2.1" in stack.kv.live()
+    assert (
+        "warning: KV_KEY_PREFIX='crowdsec' ends with a letter or digit: keys are named like 'crowdsec192.0.2.1'; "
+        "end it with a separator (e.g. 'crowdsec:')" in slip.err
+    )
+    for fine in ("ip:", "crowdsec/", "cs-", "cs_"):
+        assert "KV_KEY_PREFIX" not in stack.run(KV_KEY_PREFIX=fine).err

@@ -267,12 +267,30 @@ def test_plan_writes_missing_changed_and_untagged_keys():
 def test_expiration_within_slack_is_unchanged():
     present = {
         "ip:a": job.Present(NOW + 3600 + 59, "ban"),
-        "ip:b": job.Present(NOW + 3600 - 61, "ban"),
+        "ip:b": job.Present(NOW + 3600 + 61, "ban"),  # would outlive its decision by more than the slack
         "ip:c": job.Present(None, "ban"),
     }
     plan = job.make_plan({k: wanted_of() for k in present}, present, NOW)
     assert plan.unchanged == ["ip:a"]
     assert [w.key for w in plan.writes] == ["ip:b", "ip:c"]
+
+
+def test_an_end_moved_later_leaves_the_key_until_it_comes_within_refresh_ahead():
+    # A blocklist refresh: the decision now ends an hour later than the key's expiration.
+    key = {"ip:a": job.Present(NOW + job.REFRESH_AHEAD + 1, "ban")}
+    later = {"ip:a": wanted_of(seconds=job.REFRESH_AHEAD + 1 + 3600)}
+    plan = job.make_plan(later, key, NOW)
+    assert (plan.unchanged, plan.writes) == (["ip:a"], [])
+    assert plan.due_at == NOW + 1  # 15 minutes before the key expires
+    due = job.make_plan(later, key, NOW + 1)  # now exactly REFRESH_AHEAD from its expiration
+    assert [(w.key, w.ttl) for w in due.writes] == [("ip:a", job.REFRESH_AHEAD + 3600)]
+    assert due.due_at == float("inf")  # written with the decision's end: nothing more to come due
+
+
+def test_an_end_moved_earlier_beyond_the_slack_is_rewritten_at_once():
+    key = {"ip:a": job.Present(NOW + 86400, "ban")}  # far from due, but the decision now ends in an hour
+    plan = job.make_plan({"ip:a": wanted_of(seconds=3600)}, key, NOW)
+    assert [(w.key, w.ttl) for w in plan.writes] == [("ip:a", 3600)]
 
 
 def test_an_expiration_exactly_a_slack_off_is_unchanged_and_a_key_gone_at_its_expiration_is_not_deleted():
@@ -284,9 +302,9 @@ def test_an_expiration_exactly_a_slack_off_is_unchanged_and_a_key_gone_at_its_ex
 def test_a_decision_of_exactly_max_ttl_is_not_capped():
     exact = {"ip:a": wanted_of(seconds=job.MAX_TTL)}
     plan = job.make_plan(exact, {}, NOW)
-    assert [w.ttl for w in plan.writes] == [job.MAX_TTL] and plan.refresh_at == float("inf")
-    an_hour_short = {"ip:a": job.Present(NOW + job.MAX_TTL - 3600, "ban")}  # off by more than the slack
-    assert [w.key for w in job.make_plan(exact, an_hour_short, NOW).writes] == ["ip:a"]
+    assert [w.ttl for w in plan.writes] == [job.MAX_TTL] and plan.due_at == float("inf")
+    an_hour_long = {"ip:a": job.Present(NOW + job.MAX_TTL + 3600, "ban")}  # off by more than the slack
+    assert [w.key for w in job.make_plan(exact, an_hour_long, NOW).writes] == ["ip:a"]
 
 
 def test_short_decisions_get_cloudflare_minimum_ttl_and_are_not_rewritten():

@@ -175,7 +175,9 @@ def test_the_delay_statement_matches_the_schedule_and_the_workers_defaults():
     settings = tomllib.loads((ROOT / "worker" / "wrangler.toml").read_text())["vars"]
     cache_ttl, refresh = int(settings["CACHE_TTL"]), int(settings["SCOPES_REFRESH"])
     (minimum,) = {
-        int(m) for f in (ROOT / "worker").glob("*.js") for m in re.findall(r"MIN_CACHE_TTL = (\d+)", f.read_text())
+        int(m)
+        for f in (ROOT / "worker").glob("*.js")
+        for m in re.findall(r"const CACHE_TTL = \{[^}]*\bmin: (\d+)", f.read_text())
     }
     assert f"`CACHE_TTL` ({cache_ttl} s by default, at least {minimum})" in statement
     assert f"`SCOPES_REFRESH` ({refresh} s by default)" in statement

@@ -134,10 +134,10 @@ def free_plan_note() -> str:
 
 def test_the_free_plan_note_names_state_origins_and_schedule_and_each_takes_effect(tmp_path):
     note = free_plan_note()
-    for what in ("state", "LAPI_ORIGINS=crowdsec,cscli", "schedule", "*/2 * * * *"):
+    for what in ("state", "TABLE_ORIGINS=CAPI,lists", "schedule", "*/2 * * * *"):
         assert what in note, what
-    changed = render(copied_example(tmp_path / "my-lapi-kv-sync", "# - LAPI_ORIGINS=", 'value: "*/2'))
-    assert one(changed, "ConfigMap", "lapi-kv-sync-settings-")["data"]["LAPI_ORIGINS"] == "crowdsec,cscli"
+    changed = render(copied_example(tmp_path / "my-lapi-kv-sync", 'value: "*/2'))
+    assert one(changed, "ConfigMap", "lapi-kv-sync-settings-")["data"]["TABLE_ORIGINS"] == "CAPI,lists"  # on
     assert one(changed, "CronJob")["spec"]["schedule"] == "*/2 * * * *"
     assert container_settings(changed)["STATE_FILE"]  # on without an edit
     assert_the_cluster_can_run(changed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
 from pathlib import Path
@@ -226,9 +225,9 @@ def test_ranges_expand_when_asked(stack):
     assert {k: e.value for k, e in stack.kv.live().items()} == {"ip:198.51.100.7": "captcha"}
 
 
-def test_ranges_expand_beside_the_scope_table(stack):
+def test_ranges_expand_beside_the_network_table(stack):
     # EXPAND_RANGES_MAX keeps its meaning with the table: a small range is ALSO address keys
-    # (for Workers that read only those); every range, small or not, is in the table.
+    # (for Workers that read only those); every range, small or not, is in the network table.
     stack.lapi.decisions = [
         decision("198.51.100.0/30", 3600, scope="Range"),
         decision("10.0.0.0/8", scope="Range", type="captcha"),
@@ -238,12 +237,13 @@ def test_ranges_expand_beside_the_scope_table(stack):
     assert result.code == 0, result.err
     assert stack.lapi.queries[-1]["scopes"] == ["ip,range,country,as"]
     live = stack.kv.live()
-    table = json.loads(live.pop("ip:scopes").value)
-    assert {name: value[0] for name, value in table["range"].items()} == {
-        "198.51.100.0/30": "ban",
-        "10.0.0.0/8": "captcha",
-        "2001:db8::/120": "ban",
+    table = job.decode_networks(live.pop("ip:networks").value)
+    held = {
+        job.network_text(version, i.first, i.last): "ban" if i.ban else "captcha"
+        for version, family in ((4, table.v4), (6, table.v6))
+        for i in family
     }
+    assert held == {"198.51.100.0/30": "ban", "10.0.0.0/8": "captcha", "2001:db8::/120": "ban"}
     assert set(live) == {f"ip:198.51.100.{i}" for i in range(4)}
     assert "range_too_large 0" in result.out  # in the table, so not left out
     assert "wanted 4 (ban 4, captcha 0)" in result.out

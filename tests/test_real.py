@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from unittest.mock import ANY
 
 import pytest
 
@@ -15,6 +14,7 @@ import lapi_kv_sync as job
 from tests.conftest import CF_TOKEN, Stack
 from tests.real import RealLapi, RealPushgateway
 from tests.standins import Entry, KvStandin
+from tests.test_tables import held_ranges
 from tests.test_usage import at_quarter
 
 P = "crowdsec_kv_sync_"
@@ -64,11 +64,9 @@ def test_decisions_made_with_cscli_land_as_expected(real):
         "ip:192.0.2.7": ("captcha", 2 * 3600),
         "ip:192.0.2.6": ("ban", 90),
     }
-    table = json.loads(live.pop("ip:scopes").value)  # the Range and Country decisions
-    assert {scope: list(entries) for scope, entries in table.items() if scope != "v"} == {
-        "range": ["198.51.100.0/24"],
-        "country": ["FR"],
-    }
+    table = json.loads(live.pop("ip:scopes").value)  # the Country decision
+    assert {scope: list(entries) for scope, entries in table.items() if scope != "v"} == {"country": ["FR"]}
+    assert list(held_ranges(live.pop("ip:networks").value)) == ["198.51.100.0/24"]  # the Range decision
     assert set(live) == set(expected) | {"config:flag"}
     for key, (value, seconds) in expected.items():
         assert live[key].value == value, key
@@ -156,7 +154,7 @@ def test_filters_and_range_expansion_against_real_lapi(real, tmp_path):
     def keys(**env):
         result = real.run(PUSHGATEWAY_URL="", **env)
         assert result.code == 0, result.err
-        return {k for k in real.kv.live() if k.startswith("ip:") and k != "ip:scopes"}
+        return {k for k in real.kv.live() if k.startswith("ip:") and k not in ("ip:scopes", "ip:networks")}
 
     assert keys() == {"ip:192.0.2.1", "ip:192.0.2.2", "ip:192.0.2.9"}
     assert keys(LAPI_ORIGINS="cscli") == {"ip:192.0.2.1", "ip:192.0.2.2"}
@@ -210,7 +208,7 @@ def test_a_second_run_against_real_lapi_with_nothing_changed_takes_the_shortcut(
     assert real.kv.deleted_keys == ["ip:192.0.2.1"]
 
 
-def test_the_four_scopes_from_real_lapi_land_in_the_keys_and_the_scope_table(real, tmp_path):
+def test_the_four_scopes_from_real_lapi_land_in_the_keys_and_the_tables(real, tmp_path):
     real.lapi.add("-i", "192.0.2.1", "-d", "4h")
     real.lapi.add("-r", "198.51.100.77/24", "-d", "4h", "-R", "crowdsecurity/ssh-bf")
     real.lapi.add("-r", "2001:0DB8::/32", "-d", "2h", "-t", "captcha")
@@ -227,22 +225,24 @@ def test_the_four_scopes_from_real_lapi_land_in_the_keys_and_the_scope_table(rea
     live = real.kv.live()
     entry = live["ip:scopes"]
     table = json.loads(entry.value)
-    remediations = {scope: {name: value[0] for name, value in table[scope].items()} for scope in job.TABLE_SCOPES}
-    assert remediations == {
-        "range": {
-            "198.51.100.0/24": "ban",
-            "2001:db8::/32": "captcha",
-            "203.0.113.0/24": "ban",
-        },
+    assert {scope: {name: value[0] for name, value in table[scope].items()} for scope in ("country", "as")} == {
         "country": {"FR": "captcha"},
         "as": {"64500": "ban"},
     }
-    for scope in job.TABLE_SCOPES:
-        for name, (_, end) in table[scope].items():
-            seconds = 2 * 3600 if name == "2001:db8::/32" else 3 * 3600 if name == "203.0.113.0/24" else 4 * 3600
-            assert end % 3600 == 0 and 0 <= end - (now + seconds) <= 3600 + 60, name
-    assert entry.metadata == {"table": 1, "digest": entry.metadata["digest"], "entries": 5}
-    assert set(live) == {"config:flag", "ip:192.0.2.1", "ip:scopes"}
+    for names in (table["country"], table["as"]):
+        for name, (_, end) in names.items():
+            assert abs(end - (now + 4 * 3600)) <= 60, name  # the decision's end, to a second, on Cloudflare's clock
+    assert entry.metadata == {"table": 1, "digest": entry.metadata["digest"], "entries": 2}
+    ranges = held_ranges(live["ip:networks"].value)
+    assert {name: remediation for name, (remediation, _) in ranges.items()} == {
+        "198.51.100.0/24": "ban",
+        "2001:db8::/32": "captcha",
+        "203.0.113.0/24": "ban",
+    }
+    for name, (_, end) in ranges.items():
+        seconds = 2 * 3600 if name == "2001:db8::/32" else 3 * 3600 if name == "203.0.113.0/24" else 4 * 3600
+        assert abs(end - (now + seconds)) <= 60, name
+    assert set(live) == {"config:flag", "ip:192.0.2.1", "ip:scopes", "ip:networks"}
 
     real.kv.reset_counts()  # the real LAPI's answer is byte-stable but for durations: the shortcut
     again = real.run(PUSHGATEWAY_URL="", STATE_FILE=state)
@@ -251,20 +251,21 @@ def test_the_four_scopes_from_real_lapi_land_in_the_keys_and_the_scope_table(rea
 
     real.lapi.cscli_run("decisions", "delete", "-r", "2001:0DB8::/32")  # a Range lifted: one write
     churn = real.run(PUSHGATEWAY_URL="", STATE_FILE=state)
-    assert churn.code == 0 and real.kv.written_keys == ["ip:scopes"] and real.kv.deletes == 0
-    assert "2001:db8::/32" not in json.loads(real.kv.live()["ip:scopes"].value)["range"]
+    assert churn.code == 0 and real.kv.written_keys == ["ip:networks"] and real.kv.deletes == 0
+    assert "2001:db8::/32" not in held_ranges(real.kv.live()["ip:networks"].value)
 
-    def table_with(**env):  # the filters hold for the table too
+    def ranges_with(**env):  # the filters hold for the table too
         result = real.run(PUSHGATEWAY_URL="", **env)
         assert result.code == 0, result.err
-        return json.loads(real.kv.live().get("ip:scopes", Entry("null")).value)
+        held = real.kv.live().get("ip:networks")
+        return None if held is None else held_ranges(held.value)
 
-    assert table_with(LAPI_SCENARIOS_CONTAINING="ssh") == {"v": 1, "range": {"198.51.100.0/24": ANY}}
-    assert table_with(LAPI_ORIGINS="crowdsec") is None  # every decision here is cscli's: no table
-    assert len(table_with(LAPI_ORIGINS="cscli")["range"]) == 2
+    assert list(ranges_with(LAPI_SCENARIOS_CONTAINING="ssh")) == ["198.51.100.0/24"]
+    assert ranges_with(LAPI_ORIGINS="crowdsec") is None  # every decision here is cscli's: no table
+    assert len(ranges_with(LAPI_ORIGINS="cscli")) == 2
 
     real.kv.reset_counts()
     off = real.run(PUSHGATEWAY_URL="", SCOPE_TABLE="false")
-    assert off.code == 0 and real.kv.deleted_keys == ["ip:scopes"]
+    assert off.code == 0 and sorted(real.kv.deleted_keys) == ["ip:networks", "ip:scopes"]
     assert "ignored 0 (" in off.out  # LAPI was asked for `scopes=ip` only
     assert set(real.kv.live()) == {"config:flag", "ip:192.0.2.1"}

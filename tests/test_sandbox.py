@@ -93,7 +93,7 @@ def test_serve_prints_exports_that_a_first_sync_runs_with(served):
     assert env.code == 0 and env.out.splitlines() == [line for line in printed if line.startswith("export ")]
 
     dry = job(exports, "--dry-run")
-    assert dry.code == 0 and "dry run: write 6: ip:192.0.2.1" in dry.out  # 5 addresses, the scope table
+    assert dry.code == 0 and "dry run: write 7: ip:192.0.2.1" in dry.out  # 5 addresses, the two tables
     assert "ip:" not in sandbox("kv", where=where).out  # a dry run writes nothing
 
     first = job(exports)

@@ -145,8 +145,10 @@ def test_an_unknown_namespace_gets_cloudflares_404_whatever_the_operation(kv, me
 def test_another_account_is_refused_not_routed(kv):
     status, answer = call(kv, "GET", "/keys?limit=1000", base=kv.base.replace(ACCOUNT, "e" * 32))
     assert (status, answer["errors"][0]["code"]) == (403, 10000) and kv.violations == []
-    status, answer = call(kv, "GET", "/values/ip:192.0.2.1")  # an operation the stand-in does not serve
+    status, answer = call(kv, "PUT", "/values/ip:192.0.2.1")  # an operation the stand-in does not serve
     assert (status, answer["errors"][0]["code"]) == (404, 7003)
+    status, answer = call(kv, "GET", "/values/ip:192.0.2.1")  # a value read: no such key
+    assert (status, answer["errors"][0]["code"]) == (404, 10009)
 
 
 def test_the_job_told_of_an_unknown_namespace_names_the_setting(stack):

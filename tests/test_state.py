@@ -57,7 +57,7 @@ def assert_kv_is_the_record(kv, path: Path) -> None:
     live = {k: e for k, e in kv.live().items() if k.startswith("ip:")}
     assert set(record.keys) == set(live)
     for key, have in record.keys.items():
-        if key == "ip:scopes":  # the scope table: its digest stands for the remediation
+        if key in ("ip:scopes", "ip:networks"):  # a table: its digest stands for the remediation
             assert have.remediation == live[key].metadata["digest"]
         else:
             assert have.remediation == live[key].value == live[key].metadata["remediation"]
@@ -125,48 +125,41 @@ def test_a_decision_whose_end_moved_is_written_once_its_old_key_expires(stack, r
 
 
 def test_a_key_capped_at_max_ttl_is_refreshed_though_lapi_is_unchanged(stack, run, state):
-    # A ten-year ban gets a key of MAX_TTL (a year), rewritten once under MAX_TTL - MAX_TTL_REFRESH
-    # is left, so that it lasts while the decision does. LAPI's answer does not change meanwhile
-    # (the duration is blanked), and the key is far from expiring: the shortcut must still let
-    # the refresh through, as a full plan would.
-    month = job.MAX_TTL_REFRESH + 86400
-    stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", month + 4 * 3600)]
-    rarely = {"AUDIT_INTERVAL": str(10 * month)}  # an audit would refresh it: this is between audits
+    # A ten-year ban gets a key of MAX_TTL (a year), rewritten once it comes within REFRESH_AHEAD
+    # of its expiration, so that it lasts while the decision does. LAPI's answer does not change
+    # meanwhile (the duration is blanked), and the key has not expired: the shortcut must still
+    # let the refresh through, as a full plan would.
+    due = job.MAX_TTL - job.REFRESH_AHEAD + 60
+    stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", due + 4 * 3600)]
+    rarely = {"AUDIT_INTERVAL": str(10 * due)}  # an audit would refresh it: this is between audits
     assert run(**rarely).code == 0
     stack.kv.reset_counts()
-    stack.kv.clock_offset = month
-    later = run(clock_offset=month, **rarely)  # LAPI's answer: the same but for its durations
+    stack.kv.clock_offset = due
+    later = run(clock_offset=due, **rarely)  # LAPI's answer: the same but for its durations
     assert later.code == 0, later.err
     assert "ip:192.0.2.1" in stack.kv.written_keys, later.out
-    assert stack.kv.live()["ip:192.0.2.1"].expiration > time.time() + month + job.MAX_TTL - 3600
+    assert stack.kv.live()["ip:192.0.2.1"].expiration > time.time() + due + job.MAX_TTL - 3600
 
 
 def test_a_ban_longer_than_max_ttl_still_lets_steady_runs_plan_nothing(stack, run, state):
     stack.lapi.decisions = [decision("192.0.2.1", 10 * 365 * 86400), decision("192.0.2.2", 4 * 3600)]
     assert run().code == 0
-    refresh_at = read_record(state).refresh_at
-    assert abs(refresh_at - (time.time() + job.MAX_TTL_REFRESH)) < 60  # the capped key, a month on
+    due_at = read_record(state).due_at
+    assert (
+        abs(due_at - (time.time() + job.MAX_TTL - job.REFRESH_AHEAD)) < 60
+    )  # the capped key, 15 minutes before it expires
     stack.kv.reset_counts()
     steady = run()
     assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}
 
 
-def test_a_capped_key_no_longer_capped_at_its_refresh_gives_the_shortcut_back(stack, run, state):
-    # Written capped with under EXPIRATION_SLACK past MAX_TTL left: at its refresh the key is no
-    # longer capped and already ends with its decision, so nothing is written. The record's
-    # refresh_at, now past, must not stay behind, or no run takes the shortcut again.
-    month = job.MAX_TTL_REFRESH + 60
-    rarely = {"AUDIT_INTERVAL": str(10 * month)}  # between audits
-    stack.lapi.decisions = [decision("192.0.2.1", job.MAX_TTL + 30), decision("192.0.2.2", 2 * month)]
-    assert run(**rarely).code == 0 and read_record(state).refresh_at is not None
-    for d in stack.lapi.decisions:
-        d["until"] -= month  # a month on for LAPI too: the same decisions, the same ends
-    stack.kv.clock_offset = month
+def test_a_key_capped_by_less_than_the_slack_never_comes_due(stack, run, state):
+    # Capped at MAX_TTL with under EXPIRATION_SLACK of its decision past it: the key already ends
+    # with its decision, so it is never due, and the record says so: steady runs take the shortcut.
+    stack.lapi.decisions = [decision("192.0.2.1", job.MAX_TTL + 30), decision("192.0.2.2", 3600)]
+    assert run().code == 0 and read_record(state).due_at is None
     stack.kv.reset_counts()
-    due = run(clock_offset=month, **rarely)
-    assert due.code == 0 and "LAPI's answer unchanged" not in due.out and stack.kv.writes == 0
-    assert read_record(state).refresh_at is None
-    steady = run(clock_offset=month, **rarely)
+    steady = run()
     assert "LAPI's answer unchanged" in steady.out and dict(stack.kv.requests) == {}
 
 
@@ -186,7 +179,8 @@ def test_churn_costs_exactly_the_churn_and_no_list(stack, run, state):
     by_value = {d["value"]: d for d in stack.lapi.decisions}
     stack.lapi.decisions.remove(by_value["10.0.0.5"])  # un-ban
     by_value["10.0.0.7"]["type"] = "captcha"  # ban turned captcha
-    by_value["10.0.0.9"]["until"] += 7200  # ban made longer
+    by_value["10.0.0.9"]["until"] -= 1800  # ban made shorter: the key must not outlive it
+    by_value["10.0.0.11"]["until"] += 7200  # ban made longer (a refresh): the key is left until due
     stack.lapi.decisions.append(decision("192.0.2.77", 600))  # new ban
     result = run()
     assert result.code == 0, result.err
@@ -278,7 +272,9 @@ REPAIRED_EDITS = {
     "metadata not the job's": lambda e: Entry("allow", e.expiration, {"note": "let in"}),
     "no expiration": lambda e: Entry(e.value, None, e.metadata),
     "expiration a day later": lambda e: Entry(e.value, e.expiration + 24 * HOUR, e.metadata),
-    "expiration half an hour earlier": lambda e: Entry(e.value, e.expiration - HOUR // 2, e.metadata),
+    # Moved earlier to within REFRESH_AHEAD: due. (Moved earlier but further off, it is left until
+    # then, as a key whose decision now ends later: tests/test_core.py.)
+    "expiration 50 minutes earlier": lambda e: Entry(e.value, e.expiration - 50 * 60, e.metadata),
 }
 
 
@@ -625,3 +621,47 @@ def test_with_a_working_token_the_check_costs_one_request_an_interval(stack, run
     age_record(state, 520)  # past the minute: no check
     stack.kv.reset_counts()
     assert run().code == 0 and dict(stack.kv.requests) == {}
+
+
+# --------------------------------------------------------------------------- decisions left out, named
+
+
+def test_decisions_left_out_are_named_once_per_new_reason(stack, run, state):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle")]
+    off_slot = 600  # not in the first minute of an hour: only a record tells what is new
+    first = run(clock_offset=off_slot - time.time() % 3600)
+    assert first.code == 0 and "named once" not in first.out  # no record of what the last run left out
+    stack.lapi.decisions += [decision("not-an-address"), decision("0.0.0.0/0", scope="Range", origin="cscli")]
+    stack.lapi.decisions += [decision(f"junk-{i}") for i in range(7)]
+    second = run()
+    assert second.code == 0, second.err
+    (line,) = [line for line in second.out.splitlines() if "named once" in line]
+    # New since the last run: invalid and range_too_large, each named (a few, then how many more);
+    # type was there before, so it is not named again.
+    assert "invalid 8: not-an-address (Ip ban, origin crowdsec), junk-0 (Ip ban, origin crowdsec)" in line
+    assert "junk-3 (Ip ban, origin crowdsec) (+3 more)" in line
+    assert "range_too_large 1: 0.0.0.0/0 (Range ban, origin cscli)" in line
+    assert "type" not in line
+    stack.lapi.decisions.append(decision("192.0.2.2"))  # another answer, the same reasons
+    third = run()
+    assert third.code == 0 and "named once" not in third.out
+
+
+def test_without_a_record_decisions_left_out_are_named_once_an_hour(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle")]
+    at_the_hour = 3600 - time.time() % 3600 + 5  # five seconds into the next hour
+    named = stack.run(clock_offset=at_the_hour)
+    assert "named once (a new reason since the last run, or once an hour): type 1: 192.0.2.4 (Ip throttle" in named.out
+    assert "named once" not in stack.run(clock_offset=at_the_hour + 120).out
+
+
+def test_a_dry_run_names_every_reason(stack):
+    stack.lapi.decisions = [decision("192.0.2.1"), decision("192.0.2.4", type="throttle"), decision("192.0.2.5", -3)]
+    stack.lapi.decisions.append({"value": ["a"] * 10_000, "type": "ban", "scope": "Ip", "duration": "4h"})
+    dry = stack.run("--dry-run")
+    assert dry.code == 0
+    assert "dry run: ignored (type): 192.0.2.4 (Ip throttle, origin crowdsec)" in dry.out
+    assert "dry run: ignored (expired): 192.0.2.5 (Ip ban, origin crowdsec)" in dry.out
+    # A hostile value is named bounded, whatever its size; a missing origin says so.
+    (invalid,) = [line for line in dry.out.splitlines() if "ignored (invalid)" in line]
+    assert len(invalid) < 200 and "origin ?" in invalid

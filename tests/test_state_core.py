@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import lapi_kv_sync as job
 from tests.conftest import UNDER_MUTATION
 from tests.standins import decision
-from tests.test_scopes import plain_entry
+from tests.test_tables import plain_entry
 
 NOW = 1_800_000_000.0
 CONFIG = job.Config(cf_account_id="a" * 32, cf_namespace_id="b" * 32, cf_api_token="t", state_file="/s/record")
@@ -56,14 +56,14 @@ def test_an_absurd_duration_is_invalid_and_the_other_bans_are_kept():
     assert list(projection.wanted) == ["ip:192.0.2.2"] and projection.ignored == Counter(invalid=1)
 
 
-def test_ttl_is_capped_at_a_year_and_a_capped_key_is_refreshed_about_monthly():
+def test_ttl_is_capped_at_a_year_and_a_capped_key_is_rewritten_as_it_comes_due():
     wanted = {"ip:192.0.2.1": job.Wanted("ban", NOW + 10 * job.MAX_TTL, "o", "s")}
     plan = job.make_plan(wanted, {}, NOW)
     assert [w.ttl for w in plan.writes] == [job.MAX_TTL]
     written = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL, "ban")}
-    for days in (0, 1, 29):
+    for days in (0, 1, 29, 364):
         assert job.make_plan(wanted, written, NOW + days * 86400).writes == []
-    assert len(job.make_plan(wanted, written, NOW + 31 * 86400).writes) == 1
+    assert len(job.make_plan(wanted, written, NOW + job.MAX_TTL - job.REFRESH_AHEAD).writes) == 1
 
 
 def test_a_run_survives_an_absurd_duration(stack):
@@ -93,10 +93,17 @@ def plain_merge(old, new):
     return strongest._replace(end=max(old.end, new.end))
 
 
-def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=False):
+def plain_network(value):
+    """A Range decision's network as (version, first, last), the obvious way: as plain_entry makes
+    it canonical; ValueError (TooBroad) as it does."""
+    network = ipaddress.ip_network(plain_entry("range", value))
+    return network.version, int(network.network_address), int(network.broadcast_address)
+
+
+def plain_project(decisions, read_at, prefix, expand_ranges_max=0, tables=False, table_origins=frozenset()):
     """The projection written the obvious way: as the job did before it was made lean, and with
-    the scope table's entries."""
-    wanted, ignored, table = {}, Counter(), {}
+    the tables' entries."""
+    wanted, ignored, scopes, networks = {}, Counter(), {}, {}
     for raw in decisions:
         fields = ("scope", "type", "origin", "scenario")
         if not isinstance(raw, dict) or any(isinstance(raw.get(f), (list, dict)) for f in fields):
@@ -105,7 +112,7 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
         text = {f: raw[f] if isinstance(raw.get(f), str) else "" for f in fields}
         row = SimpleNamespace(value=raw.get("value"), duration=raw.get("duration"), **text)
         scope, remediation = row.scope.lower(), row.type.lower()
-        table_scope = scope_table and scope in ("range", "country", "as")
+        table_scope = tables and scope in ("range", "country", "as")
         if not table_scope and (scope not in ("ip", "range") or scope == "range" and not expand_ranges_max):
             ignored["scope"] += 1
             continue
@@ -120,14 +127,21 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
         if remaining <= 0:
             ignored["expired"] += 1
             continue
+        new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
         if table_scope:
             try:
-                entry = (scope, plain_entry(scope, row.value))
+                if scope == "range":
+                    entry = (*plain_network(row.value), remediation)
+                    networks[entry] = plain_merge(networks.get(entry), new)
+                else:
+                    entry = (scope, plain_entry(scope, row.value))
+                    scopes[entry] = plain_merge(scopes.get(entry), new)
+            except job.TooBroad:
+                ignored["range_too_large"] += 1
+                continue
             except ValueError:
                 ignored["invalid"] += 1
                 continue
-            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
-            table[entry] = plain_merge(table.get(entry), new)
             if scope != "range" or not expand_ranges_max:
                 continue
         try:
@@ -135,7 +149,12 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
                 if not isinstance(row.value, str) or "%" in row.value:
                     raise ValueError
                 address = ipaddress.ip_address(row.value)
-                addresses = [str(getattr(address, "ipv4_mapped", None) or address)]
+                address = getattr(address, "ipv4_mapped", None) or address
+                if tables and ("*" in table_origins or row.origin in table_origins):
+                    entry = (address.version, int(address), int(address), remediation)
+                    networks[entry] = plain_merge(networks.get(entry), new)
+                    continue
+                addresses = [str(address)]
             else:
                 if not isinstance(row.value, str):
                     raise ValueError
@@ -153,9 +172,8 @@ def plain_project(decisions, read_at, prefix, expand_ranges_max=0, scope_table=F
             if len(key.encode()) > 512:
                 ignored["invalid"] += 1
                 continue
-            new = job.Wanted(remediation, read_at + remaining, row.origin, row.scenario)
             wanted[key] = plain_merge(wanted.get(key), new)
-    return job.Projection(wanted, ignored, table)
+    return job.Projection(wanted, ignored, scopes, networks)
 
 
 # What may stand where LAPI puts a string: nothing at all, or any other JSON value.
@@ -198,12 +216,20 @@ rows = st.lists(
 )
 
 
-@given(rows, st.sampled_from([0, 4]), st.sampled_from(["ip:", "x" * 480]), st.booleans())
-def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix, scope_table):
-    lean = job.project(iter(decisions), NOW, prefix, expand, scope_table)  # a one-pass iterator, as a stream is
-    plain = plain_project(decisions, NOW, prefix, expand, scope_table)
+@given(
+    rows,
+    st.sampled_from([0, 4]),
+    st.sampled_from(["ip:", "x" * 480]),
+    st.booleans(),
+    st.sampled_from([frozenset(), frozenset({"crowdsec"}), frozenset({"*"})]),
+)
+def test_the_lean_projection_equals_the_plain_one(decisions, expand, prefix, tables, table_origins):
+    # a one-pass iterator, as a stream is
+    lean = job.project(iter(decisions), NOW, prefix, expand, tables, table_origins)
+    plain = plain_project(decisions, NOW, prefix, expand, tables, table_origins)
     assert lean.wanted == plain.wanted
-    assert lean.table == plain.table
+    assert lean.scopes == plain.scopes
+    assert lean.networks == plain.networks
     assert +lean.ignored == +plain.ignored
 
 
@@ -296,7 +322,7 @@ def test_a_record_with_a_column_cut_or_wrong_is_corrupt(column, bad):
 def three_keys() -> list[str]:
     keys = {f"ip:10.0.0.{i}": job.Present(int(NOW) + 9, "ban") for i in range(3)}
     figures = job.Projected(3, {"ban": 3}, {})
-    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW), 0))
+    return list(job.encode_record(record(keys, lapi_digest="d" * 40, projected=figures, due_at=NOW), 0))
 
 
 def with_header(**changes) -> list[str]:
@@ -317,9 +343,9 @@ NOT_WHOLE = "the key columns are not whole"
     [
         ([], "not a lapi-kv-sync state record"),
         (["junk\n"], "not a lapi-kv-sync state record"),
-        (with_header(format=2), "format 2, this version reads 1"),
+        (with_header(format=1), "format 1, this version reads 2"),
         (with_header(keys="three"), "header lacks a field or holds a wrong type"),
-        (with_header(refresh_at=math.inf), "header lacks a field or holds a wrong type"),
+        (with_header(due_at=math.inf), "header lacks a field or holds a wrong type"),
         (with_header(audited_at=math.inf), "header holds a number out of range"),
         (with_header(clock_offset=math.nan), "header holds a number out of range"),
         ([*three_keys(), "more\n"], f"{NOT_WHOLE} (more lines than the header says)"),
@@ -339,7 +365,7 @@ NOT_WHOLE = "the key columns are not whole"
 )
 def test_a_corrupt_record_says_what_is_wrong(lines, says):
     # The warning of the run that audits because of it quotes this.
-    assert job.decode_record(three_keys()).refresh_at == NOW  # whole, it reads
+    assert job.decode_record(three_keys()).due_at == NOW  # whole, it reads
     with pytest.raises(job.RecordCorrupt) as caught:
         job.decode_record(lines)
     assert str(caught.value) == says
@@ -415,7 +441,7 @@ def test_a_header_line_is_found_in_the_first_64_kib_or_not_at_all():
         (gzip_of(header_line(recent=-1)), "header lacks a field or holds a wrong type"),
         (gzip_of(header_line(recent=1.0)), "header lacks a field or holds a wrong type"),
         (gzip_of(b"{}\n"), "not a lapi-kv-sync state record"),
-        (gzip_of(header_line(format=2)), "format 2, this version reads 1"),
+        (gzip_of(header_line(format=1)), "format 1, this version reads 2"),
         (gzip_of(header_line()) + gzip_of(header_line()), "not one whole gzip member"),
         (gzip_of(header_line()) + b"\0", "not one whole gzip member"),
         (gzip_of(header_line())[:-1], "not one whole gzip member"),
@@ -429,8 +455,11 @@ def test_a_record_file_that_is_not_one_gzip_member_with_a_header_says_so(packed,
 
 
 def test_a_header_counts_two_whole_numbers_from_zero():
-    assert job.record_counts({"keys": 0}) == (0, 0)
-    assert job.record_counts({"keys": 5, "recent": 2}) == (5, 2)
+    assert job.record_counts({"keys": 0}) == (0, 0, 0)
+    assert job.record_counts({"keys": 5, "recent": 2}) == (5, 2, 0)
+    # And the tables' values in base64, a line each: 16 bytes are 24 characters and a newline.
+    tables = [["networks", "a" * 32, 1800000000, 16], ["scopes", "b" * 32, None, None]]
+    assert job.record_counts({"keys": 0, "documents": tables}) == (0, 0, 25)
     for header in [
         {"keys": True},
         {"keys": 1, "recent": False},
@@ -451,32 +480,49 @@ def test_a_records_text_splits_on_newlines_only():
 
 
 @pytest.mark.parametrize(
-    ("table", "present"),
+    ("documents", "read"),
     [
-        (None, None),
-        (["a" * 32, 1800000000], job.Present(1800000000, "a" * 32)),
-        ([None, None], job.Present(None, None)),
+        ([], []),
+        ([["networks", "a" * 32, 1800000000, 16]], [("networks", "a" * 32, 1800000000, 16)]),
+        ([["scopes", "a" * 32, 1800000000, None]], [("scopes", "a" * 32, 1800000000, None)]),
+        ([["scopes", None, None, None]], [("scopes", None, None, None)]),
     ],
 )
-def test_the_scope_tables_key_reads_from_a_header(table, present):
-    assert job.recorded_table(table) == present
+def test_the_tables_keys_read_from_a_header(documents, read):
+    assert job.recorded_documents(documents) == read
 
 
 @pytest.mark.parametrize(
-    "table", [["A" * 32, 1], ["a" * 31, 1], ["a" * 32, 1.0], ["a" * 32, True], [1, 1], ["a" * 32], "ab", 3]
+    "documents",
+    [
+        [["scopes", "A" * 32, 1, None]],
+        [["scopes", "a" * 31, 1, None]],
+        [["scopes", "a" * 32, 1.0, None]],
+        [["scopes", "a" * 32, True, None]],
+        [["scopes", 1, 1, None]],
+        [["scopes", "a" * 32, 1]],
+        [["ranges", "a" * 32, 1, None]],  # not a table's name
+        [["scopes", "a" * 32, 1, None], ["scopes", "a" * 32, 1, None]],  # twice
+        [["scopes", None, 1, 16]],  # a value without its digest
+        [["scopes", "a" * 32, 1, 0]],
+        [["scopes", "a" * 32, 1, "16"]],
+        "ab",
+        3,
+        None,
+    ],
 )
-def test_a_scope_tables_key_of_another_shape_is_refused(table):
+def test_a_tables_key_of_another_shape_is_refused(documents):
     with pytest.raises((TypeError, ValueError)):
-        job.recorded_table(table)
+        job.recorded_documents(documents)
 
 
-def test_the_scope_tables_figures_name_a_scope_and_a_remediation():
-    assert job.table_figures({"range:ban": 2, "country:captcha": "1", "as:ban": 0}) == {
-        "range:ban": 2,
+def test_the_tables_figures_name_a_scope_and_a_remediation():
+    assert job.table_figures({"network:ban": 2, "country:captcha": "1", "as:ban": 0}) == {
+        "network:ban": 2,
         "country:captcha": 1,
         "as:ban": 0,
     }
-    for bad in [{"ip:ban": 1}, {"range:log": 1}, {"range": 1}, {"range:ban:x": 1}]:
+    for bad in [{"ip:ban": 1}, {"network:log": 1}, {"network": 1}, {"network:ban:x": 1}, {"range:ban": 1}]:
         with pytest.raises(ValueError):
             job.table_figures(bad)
     with pytest.raises(TypeError):
@@ -754,6 +800,8 @@ SHAPES_THE_KEYS = {
     "lapi_scenarios_not_containing": (("ssh",), ("http",), False),
     "scope_table": (True, False, False),
     "scope_table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
+    "table_max_bytes": (1024 * 1024, 2 * 1024 * 1024, True),
+    "table_origins": (frozenset({"CAPI"}), frozenset({"*"}), True),
 }
 # Every other setting, and why it need not be in the digest.
 SHAPES_NO_KEY = {
@@ -776,6 +824,8 @@ SHAPES_NO_KEY = {
     "state_file": "where the record is",
     "audit_interval": "when the record is trusted, not what it holds",
     "proxies": "how the job reaches LAPI and Cloudflare, not what it asks",
+    "edge_url": "--check-edge's, which makes no run",
+    "status_token": "a credential, --check-edge's",
 }
 
 
@@ -784,12 +834,19 @@ def config_fields_read(node: ast.AST) -> set[str]:
 
 
 def settings_the_projection_reads() -> set[str]:
-    """Read from the code: the settings handed to project() and scope_table() (what lands in KV)
+    """Read from the code: the settings handed to project() and build_tables() (what lands in KV)
     wherever they are called, and those that make LAPI's query (which decisions LAPI answers with)."""
     module = ast.parse(inspect.getsource(job))
-    fields = config_fields_read(ast.parse(inspect.getsource(job.lapi_query)))
+    fields = set()
+    for whole in (
+        job.lapi_query,
+        job.build_tables,
+        job.plan_run,
+        job.count_tables_left_out,
+    ):  # these take the whole configuration
+        fields |= config_fields_read(ast.parse(inspect.getsource(whole)))
     for call in ast.walk(module):
-        if isinstance(call, ast.Call) and getattr(call.func, "id", "") in ("project", "scope_table"):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "project":
             fields |= config_fields_read(call)
     return fields
 
@@ -801,7 +858,8 @@ def test_every_setting_is_known_to_shape_the_keys_or_not():
     assert not unknown, f"a new setting: put it in SHAPES_THE_KEYS (and in AnswerDigest) or SHAPES_NO_KEY: {unknown}"
     assert set(SHAPES_THE_KEYS) | set(SHAPES_NO_KEY) <= settings  # no setting that is gone
     read = settings_the_projection_reads()
-    assert {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes"} <= read  # the scan works
+    scanned = {"kv_key_prefix", "expand_ranges_max", "lapi_origins", "scope_table_max_bytes", "table_origins"}
+    assert scanned <= read  # the scan works
     assert read <= set(SHAPES_THE_KEYS), (
         f"the projection reads {read - set(SHAPES_THE_KEYS)}: add it to SHAPES_THE_KEYS"
     )
@@ -824,7 +882,7 @@ def test_the_digest_changes_with_each_setting_that_shapes_the_keys(name):
 def test_a_record_keeps_its_digest_and_figures_and_knows_its_first_expiry():
     figures = job.Projected(3, {"ban": 2, "captcha": 1}, {"scope": 4})
     keys = {"ip:192.0.2.1": job.Present(NOW + 60, "ban"), "ip:192.0.2.2": job.Present(None, None)}
-    original = record(keys, lapi_digest="d" * 40, projected=figures, refresh_at=NOW + 86400.5)
+    original = record(keys, lapi_digest="d" * 40, projected=figures, due_at=NOW + 86400.5)
     back = job.decode_record(line + "\n" for line in "".join(job.encode_record(original, NOW)).split("\n")[:-1])
     assert back == original and back.earliest_expiration() == NOW + 60
     assert record({}).earliest_expiration() == float("inf")
@@ -859,7 +917,7 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
     off = job.Config(**{**CONFIG.__dict__, "lapi_usage_metrics": False})
     assert job.may_be_unchanged(fresh._replace(usage_metrics_sent_at=NOW - 3600), off, NOW, NOW)
     assert not job.may_be_unchanged(fresh, on, NOW, NOW + 600 - fresh.clock_offset)  # its key has expired
-    due = fresh._replace(refresh_at=NOW + 300)  # a key capped at MAX_TTL is due to be rewritten then
+    due = fresh._replace(due_at=NOW + 300)  # a key left as its decision moved later comes due then
     assert job.may_be_unchanged(due, off, NOW, NOW + 299 - fresh.clock_offset)
     assert not job.may_be_unchanged(due, off, NOW, NOW + 300 - fresh.clock_offset)
 
@@ -867,9 +925,9 @@ def test_a_record_may_stand_for_the_run_only_while_nothing_else_is_due():
 def test_the_plan_says_when_the_first_key_capped_at_max_ttl_is_due_again():
     capped = job.Wanted("ban", NOW + 5 * job.MAX_TTL, "o", "s")
     short = job.Wanted("ban", NOW + 3600, "o", "s")
-    assert job.make_plan({"ip:192.0.2.2": short}, {}, NOW).refresh_at == float("inf")
+    assert job.make_plan({"ip:192.0.2.2": short}, {}, NOW).due_at == float("inf")
     written = job.make_plan({"ip:192.0.2.1": capped, "ip:192.0.2.2": short}, {}, NOW, offset=2.0)
-    assert written.refresh_at == NOW + 2.0 + job.MAX_TTL_REFRESH
+    assert written.due_at == NOW + 2.0 + job.MAX_TTL - job.REFRESH_AHEAD
     kept = {"ip:192.0.2.1": job.Present(NOW + job.MAX_TTL - 86400, "ban")}  # written a day ago
     plan = job.make_plan({"ip:192.0.2.1": capped}, kept, NOW)
-    assert plan.writes == [] and plan.refresh_at == NOW - 86400 + job.MAX_TTL_REFRESH
+    assert plan.writes == [] and plan.due_at == NOW - 86400 + job.MAX_TTL - job.REFRESH_AHEAD

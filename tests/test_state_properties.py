@@ -6,7 +6,6 @@ behind the job's back since the last audit."""
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lapi_kv_sync as job
-from tests.conftest import CF_TOKEN, LAPI_KEY, Stack
-from tests.standins import Entry, Fault, KvStandin, LapiStandin, PushgatewayStandin, _error, go_duration
+from tests.conftest import fresh_stack
+from tests.standins import Entry, Fault, KvStandin, _error, go_duration
 from tests.test_state import read_record, write_record
 
 ADDRESSES = [f"10.0.0.{i}" for i in range(12)] + ["2001:0DB8::1", "::ffff:10.0.0.1"]
@@ -93,13 +92,8 @@ def change_behind(kv: KvStandin, changes: list[tuple[str, str]]) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lapi_answers, steps)
 def test_runs_with_a_state_file_converge_after_every_audit_and_every_undisturbed_run(first, sequence):
-    with (
-        LapiStandin(LAPI_KEY) as lapi,
-        KvStandin(CF_TOKEN) as kv,
-        PushgatewayStandin() as push,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        stack = Stack(lapi, kv, push)
+    with fresh_stack() as (stack, tmp):
+        lapi, kv = stack.lapi, stack.kv
         kv.store["config:flag"] = Entry("on")
         kv.store["ipx"] = Entry("foreign", int(time.time()) + 86400, {"owner": "someone"})
         foreign = {k: v for k, v in kv.snapshot().items() if not k.startswith("ip:")}

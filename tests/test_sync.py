@@ -104,8 +104,12 @@ def test_keys_values_expirations_and_reasons(stack):
     result = stack.run()
     assert result.code == 0, result.err
     live = stack.kv.live()
-    table = json.loads(live.pop("ip:scopes").value)  # the Range and Country decisions: the scope table
-    assert table == {"v": 1, "range": {"198.51.100.0/24": ["ban", ANY]}, "country": {"FR": ["ban", ANY]}}
+    table = json.loads(live.pop("ip:scopes").value)  # the Country decision: the scope table
+    assert table == {"v": 1, "country": {"FR": ["ban", ANY]}}
+    networks = job.decode_networks(live.pop("ip:networks").value)  # the Range decision: the network table
+    first, last = 0xC6336400, 0xC63364FF  # 198.51.100.0/24
+    assert networks == job.Intervals([job.Interval(first, last, ANY, 0)], [])
+    assert abs(networks.v4[0].ban - (now + 3600)) < 5
     assert {k: e.value for k, e in live.items()} == {
         "ip:2001:db8::1": "ban",
         "ip:192.0.2.6": "ban",
@@ -126,6 +130,7 @@ def test_keys_values_expirations_and_reasons(stack):
     assert stack.push.value(PREFIXED + "keys", 'remediation="ban"') == 3
     assert stack.push.value(PREFIXED + "decisions") == 4  # address keys: the table's key is not one
     assert stack.push.value(PREFIXED + "table_entries", 'scope="country",remediation="ban"') == 1
+    assert stack.push.value(PREFIXED + "table_entries", 'scope="network",remediation="ban"') == 1
 
 
 def test_each_key_is_stored_with_its_remediation_origin_and_scenario(stack):
@@ -152,13 +157,15 @@ def test_unban_deletes_only_that_key_and_changes_rewrite_only_theirs(stack):
     by_value = {d["value"]: d for d in stack.lapi.decisions}
     stack.lapi.decisions.remove(by_value["10.0.0.5"])  # un-ban
     by_value["10.0.0.7"]["type"] = "captcha"  # ban turned captcha
-    by_value["10.0.0.9"]["until"] += 7200  # ban made longer
+    by_value["10.0.0.9"]["until"] -= 1800  # ban made shorter: the key must not outlive it
+    by_value["10.0.0.11"]["until"] += 7200  # ban made longer (a refresh): left until it comes due
     result = stack.run()
     assert result.code == 0, result.err
     assert stack.kv.deleted_keys == ["ip:10.0.0.5"]
     assert sorted(stack.kv.written_keys) == ["ip:10.0.0.7", "ip:10.0.0.9"]
     assert stack.kv.live()["ip:10.0.0.7"].value == "captcha"
-    assert stack.kv.live()["ip:10.0.0.9"].expiration > time.time() + 10000
+    assert stack.kv.live()["ip:10.0.0.9"].expiration < time.time() + 1800 + job.EXPIRATION_SLACK
+    assert stack.kv.live()["ip:10.0.0.11"].expiration < time.time() + 3600 + job.EXPIRATION_SLACK
 
 
 def test_keys_without_metadata_or_expiration_are_rewritten_once(stack):
@@ -483,7 +490,10 @@ def test_json_log_lines(stack):
     logged = datetime.datetime.fromisoformat(record["time"]).timestamp()
     assert abs(logged - time.time()) < 600  # the run's own clock, not a fixed or local-time one
     assert (record["wanted"], record["written"], record["ignored"]["scope"]) == (1, 1, 0)
-    assert record["scope_table"] == {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY}
+    assert record["tables"] == {
+        "scopes": {"action": "written", "entries": {"country:ban": 1}, "bytes": ANY},
+        "networks": {"action": None, "entries": {}, "bytes": 0},
+    }
     result = stack.run(LOG_FORMAT="json", LAPI_KEY="wrong-key-1234")
     record = json.loads(result.err)
     assert record["level"] == "error" and record["event"] == "lapi_unreadable"
@@ -580,14 +590,14 @@ def test_counts_of_one_take_the_singular(stack):
     stack.kv.store["ip:203.0.113.9"] = Entry("ban", None, {"remediation": "ban"})
     dry = stack.run("--dry-run", MAX_DELETES="0")
     assert "would send Cloudflare 1 request for this plan: bulk_put 1 (2 keys), bulk_delete 0 (0 keys)," in dry.out
-    assert "dry run: scope table write (1 entry: range 1, country 0, as 0;" in dry.out
+    assert "dry run: networks table write (1 entry; 32 bytes)" in dry.out
     assert "the plan deletes 1 key, more than MAX_DELETES=0: a real run would delete none and exit 1" in dry.err
     dry = stack.run("--dry-run", "--force", MAX_DELETES="0", SCOPE_TABLE="false")
     assert "would send Cloudflare 2 requests for this plan: bulk_put 1 (1 key), bulk_delete 1 (1 key)," in dry.out
     real = stack.run(MAX_DELETES="0")
     assert real.code == job.EXIT_CLOUDFLARE
     assert "the plan would delete 1 key, more than MAX_DELETES=0" in real.err
-    assert "scope table written (1 entry: range 1, country 0, as 0;" in real.err
+    assert "networks table written (1 entry; 32 bytes)" in real.err
     assert [job.counted(n, "entry", "entries") for n in (0, 1, 2)] == ["0 entries", "1 entry", "2 entries"]
     assert [job.counted(n, "key") for n in (0, 1, 2)] == ["0 keys", "1 key", "2 keys"]
 

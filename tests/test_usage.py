@@ -90,6 +90,11 @@ def wanted(origin: str, scenario: str = "s") -> job.Wanted:
     return job.Wanted("ban", 0.0, origin, scenario)
 
 
+def active(keys: dict[str, job.Wanted], prefix: str = "ip:") -> Counter:
+    """active_decisions of address keys alone (tests/test_tables.py counts the network table's)."""
+    return job.active_decisions(job.Projection(keys, Counter()), {}, prefix)
+
+
 def test_active_decisions_by_origin_and_ip_type():
     keys = {
         "ip:192.0.2.1": wanted("crowdsec"),
@@ -100,7 +105,7 @@ def test_active_decisions_by_origin_and_ip_type():
         "ip:192.0.2.5": wanted("lists", ""),
         "ip:192.0.2.6": wanted("CAPI", "http:scan"),
     }
-    assert job.active_decisions(keys, "ip:") == Counter(
+    assert active(keys) == Counter(
         {
             ("crowdsec", "ipv4"): 2,
             ("crowdsec", "ipv6"): 1,
@@ -110,12 +115,12 @@ def test_active_decisions_by_origin_and_ip_type():
             ("CAPI", "ipv4"): 1,
         }
     )
-    assert job.active_decisions({"x192.0.2.1": wanted("cscli")}, "x") == Counter({("cscli", "ipv4"): 1})
+    assert active({"x192.0.2.1": wanted("cscli")}, "x") == Counter({("cscli", "ipv4"): 1})
 
 
 def test_origins_are_cut_to_the_schema_limit_and_counted_together():
     keys = {f"ip:192.0.2.{i}": wanted("lists", "x" * 300 + str(i)) for i in range(3)}
-    assert job.active_decisions(keys, "ip:") == Counter({("lists:" + "x" * 249, "ipv4"): 3})
+    assert active(keys) == Counter({("lists:" + "x" * 249, "ipv4"): 3})
 
 
 def report_with(active: Counter, started: float = 1_790_000_000.25) -> job.Report:
@@ -169,7 +174,7 @@ def test_every_payload_validates_against_crowdsecs_schema(decisions, started):
         f"ip:2001:db8::{i:x}" if i % 2 else f"ip:10.0.0.{i}": job.Wanted("ban", 0.0, origin, scenario)
         for i, (origin, scenario) in enumerate(decisions)
     }
-    report = report_with(job.active_decisions(keys, "ip:"), started)
+    report = report_with(active(keys), started)
     body = json.loads(json.dumps(job.usage_metrics_payload(report, job.os_release(), started + 5)))
     assert schema_check().errors(body) == []
     assert sum(sent_items(body).values()) == len(keys)

@@ -362,7 +362,7 @@ def test_a_slow_address_key_read_lets_the_request_through_without_waiting_for_it
         {"slowReads": slow, "requests": [request(ADDRESS_KEY_BAN), request(ADDRESS_KEY_BAN), request("203.0.113.5")]},
         {"slowReads": {}, "requests": [request(ADDRESS_KEY_BAN)]},
     ]
-    output = drive(config=config(), keys=cost_keys(stack), steps=steps)
+    output = drive(config=config(KV_TIMEOUT_MS="300"), keys=cost_keys(stack), steps=steps)
     warm, slowed, healed = output["steps"]
     assert verdict(warm["responses"][0]) == "ban" and verdict(healed["responses"][0]) == "ban"
     # Each answered while its read was still on its way (30 s): let through, or the table's captcha.
@@ -386,7 +386,7 @@ def test_a_slow_first_table_read_does_not_hold_a_cold_isolate(stack):
         {"requests": [request(TABLE_BAN)]},
         {"sleep": 4, "requests": [request(TABLE_BAN)]},
     ]
-    output = drive(config=config(), keys=cost_keys(stack), steps=steps)
+    output = drive(config=config(KV_TIMEOUT_MS="300"), keys=cost_keys(stack), steps=steps)
     cold, meanwhile, later = output["steps"]
     assert [verdict(a) for a in cold["responses"]] == [None, "ban", None]
     starter = next(a for a in cold["responses"] if NETWORKS in reads(a))

@@ -11,6 +11,11 @@ const SCOPES_REFRESH = { fallback: 60, min: 1, max: 3600 };
 // its response, and what it was waiting for may then never settle): the next refresh reads again.
 const READ_LOST_AFTER_MS = 30_000;
 
+/** Seconds an isolate keeps a table before it reads it again: SCOPES_REFRESH, clamped. */
+export function scopesRefresh(env) {
+  return wholeSetting(env, "SCOPES_REFRESH", SCOPES_REFRESH);
+}
+
 /**
  * The copy an isolate holds of `<KV_KEY_PREFIX><name>`, as a function of (env, ctx) that never
  * throws and never keeps a request waiting past KV_TIMEOUT_MS:
@@ -23,8 +28,11 @@ const READ_LOST_AFTER_MS = 30_000;
  * background; a cold isolate's requests wait for the first read, each at most KV_TIMEOUT_MS.
  */
 export function heldDocument({ name, label, type, use, empty, remark = () => null }) {
+  // gotAt: when the copy held was last read good (null: never); problem: the last read's, or null.
   const held = { copy: empty, value: null, loaded: false, readAt: -Infinity, reading: null, generation: 0 };
+  Object.assign(held, { gotAt: null, problem: null });
   const report = problemReporter();
+  const note = (problem) => report((held.problem = problem));
 
   async function read(env, generation) {
     try {
@@ -32,16 +40,17 @@ export function heldDocument({ name, label, type, use, empty, remark = () => nul
       if (generation !== held.generation) return; // taken as lost meanwhile: a newer read decides
       // The same text as the copy held (most refreshes of a JSON document): nothing to redo.
       if (value !== held.value) [held.copy, held.value] = [value === null ? empty : use(value), value];
-      report(remark(held.copy));
+      held.gotAt = Date.now();
+      note(remark(held.copy));
     } catch (error) {
-      report(`${label} unusable, the last good copy (if any) kept: ${error}`);
+      note(`${label} unusable, the last good copy (if any) kept: ${error}`);
     }
     held.loaded = true;
   }
 
-  return async function current(env, ctx) {
+  async function current(env, ctx) {
     const now = Date.now();
-    const due = now - held.readAt >= wholeSetting(env, "SCOPES_REFRESH", SCOPES_REFRESH) * 1000;
+    const due = now - held.readAt >= scopesRefresh(env) * 1000;
     if (due && (held.reading === null || now - held.readAt >= READ_LOST_AFTER_MS)) {
       held.readAt = now;
       const reading = read(env, ++held.generation).finally(() => {
@@ -59,5 +68,19 @@ export function heldDocument({ name, label, type, use, empty, remark = () => nul
       report(`${label} not read yet, requests go on without it meanwhile: ${error.message}`);
     }
     return held.copy;
+  }
+
+  /**
+   * For a status request only (status.js): the copy held, once a read that is due has been
+   * waited for (at most KV_TIMEOUT_MS), as {copy, value, gotAt, problem}; value is what KV
+   * returned for it (null: no key, or never read).
+   */
+  current.held = async (env, ctx) => {
+    const consulted = current(env, ctx); // starts a read when one is due, before its first await
+    if (held.reading !== null) await withinBound(held.reading, env).catch(() => {});
+    await consulted; // settled by now, or within the same bound
+    const { copy, value, gotAt, problem } = held;
+    return { copy, value, gotAt, problem: problem ?? (held.loaded ? null : `${label} not read yet`) };
   };
+  return current;
 }

@@ -22,12 +22,17 @@ export function cacheTtl(env) {
   return wholeSetting(env, "CACHE_TTL", CACHE_TTL);
 }
 
+/** How many milliseconds a request waits for a KV read: KV_TIMEOUT_MS, within what a request may wait. */
+export function kvTimeoutMs(env) {
+  return wholeSetting(env, "KV_TIMEOUT_MS", KV_TIMEOUT_MS);
+}
+
 /**
  * `reading` (a KV read, or work that waits on one), or a rejection once KV_TIMEOUT_MS has passed:
  * a request never waits longer for KV. The read itself goes on; only this wait for it ends.
  */
 export function withinBound(reading, env) {
-  const limit = wholeSetting(env, "KV_TIMEOUT_MS", KV_TIMEOUT_MS);
+  const limit = kvTimeoutMs(env);
   let timer;
   const late = new Promise((_, reject) => {
     timer = setTimeout(() => reject(new Error(`no answer within KV_TIMEOUT_MS (${limit} ms)`)), limit);

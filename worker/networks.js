@@ -133,7 +133,7 @@ export function networkVerdict(table, address, now) {
   return ends.ban > now ? "ban" : ends.captcha > now ? "captcha" : null;
 }
 
-const networkTable = heldDocument({
+export const networkTable = heldDocument({
   name: "networks",
   label: "network table",
   type: "arrayBuffer",

@@ -73,7 +73,7 @@ function remark({ skipped, ranges }) {
   return skipped > 0 ? `scope table: ${skipped} entries not understood, left out` : null;
 }
 
-const scopeTable = heldDocument({
+export const scopeTable = heldDocument({
   name: "scopes", // never an address, so it cannot collide with an address key
   label: "scope table",
   type: "text",

@@ -5,6 +5,7 @@
 // and the scope table (scopes.js: Country and AS). No KV read keeps a request waiting past KV_TIMEOUT_MS.
 // Plain JavaScript modules, no build step: copy them, change the pages, deploy with `wrangler deploy`.
 // It never writes KV: a solved captcha is remembered in a signed cookie, not in a store.
+// With STATUS_TOKEN set, it tells the operator what it sees (status.js), to that token only.
 
 import { clientAddress } from "./address.js";
 import { cacheTtl, keyName, problemReporter, withinBound } from "./kv.js";
@@ -13,13 +14,21 @@ import { networkRemediation } from "./networks.js";
 import { banPage, challengePage } from "./pages.js";
 import { scopeRemediation } from "./scopes.js";
 import { flagSetting } from "./settings.js";
+import { onStatusPath, statusAnswer } from "./status.js";
 
 export { canonicalAddress } from "./address.js";
 
 export default {
   async fetch(request, env, ctx) {
+    const url = new URL(request.url);
+    // The operator's status request (status.js); without its token, on as any request below.
+    if (onStatusPath(url)) {
+      // A status that fails is no answer: the path stays any request, never a 500 that shows it.
+      const status = await statusAnswer(request, env, ctx).catch((error) => void console.error(`status: ${error}`));
+      if (status) return status;
+    }
     const address = clientAddress(request.headers); // null: not one address, nothing to look up
-    const host = new URL(request.url).hostname;
+    const host = url.hostname;
     // All at once: a warm isolate holds both tables in memory, a cold one reads them alongside.
     const [keyed, networked, scoped] = await Promise.all([
       address === null || !flagSetting(env, "ADDRESS_KEYS", true) ? null : addressRemediation(env, address),
