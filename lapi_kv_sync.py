@@ -2884,8 +2884,9 @@ def encode_record(record: Record, kv_now: float) -> Iterator[str]:
         yield base64.b64encode(value).decode("ascii") + "\n"
 
 
-def decode_record(lines: Iterable[str]) -> Record:
-    """The record those lines hold; RecordCorrupt for anything but a whole record of this format."""
+def decode_record(lines: Iterable[str], columns_limit: int | None = None) -> Record:
+    """The record those lines hold; RecordCorrupt for anything but a whole record of this format,
+    or one whose key columns take more than `columns_limit` characters."""
     lines = iter(lines)
     header = record_header(next(lines, ""))
     try:
@@ -2922,11 +2923,11 @@ def decode_record(lines: Iterable[str]) -> Record:
     if not (math.isfinite(audited_at) and math.isfinite(clock_offset)):
         raise RecordCorrupt("header holds a number out of range")
     try:
-        # Counted before they are decoded: a column of junk (`[0,0,0,…]` to the record's limit) would
-        # make a list of tens of millions of references first, past the CronJob's memory.
+        # Measured before they are decoded: a column of junk (`[0,0,0,…]`) as long as the tables'
+        # values may be too would make tens of millions of references first, past the CronJob's memory.
         names_line, expirations_line = next(lines), next(lines)
-        if names_line.count(",") > count * (prefix.count(",") + 1) or expirations_line.count(",") > count:
-            raise ValueError("more items than the header says")
+        if columns_limit is not None and len(names_line) + len(expirations_line) > columns_limit:
+            raise ValueError(f"key columns longer than a record of this configuration has ({columns_limit} bytes)")
         names = json.loads(names_line)
         expirations = json.loads(expirations_line)
         codes = next(lines).removesuffix("\n")
@@ -3197,8 +3198,8 @@ class StateFile:
     that run audits. Losing the lock file loses nothing but the time. Nothing but a regular file
     is opened for reading or writing, without blocking (a FIFO there would hang the run)."""
 
-    def __init__(self, path: str, clock: Clock, limit: int = 1 << 30):
-        self.path, self.clock, self.limit = path, clock, limit
+    def __init__(self, path: str, clock: Clock, limit: int = 1 << 30, columns_limit: int | None = None):
+        self.path, self.clock, self.limit, self.columns_limit = path, clock, limit, columns_limit
         self.lock_path = path + ".lock"
         self.aside_path = path + ".unfinished"
         self.lock_fd: int | None = None
@@ -3265,7 +3266,7 @@ class StateFile:
             raise RecordCorrupt(f"larger than a record may be ({self.limit} bytes)")
         text = unpacked_record(packed, self.limit)
         del packed
-        return decode_record(text_lines(text))
+        return decode_record(text_lines(text), self.columns_limit)
 
     def set_aside(self) -> None:
         """Before KV changes: what is on disk stops being trusted until save() replaces it. OSError
@@ -4358,7 +4359,7 @@ def sync(http: Http, config: Config, log: Log, report: Report, dry_run: bool, fo
     its lock throughout (a dry run only reads the record, and takes no lock)."""
     if not config.state_file:
         return converge(http, config, log, report, dry_run, force, audit, None, lambda: Loaded(None, None))
-    state = StateFile(config.state_file, http.clock, record_limit(config))
+    state = StateFile(config.state_file, http.clock, record_limit(config), columns_limit(config))
     report.audit_reason, report.audit_detail = None, "the record not read yet"  # until audit_reason() says
     if dry_run:
         return converge(http, config, log, report, dry_run, force, audit, None, state.load)
@@ -4473,12 +4474,18 @@ def record_trusted_until(record: Record | None, readable_later: bool, config: Co
 
 
 def record_limit(config: Config) -> int:
-    """The most a record may unpack to: what an answer at LAPI_MAX_BYTES could make (a record takes
-    30-60 bytes a key where LAPI's answer takes 150-200 a decision), the expanded ranges' keys, and
-    the tables' values in base64. A larger record cannot have come from this configuration: the run
-    audits and rebuilds it."""
+    """The most a record may unpack to: its key columns (columns_limit()) and the tables' values in
+    base64. A larger record cannot have come from this configuration: the run audits and rebuilds it."""
     tables = 4 * -(-(config.scope_table_max_bytes + config.table_max_bytes) // 3)
-    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + tables + (1 << 20)
+    return columns_limit(config) + tables
+
+
+def columns_limit(config: Config) -> int:
+    """The most a record's key columns may take: what an answer at LAPI_MAX_BYTES could make (a
+    record takes 30-60 bytes a key where LAPI's answer takes 150-200 a decision), and the expanded
+    ranges' keys. Checked apart from the tables' values, so that their allowance cannot be spent
+    on a column of junk."""
+    return config.lapi_max_bytes + MAX_EXPANDED_KEYS * 64 + (1 << 20)
 
 
 def converge(
