@@ -3536,11 +3536,11 @@ def active_decisions(
     start = len(prefix)
     enforced = [(("ipv6" if ":" in key[start:] else "ipv4"), w) for key, w in projection.wanted.items()]
     networks = documents.get(prefix + "networks")
-    seen: set[tuple[int, int, int]] = set()
-    for entry in networks.kept if networks is not None else ():  # bans first: a network counts as its ban
-        if entry[:3] not in seen:
-            seen.add(entry[:3])
-            enforced.append((f"ipv{entry[0]}", projection.networks[entry]))
+    counted_as: dict[tuple[int, int, int], NetworkEntry] = {}  # a network with a ban and a captcha counts as its ban
+    for entry in networks.kept if networks is not None else ():
+        if entry[3] == "ban" or entry[:3] not in counted_as:
+            counted_as[entry[:3]] = entry
+    enforced += [(f"ipv{entry[0]}", projection.networks[entry]) for entry in counted_as.values()]
     return Counter(
         ((f"lists:{w.scenario}" if w.origin == "lists" and w.scenario else w.origin)[:MAX_USAGE_TEXT], ip_type)
         for ip_type, w in enforced

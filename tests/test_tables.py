@@ -774,8 +774,9 @@ def test_usage_metrics_count_each_network_once(stack):
 
     stack.lapi.decisions = [
         decision("192.0.2.1"),
+        # One network, a captcha (first) and a ban: counted once, as its ban (its origin), whatever LAPI's order.
+        decision("198.51.100.0/24", scope="Range", origin="crowdsec", type="captcha"),
         decision("198.51.100.0/24", scope="Range", origin="cscli"),
-        decision("198.51.100.0/24", scope="Range", origin="cscli", type="captcha"),  # one network, counted once
         decision("2001:db8::/32", scope="Range", origin="cscli"),
         decision("203.0.113.9", origin="lists", scenario="firehol_level1"),  # in the table: as CrowdSec names a list
         decision("FR", scope="Country"),  # a country has no IP type: not in active_decisions
