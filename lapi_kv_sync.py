@@ -1569,8 +1569,8 @@ class LeftOut(Counter):
     """Decisions left out, counted by reason, with the first LEFT_OUT_SAMPLES of each reason kept
     to be named (an operator can only fix what the log names)."""
 
-    def __init__(self, counts: Mapping[str, int] | None = None) -> None:
-        super().__init__(counts or {})
+    def __init__(self) -> None:
+        super().__init__()
         self.samples: dict[str, list[Dropped]] = {}
 
     def add(self, reason: str, row: Any) -> None:
@@ -1643,9 +1643,7 @@ def network_bounds(value: Any) -> tuple[int, int, int]:
 def network_text(version: int, first: int, last: int) -> str:
     """A network as CIDR text (`192.0.2.0/24`, `2001:db8::1/128`), for a dry run's sample."""
     length = _IPV4_BITS[version] - (last - first).bit_length()
-    return str(
-        ipaddress.ip_network((first, length), strict=False) if version == 6 else ipaddress.IPv4Network((first, length))
-    )
+    return str((ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network)((first, length)))
 
 
 def address_bounds(address: str) -> tuple[int, int, int]:
@@ -1966,10 +1964,7 @@ def decode_networks(value: bytes) -> Intervals:
         raise ValueError(f"not a network table of format {NETWORKS_FORMAT}")
     if len(value) != NETWORKS_HEADER.size + 16 * n4 + 40 * n6:
         raise ValueError("its length is not what its counts say")
-    words = array.array("I")
-    words.frombytes(value[NETWORKS_HEADER.size :])
-    if sys.byteorder == "big":
-        words.byteswap()
+    words = uint32_words(value, NETWORKS_HEADER.size, len(value) - NETWORKS_HEADER.size)
     v4 = [Interval(*row) for row in zip(*(words[i * n4 : (i + 1) * n4] for i in range(4)), strict=True)]
     at = 4 * n4
 
@@ -2043,9 +2038,15 @@ class Document(NamedTuple):
         return [text(*entry[:3]) + (f" ({entry[3]})" if len(entry) > 3 else "") for entry in chosen[:SAMPLE_KEYS]]
 
 
-def held_end(end: float, offset: float, kv_now: float) -> int:
-    """An end (our clock) as a table holds it: Cloudflare's clock, whole seconds up, capped at MAX_TTL."""
-    return min(math.ceil(min(end + offset, kv_now + MAX_TTL)), MAX_END)
+def end_cap(kv_now: float) -> int:
+    """The latest end a table written at `kv_now` holds: a year on (MAX_TTL), within a uint32."""
+    return min(math.ceil(kv_now + MAX_TTL), MAX_END)
+
+
+def held_end(end: float, offset: float, cap: int) -> int:
+    """An end (our clock) as a table holds it: Cloudflare's clock, whole seconds up, at most `cap`."""
+    end = math.ceil(end + offset)
+    return cap if end > cap else end
 
 
 def standing(held: Mapping[Any, Ends], fresh: Mapping[Any, Ends], kv_now: float) -> float | None:
@@ -2091,8 +2092,9 @@ def scope_document(
     ends. `stored` (the table KV holds, or None) is kept as it is while it may stand."""
     sections: dict[str, dict[str, list[Any]]] = {}
     size, kept = len(json.dumps({"v": TABLE_FORMAT}, separators=(",", ":"))), []
-    for (scope, name), w in strongest_first(entries.items()):
-        end = held_end(w.end, offset, kv_now)
+    ordered, cap = strongest_first(entries.items()), end_cap(kv_now)
+    for (scope, name), w in ordered:
+        end = held_end(w.end, offset, cap)
         # `"name":["ban",1795615200]`: names and remediations are ASCII with nothing to escape.
         item = len(name) + len(w.remediation) + len(str(end)) + 8
         cost = item + (len(scope) + 6 if scope not in sections else 1)  # a scope's first entry opens it
@@ -2103,16 +2105,17 @@ def scope_document(
         kept.append((scope, name))
     figures = Counter((scope, entries[scope, name].remediation) for scope, name in kept)
     fresh = {(s, n): remediation_ends(*sections[s][n]) for s, n in kept}
-    left_out = [e for e, _ in strongest_first(entries.items())[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
-    due = standing(scope_entries(stored), fresh, kv_now) if stored and kept else None
+    left_out = [e for e, _ in ordered[len(kept) : len(kept) + LEFT_OUT_SAMPLES]]
+    held = scope_entries(stored) if stored and kept else {}
+    due = standing(held, fresh, kv_now) if held else None
     if due is not None:
         value = stored
     else:
         value = (
             json.dumps({"v": TABLE_FORMAT, **sections}, sort_keys=True, separators=(",", ":")).encode() if kept else b""
         )
-        due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
-    end = max((max(ends) for ends in scope_entries(value).values()), default=0) if value else 0
+        held, due = fresh, capped_due_at((entries[e].end for e in kept), offset, kv_now)
+    end = max((max(ends) for ends in held.values()), default=0)
     return Document("scopes", value, float(end), due, figures, len(entries) - len(kept), kept, left_out)
 
 
@@ -2161,8 +2164,7 @@ def networks_document(
     if due is not None:
         value = stored
     else:
-        ends = (w.end for w in entries.values()) if len(kept) == len(entries) else (entries[e].end for e in kept)
-        due = capped_due_at(ends, offset, kv_now)
+        due = capped_due_at((entries[e].end for e in kept), offset, kv_now)
     left_out = candidates[len(kept) : len(kept) + LEFT_OUT_SAMPLES]
     figures = Counter(("network", entry[3]) for entry in kept)
     full = len(entries) - len(kept)
@@ -2240,12 +2242,11 @@ def networks_end(value: bytes) -> int:
 
 def network_intervals(entries: Iterable[tuple[NetworkEntry, Wanted]], offset: float, kv_now: float) -> Intervals:
     """The network table's intervals for these entries, ends as it holds them (held_end())."""
-    cap = min(math.ceil(kv_now + MAX_TTL), MAX_END)
+    cap = end_cap(kv_now)
     families: dict[int, list[tuple[int, int, int, int]]] = {4: [], 6: []}
-    add4, add6, ceil = families[4].append, families[6].append, math.ceil
+    add4, add6 = families[4].append, families[6].append
     for (version, first, last, remediation), wanted in entries:
-        end = ceil(wanted.end + offset)
-        end = cap if end > cap else end
+        end = held_end(wanted.end, offset, cap)
         (add4 if version == 4 else add6)((first, last, end, 0) if remediation == "ban" else (first, last, 0, end))
     return Intervals(disjoint_intervals(families[4]), disjoint_intervals(families[6]))
 
